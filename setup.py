@@ -1,0 +1,75 @@
+"""Build the compiled CPU core (Cython, fused float32/float64, OpenMP when available)."""
+import os
+import sys
+import tempfile
+import subprocess
+
+import numpy as np
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+def _has_openmp(compiler_cmd):
+    """Compile a tiny OpenMP program to see whether the compiler supports it."""
+    src = "#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "t.c")
+        with open(path, "w") as f:
+            f.write(src)
+        try:
+            res = subprocess.run(
+                [compiler_cmd, "-fopenmp", path, "-o", os.path.join(tmp, "t")],
+                capture_output=True,
+            )
+        except OSError:
+            return False
+        return res.returncode == 0
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        cc = self.compiler.compiler[0] if hasattr(self.compiler, "compiler") else "cc"
+        openmp = os.environ.get("SMOOTHMAX_OPENMP", "1") != "0" and _has_openmp(cc)
+        if self.compiler.compiler_type == "msvc":
+            args, link = ["/O2"] + (["/openmp"] if openmp else []), []
+        else:
+            args = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+            if os.environ.get("SMOOTHMAX_NATIVE", "0") == "1":
+                args.append("-march=native")
+            link = []
+            if openmp:
+                args.append("-fopenmp")
+                link.append("-fopenmp")
+        for ext in self.extensions:
+            ext.extra_compile_args = args + ext.extra_compile_args
+            ext.extra_link_args = link + ext.extra_link_args
+        print(f"smoothmax: building with OpenMP={'on' if openmp else 'off'}", file=sys.stderr)
+        super().build_extensions()
+
+
+def _extensions():
+    from Cython.Build import cythonize
+
+    names = ["dtw", "viterbi"]
+    exts = [
+        Extension(
+            f"smoothmax._core.{name}",
+            [f"smoothmax/_core/{name}.pyx"],
+            include_dirs=["smoothmax/_core", np.get_include()],
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        )
+        for name in names
+    ]
+    return cythonize(
+        exts,
+        compiler_directives={
+            "language_level": 3,
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+        },
+    )
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})
