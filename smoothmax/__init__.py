@@ -1,0 +1,23 @@
+"""smoothmax: differentiable dynamic programming (Mensch & Blondel, ICML 2018).
+
+Smoothed DTW and Viterbi operators -- value, expected path (gradient),
+Hessian-vector product and hard decoding -- for NumPy, PyTorch, JAX and CuPy.
+"""
+from .dtw import dtw, dtw_grad, dtw_hvp, dtw_path
+from .smooth import smooth_argmax, smooth_max
+from .viterbi import viterbi, viterbi_decode, viterbi_grad, viterbi_hvp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "smooth_max",
+    "smooth_argmax",
+    "dtw",
+    "dtw_grad",
+    "dtw_hvp",
+    "dtw_path",
+    "viterbi",
+    "viterbi_grad",
+    "viterbi_hvp",
+    "viterbi_decode",
+]

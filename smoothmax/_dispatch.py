@@ -1,0 +1,124 @@
+"""Pick the engine for a (backend, device) pair, once, and run flat problems on it.
+
+Engines (``docs/engines.md``) take flat, C-contiguous arrays of their own
+array library. This module converts the caller's arrays to the engine's,
+without copies where the memory allows it (torch CPU tensors are viewed as
+NumPy arrays; torch CUDA tensors as CuPy arrays through DLPack), calls the
+engine and converts the results back to the caller's namespace and device.
+
+The capability registry ``CAPABILITIES`` is the single source for the
+capability table of the docs and for the backend fixtures of the tests.
+"""
+import functools
+import importlib
+
+import numpy as np
+
+from ._array_api import to_host
+
+# backend, device -> (engine, differentiable orders in the caller's framework)
+CAPABILITIES = {
+    ("numpy", "cpu"): {"engine": "compiled", "autodiff": 0, "dtypes": ("float32", "float64")},
+    ("array_api_strict", "cpu"): {"engine": "reference", "autodiff": 0, "dtypes": ("float32", "float64")},
+    ("torch", "cpu"): {"engine": "compiled", "autodiff": 2, "dtypes": ("float32", "float64")},
+    ("torch", "cuda"): {"engine": "cuda", "autodiff": 2, "dtypes": ("float32", "float64")},
+    ("jax", "cpu"): {"engine": "compiled", "autodiff": 2, "dtypes": ("float32", "float64")},
+    ("jax", "cuda"): {"engine": "compiled (host callback)", "autodiff": 2, "dtypes": ("float32", "float64")},
+    ("cupy", "cuda"): {"engine": "cuda", "autodiff": 0, "dtypes": ("float32", "float64")},
+}
+
+
+class Engine:
+    """An engine module with the converters between the caller's arrays and its own."""
+
+    def __init__(self, name, module, to_engine, from_engine, to_engine_int):
+        self.name = name
+        self.module = module
+        self.to_engine = to_engine
+        self.from_engine = from_engine
+        self.to_engine_int = to_engine_int
+
+    def __repr__(self):
+        return f"Engine({self.name!r})"
+
+
+def _compiled_module(struct):
+    try:
+        return importlib.import_module(f"smoothmax._core.{struct}")
+    except ImportError:
+        return None
+
+
+class _Compiled:
+    """Looks up ``{struct}_{op}`` in the compiled module of that structure."""
+
+    def __getattr__(self, name):
+        struct = name.split("_", 1)[0]
+        mod = _compiled_module(struct)
+        if mod is None or not hasattr(mod, name):
+            from . import _reference
+
+            return getattr(_reference, name)
+        return getattr(mod, name)
+
+
+def compiled_available():
+    return _compiled_module("dtw") is not None and _compiled_module("viterbi") is not None
+
+
+def _numpy_in(x):
+    return np.ascontiguousarray(to_host(x))
+
+
+def _int_host(a):
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _cuda_usable():
+    try:
+        from . import _cuda
+
+        return _cuda.available()
+    except Exception:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def engine_for(backend, device):
+    """The engine for arrays of ``backend`` (numpy, torch, jax, cupy, generic) on ``device``."""
+    from . import _reference
+
+    if backend in ("numpy", "torch", "jax") and device == "cpu":
+        def back(y, xp, like):
+            return xp.asarray(y) if backend != "numpy" else y
+
+        return Engine("compiled", _Compiled(), _numpy_in, back, _int_host)
+    if backend in ("cupy", "torch") and device == "cuda" and _cuda_usable():
+        from . import _cuda
+
+        return Engine("cuda", _cuda.engine, _cuda.to_cupy, _cuda.from_cupy, _cuda.int_to_cupy)
+
+    def same(y, xp, like):
+        return y
+
+    return Engine("reference", _reference, lambda x: x, same, _int_host)
+
+
+def run(problem, op, theta, Z=None):
+    """Run ``op`` (value, grad, hvp, decode) of ``problem`` on flat arrays of the caller.
+
+    ``theta`` (and ``Z``) are the flat arrays in the caller's namespace
+    (detached for autodiff frameworks); returns a tuple of arrays in that namespace.
+    """
+    eng = engine_for(problem.backend, problem.device)
+    fn = getattr(eng.module, f"{problem.struct}_{op}")
+    args = [eng.to_engine(theta)]
+    if op == "hvp":
+        args.append(eng.to_engine(Z))
+    args.extend(eng.to_engine_int(a) if isinstance(a, np.ndarray) else a for a in problem.aux)
+    if op not in ("decode", "path"):
+        args.extend([problem.reg_code, problem.gamma])
+    out = fn(*args)
+    if not isinstance(out, tuple):
+        out = (out,)
+    return tuple(eng.from_engine(y, problem.xp, theta) for y in out)

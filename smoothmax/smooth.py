@@ -1,0 +1,56 @@
+"""Public smoothed max / argmax over one axis of any array-API array.
+
+These are written with array-API operations only, so they are differentiable
+(and twice differentiable) natively in PyTorch and JAX.
+"""
+from ._validation import as_array, check_float, check_gamma, check_reg, check_values
+from .operators import max_value_grad
+
+__all__ = ["smooth_max", "smooth_argmax"]
+
+
+def _prepare(x, reg, gamma, axis):
+    x, xp, _ = as_array(x, "x")
+    check_float(x, xp, "x")
+    reg = check_reg(reg)
+    gamma = check_gamma(gamma)
+    if x.ndim == 0:
+        raise ValueError("x must have at least 1 dimension, got a scalar")
+    if not isinstance(axis, int) or not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis must be an int in [{-x.ndim}, {x.ndim - 1}], got {axis!r}")
+    if x.shape[axis] == 0:
+        raise ValueError(f"x must have a non-empty axis {axis}, got shape {tuple(x.shape)}")
+    check_values(x, xp, "x", "+inf")
+    return xp, xp.moveaxis(x, axis, -1), reg, gamma
+
+
+def smooth_max(x, *, reg="negentropy", gamma=1.0, axis=-1):
+    """``max_Ω(x) = max_{q ∈ simplex} <q, x> − γ·ω(q)`` along ``axis``.
+
+    Parameters
+    ----------
+    x : array, shape (..., D, ...)
+        Float32 or float64; ``-inf`` entries are allowed (they get weight 0).
+    reg : {"negentropy", "l2", "hard"}
+        ``γ·logsumexp(x/γ)``, the sparsemax value, or ``max(x)``.
+    gamma : float > 0
+    axis : int
+
+    Returns
+    -------
+    value : array, the shape of ``x`` without ``axis``.
+    """
+    xp, x, reg, gamma = _prepare(x, reg, gamma, axis)
+    return max_value_grad(xp, x, reg, gamma)[0]
+
+
+def smooth_argmax(x, *, reg="negentropy", gamma=1.0, axis=-1):
+    """``∇max_Ω(x)``: softmax(x/γ), sparsemax(x/γ) or the one-hot first argmax, along ``axis``.
+
+    Returns
+    -------
+    q : array, the shape of ``x``; non-negative, sums to 1 along ``axis``.
+    """
+    xp, xm, reg, gamma = _prepare(x, reg, gamma, axis)
+    q = max_value_grad(xp, xm, reg, gamma)[1]
+    return xp.moveaxis(q, -1, axis)

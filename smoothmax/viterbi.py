@@ -1,0 +1,104 @@
+"""Smoothed Viterbi Vit_Ω (SPEC §3): sequence labelling, a linear-chain CRF with negentropy.
+
+``theta[..., t, i, j]`` scores state ``i`` at step ``t`` coming from state
+``j`` at step ``t-1`` (max convention). ``V_{-1} = 0`` for every state,
+``V_t(i) = max_Ω_j (theta[t, i, j] + V_{t-1}(j))`` and
+``Vit_Ω(θ) = max_Ω_i V_{T-1}(i)``. With negentropy and γ = 1 the value is
+the CRF log-partition and ``E = ∇Vit_Ω`` holds the pairwise marginals
+``E[t, i, j] = p(y_t = i, y_{t-1} = j)``.
+"""
+from ._problem import evaluate, make_problem
+from ._validation import (as_array, check_direction, check_float, check_gamma, check_lengths,
+                          check_rank, check_reg, check_values)
+
+__all__ = ["viterbi", "viterbi_grad", "viterbi_hvp", "viterbi_decode"]
+
+_SHARED_DOC = """
+    Parameters
+    ----------
+    theta : array, shape (..., T, S, S)
+        Transition-emission scores; float32 or float64, any array-API library.
+        ``-inf`` forbids a transition; NaN and ``+inf`` are rejected.
+    reg : {"negentropy", "l2", "hard"}
+        The regulariser Ω: CRF (softmax), sparse (sparsemax) or hard Viterbi.
+    gamma : float > 0
+        Smoothing strength (ignored by ``"hard"``).
+    lengths : None or int array of shape (...)
+        Per-item sequence lengths in ``1..T``; steps past a length are ignored.
+"""
+
+
+def _prepare(theta, reg, gamma, lengths):
+    theta, xp, backend = as_array(theta, "theta")
+    check_float(theta, xp, "theta")
+    check_rank(theta, 3, "theta", "(..., T, S, S)")
+    T, S, S2 = (int(s) for s in theta.shape[-3:])
+    if S != S2 or T < 1 or S < 1:
+        raise ValueError(f"theta must have shape (..., T, S, S) with T, S >= 1, got {tuple(theta.shape)}")
+    reg = check_reg(reg)
+    gamma = check_gamma(gamma)
+    check_values(theta, xp, "theta", "+inf")
+    L = check_lengths(lengths, tuple(theta.shape[:-3]), T)
+    problem = make_problem("viterbi", theta, xp, backend, theta.ndim - 3, (L,), reg, gamma)
+    return theta, problem
+
+
+def viterbi(theta, *, reg="negentropy", gamma=1.0, lengths=None):
+    """Vit_Ω(θ), the smoothed Viterbi value (the CRF log-partition for negentropy, γ = 1).
+    {shared}
+    Returns
+    -------
+    value : array, shape (...)
+    """
+    theta, problem = _prepare(theta, reg, gamma, lengths)
+    return evaluate(problem, "value", theta)
+
+
+def viterbi_grad(theta, *, reg="negentropy", gamma=1.0, lengths=None):
+    """Vit_Ω(θ) and its gradient ``E``, the pairwise marginals.
+    {shared}
+    Returns
+    -------
+    value : array, shape (...)
+    E : array, shape (..., T, S, S)
+        ``E[t, i, j] = p(y_t = i, y_{t-1} = j)``; ``E.sum(-1)`` are the unary
+        marginals; zero past the lengths.
+    """
+    theta, problem = _prepare(theta, reg, gamma, lengths)
+    return evaluate(problem, "grad", theta)
+
+
+def viterbi_hvp(theta, Z, *, reg="negentropy", gamma=1.0, lengths=None):
+    """The Hessian-vector product ``∇²Vit_Ω(θ)·Z``, by one forward and one reverse pass.
+    {shared}
+    Z : array, shape (..., T, S, S)
+        The direction (finite), cast to theta's dtype.
+
+    Returns
+    -------
+    Edot : array, shape (..., T, S, S)
+    """
+    theta, problem = _prepare(theta, reg, gamma, lengths)
+    Z = check_direction(Z, theta, problem.xp, problem.backend)
+    return evaluate(problem, "hvp", theta, Z)
+
+
+def viterbi_decode(theta, *, lengths=None):
+    """Hard Viterbi decoding: the best score and its tag sequence.
+
+    Parameters
+    ----------
+    theta, lengths : as for :func:`viterbi`.
+
+    Returns
+    -------
+    score : array, shape (...)
+    tags : int64 array, shape (..., T)
+        The best states (ties: first argmax); ``-1`` past a length.
+    """
+    theta, problem = _prepare(theta, "hard", 1.0, lengths)
+    return evaluate(problem, "decode", theta)
+
+
+for _f in (viterbi, viterbi_grad, viterbi_hvp):
+    _f.__doc__ = _f.__doc__.replace("{shared}", _SHARED_DOC)
