@@ -1,0 +1,233 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Compiled Vit_Ω engine (SPEC §3, docs/engines.md).
+
+Design: one kernel per batch item, ``_viterbi_one``, runs the forward pass
+(V_t(i) = max_Ω_j(theta[t, i, j] + V_{t-1}(j)), V_{-1} = 0) and, for the
+gradient, the reverse pass of SPEC §2; the HVP adds the tangent forward pass
+(Vdot, qdot) and the tangent reverse pass. The local gradients q_t(i, :) are
+written straight into ``E`` during the forward pass and scaled in place by the
+reverse pass (E[t, i, j] = ebar_t(i)·q_t(i, j)); likewise qdot goes into
+``Edot``. So the only memory beyond the outputs is O(S) per thread.
+Arithmetic is in double; only theta, Z, E, Edot use the caller's dtype.
+The batch loop is a ``prange`` (OpenMP when the build has it).
+"""
+from cython.parallel cimport prange, parallel
+from libc.stdlib cimport malloc, free
+from libc.math cimport INFINITY
+
+import numpy as np
+
+from cython cimport floating
+
+from .operators cimport max_omega, max_omega_hvp
+
+
+cdef enum:
+    MODE_VALUE = 0
+    MODE_GRAD = 1
+    MODE_HVP = 2
+
+
+cdef double _viterbi_one(const floating* theta, const floating* Z,
+                         floating* E, floating* Ed,
+                         Py_ssize_t L, Py_ssize_t S, int reg, double gamma,
+                         int mode, double* work) noexcept nogil:
+    """Value of one problem; fills E (and Edot) when mode asks for them.
+
+    ``work`` holds 10·S doubles. theta/Z/E/Ed point at a (T, S, S) block.
+    """
+    cdef double* V = work            # V_{t-1}
+    cdef double* Vn = work + S       # V_t
+    cdef double* Vd = work + 2 * S   # Vdot_{t-1}
+    cdef double* Vdn = work + 3 * S  # Vdot_t
+    cdef double* x = work + 4 * S
+    cdef double* q = work + 5 * S
+    cdef double* u = work + 6 * S
+    cdef double* qd = work + 7 * S
+    cdef double* eb = work + 8 * S   # ebar_t, then ebar_{t-1} accumulated
+    cdef double* ebd = work + 9 * S
+    cdef double* tmp
+    cdef double value, acc, e, ed
+    cdef Py_ssize_t t, i, j, SS = S * S, row
+    cdef double* nb
+    cdef double* nbd
+
+    for j in range(S):
+        V[j] = 0.0
+        Vd[j] = 0.0
+    # forward
+    for t in range(L):
+        for i in range(S):
+            row = t * SS + i * S
+            for j in range(S):
+                x[j] = theta[row + j] + V[j]
+            Vn[i] = max_omega(x, q, S, reg, gamma)
+            if mode == MODE_VALUE:
+                continue
+            for j in range(S):
+                E[row + j] = <floating> q[j]
+            if mode == MODE_HVP:
+                acc = 0.0
+                for j in range(S):
+                    u[j] = Z[row + j] + Vd[j]
+                    if q[j] != 0.0:
+                        acc += q[j] * u[j]
+                Vdn[i] = acc
+                max_omega_hvp(q, u, qd, S, reg, gamma)
+                for j in range(S):
+                    Ed[row + j] = <floating> qd[j]
+        tmp = V; V = Vn; Vn = tmp
+        tmp = Vd; Vd = Vdn; Vdn = tmp
+    value = max_omega(V, eb, S, reg, gamma)
+    if mode == MODE_VALUE:
+        return value
+    if mode == MODE_HVP:
+        max_omega_hvp(eb, Vd, ebd, S, reg, gamma)
+    # reverse: E[t, i, j] = ebar_t(i)·q_t(i, j); ebar_{t-1}(j) = Σ_i E[t, i, j]
+    nb = Vn    # forward buffers are free now
+    nbd = Vdn
+    for t in range(L - 1, -1, -1):
+        for j in range(S):
+            nb[j] = 0.0
+            nbd[j] = 0.0
+        for i in range(S):
+            row = t * SS + i * S
+            for j in range(S):
+                e = eb[i] * E[row + j]
+                if mode == MODE_HVP:
+                    ed = ebd[i] * E[row + j] + eb[i] * Ed[row + j]
+                    Ed[row + j] = <floating> ed
+                    nbd[j] += ed
+                E[row + j] = <floating> e
+                nb[j] += e
+        tmp = eb; eb = nb; nb = tmp
+        tmp = ebd; ebd = nbd; nbd = tmp
+    return value
+
+
+cdef void _viterbi_batch(const floating[:, :, :, ::1] theta,
+                         const floating[:, :, :, ::1] Z,
+                         const long long[::1] lengths,
+                         floating[::1] value,
+                         floating[:, :, :, ::1] E, floating[:, :, :, ::1] Ed,
+                         int reg, double gamma, int mode,
+                         signed char[::1] failed) noexcept nogil:
+    cdef Py_ssize_t B = theta.shape[0], T = theta.shape[1], S = theta.shape[2]
+    cdef Py_ssize_t b, blk = T * S * S
+    cdef double* work
+    cdef const floating* zp
+    cdef floating* ep
+    cdef floating* edp
+    work = NULL
+    with parallel():
+        work = <double*> malloc(10 * S * sizeof(double) + 1)
+        for b in prange(B, schedule="dynamic"):
+            if work == NULL:
+                failed[b] = 1
+                continue
+            zp = &Z[b, 0, 0, 0] if mode == MODE_HVP else NULL
+            ep = &E[b, 0, 0, 0] if mode != MODE_VALUE else NULL
+            edp = &Ed[b, 0, 0, 0] if mode == MODE_HVP else NULL
+            value[b] = <floating> _viterbi_one(
+                &theta[b, 0, 0, 0], zp, ep, edp, lengths[b], S,
+                reg, gamma, mode, work)
+        free(work)
+
+
+def _run(theta, Z, lengths, int reg, double gamma, int mode):
+    B = theta.shape[0]
+    value = np.empty(B, dtype=theta.dtype)
+    shape = theta.shape if mode != MODE_VALUE else (0, 1, 1, 1)
+    E = np.zeros(shape, dtype=theta.dtype)
+    Ed = np.zeros(theta.shape if mode == MODE_HVP else (0, 1, 1, 1), dtype=theta.dtype)
+    Zarr = Z if mode == MODE_HVP else np.empty((0, 1, 1, 1), dtype=theta.dtype)
+    failed = np.zeros(B, dtype=np.int8)
+    if B > 0 and theta.shape[1] > 0 and theta.shape[2] > 0:
+        if theta.dtype == np.float64:
+            _viterbi_batch[double](theta, Zarr, lengths, value, E, Ed, reg, gamma, mode, failed)
+        else:
+            _viterbi_batch[float](theta, Zarr, lengths, value, E, Ed, reg, gamma, mode, failed)
+    if failed.any():
+        raise MemoryError("smoothmax._core.viterbi: could not allocate the workspace")
+    return value, E, Ed
+
+
+def viterbi_value(theta, lengths, int reg, double gamma):
+    """Vit_Ω(theta) per batch item: ``theta (B, T, S, S)``, ``lengths (B,)`` int64."""
+    return _run(theta, None, lengths, reg, gamma, MODE_VALUE)[0]
+
+
+def viterbi_grad(theta, lengths, int reg, double gamma):
+    """``(value (B,), E (B, T, S, S))``, E = ∇Vit_Ω, zero past each length."""
+    value, E, _ = _run(theta, None, lengths, reg, gamma, MODE_GRAD)
+    return value, E
+
+
+def viterbi_hvp(theta, Z, lengths, int reg, double gamma):
+    """``(value, E, Edot)`` with Edot = ∇²Vit_Ω(theta)·Z (SPEC §2)."""
+    return _run(theta, Z, lengths, reg, gamma, MODE_HVP)
+
+
+cdef void _decode_batch(const floating[:, :, :, ::1] theta,
+                        const long long[::1] lengths,
+                        floating[::1] score, long long[:, ::1] tags,
+                        int[:, :, ::1] bp) noexcept nogil:
+    """Hard Viterbi with back-pointers; first argmax on ties."""
+    cdef Py_ssize_t B = theta.shape[0], T = theta.shape[1], S = theta.shape[2]
+    cdef Py_ssize_t b, t, i, j, L, best
+    cdef double* buf
+    cdef double* V
+    cdef double* Vn
+    cdef double* tmp
+    cdef double m, x
+    buf = NULL
+    with parallel():
+        buf = <double*> malloc(2 * S * sizeof(double) + 1)
+        for b in prange(B, schedule="dynamic"):
+            if buf == NULL:
+                tags[b, 0] = -2
+                continue
+            L = lengths[b]
+            V = buf
+            Vn = buf + S
+            for j in range(S):
+                V[j] = 0.0
+            for t in range(L):
+                for i in range(S):
+                    best = 0
+                    m = theta[b, t, i, 0] + V[0]
+                    for j in range(1, S):
+                        x = theta[b, t, i, j] + V[j]
+                        if x > m:
+                            m = x
+                            best = j
+                    Vn[i] = m
+                    bp[b, t, i] = <int> best
+                tmp = V; V = Vn; Vn = tmp
+            best = 0
+            for i in range(1, S):
+                if V[i] > V[best]:
+                    best = i
+            score[b] = <floating> V[best]
+            for t in range(L - 1, -1, -1):
+                tags[b, t] = best
+                best = bp[b, t, best]
+            for t in range(L, T):
+                tags[b, t] = -1
+        free(buf)
+
+
+def viterbi_decode(theta, lengths):
+    """``(score (B,), tags (B, T) int64)``: the best tag sequence, -1 past a length."""
+    B, T, S = theta.shape[0], theta.shape[1], theta.shape[2]
+    score = np.empty(B, dtype=theta.dtype)
+    tags = np.full((B, T), -1, dtype=np.int64)
+    bp = np.empty((B, T, S), dtype=np.intc)
+    if B > 0 and T > 0 and S > 0:
+        if theta.dtype == np.float64:
+            _decode_batch[double](theta, lengths, score, tags, bp)
+        else:
+            _decode_batch[float](theta, lengths, score, tags, bp)
+        if (tags[:, 0] == -2).any():
+            raise MemoryError("smoothmax._core.viterbi: could not allocate the workspace")
+    return score, tags
