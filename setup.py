@@ -50,7 +50,7 @@ class BuildExt(build_ext):
 def _extensions():
     from Cython.Build import cythonize
 
-    names = ["dtw", "viterbi"]
+    names = ["dtw", "viterbi", "dag"]
     exts = [
         Extension(
             f"smoothmax._core.{name}",
