@@ -268,3 +268,5 @@ def _namespace(x):
     import array_api_compat as aac
 
     return aac.array_namespace(x)
+
+from ._reference_dag import dag_grad, dag_hvp, dag_path, dag_value  # noqa: E402,F401  (the "dag" structure)

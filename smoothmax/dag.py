@@ -1,0 +1,214 @@
+"""The general operator DP_Ω on a directed acyclic graph (SPEC §2, paper §2).
+
+Nodes ``0..N-1`` are numbered in topological order; node ``0`` is the start
+and node ``N-1`` the end. The edges entering node ``i`` are the positions
+``indptr[i]:indptr[i+1]`` of ``parents`` (compressed sparse rows of the
+child-by-parent adjacency); ``parents[k] < i`` is the parent of edge ``k`` and
+``weights[..., k]`` its weight (max convention: scores). Parallel edges are
+allowed. ``v_0 = 0``, ``v_i = max_Ω_{k into i} (weights[k] + v_{parents[k]})``
+and ``DP_Ω(weights) = v_{N-1}``; ``E = ∇DP_Ω`` is the expected edge
+occupancy of the path distribution of SPEC §2.
+"""
+import numpy as np
+
+from ._array_api import to_host
+from ._problem import evaluate, make_problem
+from ._validation import (as_array, check_direction, check_float, check_gamma, check_rank,
+                          check_reg, check_values)
+
+__all__ = ["DAG", "dag", "dag_grad", "dag_hvp", "dag_path"]
+
+
+def _int_vector(a, name):
+    try:
+        arr = np.asarray(to_host(a))
+    except Exception:
+        raise TypeError(f"{name} must be a 1-D integer array, got {type(a).__name__}") from None
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "f" and arr.size and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            pass
+        elif arr.size == 0 and arr.dtype.kind == "f":
+            pass
+        else:
+            raise TypeError(f"{name} must be a 1-D integer array, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D integer array, got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+class DAG:
+    """A directed acyclic graph in compressed (CSR-like) form.
+
+    Parameters
+    ----------
+    indptr : int array, shape (N + 1,)
+        ``indptr[0] = indptr[1] = 0`` (the start node 0 has no parent),
+        non-decreasing, ``indptr[N] = n_edges``. The edges entering node
+        ``i`` are ``indptr[i]:indptr[i+1]``. ``N >= 2``.
+    parents : int array, shape (n_edges,)
+        ``parents[k]`` is the parent of edge ``k``; for an edge entering node
+        ``i``, ``0 <= parents[k] < i`` (topological order). Repeated parents
+        (parallel edges) are allowed.
+
+    A node other than 0 with no entering edge, or one from which the end node
+    cannot be reached, is legal: it gets value ``-inf`` (resp. ``E = 0``).
+
+    Attributes
+    ----------
+    indptr, parents : int64 NumPy arrays (read-only copies)
+    n_nodes, n_edges : int
+    child : int64 array, shape (n_edges,), the node each edge enters.
+    """
+
+    def __init__(self, indptr, parents):
+        indptr = _int_vector(indptr, "indptr")
+        parents = _int_vector(parents, "parents")
+        if indptr.shape[0] < 3:
+            raise ValueError(f"indptr must have N + 1 >= 3 entries (N >= 2 nodes), got {indptr.shape[0]}")
+        if indptr[0] != 0 or indptr[1] != 0:
+            raise ValueError(
+                f"indptr must start with [0, 0] (node 0 is the start and has no parent), got {indptr[:2].tolist()}"
+            )
+        steps = np.diff(indptr)
+        if np.any(steps < 0):
+            i = int(np.argmax(steps < 0))
+            raise ValueError(f"indptr must be non-decreasing, got indptr[{i + 1}] = {indptr[i + 1]} "
+                             f"> indptr[{i + 2}] = {indptr[i + 2]}")
+        if indptr[-1] != parents.shape[0]:
+            raise ValueError(f"indptr[-1] must equal len(parents) = {parents.shape[0]}, got {indptr[-1]}")
+        N = indptr.shape[0] - 1
+        child = np.repeat(np.arange(N, dtype=np.int64), steps)
+        bad = (parents < 0) | (parents >= child)
+        if np.any(bad):
+            k = int(np.argmax(bad))
+            raise ValueError(
+                f"parents must satisfy 0 <= parents[k] < child node (topological order); "
+                f"got parents[{k}] = {parents[k]} for an edge entering node {child[k]}"
+            )
+        for arr in (indptr, parents, child):
+            arr.setflags(write=False)
+        self.indptr = indptr
+        self.parents = parents
+        self.child = child
+        self.n_nodes = N
+        self.n_edges = int(parents.shape[0])
+
+    @classmethod
+    def from_edges(cls, edges, n_nodes):
+        """Build a DAG from ``(parent, child)`` pairs; edge ``k`` of the result is
+        the ``k``-th pair after a stable sort by child.
+
+        Returns
+        -------
+        graph : DAG
+        order : int64 array, the position in ``edges`` of each edge of ``graph``.
+        """
+        e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+        order = np.argsort(e[:, 1], kind="stable")
+        counts = np.bincount(e[:, 1], minlength=n_nodes) if len(e) else np.zeros(n_nodes, np.int64)
+        if counts.shape[0] > n_nodes:
+            raise ValueError(f"edges must have child nodes < n_nodes = {n_nodes}, got {int(e[:, 1].max())}")
+        indptr = np.concatenate([[0], np.cumsum(counts)])
+        return cls(indptr, e[order, 0]), order
+
+    def __repr__(self):
+        return f"DAG(n_nodes={self.n_nodes}, n_edges={self.n_edges})"
+
+
+_SHARED_DOC = """
+    Parameters
+    ----------
+    weights : array, shape (..., n_edges)
+        Edge weights (scores, max convention) in the order of ``graph``;
+        float32 or float64, any array-API library. ``-inf`` removes an edge;
+        NaN and ``+inf`` are rejected.
+    graph : DAG
+    reg : {"negentropy", "l2", "hard"}
+    gamma : float > 0
+        Smoothing strength (ignored by ``"hard"``).
+"""
+
+
+def _prepare(weights, graph, reg, gamma):
+    weights, xp, backend = as_array(weights, "weights")
+    check_float(weights, xp, "weights")
+    check_rank(weights, 1, "weights", "(..., n_edges)")
+    if not isinstance(graph, DAG):
+        raise TypeError(f"graph must be a smoothmax.DAG, got {type(graph).__name__}")
+    if int(weights.shape[-1]) != graph.n_edges:
+        raise ValueError(
+            f"weights must have graph.n_edges = {graph.n_edges} entries on its last axis, "
+            f"got shape {tuple(weights.shape)}"
+        )
+    reg = check_reg(reg)
+    gamma = check_gamma(gamma)
+    check_values(weights, xp, "weights", "+inf")
+    problem = make_problem("dag", weights, xp, backend, weights.ndim - 1,
+                           (graph.indptr, graph.parents), reg, gamma)
+    return weights, problem
+
+
+def dag(weights, graph, *, reg="negentropy", gamma=1.0):
+    """DP_Ω(weights), the smoothed highest path score from node 0 to node N-1.
+    {shared}
+    Returns
+    -------
+    value : array, shape (...)
+        ``-inf`` where no path reaches the end node. With ``"negentropy"``
+        this is ``γ·log Σ_Y exp(<Y, weights>/γ)`` over all paths ``Y``.
+    """
+    weights, problem = _prepare(weights, graph, reg, gamma)
+    return evaluate(problem, "value", weights)
+
+
+def dag_grad(weights, graph, *, reg="negentropy", gamma=1.0):
+    """DP_Ω(weights) and its gradient ``E``, the expected edge occupancy.
+    {shared}
+    Returns
+    -------
+    value : array, shape (...)
+    E : array, shape (..., n_edges)
+        ``E[k]`` is the probability that a path drawn from ``p_{θ,Ω}`` uses
+        edge ``k`` (SPEC §2); ``0`` on ``-inf`` edges and where the end is
+        unreachable.
+    """
+    weights, problem = _prepare(weights, graph, reg, gamma)
+    return evaluate(problem, "grad", weights)
+
+
+def dag_hvp(weights, Z, graph, *, reg="negentropy", gamma=1.0):
+    """The Hessian-vector product ``∇²DP_Ω(weights)·Z``, by one forward and one reverse pass.
+    {shared}
+    Z : array, shape (..., n_edges)
+        The direction (finite), cast to weights' dtype.
+
+    Returns
+    -------
+    Edot : array, shape (..., n_edges)
+    """
+    weights, problem = _prepare(weights, graph, reg, gamma)
+    Z = check_direction(Z, weights, problem.xp, problem.backend)
+    return evaluate(problem, "hvp", weights, Z)
+
+
+def dag_path(weights, graph):
+    """The highest-scoring path (hard DP).
+
+    Parameters
+    ----------
+    weights, graph : as for :func:`dag`.
+
+    Returns
+    -------
+    score : array, shape (...)
+        ``-inf`` where no path reaches the end node.
+    Y : array, shape (..., n_edges)
+        0/1 edge indicator of the best path in weights' dtype (ties: the first
+        entering edge in ``graph`` order); all 0 where no path exists.
+    """
+    weights, problem = _prepare(weights, graph, "hard", 1.0)
+    return evaluate(problem, "path", weights)
+
+
+for _f in (dag, dag_grad, dag_hvp):
+    _f.__doc__ = _f.__doc__.replace("{shared}", _SHARED_DOC)
