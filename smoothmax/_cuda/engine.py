@@ -1,0 +1,243 @@
+"""GPU engine: the functions of ``docs/engines.md`` on CuPy arrays.
+
+Python owns validation-free bookkeeping here (the public layer validated the
+arguments): it allocates outputs and scratch on the device of ``theta``,
+casts every scalar to the exact C type of the kernel parameter, and launches
+on CuPy's current stream (callers wrap torch's current stream around the
+call). Kernels (``smx_*.cu``) are compiled once per (device, dtype) through
+``cupy.RawModule`` with stable name expressions, so CuPy's disk cache hits.
+
+The launch logic is written against a small *backend* (``xp`` plus
+``launch``) so that the CPU emulation of the kernels (``emulate.py``, NumPy
+arrays) runs exactly the same code path in the tests.
+
+Memory (docs/gpu.md): value-only DTW needs ``B*ceil(NA/32)*NB`` values for
+the strip edges; gradient adds the local weights q, ``3*B*32*ceil(NA/32)*(NB+31)``
+values (about 3*B*NA*NB), and the HVP doubles that (qdot).
+"""
+import functools
+
+import numpy as np
+
+from . import _source
+
+_WARP = 32
+_VIT_MAX_WARPS = 8
+_SMEM_LIMIT = 48 * 1024
+
+
+def _np_dtype(dtype):
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"theta: expected float32 or float64, got {dt}")
+    return dt
+
+
+def _ctype_scalar(dt, x):
+    return dt.type(x)
+
+
+class CupyBackend:
+    """Launches on the current CuPy device and stream."""
+
+    def __init__(self):
+        import cupy
+
+        self.xp = cupy
+
+    def launch(self, dtype, name, grid, block, args, shared_mem=0):
+        dev = self.xp.cuda.Device().id
+        fn = _kernel(dev, np.dtype(dtype).name, name)
+        fn((int(grid),), (int(block),), args, shared_mem=int(shared_mem))
+
+
+@functools.lru_cache(maxsize=None)
+def _module(device_id, dtype_name):
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return cupy.RawModule(
+            code=_source.cuda_source(),
+            options=("-std=c++17",),
+            name_expressions=list(_source.name_expressions(dtype_name)),
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(device_id, dtype_name, name):
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return _module(device_id, dtype_name).get_function(name)
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy_backend():
+    return CupyBackend()
+
+
+def _ctype(dt):
+    return _source.CTYPES[dt.name]
+
+
+def _gamma(dt, reg, gamma):
+    # the hard operator ignores gamma; keep 1/gamma finite in the kernels
+    return dt.type(1.0 if int(reg) == 2 else float(gamma))
+
+
+def _ints(xp, a):
+    return xp.ascontiguousarray(xp.asarray(a), dtype=xp.int64)
+
+
+# ---------------------------------------------------------------------------
+# DTW
+
+
+def _nstrips(NA):
+    return (NA + _WARP - 1) // _WARP
+
+
+def dtw_run(be, theta, Z, la, lb, band, reg, gamma, mode):
+    """Forward (and backward for mode >= 1) DTW; mode 0 value, 1 grad, 2 hvp.
+
+    Returns ``value`` for mode 0, ``(value, E)`` for mode 1 and
+    ``(value, E, Edot)`` for mode 2.
+    """
+    xp = be.xp
+    dt = _np_dtype(theta.dtype)
+    theta = xp.ascontiguousarray(theta)
+    B, NA, NB = (int(s) for s in theta.shape)
+    value = xp.empty((B,), dtype=dt)
+    if mode >= 1:
+        E = xp.empty((B, NA, NB), dtype=dt)
+    if mode == 2:
+        Edot = xp.empty((B, NA, NB), dtype=dt)
+    if B == 0 or NA == 0 or NB == 0:
+        out = (value,) + ((E,) if mode >= 1 else ()) + ((Edot,) if mode == 2 else ())
+        return out[0] if mode == 0 else out
+    la = _ints(xp, la)
+    lb = _ints(xp, lb)
+    reg = int(reg)
+    c = _ctype(dt)
+    ns = _nstrips(NA)
+    dummy = xp.empty((1,), dtype=dt)
+    Z = xp.ascontiguousarray(Z) if mode == 2 else dummy
+    edge = xp.empty((B * ns * NB,), dtype=dt)
+    edged = xp.empty((B * ns * NB,), dtype=dt) if mode == 2 else dummy
+    nsync = 1 + B * ns
+    sync = xp.zeros((2 * nsync,), dtype=np.int32)
+    qsize = B * ns * (NB + 31) * 3 * _WARP
+    qbuf = xp.empty((qsize,), dtype=dt) if mode >= 1 else dummy
+    qdbuf = xp.empty((qsize,), dtype=dt) if mode == 2 else dummy
+    i32 = np.int32
+    be.launch(dt, _source.dtw_fwd_name(c, reg, mode), B * ns, _WARP,
+              (theta, Z, la, lb, i32(B), i32(NA), i32(NB), i32(band), _gamma(dt, reg, gamma),
+               i32(ns), value, qbuf, qdbuf, edge, edged, sync[:nsync]))
+    if mode == 0:
+        return value
+    Ed = Edot if mode == 2 else dummy
+    be.launch(dt, _source.dtw_bwd_name(c, reg, mode), B * ns, _WARP,
+              (la, lb, i32(B), i32(NA), i32(NB), i32(ns), value, qbuf, qdbuf, E, Ed,
+               edge, edged, sync[nsync:]))
+    if mode == 1:
+        return value, E
+    return value, E, Edot
+
+
+# ---------------------------------------------------------------------------
+# Viterbi
+
+
+def _vit_block(S):
+    return _WARP * max(1, min(_VIT_MAX_WARPS, S))
+
+
+def _vit_scratch(xp, dt, B, S):
+    """Shared memory bytes, scratch array and its flag for 8*S values per block."""
+    nbytes = 8 * S * dt.itemsize
+    if nbytes <= _SMEM_LIMIT:
+        return nbytes, xp.empty((1,), dtype=dt), np.int32(0)
+    return 0, xp.empty((B * 8 * S,), dtype=dt), np.int32(1)
+
+
+def vit_run(be, theta, Z, lengths, reg, gamma, mode):
+    xp = be.xp
+    dt = _np_dtype(theta.dtype)
+    theta = xp.ascontiguousarray(theta)
+    B, T, S, S2 = (int(s) for s in theta.shape)
+    value = xp.empty((B,), dtype=dt)
+    E = xp.empty((B, T, S, S), dtype=dt) if mode >= 1 else None
+    Edot = xp.empty((B, T, S, S), dtype=dt) if mode == 2 else None
+    if B == 0 or T == 0 or S == 0:
+        out = tuple(a for a in (value, E, Edot) if a is not None)
+        return out[0] if mode == 0 else out
+    lengths = _ints(xp, lengths)
+    reg = int(reg)
+    dummy = xp.empty((1,), dtype=dt)
+    smem, work, use_work = _vit_scratch(xp, dt, B, S)
+    i32 = np.int32
+    be.launch(dt, _source.vit_name(_ctype(dt), reg, mode), B, _vit_block(S),
+              (theta, xp.ascontiguousarray(Z) if mode == 2 else dummy, lengths,
+               i32(B), i32(T), i32(S), _gamma(dt, reg, gamma), value,
+               E if mode >= 1 else dummy, Edot if mode == 2 else dummy, work, use_work),
+              shared_mem=smem)
+    if mode == 0:
+        return value
+    if mode == 1:
+        return value, E
+    return value, E, Edot
+
+
+def vit_decode_run(be, theta, lengths):
+    xp = be.xp
+    dt = _np_dtype(theta.dtype)
+    theta = xp.ascontiguousarray(theta)
+    B, T, S, _ = (int(s) for s in theta.shape)
+    score = xp.empty((B,), dtype=dt)
+    tags = xp.empty((B, T), dtype=np.int64)
+    if B == 0 or T == 0 or S == 0:
+        return score, tags
+    lengths = _ints(xp, lengths)
+    bp = xp.empty((B * T * S,), dtype=np.int32)
+    smem, work, use_work = _vit_scratch(xp, dt, B, S)
+    i32 = np.int32
+    be.launch(dt, _source.vit_decode_name(_ctype(dt)), B, _vit_block(S),
+              (theta, lengths, i32(B), i32(T), i32(S), score, tags, bp, work, use_work),
+              shared_mem=smem)
+    return score, tags
+
+
+# ---------------------------------------------------------------------------
+# The engine functions (docs/engines.md), on CuPy arrays
+
+
+def dtw_value(theta, la, lb, band, reg, gamma):
+    return dtw_run(_cupy_backend(), theta, None, la, lb, band, reg, gamma, 0)
+
+
+def dtw_grad(theta, la, lb, band, reg, gamma):
+    return dtw_run(_cupy_backend(), theta, None, la, lb, band, reg, gamma, 1)
+
+
+def dtw_hvp(theta, Z, la, lb, band, reg, gamma):
+    return dtw_run(_cupy_backend(), theta, Z, la, lb, band, reg, gamma, 2)
+
+
+def dtw_path(theta, la, lb, band):
+    return dtw_run(_cupy_backend(), theta, None, la, lb, band, 2, 1.0, 1)
+
+
+def viterbi_value(theta, lengths, reg, gamma):
+    return vit_run(_cupy_backend(), theta, None, lengths, reg, gamma, 0)
+
+
+def viterbi_grad(theta, lengths, reg, gamma):
+    return vit_run(_cupy_backend(), theta, None, lengths, reg, gamma, 1)
+
+
+def viterbi_hvp(theta, Z, lengths, reg, gamma):
+    return vit_run(_cupy_backend(), theta, Z, lengths, reg, gamma, 2)
+
+
+def viterbi_decode(theta, lengths):
+    return vit_decode_run(_cupy_backend(), theta, lengths)
