@@ -6,6 +6,9 @@ Hessian-vector product and hard decoding -- for NumPy, PyTorch, JAX and CuPy.
 from .dtw import dtw, dtw_grad, dtw_hvp, dtw_path
 from .smooth import smooth_argmax, smooth_max
 from .viterbi import viterbi, viterbi_decode, viterbi_grad, viterbi_hvp
+from .dag import DAG, dag, dag_grad, dag_hvp, dag_path
+from .sampling import dag_sample, dag_support, dtw_sample, viterbi_sample
+from . import attention, losses
 
 __version__ = "0.1.0"
 
@@ -20,4 +23,15 @@ __all__ = [
     "viterbi_grad",
     "viterbi_hvp",
     "viterbi_decode",
+    "DAG",
+    "dag",
+    "dag_grad",
+    "dag_hvp",
+    "dag_path",
+    "dag_sample",
+    "viterbi_sample",
+    "dtw_sample",
+    "dag_support",
+    "losses",
+    "attention",
 ]

@@ -111,6 +111,84 @@ class DAG:
         indptr = np.concatenate([[0], np.cumsum(counts)])
         return cls(indptr, e[order, 0]), order
 
+    @classmethod
+    def for_viterbi(cls, T, S):
+        """The Viterbi trellis of SPEC §3 as a DAG.
+
+        Node 0 is the start, node ``1 + t·S + i`` is state ``i`` at step ``t``
+        and node ``1 + T·S`` the end. State ``(0, i)`` has ``S`` parallel
+        edges from the start (``V_{-1}(j) = 0`` for every ``j``); ``(t, i)``
+        has one edge from each ``(t-1, j)``; the end has one edge of weight 0
+        from each ``(T-1, i)``, so ``DP_Ω = Vit_Ω``.
+
+        Returns
+        -------
+        graph : DAG
+        index : int64 array, shape (n_edges,)
+            Edge ``k`` carries ``theta.reshape(-1)[index[k]]`` (flat index
+            ``t·S·S + i·S + j``), or the weight 0 where ``index[k] = -1``.
+        """
+        T, S = int(T), int(S)
+        if T < 1 or S < 1:
+            raise ValueError(f"T and S must be >= 1, got T={T}, S={S}")
+        t, i, j = np.meshgrid(np.arange(T), np.arange(S), np.arange(S), indexing="ij")
+        parent = np.where(t == 0, 0, 1 + (t - 1) * S + j).reshape(-1)
+        index = np.arange(T * S * S, dtype=np.int64)
+        parents = np.concatenate([parent, 1 + (T - 1) * S + np.arange(S)])
+        index = np.concatenate([index, np.full(S, -1, dtype=np.int64)])
+        indptr = np.concatenate([[0, 0], S * np.arange(1, T * S + 2)])
+        return cls(indptr, parents), index
+
+    @classmethod
+    def for_dtw(cls, NA, NB, band=None):
+        """The DTW grid of SPEC §4 as a DAG (weights are negated costs).
+
+        Node 0 is the start, node ``1 + i·NB + j`` is cell ``(i, j)``; the end
+        is cell ``(NA-1, NB-1)``. Cell ``(i, j)`` has edges from its
+        predecessors up ``(i-1, j)``, left ``(i, j-1)`` and diagonal
+        ``(i-1, j-1)``, in that order, those inside the grid and the band only
+        (cell ``(0, 0)`` has one edge from the start); cells outside the
+        Sakoe-Chiba band (``tslearn.metrics.sakoe_chiba_mask`` semantics, the
+        end cell always allowed) have no edges. With weights
+        ``-theta[cell]``, ``DP_Ω = -DTW_Ω(theta)`` and ``E`` summed per cell
+        is the expected alignment.
+
+        Returns
+        -------
+        graph : DAG
+        index : int64 array, shape (n_edges,)
+            Edge ``k`` enters cell ``index[k]`` (flat index ``i·NB + j``).
+        """
+        NA, NB = int(NA), int(NB)
+        if NA < 1 or NB < 1:
+            raise ValueError(f"NA and NB must be >= 1, got NA={NA}, NB={NB}")
+        ii, jj = np.meshgrid(np.arange(NA), np.arange(NB), indexing="ij")
+        allowed = np.ones((NA, NB), dtype=bool)
+        if band is not None:
+            r = int(band)
+            if NA <= NB:
+                allowed = (jj >= ii - r) & (jj <= ii + (NB - NA) + r)
+            else:
+                allowed = (ii >= jj - r) & (ii <= jj + (NA - NB) + r)
+            allowed[NA - 1, NB - 1] = True
+        counts = np.zeros(NA * NB + 1, dtype=np.int64)
+        parents, index = [], []
+        for i in range(NA):
+            for j in range(NB):
+                c = i * NB + j
+                if not allowed[i, j]:
+                    continue
+                if i == 0 and j == 0:
+                    preds = [0]
+                else:
+                    preds = [1 + pi * NB + pj for pi, pj in ((i - 1, j), (i, j - 1), (i - 1, j - 1))
+                             if pi >= 0 and pj >= 0 and allowed[pi, pj]]
+                parents.extend(preds)
+                index.extend([c] * len(preds))
+                counts[1 + c] = len(preds)
+        indptr = np.concatenate([[0], np.cumsum(counts)])
+        return cls(indptr, np.asarray(parents, dtype=np.int64)), np.asarray(index, dtype=np.int64)
+
     def __repr__(self):
         return f"DAG(n_nodes={self.n_nodes}, n_edges={self.n_edges})"
 
