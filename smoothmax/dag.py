@@ -72,8 +72,8 @@ class DAG:
         steps = np.diff(indptr)
         if np.any(steps < 0):
             i = int(np.argmax(steps < 0))
-            raise ValueError(f"indptr must be non-decreasing, got indptr[{i + 1}] = {indptr[i + 1]} "
-                             f"> indptr[{i + 2}] = {indptr[i + 2]}")
+            raise ValueError(f"indptr must be non-decreasing, got indptr[{i}] = {indptr[i]} "
+                             f"> indptr[{i + 1}] = {indptr[i + 1]}")
         if indptr[-1] != parents.shape[0]:
             raise ValueError(f"indptr[-1] must equal len(parents) = {parents.shape[0]}, got {indptr[-1]}")
         N = indptr.shape[0] - 1
