@@ -5,14 +5,24 @@ R[0, 0] = 0, R[i, 0] = R[0, j] = +inf and
 R[i, j] = theta[i-1, j-1] + min_Ω(R[i-1, j], R[i, j-1], R[i-1, j-1]) with
 min_Ω(r) = -max_Ω(-r) on all three predecessors everywhere.
 
-Design: ``_dtw_rows`` runs the passes row by row with two rolling rows of R
-(and of Rdot). For the gradient it stores the local weights q (3 per cell,
-order up, left, diagonal) so that the reverse pass
-E[i, j] = Σ_children ebar_child·q_child[toward (i, j)] needs no exp and never
-meets ``inf - inf``; the HVP also stores qdot (SPEC §2). Cells outside the
-Sakoe-Chiba band or past the lengths are +inf in R and exactly 0 in q, E, Edot.
-All arithmetic is in double; theta, Z, E, Edot use the caller's dtype.
-The batch loop is a ``prange`` with a per-thread workspace.
+Design: both kernels store the local weights q (3 per cell, order up, left,
+diagonal) in the forward pass, so that the reverse pass
+E[i, j] = Σ_children ebar_child·q_child[toward (i, j)] needs no exp, is
+accurate in float32 and never meets ``inf - inf``.
+
+* ``_dtw_diagonals`` (value, gradient, hard path) sweeps anti-diagonals
+  d = i + j: the cells of one diagonal are independent, so the per-diagonal
+  loops in ``dtw_simd.h`` are vectorized (branch-free operators, inline
+  exp/log). R and ebar live in three rolling diagonal buffers of NA + 2
+  doubles; q is stored diagonal by diagonal, compactly (only the cells of the
+  problem and band), 3·la·lb values. The value alone stores no q.
+* ``_dtw_rows`` (HVP) runs the passes row by row with the generic operators of
+  ``operators.pxd``; it stores q and qdot and keeps rolling rows of R, Rdot.
+
+Cells outside the Sakoe-Chiba band or past the lengths are +inf in R and
+exactly 0 in q, E, Edot. All arithmetic is in double; theta, Z, E, Edot (and
+the stored q) use the caller's dtype. The batch loop is a ``prange`` with a
+per-thread workspace.
 """
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
@@ -23,6 +33,33 @@ import numpy as np
 from cython cimport floating
 
 from .operators cimport max_omega, max_omega_hvp
+
+
+cdef extern from "dtw_simd.h" nogil:
+    void sm_init_isa()
+    const char* sm_isa_name()
+    void sm_dtw_fwd_d(Py_ssize_t n, const double* theta, Py_ssize_t ts,
+                      const double* up, const double* left, const double* dg,
+                      double* out, double* qu, double* ql, double* qd,
+                      int reg, double gamma)
+    void sm_dtw_fwd_f(Py_ssize_t n, const float* theta, Py_ssize_t ts,
+                      const double* up, const double* left, const double* dg,
+                      double* out, float* qu, float* ql, float* qd,
+                      int reg, double gamma)
+    void sm_dtw_bwd_d(Py_ssize_t n, const double* eu, const double* el,
+                      const double* ed, const double* qu, const double* ql,
+                      const double* qd, double* out, double* E, Py_ssize_t es)
+    void sm_dtw_bwd_f(Py_ssize_t n, const double* eu, const double* el,
+                      const double* ed, const float* qu, const float* ql,
+                      const float* qd, double* out, float* E, Py_ssize_t es)
+
+
+sm_init_isa()
+
+
+def _simd_isa():
+    """Which build of the anti-diagonal kernels runs on this CPU (for benchmarks)."""
+    return sm_isa_name().decode()
 
 
 cdef enum:
@@ -157,34 +194,211 @@ cdef double _dtw_rows(const floating* theta, const floating* Z,
         tmp = ebd; ebd = ebdn; ebdn = tmp
     return value
 
+cdef enum:
+    QPAD = 4  # zero padding around each stored-q segment
+
+
+cdef inline Py_ssize_t _floor_half(Py_ssize_t a) noexcept nogil:
+    return (a - (a & 1)) // 2
+
+
+cdef inline void _diag_range(Py_ssize_t d, Py_ssize_t la, Py_ssize_t lb, Py_ssize_t r,
+                             Py_ssize_t* lo, Py_ssize_t* hi) noexcept nogil:
+    """Rows i (1-based) of the cells (i, d - i) of anti-diagonal d to compute.
+
+    The cells of the problem, 1 <= i <= la, 1 <= d - i <= lb, intersected with
+    the band (_in_band with i - 1, d - i - 1). Both ends are non-decreasing in
+    d by steps of at most 1, which the buffer logic below relies on.
+    """
+    cdef Py_ssize_t a = max(1, d - lb), z = min(la, d - 1)
+    if r >= 0:
+        if la <= lb:  # -r <= d - 2i <= (lb - la) + r
+            a = max(a, _floor_half(d - (lb - la) - r + 1))
+            z = min(z, _floor_half(d + r))
+        else:         # -r <= 2i - d <= (la - lb) + r
+            a = max(a, _floor_half(d - r + 1))
+            z = min(z, _floor_half(d + (la - lb) + r))
+    lo[0] = a
+    hi[0] = z
+
+
+cdef inline Py_ssize_t _q_segment(Py_ssize_t NA, Py_ssize_t NB) noexcept nogil:
+    """Length of one stored-q segment (q_up, q_left or q_diag) with its pads."""
+    return NA * NB + NA + 4 * QPAD
+
+
+cdef double _dtw_diagonals(const floating* theta, floating* E, Py_ssize_t NA,
+                           Py_ssize_t NB, Py_ssize_t la, Py_ssize_t lb,
+                           Py_ssize_t band, int reg, double gamma,
+                           double* wd, Py_ssize_t* wi, floating* wq) noexcept nogil:
+    """Value of one problem by anti-diagonals; E too when ``wq`` is not NULL.
+
+    wd: 6·(NA + 2) doubles; wi: 3·(NA + NB + 3) ints; wq: 3·_q_segment
+    values or NULL. E must be zero on entry. Buffer ``c`` of R (and later of
+    ebar) holds diagonal d with d % 3 == c, indexed by the row i; outside the
+    cells written for that diagonal it is +inf (0 for ebar), so reads one
+    cell past the computed range see the border.
+    """
+    cdef Py_ssize_t W = NA + 2, D = la + lb, S = NA * NB + NA + 4 * QPAD
+    cdef Py_ssize_t d, i, i0, i1, n, c, total = 0
+    cdef Py_ssize_t* lo = wi
+    cdef Py_ssize_t* hi = wi + (D + 3)
+    cdef Py_ssize_t* off = wi + 2 * (D + 3)
+    cdef Py_ssize_t wlo[3]
+    cdef Py_ssize_t whi[3]
+    cdef double* buf[3]
+    cdef double* cur
+    cdef double* p1
+    cdef double* p2
+    cdef floating* qU = NULL
+    cdef floating* qL = NULL
+    cdef floating* qD = NULL
+    cdef floating* qd2
+    cdef double value
+    cdef bint grad = wq != NULL
+
+    if grad:
+        qU = wq + QPAD
+        qL = wq + S + QPAD
+        qD = wq + 2 * S + QPAD
+    for c in range(3):
+        buf[c] = wd + c * W
+        for i in range(W):
+            buf[c][i] = INFINITY
+        wlo[c] = 1
+        whi[c] = 0
+    buf[0][0] = 0.0  # R[0, 0] on diagonal 0
+    wlo[0] = 0
+    whi[0] = 0
+    for d in range(2, D + 1):
+        c = d % 3
+        cur = buf[c]
+        p1 = buf[(d - 1) % 3]
+        p2 = buf[(d - 2) % 3]
+        for i in range(wlo[c], whi[c] + 1):  # forget diagonal d - 3
+            cur[i] = INFINITY
+        _diag_range(d, la, lb, band, &i0, &i1)
+        lo[d] = i0
+        hi[d] = i1
+        off[d] = total
+        n = i1 - i0 + 1
+        if n <= 0:
+            wlo[c] = 1
+            whi[c] = 0
+            continue
+        if floating is double:
+            sm_dtw_fwd_d(n, theta + (i0 - 1) * NB + (d - i0 - 1), NB - 1,
+                         p1 + i0 - 1, p1 + i0, p2 + i0 - 1, cur + i0,
+                         qU + total if grad else NULL, qL + total if grad else NULL,
+                         qD + total if grad else NULL, reg, gamma)
+        else:
+            sm_dtw_fwd_f(n, theta + (i0 - 1) * NB + (d - i0 - 1), NB - 1,
+                         p1 + i0 - 1, p1 + i0, p2 + i0 - 1, cur + i0,
+                         qU + total if grad else NULL, qL + total if grad else NULL,
+                         qD + total if grad else NULL, reg, gamma)
+        total += n
+        wlo[c] = i0
+        whi[c] = i1
+    value = buf[D % 3][la]
+    if not grad or value == INFINITY:
+        return value  # unreachable end cell: E = 0
+
+    # zero the pads: reads one cell past a diagonal's stored range land there
+    for c in range(3):
+        for i in range(-QPAD, 0):
+            wq[c * S + QPAD + i] = 0
+        for i in range(total, min(S - QPAD, total + NA + 2 * QPAD)):
+            wq[c * S + QPAD + i] = 0
+    # reverse pass, buffers now hold ebar
+    for c in range(3):
+        for i in range(W):
+            buf[c][i] = 0.0
+        wlo[c] = 1
+        whi[c] = 0
+    buf[D % 3][la] = 1.0
+    wlo[D % 3] = la
+    whi[D % 3] = la
+    E[(la - 1) * NB + (lb - 1)] = 1.0
+    for d in range(D - 1, 1, -1):
+        c = d % 3
+        cur = buf[c]
+        p1 = buf[(d + 1) % 3]
+        p2 = buf[(d + 2) % 3]
+        for i in range(wlo[c], whi[c] + 1):  # forget diagonal d + 3
+            cur[i] = 0.0
+        i0 = lo[d]
+        i1 = hi[d]
+        n = i1 - i0 + 1
+        if n <= 0:
+            wlo[c] = 1
+            whi[c] = 0
+            continue
+        # weights of (i+1, j) [up], (i, j+1) [left], (i+1, j+1) [diag] toward (i, j)
+        if d + 2 <= D:
+            qd2 = qD + off[d + 2] + (i0 + 1 - lo[d + 2])
+        else:
+            qd2 = qD + total  # zero pad; ebar of diagonal D + 1 is 0 anyway
+        if floating is double:
+            sm_dtw_bwd_d(n, p1 + i0 + 1, p1 + i0, p2 + i0 + 1,
+                         qU + off[d + 1] + (i0 + 1 - lo[d + 1]),
+                         qL + off[d + 1] + (i0 - lo[d + 1]), qd2,
+                         cur + i0, E + (i0 - 1) * NB + (d - i0 - 1), NB - 1)
+        else:
+            sm_dtw_bwd_f(n, p1 + i0 + 1, p1 + i0, p2 + i0 + 1,
+                         qU + off[d + 1] + (i0 + 1 - lo[d + 1]),
+                         qL + off[d + 1] + (i0 - lo[d + 1]), qd2,
+                         cur + i0, E + (i0 - 1) * NB + (d - i0 - 1), NB - 1)
+        wlo[c] = i0
+        whi[c] = i1
+    return value
+
 
 cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] Z,
                      const long long[::1] la, const long long[::1] lb,
-                     Py_ssize_t band, int reg, double gamma, int mode,
+                     Py_ssize_t band, int reg, double gamma, int mode, bint rows,
                      floating[::1] value, floating[:, :, ::1] E,
                      floating[:, :, ::1] Ed, signed char[::1] failed) noexcept nogil:
+    """Batch loop; ``rows`` picks ``_dtw_rows`` (always used for the HVP)."""
     cdef Py_ssize_t B = theta.shape[0], NA = theta.shape[1], NB = theta.shape[2]
     cdef Py_ssize_t b
-    cdef double* work
-    cdef const floating* zp
-    cdef floating* ep
-    cdef floating* edp
-    work = NULL
+    cdef double* wd = NULL
+    cdef Py_ssize_t* wi = NULL
+    cdef floating* wq = NULL
+    cdef bint ok
+    rows = rows or mode == MODE_HVP
     with parallel():
-        work = <double*> malloc(_rows_work(NA, NB, mode) * sizeof(double))
+        if rows:
+            wd = <double*> malloc(_rows_work(NA, NB, mode) * sizeof(double))
+            wi = NULL
+            wq = NULL
+            ok = wd != NULL
+        else:
+            wd = <double*> malloc(6 * (NA + 2) * sizeof(double))
+            wi = <Py_ssize_t*> malloc(3 * (NA + NB + 3) * sizeof(Py_ssize_t))
+            wq = NULL
+            if mode == MODE_GRAD:
+                wq = <floating*> malloc(3 * _q_segment(NA, NB) * sizeof(floating))
+            ok = wd != NULL and wi != NULL and (wq != NULL or mode != MODE_GRAD)
         for b in prange(B, schedule="dynamic"):
-            if work == NULL:
+            if not ok:
                 failed[b] = 1
-                continue
-            zp = &Z[b, 0, 0] if mode == MODE_HVP else NULL
-            ep = &E[b, 0, 0] if mode != MODE_VALUE else NULL
-            edp = &Ed[b, 0, 0] if mode == MODE_HVP else NULL
-            value[b] = <floating> _dtw_rows(&theta[b, 0, 0], zp, ep, edp, NB,
-                                            la[b], lb[b], band, reg, gamma, mode, work)
-        free(work)
+            elif rows:
+                value[b] = <floating> _dtw_rows(
+                    &theta[b, 0, 0], &Z[b, 0, 0] if mode == MODE_HVP else NULL,
+                    &E[b, 0, 0] if mode != MODE_VALUE else NULL,
+                    &Ed[b, 0, 0] if mode == MODE_HVP else NULL,
+                    NB, la[b], lb[b], band, reg, gamma, mode, wd)
+            else:
+                value[b] = <floating> _dtw_diagonals(
+                    &theta[b, 0, 0], &E[b, 0, 0] if mode != MODE_VALUE else NULL,
+                    NA, NB, la[b], lb[b], band, reg, gamma, wd, wi, wq)
+        free(wd)
+        free(wi)
+        free(wq)
 
 
-def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode):
+def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode,
+         bint rows=False):
     B, NA, NB = theta.shape
     value = np.empty(B, dtype=theta.dtype)
     empty = np.zeros((0, 1, 1), dtype=theta.dtype)
@@ -194,9 +408,11 @@ def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode):
     failed = np.zeros(B, dtype=np.int8)
     if B > 0 and NA > 0 and NB > 0:
         if theta.dtype == np.float64:
-            _dtw_batch[double](theta, Zarr, la, lb, band, reg, gamma, mode, value, E, Ed, failed)
+            _dtw_batch[double](theta, Zarr, la, lb, band, reg, gamma, mode, rows,
+                               value, E, Ed, failed)
         else:
-            _dtw_batch[float](theta, Zarr, la, lb, band, reg, gamma, mode, value, E, Ed, failed)
+            _dtw_batch[float](theta, Zarr, la, lb, band, reg, gamma, mode, rows,
+                              value, E, Ed, failed)
     if failed.any():
         raise MemoryError("smoothmax._core.dtw: could not allocate the workspace")
     return value, E, Ed

@@ -1,0 +1,287 @@
+/*
+ * Anti-diagonal kernels for the DTW_Omega forward and reverse passes.
+ *
+ * Cells (i, j) on one anti-diagonal d = i + j depend only on the two previous
+ * anti-diagonals, so the loop over a diagonal has independent iterations and
+ * is vectorized by the compiler. The per-cell work is branch-free (selects
+ * only), and exp/log are written here, inline and branch-free, because libm's
+ * exp/log do not vectorize without -ffast-math, which we cannot use: it
+ * assumes no infinities, and +inf costs / -inf operator inputs are legal
+ * masks here.
+ *
+ *   sm_exp_nonpos(x)  exp(x) for x <= 0 or x = -inf; results below e^-708
+ *                     are flushed to 0 (no subnormals). Taylor degree 13 on
+ *                     |r| <= ln2/2 after x = k ln2 + r: about 1 ulp.
+ *   sm_log_pos(x)     log(x) for finite x > 0 normal (fdlibm/musl's method:
+ *                     x = 2^k (1 + f), log(1+f) via s = f/(2+f), < 1 ulp).
+ *
+ * Both are exact on the special values we feed them: exp(0) = 1 and
+ * exp(-inf) = 0, so a +inf predecessor gets weight exactly 0.
+ *
+ * ISA: on x86-64 with GCC or clang the kernels are compiled three times,
+ * with __attribute__((target(...))), for AVX-512 (8 doubles a vector),
+ * AVX2 + FMA and the x86-64 baseline (SSE2, 2 doubles a vector); sm_init_isa()
+ * (called once at import) picks one with __builtin_cpu_supports. We do not
+ * use target_clones("arch=..."): its resolver tests the CPU *model*, which
+ * a virtual machine may hide, and per-feature clones cannot ask for
+ * AVX-512 *and* FMA in one clone. With SMOOTHMAX_NATIVE=1 (-march=native
+ * defines __AVX512F__ or __AVX2__), on other architectures or compilers,
+ * one version is built for whatever the compiler targets.
+ *
+ * Types: theta, E and the stored weights q use the caller's dtype T (float or
+ * double, one macro-generated body per type); R, ebar and every operator
+ * computation are double.
+ */
+#ifndef SMOOTHMAX_DTW_SIMD_H
+#define SMOOTHMAX_DTW_SIMD_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define SM_INLINE static inline __attribute__((always_inline))
+#define SM_INF (__builtin_inf())
+
+SM_INLINE double sm_asdouble(uint64_t u) { double d; memcpy(&d, &u, sizeof d); return d; }
+SM_INLINE uint64_t sm_asuint(double d) { uint64_t u; memcpy(&u, &d, sizeof u); return u; }
+
+SM_INLINE double sm_exp_nonpos(double x)
+{
+    const double shift = 0x1.8p52;  /* adding it rounds to an integer */
+    const double ln2hi = 6.93147180369123816490e-01;  /* 32 trailing zero bits */
+    const double ln2lo = 1.90821492927058770002e-10;
+    double xc = x < -708.0 ? -708.0 : x;  /* also maps -inf */
+    double t = xc * 1.44269504088896338700e+00 + shift;
+    double k = t - shift;                   /* round(x / ln2), in [-1022, 0] */
+    double r = (xc - k * ln2hi) - k * ln2lo;
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    uint64_t ki = sm_asuint(t) - sm_asuint(shift);  /* k as a two's complement int */
+    double scale = sm_asdouble((ki + 1023) << 52);  /* 2^k, a normal number */
+    double y = p * scale;
+    return x < -708.0 ? 0.0 : y;
+}
+
+SM_INLINE double sm_log_pos(double x)
+{
+    const double ln2_hi = 6.93147180369123816490e-01;
+    const double ln2_lo = 1.90821492927058770002e-10;
+    const double Lg1 = 6.666666666666735130e-01, Lg2 = 3.999999999940941908e-01,
+                 Lg3 = 2.857142874366239149e-01, Lg4 = 2.222219843214978396e-01,
+                 Lg5 = 1.818357216161805012e-01, Lg6 = 1.531383769920937332e-01,
+                 Lg7 = 1.479819860511658591e-01;
+    uint64_t u = sm_asuint(x);
+    uint64_t hx = (u >> 32) + (0x3ff00000 - 0x3fe6a09e);
+    uint64_t e = hx >> 20;                                 /* k + 1023 */
+    double dk = (sm_asdouble(0x4330000000000000ULL | e) - 0x1p52) - 1023.0;
+    hx = (hx & 0x000fffff) + 0x3fe6a09e;                   /* 1 + f in [sqrt2/2, sqrt2] */
+    double f = sm_asdouble((hx << 32) | (u & 0xffffffffULL)) - 1.0;
+    double hfsq = 0.5 * f * f;
+    double s = f / (2.0 + f);
+    double z = s * s;
+    double w = z * z;
+    double t1 = w * (Lg2 + w * (Lg4 + w * Lg6));
+    double t2 = z * (Lg1 + w * (Lg3 + w * (Lg5 + w * Lg7)));
+    double R = t2 + t1;
+    return s * (hfsq + R) + dk * ln2_lo - hfsq + f + dk * ln2_hi;
+}
+
+/*
+ * min_Omega of the three predecessors (a, b, c) = (up, left, diagonal) of R,
+ * i.e. -max_Omega(-a, -b, -c); writes the weights q = grad max_Omega(-r).
+ * All three +inf: value +inf, q = 0. ig = 1/gamma.
+ */
+SM_INLINE double sm_min3_negentropy(double a, double b, double c, double gamma, double ig,
+                                    double *qa, double *qb, double *qc)
+{
+    double m = a < b ? a : b;
+    m = m < c ? m : c;
+    int fin = m < SM_INF;
+    double ms = fin ? m : 0.0;         /* never inf - inf */
+    double ea = sm_exp_nonpos((ms - a) * ig);
+    double eb = sm_exp_nonpos((ms - b) * ig);
+    double ec = sm_exp_nonpos((ms - c) * ig);
+    double s = fin ? ea + eb + ec : 1.0;  /* in [1, 3] when finite */
+    double inv = 1.0 / s;
+    *qa = ea * inv;                    /* all 0 when !fin */
+    *qb = eb * inv;
+    *qc = ec * inv;
+    return fin ? m - gamma * sm_log_pos(s) : SM_INF;
+}
+
+/*
+ * Squared l2: q = sparsemax(y), y_k = (min r - r_k)/gamma <= 0, by a sorting
+ * network on three values. On the support y_k = q_k + tau, so
+ * <q, y> - |q|^2/2 = tau + |q|^2/2 and -inf entries never enter a product.
+ */
+SM_INLINE double sm_min3_l2(double a, double b, double c, double gamma, double ig,
+                            double *qa, double *qb, double *qc)
+{
+    double m = a < b ? a : b;
+    m = m < c ? m : c;
+    int fin = m < SM_INF;
+    double ms = fin ? m : 0.0;
+    double ya = (ms - a) * ig, yb = (ms - b) * ig, yc = (ms - c) * ig;
+    double hi = ya > yb ? ya : yb, lo = ya > yb ? yb : ya;
+    double z1 = hi > yc ? hi : yc;
+    double mid = hi > yc ? yc : hi;
+    double z2 = lo > mid ? lo : mid;
+    double z3 = lo > mid ? mid : lo;
+    double tau = z1 - 1.0;
+    tau = 1.0 + z2 > z1 ? 0.5 * (z1 + z2 - 1.0) : tau;
+    tau = 1.0 + 2.0 * z3 > z1 + z2 ? (z1 + z2 + z3 - 1.0) * (1.0 / 3.0) : tau;
+    double pa = ya - tau, pb = yb - tau, pc = yc - tau;
+    pa = (fin && pa > 0.0) ? pa : 0.0;
+    pb = (fin && pb > 0.0) ? pb : 0.0;
+    pc = (fin && pc > 0.0) ? pc : 0.0;
+    *qa = pa; *qb = pb; *qc = pc;
+    double val = tau + 0.5 * (pa * pa + pb * pb + pc * pc);
+    return fin ? m - gamma * val : SM_INF;
+}
+
+/* Hard min, one-hot first argmin in the order (up, left, diagonal). */
+SM_INLINE double sm_min3_hard(double a, double b, double c, double gamma, double ig,
+                              double *qa, double *qb, double *qc)
+{
+    (void)gamma; (void)ig;
+    double m = a < b ? a : b;
+    m = m < c ? m : c;
+    int fin = m < SM_INF;
+    int ia = fin && a == m;
+    int ib = fin && !ia && b == m;
+    int ic = fin && !ia && !ib;
+    *qa = ia ? 1.0 : 0.0;
+    *qb = ib ? 1.0 : 0.0;
+    *qc = ic ? 1.0 : 0.0;
+    return m;
+}
+
+/*
+ * Forward over the n cells of one diagonal (first cell i0, then i0+1, ...):
+ *   out[k] = theta[k*ts] + min_Omega(up[k], left[k], dg[k])
+ * with up = R[i-1, j], left = R[i, j-1], dg = R[i-1, j-1]; the weights go to
+ * qu/ql/qd[k] when qu is not NULL.
+ * Reverse over one diagonal:
+ *   out[k] = eu[k]*qu[k] + el[k]*ql[k] + ed[k]*qd[k];  E[k*es] = out[k]
+ * with eu = ebar(i+1, j), el = ebar(i, j+1), ed = ebar(i+1, j+1) and the
+ * weights of those children toward (i, j).
+ */
+#define SM_FWD_LOOP(T, OP, STORE)                                              \
+    for (ptrdiff_t k = 0; k < n; ++k) {                                        \
+        double qa, qb, qc;                                                     \
+        double v = OP(up[k], left[k], dg[k], gamma, ig, &qa, &qb, &qc);        \
+        out[k] = (double)theta[k * ts] + v;                                    \
+        if (STORE) { qu[k] = (T)qa; ql[k] = (T)qb; qd[k] = (T)qc; }            \
+    }
+
+#define SM_DEFINE_DTW_KERNELS(T, SUF, ATTR)                                    \
+ATTR static void sm_dtw_fwd_##SUF(                                             \
+    ptrdiff_t n, const T *restrict theta, ptrdiff_t ts,                        \
+    const double *restrict up, const double *restrict left,                    \
+    const double *restrict dg, double *restrict out,                           \
+    T *restrict qu, T *restrict ql, T *restrict qd, int reg, double gamma)     \
+{                                                                              \
+    const double ig = 1.0 / gamma;                                             \
+    if (qu != NULL) {                                                          \
+        if (reg == 0) { SM_FWD_LOOP(T, sm_min3_negentropy, 1) }                \
+        else if (reg == 1) { SM_FWD_LOOP(T, sm_min3_l2, 1) }                   \
+        else { SM_FWD_LOOP(T, sm_min3_hard, 1) }                               \
+    } else {                                                                   \
+        if (reg == 0) { SM_FWD_LOOP(T, sm_min3_negentropy, 0) }                \
+        else if (reg == 1) { SM_FWD_LOOP(T, sm_min3_l2, 0) }                   \
+        else { SM_FWD_LOOP(T, sm_min3_hard, 0) }                               \
+    }                                                                          \
+}                                                                              \
+ATTR static void sm_dtw_bwd_##SUF(                                             \
+    ptrdiff_t n, const double *restrict eu, const double *restrict el,         \
+    const double *restrict ed, const T *restrict qu, const T *restrict ql,     \
+    const T *restrict qd, double *restrict out, T *restrict E, ptrdiff_t es)   \
+{                                                                              \
+    for (ptrdiff_t k = 0; k < n; ++k) {                                        \
+        double e = eu[k] * (double)qu[k] + el[k] * (double)ql[k]               \
+                   + ed[k] * (double)qd[k];                                    \
+        out[k] = e;                                                            \
+        E[k * es] = (T)e;                                                      \
+    }                                                                          \
+}
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && \
+    !defined(__AVX512F__) && !defined(__AVX2__) && !defined(SMOOTHMAX_NO_MULTIVERSION)
+#define SM_MULTIVERSION 1
+#define SM_ATTR_AVX512 __attribute__((target( \
+    "avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,prefer-vector-width=512")))
+#define SM_ATTR_AVX2 __attribute__((target("avx2,fma")))
+SM_DEFINE_DTW_KERNELS(double, d_avx512, SM_ATTR_AVX512)
+SM_DEFINE_DTW_KERNELS(float, f_avx512, SM_ATTR_AVX512)
+SM_DEFINE_DTW_KERNELS(double, d_avx2, SM_ATTR_AVX2)
+SM_DEFINE_DTW_KERNELS(float, f_avx2, SM_ATTR_AVX2)
+SM_DEFINE_DTW_KERNELS(double, d_base, )
+SM_DEFINE_DTW_KERNELS(float, f_base, )
+
+static int sm_isa_level = 0;  /* 0 baseline, 1 AVX2 + FMA, 2 AVX-512 */
+
+static void sm_init_isa(void)
+{
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+        sm_isa_level = 2;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        sm_isa_level = 1;
+    else
+        sm_isa_level = 0;
+}
+
+static const char *sm_isa_name(void)
+{
+    return sm_isa_level == 2 ? "avx512" : sm_isa_level == 1 ? "avx2+fma" : "baseline";
+}
+
+#define SM_DISPATCH(NAME, SUF, ARGS)                                           \
+    switch (sm_isa_level) {                                                    \
+    case 2: NAME##_##SUF##_avx512 ARGS; break;                                 \
+    case 1: NAME##_##SUF##_avx2 ARGS; break;                                   \
+    default: NAME##_##SUF##_base ARGS;                                         \
+    }
+#define SM_DEFINE_DISPATCH(T, SUF)                                             \
+static void sm_dtw_fwd_##SUF(                                                  \
+    ptrdiff_t n, const T *theta, ptrdiff_t ts, const double *up,               \
+    const double *left, const double *dg, double *out, T *qu, T *ql, T *qd,    \
+    int reg, double gamma)                                                     \
+{ SM_DISPATCH(sm_dtw_fwd, SUF, (n, theta, ts, up, left, dg, out, qu, ql, qd, reg, gamma)) } \
+static void sm_dtw_bwd_##SUF(                                                  \
+    ptrdiff_t n, const double *eu, const double *el, const double *ed,         \
+    const T *qu, const T *ql, const T *qd, double *out, T *E, ptrdiff_t es)    \
+{ SM_DISPATCH(sm_dtw_bwd, SUF, (n, eu, el, ed, qu, ql, qd, out, E, es)) }
+SM_DEFINE_DISPATCH(double, d)
+SM_DEFINE_DISPATCH(float, f)
+
+#else
+SM_DEFINE_DTW_KERNELS(double, d, )
+SM_DEFINE_DTW_KERNELS(float, f, )
+static void sm_init_isa(void) {}
+static const char *sm_isa_name(void)
+{
+#if defined(__AVX512F__)
+    return "avx512 (compile time)";
+#elif defined(__AVX2__)
+    return "avx2 (compile time)";
+#else
+    return "compiler default";
+#endif
+}
+#endif
+
+#endif /* SMOOTHMAX_DTW_SIMD_H */
