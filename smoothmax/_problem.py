@@ -16,6 +16,13 @@ from ._array_api import device_kind
 from .operators import REG_CODES
 
 
+# Entries of ``Problem.aux`` that hold one value per batch item (host arrays of
+# shape (B,), e.g. lengths), by structure; the others (a band, a graph's
+# structure) are shared by the whole batch. Used where a batch is re-shaped
+# (the JAX callbacks flatten vmapped dimensions into the batch).
+PER_ITEM_AUX = {"dtw": (0, 1), "viterbi": (0,), "dag": ()}
+
+
 @dataclass(frozen=True, eq=False)
 class Problem:
     struct: str          # "dtw", "viterbi" or "dag"

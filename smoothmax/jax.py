@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _dispatch
+from ._problem import PER_ITEM_AUX
 
 __all__ = ["apply", "soft_dtw", "squared_euclidean"]
 
@@ -53,15 +54,14 @@ _THIRD_ORDER = (
 def _host_problem(problem, reps):
     """``problem`` for NumPy arrays on the host, its batch repeated ``reps`` times.
 
-    Per-item auxiliary arrays (leading dimension ``B``, e.g. lengths) are
-    tiled; other auxiliary arguments (band, shared structure) are kept.
+    Per-item auxiliary arrays (``PER_ITEM_AUX``: lengths) are tiled; the
+    others (band, a graph's structure) are shared and kept.
     """
     B = problem.flat_shape[0]
     aux = problem.aux
     if reps != 1:
-        aux = tuple(np.tile(a, (reps,) + (1,) * (a.ndim - 1))
-                    if isinstance(a, np.ndarray) and a.ndim >= 1 and a.shape[0] == B else a
-                    for a in aux)
+        per_item = PER_ITEM_AUX[problem.struct]
+        aux = tuple(np.tile(a, reps) if k in per_item else a for k, a in enumerate(aux))
     flat_shape = (reps * B,) + tuple(problem.flat_shape[1:])
     return dataclasses.replace(problem, xp=np, backend="numpy", device="cpu",
                                batch_shape=(reps * B,), flat_shape=flat_shape, aux=aux)
@@ -95,9 +95,8 @@ def _decode_spec(problem, op, dtype):
     """Trailing shapes and dtypes of the decode/path outputs, from an empty batch."""
     empty = dataclasses.replace(_host_problem(problem, 1), batch_shape=(0,),
                                 flat_shape=(0,) + tuple(problem.flat_shape[1:]),
-                                aux=tuple(a[:0] if isinstance(a, np.ndarray) and a.ndim >= 1
-                                          and a.shape[0] == problem.flat_shape[0] else a
-                                          for a in problem.aux))
+                                aux=tuple(a[:0] if k in PER_ITEM_AUX[problem.struct] else a
+                                          for k, a in enumerate(problem.aux)))
     out = _dispatch.run(empty, op, np.zeros(empty.flat_shape, dtype=dtype))
     return [(tuple(np.asarray(y).shape[1:]), jax.dtypes.canonicalize_dtype(np.asarray(y).dtype))
             for y in out]
