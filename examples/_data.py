@@ -20,11 +20,15 @@ import glob
 import importlib.util
 import os
 import random
+import re
+import xml.etree.ElementTree as ET
+import zipfile
 
 import numpy as np
 
 __all__ = ["package_dir", "load_ucr", "read_conllu", "read_tsv", "split_sentences",
-           "nemo_conllu", "petrogold_conllu", "mozart_match", "bach_chorales", "MissingData"]
+           "nemo_conllu", "petrogold_conllu", "mozart_match", "bach_chorales", "read_musicxml_notes",
+           "read_match", "MissingData"]
 
 
 class MissingData(RuntimeError):
@@ -205,3 +209,95 @@ def bach_chorales():
     if not files:
         raise MissingData(f"no chorale in {base}")
     return files
+
+
+_STEP = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+
+
+def read_musicxml_notes(path):
+    """Notes of a (compressed) MusicXML score: array of ``(onset, duration, midi_pitch)``, in quarters.
+
+    A small reader for the chorales (no music21 import): parts, measures,
+    ``<chord/>``, ``<backup>``/``<forward>``, divisions changes; tied notes are
+    merged; grace notes and repeats are ignored.
+    """
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            name = next(n for n in z.namelist() if n.endswith(".xml") and not n.startswith("META-INF"))
+            root = ET.fromstring(z.read(name))
+    else:
+        root = ET.parse(path).getroot()
+    notes = []
+    for part in root.iter("part"):
+        t, divisions, last_onset = 0.0, 1.0, 0.0
+        open_ties = {}
+        for measure in part.iter("measure"):
+            for el in measure:
+                if el.tag == "attributes" and el.find("divisions") is not None:
+                    divisions = float(el.find("divisions").text)
+                elif el.tag == "backup":
+                    t -= float(el.find("duration").text) / divisions
+                elif el.tag == "forward":
+                    t += float(el.find("duration").text) / divisions
+                elif el.tag == "note":
+                    if el.find("grace") is not None or el.find("duration") is None:
+                        continue
+                    dur = float(el.find("duration").text) / divisions
+                    onset = last_onset if el.find("chord") is not None else t
+                    if el.find("chord") is None:
+                        last_onset = t
+                        t += dur
+                    pitch = el.find("pitch")
+                    if pitch is None:
+                        continue
+                    midi = (12 * (int(pitch.find("octave").text) + 1) + _STEP[pitch.find("step").text]
+                            + int(float(pitch.find("alter").text)) if pitch.find("alter") is not None
+                            else 12 * (int(pitch.find("octave").text) + 1) + _STEP[pitch.find("step").text])
+                    ties = {x.get("type") for x in el.findall("tie")}
+                    if "stop" in ties and midi in open_ties:
+                        notes[open_ties[midi]][1] += dur
+                        if "start" not in ties:
+                            del open_ties[midi]
+                        continue
+                    notes.append([onset, dur, midi])
+                    if "start" in ties:
+                        open_ties[midi] = len(notes) - 1
+    return sorted((tuple(n) for n in notes), key=lambda n: (n[0], n[2]))
+
+
+_MATCH_NOTE = re.compile(r"snote\(([^,]+),\[(\w),([^\]]+)\],(-?\d+),[^,]+,[^,]+,[^,]+,([-\d.]+),([-\d.]+),"
+                         r".*?\)-note\(([^,]+),\[(\w),([^\]]+)\],(-?\d+),(\d+),(\d+),(\d+),(\d+)\)")
+_MATCH_INSERT = re.compile(r"insertion-note\(([^,]+),\[(\w),([^\]]+)\],(-?\d+),(\d+),(\d+),(\d+),(\d+)\)")
+
+
+def read_match(path):
+    """A performance-to-score match file (parangonar/partitura format 5), without partitura.
+
+    Returns ``(pairs, performance)``: ``pairs`` rows are
+    ``(score_onset_beats, score_offset_beats, midi_pitch, perf_onset_s, perf_offset_s)``
+    for every matched note; ``performance`` rows ``(onset_s, offset_s, midi_pitch, velocity)``
+    for every performed note (matched or inserted).
+    """
+    units, rate = 480.0, 500000.0
+    pairs, perf = [], []
+    alter = {"n": 0, "#": 1, "b": -1, "##": 2, "bb": -2}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("info(midiClockUnits"):
+                units = float(line.split(",")[1].rstrip(").\n"))
+            elif line.startswith("info(midiClockRate"):
+                rate = float(line.split(",")[1].rstrip(").\n"))
+            m = _MATCH_NOTE.match(line)
+            if m:
+                g = m.groups()
+                pitch = 12 * (int(g[9]) + 1) + _STEP[g[7]] + alter.get(g[8], 0)
+                on, off = int(g[10]) * rate / units / 1e6, int(g[12]) * rate / units / 1e6
+                pairs.append((float(g[4]), float(g[5]), pitch, on, off))
+                perf.append((on, off, pitch, int(g[13])))
+                continue
+            m = _MATCH_INSERT.match(line)
+            if m:
+                g = m.groups()
+                pitch = 12 * (int(g[3]) + 1) + _STEP[g[1]] + alter.get(g[2], 0)
+                perf.append((int(g[4]) * rate / units / 1e6, int(g[6]) * rate / units / 1e6, pitch, int(g[7])))
+    return np.asarray(pairs), np.asarray(sorted(perf))
