@@ -38,20 +38,18 @@ from .operators cimport max_omega, max_omega_hvp
 cdef extern from "dtw_simd.h" nogil:
     void sm_init_isa()
     const char* sm_isa_name()
-    void sm_dtw_fwd_d(Py_ssize_t n, const double* theta, Py_ssize_t ts,
-                      const double* up, const double* left, const double* dg,
+    void sm_dtw_fwd_d(Py_ssize_t n, const double* theta, const double* up, const double* left, const double* dg,
                       double* out, double* qu, double* ql, double* qd,
                       int reg, double gamma)
-    void sm_dtw_fwd_f(Py_ssize_t n, const float* theta, Py_ssize_t ts,
-                      const double* up, const double* left, const double* dg,
+    void sm_dtw_fwd_f(Py_ssize_t n, const double* theta, const double* up, const double* left, const double* dg,
                       double* out, float* qu, float* ql, float* qd,
                       int reg, double gamma)
     void sm_dtw_bwd_d(Py_ssize_t n, const double* eu, const double* el,
                       const double* ed, const double* qu, const double* ql,
-                      const double* qd, double* out, double* E, Py_ssize_t es)
+                      const double* qd, double* out)
     void sm_dtw_bwd_f(Py_ssize_t n, const double* eu, const double* el,
                       const double* ed, const float* qu, const float* ql,
-                      const float* qd, double* out, float* E, Py_ssize_t es)
+                      const float* qd, double* out)
 
 
 sm_init_isa()
@@ -227,26 +225,65 @@ cdef inline Py_ssize_t _q_segment(Py_ssize_t NA, Py_ssize_t NB) noexcept nogil:
     return NA * NB + NA + 4 * QPAD
 
 
+cdef enum:
+    BLOCK = 8  # diagonals of theta / E moved at a time between rows and diagonals
+
+
+cdef void _gather_block(const floating* theta, Py_ssize_t NB, double* blk, Py_ssize_t W,
+                        Py_ssize_t d0, Py_ssize_t d1, const Py_ssize_t* lo,
+                        const Py_ssize_t* hi) noexcept nogil:
+    """blk[(d - d0)·W + i] = theta[i - 1, d - i - 1] for the cells of diagonals d0..d1.
+
+    Row by row, so each row of theta is read once (contiguously) per block.
+    """
+    cdef Py_ssize_t i, d
+    cdef const floating* row
+    for i in range(lo[d0], hi[d1] + 1):
+        row = theta + (i - 1) * NB - 1
+        for d in range(d0, d1 + 1):
+            if lo[d] <= i <= hi[d]:
+                blk[(d - d0) * W + i] = row[d - i]
+
+
+cdef void _scatter_block(floating* E, Py_ssize_t NB, const double* blk, Py_ssize_t W,
+                         Py_ssize_t d0, Py_ssize_t d1, const Py_ssize_t* lo,
+                         const Py_ssize_t* hi) noexcept nogil:
+    """E[i - 1, d - i - 1] = blk[(d - d0)·W + i], the inverse of ``_gather_block``."""
+    cdef Py_ssize_t i, d
+    cdef floating* row
+    for i in range(lo[d0], hi[d1] + 1):
+        row = E + (i - 1) * NB - 1
+        for d in range(d0, d1 + 1):
+            if lo[d] <= i <= hi[d]:
+                row[d - i] = <floating> blk[(d - d0) * W + i]
+
+
+cdef inline Py_ssize_t _diag_work(Py_ssize_t NA) noexcept nogil:
+    """Doubles of workspace for ``_dtw_diagonals`` (R/ebar buffers and a block)."""
+    return (3 + BLOCK) * (NA + 2)
+
+
 cdef double _dtw_diagonals(const floating* theta, floating* E, Py_ssize_t NA,
                            Py_ssize_t NB, Py_ssize_t la, Py_ssize_t lb,
                            Py_ssize_t band, int reg, double gamma,
                            double* wd, Py_ssize_t* wi, floating* wq) noexcept nogil:
     """Value of one problem by anti-diagonals; E too when ``wq`` is not NULL.
 
-    wd: 6·(NA + 2) doubles; wi: 3·(NA + NB + 3) ints; wq: 3·_q_segment
+    wd: _diag_work(NA) doubles; wi: 3·(NA + NB + 3) ints; wq: 3·_q_segment
     values or NULL. E must be zero on entry. Buffer ``c`` of R (and later of
     ebar) holds diagonal d with d % 3 == c, indexed by the row i; outside the
     cells written for that diagonal it is +inf (0 for ebar), so reads one
     cell past the computed range see the border.
     """
-    cdef Py_ssize_t W = NA + 2, D = la + lb, S = NA * NB + NA + 4 * QPAD
-    cdef Py_ssize_t d, i, i0, i1, n, c, total = 0
+    cdef Py_ssize_t W = NA + 2, D = la + lb, S = _q_segment(NA, NB)
+    cdef Py_ssize_t d, i, i0, i1, n, c, d0, total = 0
     cdef Py_ssize_t* lo = wi
     cdef Py_ssize_t* hi = wi + (D + 3)
     cdef Py_ssize_t* off = wi + 2 * (D + 3)
     cdef Py_ssize_t wlo[3]
     cdef Py_ssize_t whi[3]
     cdef double* buf[3]
+    cdef double* blk = wd + 3 * W
     cdef double* cur
     cdef double* p1
     cdef double* p2
@@ -261,6 +298,10 @@ cdef double _dtw_diagonals(const floating* theta, floating* E, Py_ssize_t NA,
         qU = wq + QPAD
         qL = wq + S + QPAD
         qD = wq + 2 * S + QPAD
+    for d in range(2, D + 1):
+        _diag_range(d, la, lb, band, &lo[d], &hi[d])
+        off[d] = total
+        total += max(0, hi[d] - lo[d] + 1)
     for c in range(3):
         buf[c] = wd + c * W
         for i in range(W):
@@ -271,32 +312,31 @@ cdef double _dtw_diagonals(const floating* theta, floating* E, Py_ssize_t NA,
     wlo[0] = 0
     whi[0] = 0
     for d in range(2, D + 1):
+        if (d - 2) % BLOCK == 0:
+            _gather_block(theta, NB, blk, W, d, min(d + BLOCK - 1, D), lo, hi)
         c = d % 3
         cur = buf[c]
         p1 = buf[(d - 1) % 3]
         p2 = buf[(d - 2) % 3]
         for i in range(wlo[c], whi[c] + 1):  # forget diagonal d - 3
             cur[i] = INFINITY
-        _diag_range(d, la, lb, band, &i0, &i1)
-        lo[d] = i0
-        hi[d] = i1
-        off[d] = total
+        i0 = lo[d]
+        i1 = hi[d]
         n = i1 - i0 + 1
         if n <= 0:
             wlo[c] = 1
             whi[c] = 0
             continue
         if floating is double:
-            sm_dtw_fwd_d(n, theta + (i0 - 1) * NB + (d - i0 - 1), NB - 1,
+            sm_dtw_fwd_d(n, blk + ((d - 2) % BLOCK) * W + i0,
                          p1 + i0 - 1, p1 + i0, p2 + i0 - 1, cur + i0,
-                         qU + total if grad else NULL, qL + total if grad else NULL,
-                         qD + total if grad else NULL, reg, gamma)
+                         qU + off[d] if grad else NULL, qL + off[d] if grad else NULL,
+                         qD + off[d] if grad else NULL, reg, gamma)
         else:
-            sm_dtw_fwd_f(n, theta + (i0 - 1) * NB + (d - i0 - 1), NB - 1,
+            sm_dtw_fwd_f(n, blk + ((d - 2) % BLOCK) * W + i0,
                          p1 + i0 - 1, p1 + i0, p2 + i0 - 1, cur + i0,
-                         qU + total if grad else NULL, qL + total if grad else NULL,
-                         qD + total if grad else NULL, reg, gamma)
-        total += n
+                         qU + off[d] if grad else NULL, qL + off[d] if grad else NULL,
+                         qD + off[d] if grad else NULL, reg, gamma)
         wlo[c] = i0
         whi[c] = i1
     value = buf[D % 3][la]
@@ -329,27 +369,26 @@ cdef double _dtw_diagonals(const floating* theta, floating* E, Py_ssize_t NA,
         i0 = lo[d]
         i1 = hi[d]
         n = i1 - i0 + 1
-        if n <= 0:
-            wlo[c] = 1
-            whi[c] = 0
-            continue
-        # weights of (i+1, j) [up], (i, j+1) [left], (i+1, j+1) [diag] toward (i, j)
-        if d + 2 <= D:
-            qd2 = qD + off[d + 2] + (i0 + 1 - lo[d + 2])
-        else:
-            qd2 = qD + total  # zero pad; ebar of diagonal D + 1 is 0 anyway
-        if floating is double:
-            sm_dtw_bwd_d(n, p1 + i0 + 1, p1 + i0, p2 + i0 + 1,
-                         qU + off[d + 1] + (i0 + 1 - lo[d + 1]),
-                         qL + off[d + 1] + (i0 - lo[d + 1]), qd2,
-                         cur + i0, E + (i0 - 1) * NB + (d - i0 - 1), NB - 1)
-        else:
-            sm_dtw_bwd_f(n, p1 + i0 + 1, p1 + i0, p2 + i0 + 1,
-                         qU + off[d + 1] + (i0 + 1 - lo[d + 1]),
-                         qL + off[d + 1] + (i0 - lo[d + 1]), qd2,
-                         cur + i0, E + (i0 - 1) * NB + (d - i0 - 1), NB - 1)
         wlo[c] = i0
         whi[c] = i1
+        if n > 0:
+            # weights of (i+1, j) [up], (i, j+1) [left], (i+1, j+1) [diag] toward (i, j)
+            if d + 2 <= D:
+                qd2 = qD + off[d + 2] + (i0 + 1 - lo[d + 2])
+            else:
+                qd2 = qD + total  # zero pad; ebar of diagonal D + 1 is 0 anyway
+            if floating is double:
+                sm_dtw_bwd_d(n, p1 + i0 + 1, p1 + i0, p2 + i0 + 1,
+                             qU + off[d + 1] + (i0 + 1 - lo[d + 1]),
+                             qL + off[d + 1] + (i0 - lo[d + 1]), qd2, cur + i0)
+            else:
+                sm_dtw_bwd_f(n, p1 + i0 + 1, p1 + i0, p2 + i0 + 1,
+                             qU + off[d + 1] + (i0 + 1 - lo[d + 1]),
+                             qL + off[d + 1] + (i0 - lo[d + 1]), qd2, cur + i0)
+            for i in range(i0, i1 + 1):
+                blk[((d - 2) % BLOCK) * W + i] = cur[i]
+        if (d - 2) % BLOCK == 0:
+            _scatter_block(E, NB, blk, W, d, min(d + BLOCK - 1, D - 1), lo, hi)
     return value
 
 
@@ -357,7 +396,7 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
                      const long long[::1] la, const long long[::1] lb,
                      Py_ssize_t band, int reg, double gamma, int mode, bint rows,
                      floating[::1] value, floating[:, :, ::1] E,
-                     floating[:, :, ::1] Ed, signed char[::1] failed) noexcept nogil:
+                     floating[:, :, ::1] Ed, signed char[::1] failed) noexcept:
     """Batch loop; ``rows`` picks ``_dtw_rows`` (always used for the HVP)."""
     cdef Py_ssize_t B = theta.shape[0], NA = theta.shape[1], NB = theta.shape[2]
     cdef Py_ssize_t b
@@ -366,14 +405,14 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
     cdef floating* wq = NULL
     cdef bint ok
     rows = rows or mode == MODE_HVP
-    with parallel():
+    with nogil, parallel():
         if rows:
             wd = <double*> malloc(_rows_work(NA, NB, mode) * sizeof(double))
             wi = NULL
             wq = NULL
             ok = wd != NULL
         else:
-            wd = <double*> malloc(6 * (NA + 2) * sizeof(double))
+            wd = <double*> malloc(_diag_work(NA) * sizeof(double))
             wi = <Py_ssize_t*> malloc(3 * (NA + NB + 3) * sizeof(Py_ssize_t))
             wq = NULL
             if mode == MODE_GRAD:

@@ -170,25 +170,29 @@ SM_INLINE double sm_min3_hard(double a, double b, double c, double gamma, double
 
 /*
  * Forward over the n cells of one diagonal (first cell i0, then i0+1, ...):
- *   out[k] = theta[k*ts] + min_Omega(up[k], left[k], dg[k])
+ *   out[k] = theta[k] + min_Omega(up[k], left[k], dg[k])
  * with up = R[i-1, j], left = R[i, j-1], dg = R[i-1, j-1]; the weights go to
  * qu/ql/qd[k] when qu is not NULL.
  * Reverse over one diagonal:
- *   out[k] = eu[k]*qu[k] + el[k]*ql[k] + ed[k]*qd[k];  E[k*es] = out[k]
+ *   out[k] = eu[k]*qu[k] + el[k]*ql[k] + ed[k]*qd[k]
  * with eu = ebar(i+1, j), el = ebar(i, j+1), ed = ebar(i+1, j+1) and the
- * weights of those children toward (i, j).
+ * weights of those children toward (i, j). theta and E along a diagonal are
+ * strided in memory (stride NB - 1, one row each): the caller copies theta
+ * into / E out of contiguous diagonal buffers, eight diagonals at a time, so
+ * that each row of theta / E is visited once per eight diagonals (strided
+ * gathers and scatters in these loops cost a cache and TLB miss per cell).
  */
 #define SM_FWD_LOOP(T, OP, STORE)                                              \
     for (ptrdiff_t k = 0; k < n; ++k) {                                        \
         double qa, qb, qc;                                                     \
         double v = OP(up[k], left[k], dg[k], gamma, ig, &qa, &qb, &qc);        \
-        out[k] = (double)theta[k * ts] + v;                                    \
+        out[k] = theta[k] + v;                                                 \
         if (STORE) { qu[k] = (T)qa; ql[k] = (T)qb; qd[k] = (T)qc; }            \
     }
 
 #define SM_DEFINE_DTW_KERNELS(T, SUF, ATTR)                                    \
 ATTR static void sm_dtw_fwd_##SUF(                                             \
-    ptrdiff_t n, const T *restrict theta, ptrdiff_t ts,                        \
+    ptrdiff_t n, const double *restrict theta,                                 \
     const double *restrict up, const double *restrict left,                    \
     const double *restrict dg, double *restrict out,                           \
     T *restrict qu, T *restrict ql, T *restrict qd, int reg, double gamma)     \
@@ -207,14 +211,11 @@ ATTR static void sm_dtw_fwd_##SUF(                                             \
 ATTR static void sm_dtw_bwd_##SUF(                                             \
     ptrdiff_t n, const double *restrict eu, const double *restrict el,         \
     const double *restrict ed, const T *restrict qu, const T *restrict ql,     \
-    const T *restrict qd, double *restrict out, T *restrict E, ptrdiff_t es)   \
+    const T *restrict qd, double *restrict out)                                \
 {                                                                              \
-    for (ptrdiff_t k = 0; k < n; ++k) {                                        \
-        double e = eu[k] * (double)qu[k] + el[k] * (double)ql[k]               \
-                   + ed[k] * (double)qd[k];                                    \
-        out[k] = e;                                                            \
-        E[k * es] = (T)e;                                                      \
-    }                                                                          \
+    for (ptrdiff_t k = 0; k < n; ++k)                                          \
+        out[k] = eu[k] * (double)qu[k] + el[k] * (double)ql[k]                 \
+                 + ed[k] * (double)qd[k];                                      \
 }
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && \
@@ -257,14 +258,14 @@ static const char *sm_isa_name(void)
     }
 #define SM_DEFINE_DISPATCH(T, SUF)                                             \
 static void sm_dtw_fwd_##SUF(                                                  \
-    ptrdiff_t n, const T *theta, ptrdiff_t ts, const double *up,               \
+    ptrdiff_t n, const double *theta, const double *up,                        \
     const double *left, const double *dg, double *out, T *qu, T *ql, T *qd,    \
     int reg, double gamma)                                                     \
-{ SM_DISPATCH(sm_dtw_fwd, SUF, (n, theta, ts, up, left, dg, out, qu, ql, qd, reg, gamma)) } \
+{ SM_DISPATCH(sm_dtw_fwd, SUF, (n, theta, up, left, dg, out, qu, ql, qd, reg, gamma)) } \
 static void sm_dtw_bwd_##SUF(                                                  \
     ptrdiff_t n, const double *eu, const double *el, const double *ed,         \
-    const T *qu, const T *ql, const T *qd, double *out, T *E, ptrdiff_t es)    \
-{ SM_DISPATCH(sm_dtw_bwd, SUF, (n, eu, el, ed, qu, ql, qd, out, E, es)) }
+    const T *qu, const T *ql, const T *qd, double *out)                        \
+{ SM_DISPATCH(sm_dtw_bwd, SUF, (n, eu, el, ed, qu, ql, qd, out)) }
 SM_DEFINE_DISPATCH(double, d)
 SM_DEFINE_DISPATCH(float, f)
 

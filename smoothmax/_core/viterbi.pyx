@@ -111,7 +111,7 @@ cdef void _viterbi_batch(const floating[:, :, :, ::1] theta,
                          floating[::1] value,
                          floating[:, :, :, ::1] E, floating[:, :, :, ::1] Ed,
                          int reg, double gamma, int mode,
-                         signed char[::1] failed) noexcept nogil:
+                         signed char[::1] failed) noexcept:
     cdef Py_ssize_t B = theta.shape[0], T = theta.shape[1], S = theta.shape[2]
     cdef Py_ssize_t b, blk = T * S * S
     cdef double* work
@@ -119,7 +119,7 @@ cdef void _viterbi_batch(const floating[:, :, :, ::1] theta,
     cdef floating* ep
     cdef floating* edp
     work = NULL
-    with parallel():
+    with nogil, parallel():
         work = <double*> malloc(10 * S * sizeof(double) + 1)
         for b in prange(B, schedule="dynamic"):
             if work == NULL:
@@ -171,7 +171,7 @@ def viterbi_hvp(theta, Z, lengths, int reg, double gamma):
 cdef void _decode_batch(const floating[:, :, :, ::1] theta,
                         const long long[::1] lengths,
                         floating[::1] score, long long[:, ::1] tags,
-                        int[:, :, ::1] bp) noexcept nogil:
+                        int[:, :, ::1] bp) noexcept:
     """Hard Viterbi with back-pointers; first argmax on ties."""
     cdef Py_ssize_t B = theta.shape[0], T = theta.shape[1], S = theta.shape[2]
     cdef Py_ssize_t b, t, i, j, L, best
@@ -181,7 +181,7 @@ cdef void _decode_batch(const floating[:, :, :, ::1] theta,
     cdef double* tmp
     cdef double m, x
     buf = NULL
-    with parallel():
+    with nogil, parallel():
         buf = <double*> malloc(2 * S * sizeof(double) + 1)
         for b in prange(B, schedule="dynamic"):
             if buf == NULL:
