@@ -1,0 +1,252 @@
+"""Bad input (SPEC §6): the exception type, a message naming the argument and
+what was received, and inputs left untouched -- for every public function."""
+import re
+
+import numpy as np
+import pytest
+
+import smoothmax as sm
+
+DTW_FUNCS = {
+    "dtw": lambda t, **kw: sm.dtw(t, **kw),
+    "dtw_grad": lambda t, **kw: sm.dtw_grad(t, **kw),
+    "dtw_hvp": lambda t, **kw: sm.dtw_hvp(t, np.ones(np.shape(t)), **kw),
+}
+DTW_ALL = dict(DTW_FUNCS, dtw_path=lambda t, **kw: sm.dtw_path(t, **{k: v for k, v in kw.items()
+                                                                     if k in ("lengths", "band")}))
+VIT_FUNCS = {
+    "viterbi": lambda t, **kw: sm.viterbi(t, **kw),
+    "viterbi_grad": lambda t, **kw: sm.viterbi_grad(t, **kw),
+    "viterbi_hvp": lambda t, **kw: sm.viterbi_hvp(t, np.ones(np.shape(t)), **kw),
+}
+VIT_ALL = dict(VIT_FUNCS, viterbi_decode=lambda t, **kw: sm.viterbi_decode(
+    t, **{k: v for k, v in kw.items() if k == "lengths"}))
+SMOOTH = {"smooth_max": sm.smooth_max, "smooth_argmax": sm.smooth_argmax}
+
+
+def check_raises(exc, fn, *must_mention):
+    """``fn()`` raises ``exc`` and its message contains each of ``must_mention``."""
+    with pytest.raises(exc) as info:
+        fn()
+    msg = str(info.value)
+    for word in must_mention:
+        assert re.search(re.escape(str(word)), msg), f"message {msg!r} does not mention {word!r}"
+    return msg
+
+
+def _dtw_theta():
+    return np.arange(12, dtype=np.float64).reshape(3, 4) / 7
+
+
+def _vit_theta():
+    return np.arange(18, dtype=np.float64).reshape(2, 3, 3) / 7
+
+
+# ---------------------------------------------------------------------------
+# theta: rank, shape, dtype, values
+
+
+@pytest.mark.parametrize("name", DTW_ALL)
+def test_dtw_theta(name):
+    f = DTW_ALL[name]
+    check_raises(ValueError, lambda: f(np.zeros(4)), "theta", "(4,)")
+    check_raises(ValueError, lambda: f(np.zeros(())), "theta")
+    check_raises(ValueError, lambda: f(np.zeros((3, 0))), "theta", "(3, 0)")
+    check_raises(ValueError, lambda: f(np.zeros((0, 2, 2))[:, :0]), "theta")
+    for dt in (np.int64, np.int32, np.bool_, np.complex128, np.float16):
+        check_raises(TypeError, lambda: f(np.zeros((3, 4), dtype=dt)), "theta", np.dtype(dt).name)
+    t = _dtw_theta()
+    t[1, 2] = np.nan
+    check_raises(ValueError, lambda: f(t), "theta", "NaN")
+    t = _dtw_theta()
+    t[0, 3] = -np.inf
+    check_raises(ValueError, lambda: f(t), "theta", "-inf")
+
+
+@pytest.mark.parametrize("name", VIT_ALL)
+def test_viterbi_theta(name):
+    f = VIT_ALL[name]
+    check_raises(ValueError, lambda: f(np.zeros((3, 3))), "theta", "(3, 3)")
+    check_raises(ValueError, lambda: f(np.zeros((2, 3, 4))), "theta", "(2, 3, 4)")
+    check_raises(ValueError, lambda: f(np.zeros((0, 3, 3))), "theta")
+    check_raises(ValueError, lambda: f(np.zeros((2, 0, 0))), "theta")
+    for dt in (np.int64, np.uint8, np.bool_, np.complex64, np.float16):
+        check_raises(TypeError, lambda: f(np.zeros((2, 3, 3), dtype=dt)), "theta", np.dtype(dt).name)
+    t = _vit_theta()
+    t[1, 2, 0] = np.nan
+    check_raises(ValueError, lambda: f(t), "theta", "NaN")
+    t = _vit_theta()
+    t[0, 0, 0] = np.inf
+    check_raises(ValueError, lambda: f(t), "theta", "+inf")
+
+
+@pytest.mark.parametrize("name", SMOOTH)
+def test_smooth_x_and_axis(name):
+    f = SMOOTH[name]
+    check_raises(ValueError, lambda: f(np.float64(1.0)), "x")
+    check_raises(ValueError, lambda: f(np.zeros((2, 0))), "x", "(2, 0)")
+    check_raises(TypeError, lambda: f(np.zeros(3, dtype=np.int64)), "x", "int64")
+    check_raises(ValueError, lambda: f(np.array([1.0, np.nan])), "x", "NaN")
+    check_raises(ValueError, lambda: f(np.array([1.0, np.inf])), "x", "+inf")
+    check_raises(ValueError, lambda: f(np.zeros((2, 3)), axis=2), "axis", "2")
+    check_raises(ValueError, lambda: f(np.zeros((2, 3)), axis=-3), "axis", "-3")
+    check_raises(ValueError, lambda: f(np.zeros((2, 3)), axis=0.0), "axis")
+
+
+# ---------------------------------------------------------------------------
+# reg and gamma
+
+
+ALL = {**{k: (v, _dtw_theta) for k, v in DTW_FUNCS.items()},
+       **{k: (v, _vit_theta) for k, v in VIT_FUNCS.items()},
+       **{k: (v, lambda: np.zeros(3)) for k, v in SMOOTH.items()}}
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("bad", ["entropy", "L2", "", None, 0, "negentropy "], ids=repr)
+def test_unknown_reg(name, bad):
+    f, theta = ALL[name]
+    check_raises(ValueError, lambda: f(theta(), reg=bad), "reg", repr(bad))
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("bad", [0.0, -1.0, -1e-300, float("nan"), float("inf"), -float("inf"), None, {}],
+                         ids=repr)
+@pytest.mark.parametrize("reg", ["negentropy", "l2"])
+def test_bad_gamma(name, bad, reg):
+    f, theta = ALL[name]
+    check_raises((ValueError, TypeError), lambda: f(theta(), reg=reg, gamma=bad), "gamma")
+
+
+@pytest.mark.parametrize("name", ["dtw", "viterbi", "smooth_max"])
+def test_gamma_message_names_received_value(name):
+    f, theta = ALL[name]
+    check_raises(ValueError, lambda: f(theta(), gamma=-2.5), "gamma", "-2.5")
+    check_raises(ValueError, lambda: f(theta(), gamma=float("nan")), "gamma", "nan")
+
+
+@pytest.mark.parametrize("bad", ["1.0", [1.0]], ids=repr)
+@pytest.mark.parametrize("name", ["dtw", "viterbi", "smooth_max"])
+def test_gamma_non_real_rejected(name, bad):
+    """A string or a list is not a real number (SPEC §6: gamma a positive finite real)."""
+    f, theta = ALL[name]
+    check_raises((TypeError, ValueError), lambda: f(theta(), gamma=bad), "gamma", repr(bad))
+
+
+def test_good_gamma_forms():
+    """numpy scalars and 0-d arrays are accepted as gamma."""
+    t = _dtw_theta()
+    ref = sm.dtw(t, gamma=0.5)
+    assert sm.dtw(t, gamma=np.float32(0.5)) == ref
+    assert sm.dtw(t, gamma=np.array(0.5)) == ref
+
+
+# ---------------------------------------------------------------------------
+# lengths and band
+
+
+@pytest.mark.parametrize("name", VIT_ALL)
+def test_viterbi_lengths(name):
+    f = VIT_ALL[name]
+    t = np.zeros((2, 3, 2, 2))
+    check_raises(ValueError, lambda: f(t, lengths=[0, 3]), "lengths", "0", "[1, 3]")
+    check_raises(ValueError, lambda: f(t, lengths=[3, 4]), "lengths", "4")
+    check_raises(ValueError, lambda: f(t, lengths=[-1, 2]), "lengths", "-1")
+    check_raises(ValueError, lambda: f(t, lengths=[1, 2, 3]), "lengths", "(3,)", "(2,)")
+    check_raises(ValueError, lambda: f(t, lengths=np.ones((2, 2), dtype=int)), "lengths")
+    check_raises((TypeError, ValueError), lambda: f(t, lengths=[1.5, 2]), "lengths")
+    check_raises((TypeError, ValueError), lambda: f(t, lengths=np.array([1.0, np.nan])), "lengths")
+    check_raises((TypeError, ValueError), lambda: f(t, lengths=["a", "b"]), "lengths")
+    check_raises((TypeError, ValueError), lambda: f(t, lengths=[True, True]), "lengths")
+
+
+@pytest.mark.parametrize("name", DTW_ALL)
+def test_dtw_lengths_and_band(name):
+    f = DTW_ALL[name]
+    t = np.zeros((2, 3, 4))
+    check_raises(ValueError, lambda: f(t, lengths=([0, 3], [4, 4])), "len_a", "0")
+    check_raises(ValueError, lambda: f(t, lengths=([3, 3], [4, 5])), "len_b", "5")
+    check_raises(ValueError, lambda: f(t, lengths=([4, 3], [4, 4])), "len_a", "4", "[1, 3]")
+    check_raises(ValueError, lambda: f(t, lengths=(3, 4, 4)), "lengths", "3")
+    check_raises(ValueError, lambda: f(t, lengths=np.ones((2, 3), dtype=int)), "lengths", "(2, 3)")
+    check_raises(ValueError, lambda: f(t, lengths=([1, 2, 3], [1, 2, 3])), "len_a")
+    check_raises((TypeError, ValueError), lambda: f(t, lengths=([1.5, 2], [1, 2])), "len_a")
+    check_raises(ValueError, lambda: f(t, band=-1), "band", "-1")
+    check_raises(TypeError, lambda: f(t, band=1.5), "band", "1.5")
+    check_raises(TypeError, lambda: f(t, band=True), "band")
+    check_raises(TypeError, lambda: f(t, band="2"), "band")
+
+
+# ---------------------------------------------------------------------------
+# the HVP direction Z
+
+
+@pytest.mark.parametrize("fn,theta", [(sm.dtw_hvp, _dtw_theta), (sm.viterbi_hvp, _vit_theta)],
+                         ids=["dtw_hvp", "viterbi_hvp"])
+def test_bad_Z(fn, theta):
+    t = theta()
+    check_raises(ValueError, lambda: fn(t, np.zeros(t.shape[:-1])), "Z", str(t.shape))
+    check_raises(ValueError, lambda: fn(t, np.zeros((2,) + t.shape)), "Z")
+    check_raises(TypeError, lambda: fn(t, np.zeros(t.shape, dtype=np.int64)), "Z", "int64")
+    Z = np.zeros(t.shape)
+    Z.flat[3] = np.nan
+    check_raises(ValueError, lambda: fn(t, Z), "Z", "NaN")
+    Z.flat[3] = np.inf
+    check_raises(ValueError, lambda: fn(t, Z), "Z", "inf")
+    Z.flat[3] = -np.inf
+    check_raises(ValueError, lambda: fn(t, Z), "Z", "inf")
+    torch = pytest.importorskip("torch", reason="torch not installed")
+    check_raises(TypeError, lambda: fn(t, torch.zeros(t.shape, dtype=torch.float64)), "Z")
+
+
+def test_Z_of_other_float_dtype_is_cast():
+    t = _dtw_theta()
+    Z = np.ones(t.shape, dtype=np.float32)
+    out = sm.dtw_hvp(t, Z, reg="l2")
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(out, sm.dtw_hvp(t, Z.astype(np.float64), reg="l2"), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# on every backend: the same errors, inputs untouched
+
+
+def test_backend_errors_and_inputs_untouched(backend):
+    t = np.arange(12, dtype=np.float64).reshape(3, 4) / 7
+    t[0, 0] = np.nan
+    tb = backend.asarray(t)
+    check_raises(ValueError, lambda: sm.dtw(tb), "theta", "NaN")
+    check_raises(ValueError, lambda: sm.dtw_grad(backend.asarray(np.zeros(3))), "theta")
+    check_raises(TypeError, lambda: sm.dtw(backend.asarray(np.zeros((3, 4), dtype=np.int64))), "theta")
+    v = np.zeros((2, 3, 3))
+    v[1, 1, 1] = np.inf
+    check_raises(ValueError, lambda: sm.viterbi(backend.asarray(v)), "theta", "+inf")
+    good = backend.asarray(np.zeros((2, 3, 3)))
+    check_raises(ValueError, lambda: sm.viterbi_hvp(good, backend.asarray(np.zeros((2, 3, 2)))), "Z")
+    check_raises(ValueError, lambda: sm.viterbi(good, lengths=backend.asarray(np.array([3]))), "lengths")
+    check_raises(ValueError, lambda: sm.viterbi(good, gamma=0.0), "gamma")
+    check_raises(ValueError, lambda: sm.smooth_max(good, reg="max"), "reg")
+    check_raises(TypeError, lambda: sm.smooth_argmax(backend.asarray(np.zeros(3, dtype=np.int32))), "x")
+    np.testing.assert_array_equal(backend.to_numpy(tb), t)
+
+
+def test_failed_calls_leave_inputs_untouched():
+    t = _vit_theta()
+    t[0, 0, 1] = -np.inf
+    keep = t.copy()
+    L = np.array([5])
+    with pytest.raises(ValueError):
+        sm.viterbi_grad(t, lengths=L)
+    Z = np.full(t.shape, np.nan)
+    with pytest.raises(ValueError):
+        sm.viterbi_hvp(t, Z)
+    np.testing.assert_array_equal(t, keep)
+    np.testing.assert_array_equal(L, [5])
+    assert np.isnan(Z).all()
+
+
+def test_array_likes_are_accepted():
+    """Nested lists are array-likes (float64); lists of ints count as integer-valued floats."""
+    v = sm.dtw([[0.0, 1.0], [1.0, 0.0]], reg="hard")
+    assert isinstance(v, np.ndarray) and v.dtype == np.float64
+    assert v == 0.0
