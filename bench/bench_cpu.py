@@ -59,15 +59,23 @@ GRAD_ATOL_F32 = 1e-2
 FULL_CASES = {
     "dtw": [(32, 256, 256), (1, 1024, 1024), (1, 4096, 4096)],
     "viterbi": [(32, 128, 16), (32, 128, 64)],
+    "dtw-hvp": [(32, 256, 256), (1, 1024, 1024)],
+    "viterbi-hvp": [(32, 128, 16), (32, 128, 64)],
 }
 QUICK_CASES = {
     "dtw": [(4, 32, 32), (1, 96, 96)],
     "viterbi": [(4, 16, 4), (4, 16, 8)],
+    "dtw-hvp": [(4, 32, 32)],
+    "viterbi-hvp": [(4, 16, 4)],
 }
+STRUCTS = list(FULL_CASES)
 
 IMPLS = {
-    "dtw": ["smoothmax", "smoothmax-l2", "tslearn", "soft-dtw", "ott-jax", "pysdtw"],
+    "dtw": ["smoothmax", "smoothmax-l2", "tslearn", "soft-dtw", "ott-jax", "pysdtw", "jax-scan"],
     "viterbi": ["smoothmax", "smoothmax-l2", "pytorch-crf", "torch-struct", "torch-loop"],
+    # value + gradient + HVP: smoothmax's custom passes against generic second-order autodiff
+    "dtw-hvp": ["smoothmax", "ott-jax", "jax-scan"],
+    "viterbi-hvp": ["smoothmax", "torch-struct", "torch-loop"],
 }
 # implementations that compute in float64 only: their float32 row repeats the float64 timing
 FLOAT64_ONLY = {"tslearn", "soft-dtw"}
@@ -79,7 +87,7 @@ def case_name(struct, shape):
 
 def cells(struct, shape):
     """The work unit: DP cells for DTW (B*NA*NB), edges for Viterbi (B*T*S*S)."""
-    if struct == "dtw":
+    if struct.startswith("dtw"):
         B, NA, NB = shape
         return B * NA * NB
     B, T, S = shape
@@ -93,6 +101,15 @@ def make_inputs(struct, shape):
     import numpy as np
 
     rng = np.random.default_rng(zlib.crc32(case_name(struct, shape).encode()))
+    inp = _make_theta(rng, struct.split("-")[0], shape)
+    if struct.endswith("hvp"):
+        inp["Z"] = rng.standard_normal(inp["theta"].shape)  # the HVP direction
+    return inp
+
+
+def _make_theta(rng, struct, shape):
+    import numpy as np
+
     if struct == "dtw":
         B, NA, NB = shape
         # squared Euclidean costs between random-walk series of dimension 2,
@@ -146,6 +163,15 @@ def setup_smoothmax(struct, inp, dtype, reg="negentropy"):
     import smoothmax as sm
 
     theta = np.ascontiguousarray(inp["theta"].astype(_np_dtype(dtype)))
+    if struct.endswith("hvp"):
+        Z = np.ascontiguousarray(inp["Z"].astype(_np_dtype(dtype)))
+        hvp = sm.dtw_hvp if struct.startswith("dtw") else sm.viterbi_hvp
+
+        def run_hvp():  # the engine runs value, E and Edot in one forward + one reverse pass
+            return hvp(theta, Z, reg=reg, gamma=GAMMA)
+
+        return run_hvp, lambda out: {"grad": np.asarray(out, np.float64)}, \
+            ("self" if reg != "negentropy" else "theta")
     fn = sm.dtw_grad if struct == "dtw" else sm.viterbi_grad
 
     def run():
@@ -216,8 +242,93 @@ def setup_ott(struct, inp, dtype):
     B, NA, NB = inp["theta"].shape
     sdtw = costs.SoftDTW(gamma=GAMMA, ground_cost=GivenCost())
     dummy = jnp.zeros((NB, 1), dtype=_np_dtype(dtype))
-    fn = jax.jit(jax.vmap(jax.value_and_grad(lambda c: sdtw._soft_dtw(c, dummy))))
+
+    def value(c):
+        return sdtw._soft_dtw(c, dummy)
+
     theta = jnp.asarray(inp["theta"].astype(_np_dtype(dtype)))
+    if struct.endswith("hvp"):
+        def value_grad_hvp(c, z):
+            # reverse-over-reverse: ott's softmin is a custom_vjp, which refuses jvp
+            v, vjp = jax.vjp(jax.grad(value), c)
+            (Edot,) = vjp(z)
+            return value(c), v, Edot
+
+        fn_hvp = jax.jit(jax.vmap(value_grad_hvp))
+        Z = jnp.asarray(inp["Z"].astype(_np_dtype(dtype)))
+
+        def run_hvp():
+            out = fn_hvp(theta, Z)
+            jax.block_until_ready(out)
+            return out
+
+        return run_hvp, lambda out: {"value": np.asarray(out[0], np.float64),
+                                     "grad": np.asarray(out[2], np.float64)}, "theta"
+    fn = jax.jit(jax.vmap(jax.value_and_grad(value)))
+
+    def run():
+        out = fn(theta)
+        jax.block_until_ready(out)
+        return out
+
+    return run, lambda out: {"value": np.asarray(out[0], np.float64),
+                             "grad": np.asarray(out[1], np.float64)}, "theta"
+
+
+def setup_jax_scan(struct, inp, dtype):
+    """A plain JAX soft-DTW: ``lax.scan`` over anti-diagonals, ``logsumexp`` softmin.
+
+    The baseline a JAX user would write (like ott's recursion, but with a plain
+    softmin so that forward-over-reverse works, and a large finite cost instead
+    of ``inf`` at the borders so that no derivative sees ``inf - inf``).
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        raise RuntimeError("float64 needs JAX_ENABLE_X64=1")
+    B, n, m = inp["theta"].shape
+    big = 1e10  # exp(-big / gamma) is exactly 0 in both dtypes
+    ii = np.arange(n)[None, :]
+    dd = np.arange(n + m - 1)[:, None]
+    jj = dd - ii
+    valid = (jj >= 0) & (jj < m)
+    jjc = np.clip(jj, 0, m - 1)
+
+    def softmin(x):
+        return -GAMMA * jax.nn.logsumexp(-x / GAMMA, axis=-1)
+
+    def value(c):
+        diags = jnp.where(valid, c[ii, jjc], big)      # diags[d, i] = c[i, d - i]
+        edge = jnp.full((n + 1,), big, c.dtype)        # index k holds row i = k - 1
+        two_ago, one_ago = edge.at[0].set(0.0), edge   # R[-1, -1] = 0, borders "inf"
+
+        def body(carry, diag):
+            p2, p1 = carry
+            r = diag + softmin(jnp.stack([p1[:-1], p1[1:], p2[:-1]], axis=-1))
+            return (p1, jnp.concatenate([edge[:1], r])), None
+
+        (_, last), _ = jax.lax.scan(body, (two_ago, one_ago), diags)
+        return last[n]
+
+    theta = jnp.asarray(inp["theta"].astype(_np_dtype(dtype)))
+    if struct.endswith("hvp"):
+        def value_grad_hvp(c, z):  # forward-over-reverse
+            (v, E), (_, Edot) = jax.jvp(jax.value_and_grad(value), (c,), (z,))
+            return v, E, Edot
+
+        fn_hvp = jax.jit(jax.vmap(value_grad_hvp))
+        Z = jnp.asarray(inp["Z"].astype(_np_dtype(dtype)))
+
+        def run_hvp():
+            out = fn_hvp(theta, Z)
+            jax.block_until_ready(out)
+            return out
+
+        return run_hvp, lambda out: {"value": np.asarray(out[0], np.float64),
+                                     "grad": np.asarray(out[2], np.float64)}, "theta"
+    fn = jax.jit(jax.vmap(jax.value_and_grad(value)))
 
     def run():
         out = fn(theta)
@@ -252,6 +363,8 @@ def setup_torch_struct(struct, inp, dtype):
     from torch_struct import LinearChainCRF
 
     theta = torch.from_numpy(inp["theta"]).to(_torch_dtype(dtype))
+    if struct.endswith("hvp"):
+        return _torch_hvp(lambda th: LinearChainCRF(th).partition, theta, inp, dtype)
 
     def run():
         th = theta.detach().requires_grad_()
@@ -269,16 +382,39 @@ def setup_torch_loop(struct, inp, dtype):
     theta = torch.from_numpy(inp["theta"]).to(_torch_dtype(dtype))
     B, T, S, _ = theta.shape
 
-    def run():
-        th = theta.detach().requires_grad_()
+    def log_partition(th):
         V = th.new_zeros((B, S))
         for t in range(T):
             V = torch.logsumexp(th[:, t] + V[:, None, :], dim=-1)
-        value = torch.logsumexp(V, dim=-1)
+        return torch.logsumexp(V, dim=-1)
+
+    if struct.endswith("hvp"):
+        return _torch_hvp(log_partition, theta, inp, dtype)
+
+    def run():
+        th = theta.detach().requires_grad_()
+        value = log_partition(th)
         (E,) = torch.autograd.grad(value.sum(), th)
         return value.detach(), E
 
     return run, lambda out: {"value": out[0].double().numpy(), "grad": out[1].double().numpy()}, \
+        "theta"
+
+
+def _torch_hvp(value_fn, theta, inp, dtype):
+    """Value, E and the HVP by double backward (reverse-over-reverse) in torch."""
+    import torch
+
+    Z = torch.from_numpy(inp["Z"]).to(_torch_dtype(dtype))
+
+    def run():
+        th = theta.detach().requires_grad_()
+        value = value_fn(th)
+        (E,) = torch.autograd.grad(value.sum(), th, create_graph=True)
+        (Edot,) = torch.autograd.grad((E * Z).sum(), th)
+        return value.detach(), E.detach(), Edot
+
+    return run, lambda out: {"value": out[0].double().numpy(), "grad": out[2].double().numpy()}, \
         "theta"
 
 
@@ -316,6 +452,7 @@ SETUPS = {
     "soft-dtw": setup_softdtw,
     "ott-jax": setup_ott,
     "pysdtw": setup_pysdtw,
+    "jax-scan": setup_jax_scan,
     "pytorch-crf": setup_pytorch_crf,
     "torch-struct": setup_torch_struct,
     "torch-loop": setup_torch_loop,
@@ -330,8 +467,14 @@ def _smoothmax_reference(struct, inp, key):
 
     import smoothmax as sm
 
+    base = struct.split("-")[0]
+    if key == "theta" and struct.endswith("hvp"):
+        vfn = sm.dtw if base == "dtw" else sm.viterbi
+        hvp = sm.dtw_hvp if base == "dtw" else sm.viterbi_hvp
+        return {"value": np.asarray(vfn(inp["theta"], reg="negentropy", gamma=GAMMA)),
+                "grad": np.asarray(hvp(inp["theta"], inp["Z"], reg="negentropy", gamma=GAMMA))}
     if key == "theta":
-        fn = sm.dtw_grad if struct == "dtw" else sm.viterbi_grad
+        fn = sm.dtw_grad if base == "dtw" else sm.viterbi_grad
         v, E = fn(inp["theta"], reg="negentropy", gamma=GAMMA)
         return {"value": np.asarray(v), "grad": np.asarray(E)}
     v, E = sm.viterbi_grad(inp["theta_crf"], reg="negentropy", gamma=GAMMA)
@@ -348,24 +491,37 @@ def _spec_reference(struct, inp, reg, max_cells=1 << 20):
     theta = inp["theta"][:1]
     if theta[0].size > max_cells:
         return None
-    if struct == "dtw":
+    hvp = struct.endswith("hvp")
+    if struct.startswith("dtw"):
         la = np.array([theta.shape[1]], np.int64)
         lb = np.array([theta.shape[2]], np.int64)
-        v, E = _reference.dtw_grad(theta, la, lb, -1, REG_CODES[reg], GAMMA)
+        if hvp:
+            v, _, E = _reference.dtw_hvp(theta, inp["Z"][:1], la, lb, -1, REG_CODES[reg], GAMMA)
+        else:
+            v, E = _reference.dtw_grad(theta, la, lb, -1, REG_CODES[reg], GAMMA)
     else:
         lengths = np.array([theta.shape[1]], np.int64)
-        v, E = _reference.viterbi_grad(theta, lengths, REG_CODES[reg], GAMMA)
-    return {"value": np.asarray(v, np.float64), "grad": np.asarray(E, np.float64)}
+        if hvp:
+            v, _, E = _reference.viterbi_hvp(theta, inp["Z"][:1], lengths, REG_CODES[reg], GAMMA)
+        else:
+            v, E = _reference.viterbi_grad(theta, lengths, REG_CODES[reg], GAMMA)
+    out = {"grad": np.asarray(E, np.float64)}
+    if not hvp:
+        out["value"] = np.asarray(v, np.float64)
+    return out
 
 
 def compare(got, ref, dtype):
     import numpy as np
 
-    n = ref["value"].shape[0]
-    gv, gg = got["value"][:n], got["grad"][:n]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rel = np.abs(gv - ref["value"]) / np.maximum(np.abs(ref["value"]), 1e-300)
-    value_err = float(np.max(rel)) if rel.size else 0.0
+    n = ref["grad"].shape[0]
+    gg = got["grad"][:n]
+    value_err = 0.0
+    if "value" in got and "value" in ref:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rel = (np.abs(got["value"][:n] - ref["value"])
+                   / np.maximum(np.abs(ref["value"]), 1e-300))
+        value_err = float(np.max(rel)) if rel.size else 0.0
     grad_err = float(np.max(np.abs(gg - ref["grad"]))) if gg.size else 0.0
     rtol, atol = (VALUE_RTOL, GRAD_ATOL) if dtype == "float64" else (VALUE_RTOL_F32, GRAD_ATOL_F32)
     ok = bool(np.isfinite(value_err) and np.isfinite(grad_err) and value_err <= rtol
@@ -615,8 +771,12 @@ def to_markdown(res):
              "(> 1: smoothmax is faster; for smoothmax-l2 the ratio is to smoothmax negentropy). "
              "A cell is a DP cell `B·NA·NB` for DTW and an edge `B·T·S·S` for Viterbi.", ""]
     titles = {"dtw": "DTW value + gradient (soft-DTW, γ = 1, on the cost matrix)",
-              "viterbi": "Viterbi value + marginals (CRF log-partition, γ = 1)"}
-    for struct in ("dtw", "viterbi"):
+              "viterbi": "Viterbi value + marginals (CRF log-partition, γ = 1)",
+              "dtw-hvp": "DTW value + gradient + Hessian-vector product (negentropy, γ = 1); "
+                         "peers by second-order autodiff",
+              "viterbi-hvp": "Viterbi value + marginals + Hessian-vector product (negentropy, "
+                             "γ = 1); peers by double backward"}
+    for struct in STRUCTS:
         es = [e for e in entries if e["struct"] == struct]
         if not es:
             continue
@@ -671,7 +831,7 @@ def main(argv=None):
                    help="thread counts to run (default: 1 and all usable CPUs)")
     p.add_argument("--dtypes", nargs="+", default=["float64", "float32"],
                    choices=["float64", "float32"])
-    p.add_argument("--structs", nargs="+", default=["dtw", "viterbi"], choices=["dtw", "viterbi"])
+    p.add_argument("--structs", nargs="+", default=STRUCTS, choices=STRUCTS)
     p.add_argument("--impls", nargs="+", default=None, help="only these implementations")
     p.add_argument("--budget", type=float, default=2.0,
                    help="seconds of repeats per entry (at least 3 repeats, at most 25)")
