@@ -398,3 +398,39 @@ def test_bad_weights():
         sm.dag_hvp(np.zeros(2), np.zeros(3), graph)
     with pytest.raises(ValueError, match="weights must have at least 1 dimensions"):
         sm.dag(np.float64(1.0), graph)
+
+
+# ---------------------------------------------------------------------------
+# property-based (SPEC §6): no crash, no NaN, values within the Lemma 1 bounds summed over nodes
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), N=st.integers(2, 8), batch=st.integers(0, 3),
+       log_gamma=st.floats(-4, 4), log_scale=st.floats(-3, 6), reg=st.sampled_from(REGS),
+       dt=st.sampled_from(["float32", "float64"]), p_mask=st.sampled_from([0.0, 0.3]))
+def test_property_random_dags(seed, N, batch, log_gamma, log_scale, reg, dt, p_mask):
+    rng = np.random.default_rng(seed)
+    graph, _ = random_dag(rng, N=N, maxdeg=3)
+    gamma = 10.0 ** log_gamma
+    W = (rng.normal(size=(batch, graph.n_edges)) * 10.0 ** log_scale).astype(dt)
+    W[rng.random(W.shape) < p_mask] = -np.inf
+    Z = rng.normal(size=W.shape).astype(dt)
+    v, E = sm.dag_grad(W, graph, reg=reg, gamma=gamma)
+    Ed = sm.dag_hvp(W, Z, graph, reg=reg, gamma=gamma)
+    s, Y = sm.dag_path(W, graph)
+    for x in (v, E, Ed, s, Y):
+        assert x.dtype == np.dtype(dt) and not np.any(np.isnan(x))
+    assert np.all((E >= -1e-6) & (E <= 1 + 1e-5))
+    deg = np.diff(graph.indptr)[1:]
+    lo = np.array([-gamma / 2 if (reg == "l2" and d) else 0.0 for d in deg]).sum()
+    hi = np.array([gamma * np.log(d) if (reg == "negentropy" and d) else 0.0 for d in deg]).sum()
+    finite = np.isfinite(s)
+    np.testing.assert_array_equal(np.isfinite(v), finite)
+    tol = 1e-4 * (np.abs(W[finite][np.isfinite(W[finite])]).sum() + abs(lo) + hi + 1) if dt == "float32" \
+        else 1e-9 * (np.abs(W[np.isfinite(W)]).sum() + abs(lo) + hi + 1)
+    d = v[finite].astype(np.float64) - s[finite].astype(np.float64)
+    assert np.all(d >= lo - tol) and np.all(d <= hi + tol)
