@@ -756,6 +756,25 @@ def _fmt_cell(e):
     return txt
 
 
+def headline(entries):
+    """Per case: smoothmax against the fastest peer whose output passed the check."""
+    lines = ["## Against the fastest peer", "",
+             "| case | dtype | threads | smoothmax ns/cell | fastest peer | its ns/cell | speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((e["case"], e["dtype"], e["threads"]) for e in entries))
+    keys.sort(key=lambda k: (k[2], k[1] != "float64"))
+    for case, dtype, threads in keys:
+        es = [e for e in entries if (e["case"], e["dtype"], e["threads"]) == (case, dtype, threads)]
+        sm_ = [e for e in es if e["impl"] == "smoothmax" and e.get("status") == "ok"]
+        peers = [e for e in es if not e["impl"].startswith("smoothmax") and e.get("ratio")]
+        if not sm_ or not peers:
+            continue
+        best = min(peers, key=lambda e: e["seconds"])
+        lines.append(f"| {case} | {dtype} | {threads} | {sm_[0]['ns_per_cell']:.3g} | "
+                     f"{best['impl']} | {best['ns_per_cell']:.3g} | {best['ratio']:.2f}× |")
+    return lines + [""]
+
+
 def to_markdown(res):
     entries = res["entries"]
     m = res["machine"]
@@ -799,6 +818,7 @@ def to_markdown(res):
                 row.append(_fmt_cell(match[0] if match else None))
             lines.append(f"| {k[0].split(' ', 1)[1]} | {k[1]} | {k[2]} | " + " | ".join(row) + " |")
         lines.append("")
+    lines += headline(entries)
     notes = sorted({f"{e['impl']} ({e['case']}, {e['dtype']}, {e['threads']} thr): {e['status']}"
                     for e in entries if e.get("status", "ok") not in ("ok",)
                     and not e["status"].startswith("skipped")})
