@@ -74,8 +74,14 @@ class StructuredAttention(nn.Module):
             mask = torch.arange(X.shape[1])[None] < lengths[:, None]
             w = torch.softmax(scores.masked_fill(~mask, -torch.inf), -1)
             return w, w
+        attention = getattr(sm, "attention", None)
+        if attention is not None:  # the library's layer (paper §5), same potentials as below
+            w = attention.structured_attention(scores, self.transition, reg=self.reg, gamma=self.gamma,
+                                               lengths=lengths)
+            return w, w
         B, T = scores.shape
         theta = self.transition.expand(B, T, 2, 2).clone()
+        theta[:, 0, :, 1] = -torch.inf  # the state before t = 0 is 0
         theta[:, :, 1, :] = theta[:, :, 1, :] + scores[..., None]
         _, E = sm.viterbi_grad(theta, reg=self.reg, gamma=self.gamma, lengths=lengths)
         p = E[:, :, 1, :].sum(-1)  # p(y_t = 1)
