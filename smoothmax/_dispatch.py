@@ -111,7 +111,11 @@ def run(problem, op, theta, Z=None):
     (detached for autodiff frameworks); returns a tuple of arrays in that namespace.
     """
     eng = engine_for(problem.backend, problem.device)
-    fn = getattr(eng.module, f"{problem.struct}_{op}")
+    fn = getattr(eng.module, f"{problem.struct}_{op}", None)
+    if fn is None:  # a structure this engine has no kernel for (the DAG on GPUs): reference passes
+        from . import _reference
+
+        fn = getattr(_reference, f"{problem.struct}_{op}")
     args = [eng.to_engine(theta)]
     if op == "hvp":
         args.append(eng.to_engine(Z))
