@@ -107,6 +107,8 @@ def test_neg_inf_masks(backend, dtype, reg, rng):
             assert np.all(out[key][b][np.isinf(theta[b])] == 0), key
     assert out["value"][2] == -np.inf and out["score"][2] == -np.inf
     assert np.all(out["E"][2] == 0)
+    # no feasible path: no tags (-1), as past a length, like DTW's all-zero Y
+    np.testing.assert_array_equal(out["tags"][2], -1, err_msg="tags of an infeasible problem")
     assert np.all(out["tags"][3, 2] == 0)
 
 
