@@ -85,9 +85,31 @@ def _host_run(problem, op, picks, theta, Z=None):
     return tuple(res)
 
 
+class _HostCall:
+    """The callback of one (problem, op): equal for equal problems, so that eager
+    calls with the same arguments hit JAX's compilation cache instead of
+    compiling a new ``pure_callback`` every time."""
+
+    def __init__(self, problem, op, picks):
+        self.problem, self.op, self.picks = problem, op, tuple(picks)
+        aux = tuple((a.shape, a.dtype.str, a.tobytes()) if isinstance(a, np.ndarray) else a
+                    for a in problem.aux)
+        self._key = (problem.struct, op, self.picks, problem.reg, problem.gamma,
+                     tuple(problem.flat_shape), aux)
+
+    def __eq__(self, other):
+        return isinstance(other, _HostCall) and self._key == other._key
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __call__(self, *args):
+        return _host_run(self.problem, self.op, self.picks, *args)
+
+
 def _callback(problem, op, picks, shapes, *args):
     specs = tuple(jax.ShapeDtypeStruct(s, d) for s, (_, d) in zip(shapes, picks))
-    return jax.pure_callback(lambda *a: _host_run(problem, op, picks, *a), specs, *args,
+    return jax.pure_callback(_HostCall(problem, op, picks), specs, *args,
                              vmap_method="broadcast_all")
 
 
