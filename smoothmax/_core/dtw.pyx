@@ -12,7 +12,7 @@ accurate in float32 and never meets ``inf - inf``.
 
 * ``_dtw_diagonals`` (value, gradient, hard path) sweeps anti-diagonals
   d = i + j: the cells of one diagonal are independent, so the per-diagonal
-  loops in ``dtw_simd.h`` are vectorized (branch-free operators, inline
+  loops in ``simd.h`` are vectorized (branch-free operators, inline
   exp/log). R and ebar live in three rolling diagonal buffers of NA + 2
   doubles; q is stored diagonal by diagonal, compactly (only the cells of the
   problem and band), 3·la·lb values. The value alone stores no q.
@@ -32,12 +32,10 @@ import numpy as np
 
 from cython cimport floating
 
-from .operators cimport max_omega, max_omega_hvp
+from .operators cimport max_omega, max_omega_hvp, sm_init_isa, sm_isa_name
 
 
-cdef extern from "dtw_simd.h" nogil:
-    void sm_init_isa()
-    const char* sm_isa_name()
+cdef extern from "simd.h" nogil:
     void sm_dtw_fwd_d(Py_ssize_t n, const double* theta, const double* up, const double* left, const double* dg,
                       double* out, double* qu, double* ql, double* qd,
                       int reg, double gamma)

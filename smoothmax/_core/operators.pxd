@@ -10,14 +10,22 @@ Small ``nogil`` inline functions shared by ``dtw.pyx`` and ``viterbi.pyx``:
   (for the three operators ``H`` is a function of ``q`` alone).
 
 ``reg``: 0 negentropy, 1 squared l2 (sparsemax), 2 hard (first argmax).
-All arithmetic is in double whatever the caller's storage dtype.
+All arithmetic is in double whatever the caller's storage dtype. The
+negentropy max is ``sm_negentropy_row`` of ``simd.h`` (vectorized exp with
+runtime ISA dispatch; a module using it calls ``sm_init_isa()`` at import).
 
 ``-inf`` entries get gradient exactly 0; an all ``-inf`` input has value
 ``-inf`` and gradient 0: every ``x - max`` is taken only once the max is known
 to be finite, so ``-inf - (-inf)`` never happens. Hessian-vector products are
 computed only on the support of ``q``, so a masked entry never contributes.
 """
-from libc.math cimport exp, log, INFINITY
+from libc.math cimport INFINITY
+
+
+cdef extern from "simd.h" nogil:
+    void sm_init_isa()
+    const char* sm_isa_name()
+    double sm_negentropy_row(Py_ssize_t n, const double* x, double* q, double gamma)
 
 
 cdef enum:
@@ -46,18 +54,7 @@ cdef inline double _zero_grad(double* q, Py_ssize_t n) noexcept nogil:
 cdef inline double negentropy_max(const double* x, double* q, Py_ssize_t n,
                                   double gamma) noexcept nogil:
     """γ·logsumexp(x/γ) and softmax(x/γ), max subtracted before exp."""
-    cdef double m = _max_of(x, n)
-    cdef double s = 0.0, inv
-    cdef Py_ssize_t k
-    if m == -INFINITY:
-        return _zero_grad(q, n)
-    for k in range(n):
-        q[k] = exp((x[k] - m) / gamma)  # x[k] = -inf gives exactly 0
-        s += q[k]
-    inv = 1.0 / s  # s >= 1: the argmax contributes exp(0)
-    for k in range(n):
-        q[k] *= inv
-    return m + gamma * log(s)
+    return sm_negentropy_row(n, x, q, gamma)
 
 
 cdef inline double l2_max(const double* x, double* q, Py_ssize_t n,

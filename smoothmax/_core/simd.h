@@ -1,5 +1,7 @@
 /*
- * Anti-diagonal kernels for the DTW_Omega forward and reverse passes.
+ * SIMD kernels of the compiled engine: the anti-diagonal loops of the DTW_Omega
+ * forward and reverse passes, and the negentropy max over one row used by
+ * operators.pxd (so by Viterbi, whose S x S step is S such rows).
  *
  * Cells (i, j) on one anti-diagonal d = i + j depend only on the two previous
  * anti-diagonals, so the loop over a diagonal has independent iterations and
@@ -32,8 +34,8 @@
  * double, one macro-generated body per type); R, ebar and every operator
  * computation are double.
  */
-#ifndef SMOOTHMAX_DTW_SIMD_H
-#define SMOOTHMAX_DTW_SIMD_H
+#ifndef SMOOTHMAX_SIMD_H
+#define SMOOTHMAX_SIMD_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -218,6 +220,40 @@ ATTR static void sm_dtw_bwd_##SUF(                                             \
                  + ed[k] * (double)qd[k];                                      \
 }
 
+/*
+ * Negentropy max over a row: returns gamma*logsumexp(x/gamma), writes
+ * softmax(x/gamma) to q. Max and sum use 8 partial accumulators so that the
+ * reductions vectorize without -ffast-math. All -inf: -inf and q = 0.
+ */
+#define SM_DEFINE_ROW_KERNELS(SUF, ATTR)                                       \
+ATTR static double sm_negentropy_row_##SUF(                                    \
+    ptrdiff_t n, const double *restrict x, double *restrict q, double gamma)   \
+{                                                                              \
+    double acc[8];                                                             \
+    ptrdiff_t k, l;                                                            \
+    for (l = 0; l < 8; ++l) acc[l] = -SM_INF;                                  \
+    for (k = 0; k + 8 <= n; k += 8)                                            \
+        for (l = 0; l < 8; ++l) acc[l] = x[k + l] > acc[l] ? x[k + l] : acc[l]; \
+    double m = -SM_INF;                                                        \
+    for (l = 0; l < 8; ++l) m = acc[l] > m ? acc[l] : m;                       \
+    for (; k < n; ++k) m = x[k] > m ? x[k] : m;                                \
+    if (!(m > -SM_INF)) {                                                      \
+        for (k = 0; k < n; ++k) q[k] = 0.0;                                    \
+        return -SM_INF;                                                        \
+    }                                                                          \
+    const double ig = 1.0 / gamma;                                             \
+    for (k = 0; k < n; ++k) q[k] = sm_exp_nonpos((x[k] - m) * ig);             \
+    for (l = 0; l < 8; ++l) acc[l] = 0.0;                                      \
+    for (k = 0; k + 8 <= n; k += 8)                                            \
+        for (l = 0; l < 8; ++l) acc[l] += q[k + l];                            \
+    double s = 0.0;                                                            \
+    for (l = 0; l < 8; ++l) s += acc[l];                                       \
+    for (; k < n; ++k) s += q[k];                                              \
+    const double inv = 1.0 / s;  /* s >= 1: the max contributes exp(0) */      \
+    for (k = 0; k < n; ++k) q[k] *= inv;                                       \
+    return m + gamma * sm_log_pos(s);                                          \
+}
+
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && \
     !defined(__AVX512F__) && !defined(__AVX2__) && !defined(SMOOTHMAX_NO_MULTIVERSION)
 #define SM_MULTIVERSION 1
@@ -230,6 +266,9 @@ SM_DEFINE_DTW_KERNELS(double, d_avx2, SM_ATTR_AVX2)
 SM_DEFINE_DTW_KERNELS(float, f_avx2, SM_ATTR_AVX2)
 SM_DEFINE_DTW_KERNELS(double, d_base, )
 SM_DEFINE_DTW_KERNELS(float, f_base, )
+SM_DEFINE_ROW_KERNELS(avx512, SM_ATTR_AVX512)
+SM_DEFINE_ROW_KERNELS(avx2, SM_ATTR_AVX2)
+SM_DEFINE_ROW_KERNELS(base, )
 
 static int sm_isa_level = 0;  /* 0 baseline, 1 AVX2 + FMA, 2 AVX-512 */
 
@@ -268,10 +307,20 @@ static void sm_dtw_bwd_##SUF(                                                  \
 { SM_DISPATCH(sm_dtw_bwd, SUF, (n, eu, el, ed, qu, ql, qd, out)) }
 SM_DEFINE_DISPATCH(double, d)
 SM_DEFINE_DISPATCH(float, f)
+static double sm_negentropy_row(ptrdiff_t n, const double *x, double *q, double gamma)
+{
+    switch (sm_isa_level) {
+    case 2: return sm_negentropy_row_avx512(n, x, q, gamma);
+    case 1: return sm_negentropy_row_avx2(n, x, q, gamma);
+    default: return sm_negentropy_row_base(n, x, q, gamma);
+    }
+}
 
 #else
 SM_DEFINE_DTW_KERNELS(double, d, )
 SM_DEFINE_DTW_KERNELS(float, f, )
+SM_DEFINE_ROW_KERNELS(any, )
+#define sm_negentropy_row sm_negentropy_row_any
 static void sm_init_isa(void) {}
 static const char *sm_isa_name(void)
 {
@@ -285,4 +334,4 @@ static const char *sm_isa_name(void)
 }
 #endif
 
-#endif /* SMOOTHMAX_DTW_SIMD_H */
+#endif /* SMOOTHMAX_SIMD_H */

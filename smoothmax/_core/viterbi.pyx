@@ -19,7 +19,9 @@ import numpy as np
 
 from cython cimport floating
 
-from .operators cimport max_omega, max_omega_hvp
+from .operators cimport max_omega, max_omega_hvp, sm_init_isa
+
+sm_init_isa()
 
 
 cdef enum:
