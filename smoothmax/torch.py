@@ -174,7 +174,7 @@ def _series(x, name):
     return x
 
 
-def _full_lengths(lengths, B, N, like):
+def _full_lengths(lengths, B, N):
     if lengths is None:
         return torch.full((B,), N, dtype=torch.int64)
     return lengths
@@ -230,7 +230,7 @@ class SoftDTW(nn.Module):
         from .dtw import dtw
 
         lengths = None if la is None and lb is None else (
-            _full_lengths(la, a.shape[0], a.shape[1], a), _full_lengths(lb, b.shape[0], b.shape[1], b))
+            _full_lengths(la, a.shape[0], a.shape[1]), _full_lengths(lb, b.shape[0], b.shape[1]))
         return dtw(self.cost(a, b), reg=self.reg, gamma=self.gamma, lengths=lengths, band=self.band)
 
     def forward(self, x, y, x_lengths=None, y_lengths=None):

@@ -8,7 +8,6 @@ again in the backward, and the dtype/device of every output.
 """
 import zlib
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed")
