@@ -174,7 +174,7 @@ cdef void _decode_batch(const floating[:, :, :, ::1] theta,
                         const long long[::1] lengths,
                         floating[::1] score, long long[:, ::1] tags,
                         int[:, :, ::1] bp) noexcept:
-    """Hard Viterbi with back-pointers; first argmax on ties."""
+    """Hard Viterbi with back-pointers; first argmax on ties; -1 tags if infeasible."""
     cdef Py_ssize_t B = theta.shape[0], T = theta.shape[1], S = theta.shape[2]
     cdef Py_ssize_t b, t, i, j, L, best
     cdef double* buf
@@ -211,6 +211,8 @@ cdef void _decode_batch(const floating[:, :, :, ::1] theta,
                 if V[i] > V[best]:
                     best = i
             score[b] = <floating> V[best]
+            if V[best] == -INFINITY:
+                continue  # no feasible path: no tags (-1), like DTW's all-zero Y
             for t in range(L - 1, -1, -1):
                 tags[b, t] = best
                 best = bp[b, t, best]
@@ -220,7 +222,11 @@ cdef void _decode_batch(const floating[:, :, :, ::1] theta,
 
 
 def viterbi_decode(theta, lengths):
-    """``(score (B,), tags (B, T) int64)``: the best tag sequence, -1 past a length."""
+    """``(score (B,), tags (B, T) int64)``: the best tag sequence, first argmax on ties.
+
+    Tags are -1 past a length, and everywhere when no path is feasible
+    (score -inf).
+    """
     B, T, S = theta.shape[0], theta.shape[1], theta.shape[2]
     score = np.empty(B, dtype=theta.dtype)
     tags = np.full((B, T), -1, dtype=np.int64)
