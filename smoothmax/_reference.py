@@ -70,7 +70,7 @@ def _dtw_layout(B, NA, NB, la, lb, band):
 
 def _skew(xp, x, gather, ndiag, W, fill):
     B = x.shape[0]
-    flat = xp.reshape(x, (B, -1))
+    flat = xp.reshape(x, (B, x.shape[1] * x.shape[2]))
     pad = xp.full((B, 1), fill, dtype=x.dtype, device=_device(x))
     flat = xp.concat([flat, pad], axis=1)
     idx = xp.asarray(gather, device=_device(x))
@@ -79,7 +79,7 @@ def _skew(xp, x, gather, ndiag, W, fill):
 
 def _unskew(xp, diags, unskew, NA, NB):
     B = diags[0].shape[0]
-    stacked = xp.reshape(xp.stack(diags, axis=1), (B, -1))
+    stacked = xp.reshape(xp.stack(diags, axis=1), (B, len(diags) * diags[0].shape[1]))
     idx = xp.asarray(unskew, device=_device(stacked))
     return xp.reshape(xp.take(stacked, idx, axis=1), (B, NA, NB))
 

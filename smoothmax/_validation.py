@@ -14,15 +14,20 @@ def check_reg(reg):
 
 
 def check_gamma(gamma):
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+    """A positive finite real: a Python/NumPy real scalar or a 0-d real array."""
+    value = None
+    if isinstance(gamma, numbers.Real) and not isinstance(gamma, bool):
+        value = float(gamma)
+    elif getattr(gamma, "ndim", None) == 0 and getattr(getattr(gamma, "dtype", None), "kind", "f") in "fiu":
         try:
-            gamma = float(np.asarray(gamma).item())
+            value = float(gamma)
         except Exception:
-            raise ValueError(f"gamma must be a positive finite real number, got {gamma!r}") from None
-    gamma = float(gamma)
-    if not np.isfinite(gamma) or gamma <= 0:
+            value = None
+    if value is None:
+        raise TypeError(f"gamma must be a positive finite real number, got {gamma!r}")
+    if not np.isfinite(value) or value <= 0:
         raise ValueError(f"gamma must be a positive finite real number, got {gamma!r}")
-    return gamma
+    return value
 
 
 def as_array(x, name):
