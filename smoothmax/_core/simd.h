@@ -23,7 +23,7 @@
  * ISA: on x86-64 with GCC or clang the kernels are compiled three times,
  * with __attribute__((target(...))), for AVX-512 (8 doubles a vector),
  * AVX2 + FMA and the x86-64 baseline (SSE2, 2 doubles a vector); sm_init_isa()
- * (called once at import) picks one with __builtin_cpu_supports. We do not
+ * (called once at import, else lazily) picks one with __builtin_cpu_supports. We do not
  * use target_clones("arch=..."): its resolver tests the CPU *model*, which
  * a virtual machine may hide, and per-feature clones cannot ask for
  * AVX-512 *and* FMA in one clone. With SMOOTHMAX_NATIVE=1 (-march=native
@@ -270,7 +270,10 @@ SM_DEFINE_ROW_KERNELS(avx512, SM_ATTR_AVX512)
 SM_DEFINE_ROW_KERNELS(avx2, SM_ATTR_AVX2)
 SM_DEFINE_ROW_KERNELS(base, )
 
-static int sm_isa_level = 0;  /* 0 baseline, 1 AVX2 + FMA, 2 AVX-512 */
+/* 0 baseline, 1 AVX2 + FMA, 2 AVX-512; -1 until sm_init_isa() ran. Modules
+ * call sm_init_isa() at import; the kernels also run it lazily (a benign
+ * race: every thread would store the same value). */
+static int sm_isa_level = -1;
 
 static void sm_init_isa(void)
 {
@@ -290,6 +293,7 @@ static const char *sm_isa_name(void)
 }
 
 #define SM_DISPATCH(NAME, SUF, ARGS)                                           \
+    if (sm_isa_level < 0) sm_init_isa();                                       \
     switch (sm_isa_level) {                                                    \
     case 2: NAME##_##SUF##_avx512 ARGS; break;                                 \
     case 1: NAME##_##SUF##_avx2 ARGS; break;                                   \
@@ -309,6 +313,7 @@ SM_DEFINE_DISPATCH(double, d)
 SM_DEFINE_DISPATCH(float, f)
 static double sm_negentropy_row(ptrdiff_t n, const double *x, double *q, double gamma)
 {
+    if (sm_isa_level < 0) sm_init_isa();
     switch (sm_isa_level) {
     case 2: return sm_negentropy_row_avx512(n, x, q, gamma);
     case 1: return sm_negentropy_row_avx2(n, x, q, gamma);
