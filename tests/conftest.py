@@ -179,6 +179,27 @@ BACKEND_PARAMS = _backend_params()
 ARRAY_BACKEND_PARAMS = _backend_params(need_framework=False)
 
 
+# Backends whose per-call overhead is high (JAX dispatches every call through
+# host callbacks and eager op compilation): long parameter grids run on a
+# subset there, the full grid on the others (see ``backend_grid``).
+LIGHT_LIBRARIES = ("jax",)
+
+
+def backend_grid(values, light_values, ids=str, params=None):
+    """Parameters for ``@pytest.mark.parametrize("backend,<name>", ..., indirect=["backend"])``.
+
+    Every backend is paired with every entry of ``values``, except those of
+    ``LIGHT_LIBRARIES``, paired with ``light_values`` only. Skip marks of the
+    backend (not installed, no device) are kept.
+    """
+    out = []
+    for p in (BACKEND_PARAMS if params is None else params):
+        library = p.values[0][0]
+        for v in (light_values if library in LIGHT_LIBRARIES else values):
+            out.append(pytest.param(p.values[0], v, id=f"{p.id}-{ids(v)}", marks=p.marks))
+    return out
+
+
 @pytest.fixture(params=BACKEND_PARAMS)
 def backend(request):
     """Every backend of CAPABILITIES, for the structured (DP) functions."""

@@ -14,6 +14,7 @@ import pytest
 import smoothmax as sm
 
 import _oracles as O
+from conftest import backend_grid
 
 GAMMA = 0.7
 SHAPES = [(1, 1), (1, 4), (4, 1), (2, 3), (3, 2), (3, 4), (4, 4)]
@@ -64,7 +65,8 @@ def test_oracle_self_consistency(rng):
     assert len(O.dtw_paths(4, 4)) == 63  # Delannoy number D(3, 3)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("backend,shape", backend_grid(SHAPES, [(4, 1), (3, 4)], ids=lambda s: f"{s[0]}x{s[1]}"),
+                         indirect=["backend"])
 def test_brute_force(backend, dtype, reg, shape, rng):
     theta = rng.normal(size=shape).astype(dtype.np)
     Z = rng.normal(size=shape).astype(dtype.np)
@@ -108,7 +110,7 @@ def test_sakoe_chiba_oracle_matches_tslearn():
                     err_msg=f"n={n} m={m} r={r}")
 
 
-@pytest.mark.parametrize("band", [0, 1, 2])
+@pytest.mark.parametrize("backend,band", backend_grid([0, 1, 2], [1]), indirect=["backend"])
 def test_brute_force_band_and_lengths(backend, dtype, reg, band, rng):
     pairs = _length_grid()
     B = len(pairs)
@@ -176,7 +178,8 @@ def test_single_predecessor_cells(NA, NB, rng):
         np.testing.assert_array_equal(sm.dtw_hvp(theta, theta, reg=reg, gamma=g), np.zeros((NA, NB)))
 
 
-@pytest.mark.parametrize("batch_shape", [(), (2, 3), (1, 2, 1), (0,), (2, 0)], ids=str)
+@pytest.mark.parametrize("backend,batch_shape", backend_grid([(), (2, 3), (1, 2, 1), (0,), (2, 0)], [(), (1, 2, 1), (2, 0)]),
+                         indirect=["backend"])
 def test_batch_shapes(backend, dtype, reg, batch_shape, rng):
     """Leading dims of any rank, including none and size 0; each item equals its unbatched call."""
     shape = batch_shape + (3, 4)

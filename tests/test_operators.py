@@ -7,6 +7,7 @@ import pytest
 import smoothmax as sm
 
 import _oracles as O
+from conftest import ARRAY_BACKEND_PARAMS, backend_grid
 
 GAMMAS = [0.1, 1.0, 7.5]
 
@@ -31,7 +32,8 @@ def test_value_and_argmax_match_oracle(array_backend, dtype, reg, rng):
         assert not np.isnan(q).any() and not np.isnan(val).any()
 
 
-@pytest.mark.parametrize("axis", [0, 1, -1, -3])
+@pytest.mark.parametrize("array_backend,axis", backend_grid([0, 1, -1, -3], [1], params=ARRAY_BACKEND_PARAMS),
+                         indirect=["array_backend"])
 def test_any_axis(array_backend, dtype, reg, axis, rng):
     x = rng.normal(size=(2, 3, 4)).astype(dtype.np)
     xm = np.moveaxis(x, axis, -1).astype(np.float64)

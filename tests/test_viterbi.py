@@ -12,6 +12,7 @@ import pytest
 import smoothmax as sm
 
 import _oracles as O
+from conftest import backend_grid
 
 GAMMA = 0.7
 SHAPES = [(1, 1), (4, 1), (1, 3), (2, 2), (3, 3), (4, 3), (4, 2)]
@@ -58,7 +59,8 @@ def test_oracle_self_consistency(rng):
     np.testing.assert_allclose(o["Edot"], O.gibbs_hvp(o["scores"], o["Ys"], Z, GAMMA, sign=1), atol=1e-13)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"T{s[0]}S{s[1]}")
+@pytest.mark.parametrize("backend,shape", backend_grid(SHAPES, [(4, 1), (4, 3)], ids=lambda s: f"T{s[0]}S{s[1]}"),
+                         indirect=["backend"])
 def test_brute_force(backend, dtype, reg, shape, rng):
     T, S = shape
     theta = rng.normal(size=(T, S, S)).astype(dtype.np)
@@ -125,7 +127,8 @@ def test_single_state(T, rng):
         np.testing.assert_array_equal(sm.viterbi_hvp(theta, theta, reg=reg, gamma=g), np.zeros_like(theta))
 
 
-@pytest.mark.parametrize("batch_shape", [(), (2, 3), (0,), (3, 0, 2)], ids=str)
+@pytest.mark.parametrize("backend,batch_shape", backend_grid([(), (2, 3), (0,), (3, 0, 2)], [(2, 3), (3, 0, 2)]),
+                         indirect=["backend"])
 def test_batch_shapes(backend, dtype, reg, batch_shape, rng):
     shape = batch_shape + (3, 2, 2)
     theta = rng.normal(size=shape).astype(dtype.np)
