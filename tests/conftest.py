@@ -118,22 +118,6 @@ class Backend:
         return self.to_numpy(x)
 
 
-def _framework_module_missing(library):
-    """THE TEMPORARY SKIP: the reason to skip ``library`` while ``smoothmax.<library>`` is absent.
-
-    ``smoothmax.torch`` and ``smoothmax.jax`` are being written concurrently;
-    until they land, torch/JAX arrays cannot go through the public API. Remove
-    this function (and its call in ``_skip_reason``) once both modules exist.
-    """
-    if library not in ("torch", "jax"):
-        return None
-    try:
-        importlib.import_module(f"smoothmax.{library}")
-    except ImportError as exc:
-        return f"smoothmax.{library} is not importable yet ({exc})"
-    return None
-
-
 def _cuda_present(library):
     try:
         if library == "torch":
@@ -151,7 +135,7 @@ def _cuda_present(library):
     return False
 
 
-def _skip_reason(library, device, need_framework=True):
+def _skip_reason(library, device):
     mod = {"jax": "jax"}.get(library, library)
     try:
         importlib.import_module(mod)
@@ -161,13 +145,13 @@ def _skip_reason(library, device, need_framework=True):
         return f"{library} fails to import: {exc!r}"
     if device == "cuda" and not _cuda_present(library):
         return f"{library}: no CUDA device"
-    return _framework_module_missing(library) if need_framework else None
+    return None
 
 
-def _backend_params(need_framework=True):
+def _backend_params():
     params = []
     for library, device in CAPABILITIES:
-        reason = _skip_reason(library, device, need_framework)
+        reason = _skip_reason(library, device)
         marks = [pytest.mark.skip(reason=f"backend {library}-{device}: {reason}")] if reason else []
         if device == "cuda":
             marks.append(pytest.mark.gpu)
@@ -176,7 +160,7 @@ def _backend_params(need_framework=True):
 
 
 BACKEND_PARAMS = _backend_params()
-ARRAY_BACKEND_PARAMS = _backend_params(need_framework=False)
+ARRAY_BACKEND_PARAMS = BACKEND_PARAMS  # smooth_max/argmax: the same backends
 
 
 # Backends whose per-call overhead is high (JAX dispatches every call through
