@@ -24,8 +24,8 @@ exactly 0 in q, E, Edot. All arithmetic is in double; theta, Z, E, Edot (and
 the stored q) use the caller's dtype. The batch loop is a ``prange`` with a
 per-thread workspace.
 """
-from cython.parallel cimport prange, parallel
-from libc.stdlib cimport malloc, free
+from cython.parallel cimport prange, parallel, threadid
+from libc.stdlib cimport malloc, calloc, free
 from libc.math cimport INFINITY
 
 import numpy as np
@@ -48,6 +48,27 @@ cdef extern from "simd.h" nogil:
     void sm_dtw_bwd_f(Py_ssize_t n, const double* eu, const double* el,
                       const double* ed, const float* qu, const float* ql,
                       const float* qd, double* out)
+    void sm_dtw_fwd_hvp_d(Py_ssize_t n, const double* theta, const double* z, const double* up,
+                          const double* left, const double* dg, double* out, const double* dup,
+                          const double* dleft, const double* ddg, double* dout,
+                          double* qu, double* ql, double* qd, double* qdu, double* qdl, double* qdd,
+                          int reg, double gamma)
+    void sm_dtw_fwd_hvp_f(Py_ssize_t n, const double* theta, const double* z, const double* up,
+                          const double* left, const double* dg, double* out, const double* dup,
+                          const double* dleft, const double* ddg, double* dout,
+                          float* qu, float* ql, float* qd, float* qdu, float* qdl, float* qdd,
+                          int reg, double gamma)
+    void sm_dtw_bwd_hvp_d(Py_ssize_t n, const double* eu, const double* el, const double* ed,
+                          const double* fu, const double* fl, const double* fd,
+                          const double* qu, const double* ql, const double* qd,
+                          const double* qdu, const double* qdl, const double* qdd,
+                          double* out, double* dout)
+    void sm_dtw_bwd_hvp_f(Py_ssize_t n, const double* eu, const double* el, const double* ed,
+                          const double* fu, const double* fl, const double* fd,
+                          const float* qu, const float* ql, const float* qd,
+                          const float* qdu, const float* qdl, const float* qdd,
+                          double* out, double* dout)
+    int sm_max_threads()
 
 
 sm_init_isa()
@@ -191,7 +212,9 @@ cdef double _dtw_rows(const floating* theta, const floating* Z,
     return value
 
 cdef enum:
-    QPAD = 4  # zero padding around each stored-q segment
+    QPAD = 4   # zero padding around each stored-q plane of a tile
+    BLOCK = 8  # diagonals of theta / E moved at a time between rows and diagonals
+    NEDGE = 4  # edge arrays of each kind (see _Grid)
 
 
 cdef inline Py_ssize_t _floor_half(Py_ssize_t a) noexcept nogil:
@@ -218,220 +241,655 @@ cdef inline void _diag_range(Py_ssize_t d, Py_ssize_t la, Py_ssize_t lb, Py_ssiz
     hi[0] = z
 
 
-cdef inline Py_ssize_t _q_segment(Py_ssize_t NA, Py_ssize_t NB) noexcept nogil:
-    """Length of one stored-q segment (q_up, q_left or q_diag) with its pads."""
-    return NA * NB + NA + 4 * QPAD
+ctypedef struct _Grid:
+    # One problem cut into tiles of TS x TS cells (the last row/column of
+    # tiles may be smaller). Tile (I, J) holds rows i0 = I·TS + 1 .. and
+    # columns j0 = J·TS + 1 .. (1-based, as R). lo/hi: the rows of each global
+    # anti-diagonal (_diag_range). Edge arrays, indexed by the global column j
+    # ("h", NEDGE arrays of nTI + 1 rows of lb + 1) or row i ("v", NEDGE arrays
+    # of nTJ + 1 rows of la + 1); h row I is the grid row between tile rows
+    # I - 1 and I.
+    #   forward: h[0]/v[0] R, h[1]/v[1] Rdot of the last row/column of a tile;
+    #   reverse: contributions sent by a tile's first row to the row above,
+    #     h[0] ebar·q_up and h[1] ebar·q_diag (at the parent's column), h[2]/h[3]
+    #     their tangents; by its first column, v[0] ebar·q_left and v[1]
+    #     ebar·q_diag (at the parent's row), v[2]/v[3] tangents.
+    Py_ssize_t NB, la, lb, TS, nTI, nTJ, P, nplanes, hs, vs
+    const Py_ssize_t* lo
+    const Py_ssize_t* hi
+    double* h
+    double* v
+    int reg, mode
+    double gamma
+
+
+cdef inline Py_ssize_t _ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef inline Py_ssize_t _tile_work(Py_ssize_t TS) noexcept nogil:
+    """Doubles of per-thread workspace of a tile: 6 rolling diagonals, 2 blocks."""
+    return (6 + 2 * BLOCK) * (TS + 2)
+
+
+cdef inline Py_ssize_t _tile_iwork(Py_ssize_t TS) noexcept nogil:
+    return 3 * (2 * TS + 4)
+
+
+cdef inline Py_ssize_t _q_plane(Py_ssize_t TS) noexcept nogil:
+    return TS * TS + 2 * QPAD
+
+
+cdef inline Py_ssize_t _edge_work(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t TS) noexcept nogil:
+    return NEDGE * ((_ceil_div(NA, TS) + 1) * (NB + 1) + (_ceil_div(NB, TS) + 1) * (NA + 1))
+
+
+cdef Py_ssize_t _tile_ranges(const _Grid* g, Py_ssize_t i0, Py_ssize_t th, Py_ssize_t j0,
+                             Py_ssize_t tw, Py_ssize_t* tlo, Py_ssize_t* thi,
+                             Py_ssize_t* toff) noexcept nogil:
+    """Local rows [tlo, thi] (1-based in the tile) of the cells of local diagonal dl.
+
+    Local cell (li, lj) is (i0 + li - 1, j0 + lj - 1), on global diagonal
+    dl + i0 + j0 - 2. toff: offset of each diagonal's weights in a q plane.
+    Diagonals past the tile get an empty range at row th + 1 (their weights
+    point at the zero pad). Returns the number of cells.
+    """
+    cdef Py_ssize_t dl, d, a, z, total = 0
+    for dl in range(2):
+        tlo[dl] = 1
+        thi[dl] = 0
+        toff[dl] = 0
+    for dl in range(2, th + tw + 1):
+        d = dl + i0 + j0 - 2
+        a = max(max(1, dl - tw), g.lo[d] - i0 + 1)
+        z = min(min(th, dl - 1), g.hi[d] - i0 + 1)
+        tlo[dl] = a
+        thi[dl] = z
+        toff[dl] = total
+        if z >= a:
+            total += z - a + 1
+    for dl in range(th + tw + 1, th + tw + 3):
+        tlo[dl] = th + 1
+        thi[dl] = th
+        toff[dl] = total
+    return total
+
+
+cdef void _gather(const floating* src, Py_ssize_t NB, double* blk, Py_ssize_t W,
+                  Py_ssize_t dl0, Py_ssize_t dl1, const Py_ssize_t* tlo,
+                  const Py_ssize_t* thi, Py_ssize_t i0, Py_ssize_t j0) noexcept nogil:
+    """blk[(dl - dl0)·W + li] = src at local cell (li, dl - li), diagonals dl0..dl1.
+
+    Row by row, so each row of the tile is read once (contiguously) per block.
+    """
+    cdef Py_ssize_t li, dl
+    cdef const floating* row
+    for li in range(tlo[dl0], thi[dl1] + 1):
+        row = src + (i0 + li - 2) * NB + (j0 - 2)
+        for dl in range(dl0, dl1 + 1):
+            if tlo[dl] <= li <= thi[dl]:
+                blk[(dl - dl0) * W + li] = row[dl - li]
+
+
+cdef void _scatter(floating* dst, Py_ssize_t NB, const double* blk, Py_ssize_t W,
+                   Py_ssize_t dl0, Py_ssize_t dl1, const Py_ssize_t* tlo,
+                   const Py_ssize_t* thi, Py_ssize_t i0, Py_ssize_t j0) noexcept nogil:
+    """The inverse of ``_gather``."""
+    cdef Py_ssize_t li, dl
+    cdef floating* row
+    for li in range(tlo[dl0], thi[dl1] + 1):
+        row = dst + (i0 + li - 2) * NB + (j0 - 2)
+        for dl in range(dl0, dl1 + 1):
+            if tlo[dl] <= li <= thi[dl]:
+                row[dl - li] = <floating> blk[(dl - dl0) * W + li]
+
+
+cdef void _tile_fwd(const _Grid* g, const floating* theta, const floating* Z,
+                    floating* wq, Py_ssize_t I, Py_ssize_t J,
+                    double* wd, Py_ssize_t* wi) noexcept nogil:
+    """Forward pass over tile (I, J), anti-diagonal by anti-diagonal.
+
+    Rolling diagonal buffers indexed by the local row li in 0..th + 1: entry
+    0 of diagonal dl is the cell (0, dl) of the row above the tile (from the
+    h edge), entry dl the cell (dl, 0) of the column on its left (v edge);
+    everything not written for a diagonal is +inf in R and 0 in Rdot. The
+    tile's last row and column go to the edges of the next tiles.
+    """
+    cdef Py_ssize_t TS = g.TS, W = TS + 2
+    cdef Py_ssize_t i0 = I * TS + 1, j0 = J * TS + 1
+    cdef Py_ssize_t th = min(TS, g.la - i0 + 1), tw = min(TS, g.lb - j0 + 1)
+    cdef Py_ssize_t Dl = th + tw, dl, a, z, n, c, k, li, total, P = g.P
+    cdef Py_ssize_t* tlo = wi
+    cdef Py_ssize_t* thi = wi + (2 * TS + 4)
+    cdef Py_ssize_t* toff = wi + 2 * (2 * TS + 4)
+    cdef double* R[3]
+    cdef double* Rd[3]
+    cdef Py_ssize_t wlo[3]
+    cdef Py_ssize_t whi[3]
+    cdef double* blk = wd + 6 * W
+    cdef double* blkz = blk + BLOCK * W
+    cdef double* cur
+    cdef double* curd
+    cdef double* p1
+    cdef double* p2
+    cdef double* d1
+    cdef double* d2
+    cdef double* hR_in = g.h + I * (g.lb + 1)
+    cdef double* hR_out = g.h + (I + 1) * (g.lb + 1)
+    cdef double* hD_in = g.h + g.hs + I * (g.lb + 1)
+    cdef double* hD_out = g.h + g.hs + (I + 1) * (g.lb + 1)
+    cdef double* vR_in = g.v + J * (g.la + 1)
+    cdef double* vR_out = g.v + (J + 1) * (g.la + 1)
+    cdef double* vD_in = g.v + g.vs + J * (g.la + 1)
+    cdef double* vD_out = g.v + g.vs + (J + 1) * (g.la + 1)
+    cdef floating* q = NULL
+    cdef floating* qp
+    cdef bint hvp = g.mode == MODE_HVP
+    cdef Py_ssize_t boff
+
+    if th <= 0 or tw <= 0:
+        return
+    total = _tile_ranges(g, i0, th, j0, tw, tlo, thi, toff)
+    if wq != NULL:
+        q = wq + (I * g.nTJ + J) * g.nplanes * P + QPAD
+        for c in range(g.nplanes):  # finite pads: the reverse reads them times ebar = 0
+            qp = q + c * P
+            for k in range(-QPAD, 0):
+                qp[k] = 0
+            for k in range(total, total + QPAD):
+                qp[k] = 0
+    for c in range(3):
+        R[c] = wd + c * W
+        Rd[c] = wd + (3 + c) * W
+        for k in range(W):
+            R[c][k] = INFINITY
+            Rd[c][k] = 0.0
+    R[0][0] = hR_in[j0 - 1]   # corner (0, 0)
+    R[1][0] = hR_in[j0]       # (0, 1)
+    R[1][1] = vR_in[i0]       # (1, 0)
+    if hvp:
+        Rd[0][0] = hD_in[j0 - 1]
+        Rd[1][0] = hD_in[j0]
+        Rd[1][1] = vD_in[i0]
+    wlo[0] = 0; whi[0] = 0
+    wlo[1] = 0; whi[1] = 1
+    wlo[2] = 1; whi[2] = 0
+    for dl in range(2, Dl + 1):
+        if (dl - 2) % BLOCK == 0:
+            _gather(theta, g.NB, blk, W, dl, min(dl + BLOCK - 1, Dl), tlo, thi, i0, j0)
+            if hvp:
+                _gather(Z, g.NB, blkz, W, dl, min(dl + BLOCK - 1, Dl), tlo, thi, i0, j0)
+        c = dl % 3
+        cur = R[c]
+        p1 = R[(dl - 1) % 3]
+        p2 = R[(dl - 2) % 3]
+        curd = Rd[c]
+        d1 = Rd[(dl - 1) % 3]
+        d2 = Rd[(dl - 2) % 3]
+        for k in range(wlo[c], whi[c] + 1):  # forget diagonal dl - 3
+            cur[k] = INFINITY
+            curd[k] = 0.0
+        a = tlo[dl]
+        z = thi[dl]
+        n = z - a + 1
+        wlo[c] = W
+        whi[c] = -1
+        if n > 0:
+            boff = ((dl - 2) % BLOCK) * W + a
+            if hvp:
+                qp = q + toff[dl]
+                if floating is double:
+                    sm_dtw_fwd_hvp_d(n, blk + boff, blkz + boff, p1 + a - 1, p1 + a, p2 + a - 1,
+                                     cur + a, d1 + a - 1, d1 + a, d2 + a - 1, curd + a,
+                                     qp, qp + P, qp + 2 * P, qp + 3 * P, qp + 4 * P, qp + 5 * P,
+                                     g.reg, g.gamma)
+                else:
+                    sm_dtw_fwd_hvp_f(n, blk + boff, blkz + boff, p1 + a - 1, p1 + a, p2 + a - 1,
+                                     cur + a, d1 + a - 1, d1 + a, d2 + a - 1, curd + a,
+                                     qp, qp + P, qp + 2 * P, qp + 3 * P, qp + 4 * P, qp + 5 * P,
+                                     g.reg, g.gamma)
+            elif q != NULL:
+                qp = q + toff[dl]
+                if floating is double:
+                    sm_dtw_fwd_d(n, blk + boff, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
+                                 qp, qp + P, qp + 2 * P, g.reg, g.gamma)
+                else:
+                    sm_dtw_fwd_f(n, blk + boff, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
+                                 qp, qp + P, qp + 2 * P, g.reg, g.gamma)
+            else:
+                if floating is double:
+                    sm_dtw_fwd_d(n, blk + boff, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
+                                 <double*> NULL, <double*> NULL, <double*> NULL, g.reg, g.gamma)
+                else:
+                    sm_dtw_fwd_f(n, blk + boff, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
+                                 <float*> NULL, <float*> NULL, <float*> NULL, g.reg, g.gamma)
+            wlo[c] = a
+            whi[c] = z
+            if a <= th <= z:  # last row of the tile
+                hR_out[j0 + dl - th - 1] = cur[th]
+                if hvp:
+                    hD_out[j0 + dl - th - 1] = curd[th]
+            li = dl - tw
+            if a <= li <= z:  # last column
+                vR_out[i0 + li - 1] = cur[li]
+                if hvp:
+                    vD_out[i0 + li - 1] = curd[li]
+        if dl <= tw:  # cell (0, dl) above the tile
+            cur[0] = hR_in[j0 + dl - 1]
+            if hvp:
+                curd[0] = hD_in[j0 + dl - 1]
+            wlo[c] = 0
+            whi[c] = max(whi[c], 0)
+        if dl <= th:  # cell (dl, 0) left of the tile
+            cur[dl] = vR_in[i0 + dl - 1]
+            if hvp:
+                curd[dl] = vD_in[i0 + dl - 1]
+            wlo[c] = min(wlo[c], dl)
+            whi[c] = max(whi[c], dl)
+
+
+cdef void _tile_bwd(const _Grid* g, floating* E, floating* Ed,
+                    const floating* wq, Py_ssize_t I, Py_ssize_t J,
+                    double* wd, Py_ssize_t* wi) noexcept nogil:
+    """Reverse pass over tile (I, J), pull form, anti-diagonal by anti-diagonal.
+
+    ebar(i, j) = ebar(i+1, j)·q_up(i+1, j) + ebar(i, j+1)·q_left(i, j+1)
+    + ebar(i+1, j+1)·q_diag(i+1, j+1) (and its tangent). Children inside the
+    tile come from the rolling buffers (0 where there is no cell); children
+    in the tiles below / on the right arrive as ready-made products through
+    the edges (their q lives in their own tile), added to the tile's last row
+    and column. The first row and column send theirs to the tiles above and
+    on the left.
+    """
+    cdef Py_ssize_t TS = g.TS, W = TS + 2
+    cdef Py_ssize_t i0 = I * TS + 1, j0 = J * TS + 1
+    cdef Py_ssize_t th = min(TS, g.la - i0 + 1), tw = min(TS, g.lb - j0 + 1)
+    cdef Py_ssize_t Dl = th + tw, dl, a, z, n, c, k, li, i, j, total, P = g.P
+    cdef Py_ssize_t offU, offL, offD, pos
+    cdef Py_ssize_t* tlo = wi
+    cdef Py_ssize_t* thi = wi + (2 * TS + 4)
+    cdef Py_ssize_t* toff = wi + 2 * (2 * TS + 4)
+    cdef double* eb[3]
+    cdef double* fb[3]
+    cdef Py_ssize_t wlo[3]
+    cdef Py_ssize_t whi[3]
+    cdef double* blk = wd + 6 * W
+    cdef double* blkz = blk + BLOCK * W
+    cdef double* cur
+    cdef double* curd
+    cdef double* p1
+    cdef double* p2
+    cdef double* f1
+    cdef double* f2
+    cdef Py_ssize_t L1 = g.lb + 1, L2 = g.la + 1
+    # incoming (from the tiles below / right) and outgoing (to above / left)
+    cdef double* hU_in = g.h + (I + 1) * L1
+    cdef double* hG_in = g.h + g.hs + (I + 1) * L1
+    cdef double* hUd_in = g.h + 2 * g.hs + (I + 1) * L1
+    cdef double* hGd_in = g.h + 3 * g.hs + (I + 1) * L1
+    cdef double* hU_out = g.h + I * L1
+    cdef double* hG_out = g.h + g.hs + I * L1
+    cdef double* hUd_out = g.h + 2 * g.hs + I * L1
+    cdef double* hGd_out = g.h + 3 * g.hs + I * L1
+    cdef double* vL_in = g.v + (J + 1) * L2
+    cdef double* vG_in = g.v + g.vs + (J + 1) * L2
+    cdef double* vLd_in = g.v + 2 * g.vs + (J + 1) * L2
+    cdef double* vGd_in = g.v + 3 * g.vs + (J + 1) * L2
+    cdef double* vL_out = g.v + J * L2
+    cdef double* vG_out = g.v + g.vs + J * L2
+    cdef double* vLd_out = g.v + 2 * g.vs + J * L2
+    cdef double* vGd_out = g.v + 3 * g.vs + J * L2
+    cdef const floating* qU
+    cdef const floating* qL
+    cdef const floating* qD
+    cdef const floating* qdU = NULL
+    cdef const floating* qdL = NULL
+    cdef const floating* qdD = NULL
+    cdef bint hvp = g.mode == MODE_HVP
+    cdef bint last = i0 + th - 1 == g.la and j0 + tw - 1 == g.lb
+    cdef double e, f
+
+    if th <= 0 or tw <= 0:
+        return
+    total = _tile_ranges(g, i0, th, j0, tw, tlo, thi, toff)
+    qU = wq + (I * g.nTJ + J) * g.nplanes * P + QPAD
+    qL = qU + P
+    qD = qU + 2 * P
+    if hvp:
+        qdU = qU + 3 * P
+        qdL = qU + 4 * P
+        qdD = qU + 5 * P
+    for c in range(3):
+        eb[c] = wd + c * W
+        fb[c] = wd + (3 + c) * W
+        for k in range(W):
+            eb[c][k] = 0.0
+            fb[c][k] = 0.0
+        wlo[c] = 1
+        whi[c] = 0
+    for dl in range(Dl, 1, -1):
+        c = dl % 3
+        cur = eb[c]
+        p1 = eb[(dl + 1) % 3]
+        p2 = eb[(dl + 2) % 3]
+        curd = fb[c]
+        f1 = fb[(dl + 1) % 3]
+        f2 = fb[(dl + 2) % 3]
+        for k in range(wlo[c], whi[c] + 1):  # forget diagonal dl + 3
+            cur[k] = 0.0
+            curd[k] = 0.0
+        a = tlo[dl]
+        z = thi[dl]
+        n = z - a + 1
+        wlo[c] = a
+        whi[c] = z
+        if n > 0:
+            # weights of (li+1, lj) [up], (li, lj+1) [left], (li+1, lj+1) [diag] toward (li, lj)
+            offU = toff[dl + 1] + (a + 1 - tlo[dl + 1])
+            offL = toff[dl + 1] + (a - tlo[dl + 1])
+            offD = toff[dl + 2] + (a + 1 - tlo[dl + 2])
+            if hvp:
+                if floating is double:
+                    sm_dtw_bwd_hvp_d(n, p1 + a + 1, p1 + a, p2 + a + 1, f1 + a + 1, f1 + a, f2 + a + 1,
+                                     qU + offU, qL + offL, qD + offD, qdU + offU, qdL + offL,
+                                     qdD + offD, cur + a, curd + a)
+                else:
+                    sm_dtw_bwd_hvp_f(n, p1 + a + 1, p1 + a, p2 + a + 1, f1 + a + 1, f1 + a, f2 + a + 1,
+                                     qU + offU, qL + offL, qD + offD, qdU + offU, qdL + offL,
+                                     qdD + offD, cur + a, curd + a)
+            else:
+                if floating is double:
+                    sm_dtw_bwd_d(n, p1 + a + 1, p1 + a, p2 + a + 1,
+                                 qU + offU, qL + offL, qD + offD, cur + a)
+                else:
+                    sm_dtw_bwd_f(n, p1 + a + 1, p1 + a, p2 + a + 1,
+                                 qU + offU, qL + offL, qD + offD, cur + a)
+            if a <= th <= z:  # last row: children below the tile
+                j = j0 + dl - th - 1
+                cur[th] += hU_in[j] + hG_in[j]
+                if hvp:
+                    curd[th] += hUd_in[j] + hGd_in[j]
+            li = dl - tw
+            if a <= li <= z:  # last column: children right of the tile
+                i = i0 + li - 1
+                cur[li] += vL_in[i] + vG_in[i]
+                if hvp:
+                    curd[li] += vLd_in[i] + vGd_in[i]
+            if last and dl == Dl:  # the end cell
+                cur[th] = 1.0
+                curd[th] = 0.0
+            if a == 1:  # first row: send to the row above
+                j = j0 + dl - 2
+                pos = toff[dl]
+                e = cur[1]
+                hU_out[j] = e * qU[pos]
+                hG_out[j - 1] = e * qD[pos]
+                if hvp:
+                    f = curd[1]
+                    hUd_out[j] = f * qU[pos] + e * qdU[pos]
+                    hGd_out[j - 1] = f * qD[pos] + e * qdD[pos]
+            li = dl - 1
+            if a <= li <= z:  # first column: send to the column on the left
+                i = i0 + li - 1
+                pos = toff[dl] + li - a
+                e = cur[li]
+                vL_out[i] = e * qL[pos]
+                if hvp:
+                    f = curd[li]
+                    vLd_out[i] = f * qL[pos] + e * qdL[pos]
+                if li >= 2:  # (1, 1) sends its diagonal share through the row edge
+                    vG_out[i - 1] = e * qD[pos]
+                    if hvp:
+                        vGd_out[i - 1] = f * qD[pos] + e * qdD[pos]
+            for k in range(a, z + 1):
+                blk[((dl - 2) % BLOCK) * W + k] = cur[k]
+            if hvp:
+                for k in range(a, z + 1):
+                    blkz[((dl - 2) % BLOCK) * W + k] = curd[k]
+        if (dl - 2) % BLOCK == 0:
+            _scatter(E, g.NB, blk, W, dl, min(dl + BLOCK - 1, Dl), tlo, thi, i0, j0)
+            if hvp:
+                _scatter(Ed, g.NB, blkz, W, dl, min(dl + BLOCK - 1, Dl), tlo, thi, i0, j0)
+
+
+cdef double _dtw_tiled(const floating* theta, const floating* Z, floating* E, floating* Ed,
+                       Py_ssize_t NB, Py_ssize_t la, Py_ssize_t lb, Py_ssize_t band,
+                       int reg, double gamma, int mode, Py_ssize_t TS, bint par,
+                       Py_ssize_t* lohi, double* edges, floating* wq,
+                       double** wds, Py_ssize_t** wis) noexcept nogil:
+    """One problem theta[:la, :lb] (row stride NB) by tiles; returns R[la, lb].
+
+    Tiles on one tile anti-diagonal k = I + J are independent (each needs
+    only the tiles above, on the left and above-left in the forward pass,
+    the mirror in the reverse): with ``par`` they run in a ``prange`` (one
+    OpenMP region per tile diagonal, its end the barrier), each thread on its
+    own workspace wds/wis[threadid]; otherwise in order on wds/wis[0].
+    E (and Ed) must be zero on entry.
+    """
+    cdef _Grid g
+    cdef Py_ssize_t d, k, I, Ia, Ib, nk, x
+    cdef double value
+    g.NB = NB
+    g.la = la
+    g.lb = lb
+    g.TS = TS
+    g.nTI = _ceil_div(la, TS)
+    g.nTJ = _ceil_div(lb, TS)
+    g.P = _q_plane(TS)
+    g.nplanes = 6 if mode == MODE_HVP else 3
+    g.hs = (g.nTI + 1) * (lb + 1)
+    g.vs = (g.nTJ + 1) * (la + 1)
+    g.h = edges
+    g.v = edges + NEDGE * g.hs
+    g.lo = lohi
+    g.hi = lohi + (la + lb + 3)
+    g.reg = reg
+    g.mode = mode
+    g.gamma = gamma
+    for d in range(2, la + lb + 1):
+        _diag_range(d, la, lb, band, &lohi[d], &lohi[la + lb + 3 + d])
+    for x in range(g.hs):
+        g.h[x] = INFINITY
+        g.h[g.hs + x] = 0.0
+    for x in range(g.vs):
+        g.v[x] = INFINITY
+        g.v[g.vs + x] = 0.0
+    g.h[0] = 0.0  # R[0, 0]
+    nk = g.nTI + g.nTJ - 1
+    for k in range(nk):
+        Ia = max(0, k - g.nTJ + 1)
+        Ib = min(k, g.nTI - 1)
+        if par and Ib > Ia:
+            for I in prange(Ia, Ib + 1, schedule="dynamic", chunksize=1):
+                _tile_fwd(&g, theta, Z, wq, I, k - I, wds[threadid()], wis[threadid()])
+        else:
+            for I in range(Ia, Ib + 1):
+                _tile_fwd(&g, theta, Z, wq, I, k - I, wds[0], wis[0])
+    value = g.h[g.nTI * (lb + 1) + lb]
+    if mode == MODE_VALUE or value == INFINITY:
+        return value  # unreachable end cell: E = 0
+    for x in range(NEDGE * g.hs):
+        g.h[x] = 0.0
+    for x in range(NEDGE * g.vs):
+        g.v[x] = 0.0
+    for k in range(nk - 1, -1, -1):
+        Ia = max(0, k - g.nTJ + 1)
+        Ib = min(k, g.nTI - 1)
+        if par and Ib > Ia:
+            for I in prange(Ia, Ib + 1, schedule="dynamic", chunksize=1):
+                _tile_bwd(&g, E, Ed, wq, I, k - I, wds[threadid()], wis[threadid()])
+        else:
+            for I in range(Ia, Ib + 1):
+                _tile_bwd(&g, E, Ed, wq, I, k - I, wds[0], wis[0])
+    return value
 
 
 cdef enum:
-    BLOCK = 8  # diagonals of theta / E moved at a time between rows and diagonals
+    SEQ_TILE = 256
+    PAR_TILE_MIN = 64
 
 
-cdef void _gather_block(const floating* theta, Py_ssize_t NB, double* blk, Py_ssize_t W,
-                        Py_ssize_t d0, Py_ssize_t d1, const Py_ssize_t* lo,
-                        const Py_ssize_t* hi) noexcept nogil:
-    """blk[(d - d0)·W + i] = theta[i - 1, d - i - 1] for the cells of diagonals d0..d1.
-
-    Row by row, so each row of theta is read once (contiguously) per block.
-    """
-    cdef Py_ssize_t i, d
-    cdef const floating* row
-    for i in range(lo[d0], hi[d1] + 1):
-        row = theta + (i - 1) * NB - 1
-        for d in range(d0, d1 + 1):
-            if lo[d] <= i <= hi[d]:
-                blk[(d - d0) * W + i] = row[d - i]
+_tile_override = [0]
 
 
-cdef void _scatter_block(floating* E, Py_ssize_t NB, const double* blk, Py_ssize_t W,
-                         Py_ssize_t d0, Py_ssize_t d1, const Py_ssize_t* lo,
-                         const Py_ssize_t* hi) noexcept nogil:
-    """E[i - 1, d - i - 1] = blk[(d - d0)·W + i], the inverse of ``_gather_block``."""
-    cdef Py_ssize_t i, d
-    cdef floating* row
-    for i in range(lo[d0], hi[d1] + 1):
-        row = E + (i - 1) * NB - 1
-        for d in range(d0, d1 + 1):
-            if lo[d] <= i <= hi[d]:
-                row[d - i] = <floating> blk[(d - d0) * W + i]
+def _set_tile(Py_ssize_t ts):
+    """Force the tile size (testing and tuning); 0 restores the automatic choice."""
+    _tile_override[0] = ts
 
 
-cdef inline Py_ssize_t _diag_work(Py_ssize_t NA) noexcept nogil:
-    """Doubles of workspace for ``_dtw_diagonals`` (R/ebar buffers and a block)."""
-    return (3 + BLOCK) * (NA + 2)
+cdef Py_ssize_t _pick_tile(Py_ssize_t NA, Py_ssize_t NB, bint par, int nthreads,
+                           Py_ssize_t override) noexcept nogil:
+    """Tile side: whole problems up to SEQ_TILE when each thread has its own
+    problem; about 8 tiles per thread along the longer side when threads share one."""
+    cdef Py_ssize_t n = max(NA, NB), ts
+    if override > 0:
+        return override
+    if not par:
+        return n if n <= 2 * SEQ_TILE else SEQ_TILE
+    ts = _ceil_div(n, 8 * nthreads)
+    ts = ((ts + 7) // 8) * 8
+    return max(PAR_TILE_MIN, min(SEQ_TILE, ts))
 
 
-cdef double _dtw_diagonals(const floating* theta, floating* E, Py_ssize_t NA,
-                           Py_ssize_t NB, Py_ssize_t la, Py_ssize_t lb,
-                           Py_ssize_t band, int reg, double gamma,
-                           double* wd, Py_ssize_t* wi, floating* wq) noexcept nogil:
-    """Value of one problem by anti-diagonals; E too when ``wq`` is not NULL.
+cdef inline Py_ssize_t _q_len(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t TS, int mode) noexcept nogil:
+    """Stored weights (and tangents) of one problem, in values of the caller's dtype."""
+    if mode == MODE_VALUE:
+        return 0
+    return _ceil_div(NA, TS) * _ceil_div(NB, TS) * (6 if mode == MODE_HVP else 3) * _q_plane(TS)
 
-    wd: _diag_work(NA) doubles; wi: 3·(NA + NB + 3) ints; wq: 3·_q_segment
-    values or NULL. E must be zero on entry. Buffer ``c`` of R (and later of
-    ebar) holds diagonal d with d % 3 == c, indexed by the row i; outside the
-    cells written for that diagonal it is +inf (0 for ebar), so reads one
-    cell past the computed range see the border.
-    """
-    cdef Py_ssize_t W = NA + 2, D = la + lb, S = _q_segment(NA, NB)
-    cdef Py_ssize_t d, i, i0, i1, n, c, d0, total = 0
-    cdef Py_ssize_t* lo = wi
-    cdef Py_ssize_t* hi = wi + (D + 3)
-    cdef Py_ssize_t* off = wi + 2 * (D + 3)
-    cdef Py_ssize_t wlo[3]
-    cdef Py_ssize_t whi[3]
-    cdef double* buf[3]
-    cdef double* blk = wd + 3 * W
-    cdef double* cur
-    cdef double* p1
-    cdef double* p2
-    cdef floating* qU = NULL
-    cdef floating* qL = NULL
-    cdef floating* qD = NULL
-    cdef floating* qd2
-    cdef double value
-    cdef bint grad = wq != NULL
 
-    if grad:
-        qU = wq + QPAD
-        qL = wq + S + QPAD
-        qD = wq + 2 * S + QPAD
-    for d in range(2, D + 1):
-        _diag_range(d, la, lb, band, &lo[d], &hi[d])
-        off[d] = total
-        total += max(0, hi[d] - lo[d] + 1)
-    for c in range(3):
-        buf[c] = wd + c * W
-        for i in range(W):
-            buf[c][i] = INFINITY
-        wlo[c] = 1
-        whi[c] = 0
-    buf[0][0] = 0.0  # R[0, 0] on diagonal 0
-    wlo[0] = 0
-    whi[0] = 0
-    for d in range(2, D + 1):
-        if (d - 2) % BLOCK == 0:
-            _gather_block(theta, NB, blk, W, d, min(d + BLOCK - 1, D), lo, hi)
-        c = d % 3
-        cur = buf[c]
-        p1 = buf[(d - 1) % 3]
-        p2 = buf[(d - 2) % 3]
-        for i in range(wlo[c], whi[c] + 1):  # forget diagonal d - 3
-            cur[i] = INFINITY
-        i0 = lo[d]
-        i1 = hi[d]
-        n = i1 - i0 + 1
-        if n <= 0:
-            wlo[c] = 1
-            whi[c] = 0
-            continue
-        if floating is double:
-            sm_dtw_fwd_d(n, blk + ((d - 2) % BLOCK) * W + i0,
-                         p1 + i0 - 1, p1 + i0, p2 + i0 - 1, cur + i0,
-                         qU + off[d] if grad else NULL, qL + off[d] if grad else NULL,
-                         qD + off[d] if grad else NULL, reg, gamma)
-        else:
-            sm_dtw_fwd_f(n, blk + ((d - 2) % BLOCK) * W + i0,
-                         p1 + i0 - 1, p1 + i0, p2 + i0 - 1, cur + i0,
-                         qU + off[d] if grad else NULL, qL + off[d] if grad else NULL,
-                         qD + off[d] if grad else NULL, reg, gamma)
-        wlo[c] = i0
-        whi[c] = i1
-    value = buf[D % 3][la]
-    if not grad or value == INFINITY:
-        return value  # unreachable end cell: E = 0
-
-    # zero the pads: reads one cell past a diagonal's stored range land there
-    for c in range(3):
-        for i in range(-QPAD, 0):
-            wq[c * S + QPAD + i] = 0
-        for i in range(total, min(S - QPAD, total + NA + 2 * QPAD)):
-            wq[c * S + QPAD + i] = 0
-    # reverse pass, buffers now hold ebar
-    for c in range(3):
-        for i in range(W):
-            buf[c][i] = 0.0
-        wlo[c] = 1
-        whi[c] = 0
-    buf[D % 3][la] = 1.0
-    wlo[D % 3] = la
-    whi[D % 3] = la
-    E[(la - 1) * NB + (lb - 1)] = 1.0
-    for d in range(D - 1, 1, -1):
-        c = d % 3
-        cur = buf[c]
-        p1 = buf[(d + 1) % 3]
-        p2 = buf[(d + 2) % 3]
-        for i in range(wlo[c], whi[c] + 1):  # forget diagonal d + 3
-            cur[i] = 0.0
-        i0 = lo[d]
-        i1 = hi[d]
-        n = i1 - i0 + 1
-        wlo[c] = i0
-        whi[c] = i1
-        if n > 0:
-            # weights of (i+1, j) [up], (i, j+1) [left], (i+1, j+1) [diag] toward (i, j)
-            if d + 2 <= D:
-                qd2 = qD + off[d + 2] + (i0 + 1 - lo[d + 2])
-            else:
-                qd2 = qD + total  # zero pad; ebar of diagonal D + 1 is 0 anyway
-            if floating is double:
-                sm_dtw_bwd_d(n, p1 + i0 + 1, p1 + i0, p2 + i0 + 1,
-                             qU + off[d + 1] + (i0 + 1 - lo[d + 1]),
-                             qL + off[d + 1] + (i0 - lo[d + 1]), qd2, cur + i0)
-            else:
-                sm_dtw_bwd_f(n, p1 + i0 + 1, p1 + i0, p2 + i0 + 1,
-                             qU + off[d + 1] + (i0 + 1 - lo[d + 1]),
-                             qL + off[d + 1] + (i0 - lo[d + 1]), qd2, cur + i0)
-            for i in range(i0, i1 + 1):
-                blk[((d - 2) % BLOCK) * W + i] = cur[i]
-        if (d - 2) % BLOCK == 0:
-            _scatter_block(E, NB, blk, W, d, min(d + BLOCK - 1, D - 1), lo, hi)
-    return value
+def _qwork_len(Py_ssize_t B, Py_ssize_t NA, Py_ssize_t NB, int mode, bint rows):
+    """Length of the q workspace ``_dtw_batch`` takes: one problem's worth per
+    thread when threads share the batch, one when they share a problem."""
+    cdef int nthreads = sm_max_threads()
+    cdef bint par = B < nthreads
+    if rows:
+        return 0
+    return _q_len(NA, NB, _pick_tile(NA, NB, par, nthreads, _tile_override[0]), mode) * (1 if par else nthreads)
 
 
 cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] Z,
                      const long long[::1] la, const long long[::1] lb,
                      Py_ssize_t band, int reg, double gamma, int mode, bint rows,
                      floating[::1] value, floating[:, :, ::1] E,
-                     floating[:, :, ::1] Ed, signed char[::1] failed) noexcept:
-    """Batch loop; ``rows`` picks ``_dtw_rows`` (always used for the HVP)."""
+                     floating[:, :, ::1] Ed, signed char[::1] failed,
+                     Py_ssize_t override, floating[::1] qwork) noexcept:
+    """Batch loop. B >= threads: a ``prange`` over the batch, one problem per
+    thread at a time (tiles in order). B < threads: the problems one after the
+    other, each with its tiles spread over the threads. ``rows`` picks the
+    row-by-row ``_dtw_rows`` (a slow second implementation, for tests)."""
     cdef Py_ssize_t B = theta.shape[0], NA = theta.shape[1], NB = theta.shape[2]
-    cdef Py_ssize_t b
+    cdef Py_ssize_t b, t, TS, nq
+    cdef int nthreads = sm_max_threads()
+    cdef floating* qbase = &qwork[0] if qwork.shape[0] > 0 else NULL
+    cdef bint par = B < nthreads and not rows
     cdef double* wd = NULL
     cdef Py_ssize_t* wi = NULL
     cdef floating* wq = NULL
+    cdef double* edges = NULL
+    cdef Py_ssize_t* lohi = NULL
+    cdef double** wds = NULL
+    cdef Py_ssize_t** wis = NULL
     cdef bint ok
-    rows = rows or mode == MODE_HVP
-    with nogil, parallel():
-        if rows:
+    TS = _pick_tile(NA, NB, par, nthreads, override)
+    nq = _q_len(NA, NB, TS, mode)
+    if rows:
+        with nogil, parallel():
             wd = <double*> malloc(_rows_work(NA, NB, mode) * sizeof(double))
-            wi = NULL
-            wq = NULL
-            ok = wd != NULL
-        else:
-            wd = <double*> malloc(_diag_work(NA) * sizeof(double))
-            wi = <Py_ssize_t*> malloc(3 * (NA + NB + 3) * sizeof(Py_ssize_t))
-            wq = NULL
-            if mode == MODE_GRAD:
-                wq = <floating*> malloc(3 * _q_segment(NA, NB) * sizeof(floating))
-            ok = wd != NULL and wi != NULL and (wq != NULL or mode != MODE_GRAD)
+            for b in prange(B, schedule="dynamic"):
+                if wd == NULL:
+                    failed[b] = 1
+                else:
+                    value[b] = <floating> _dtw_rows(
+                        &theta[b, 0, 0], &Z[b, 0, 0] if mode == MODE_HVP else NULL,
+                        &E[b, 0, 0] if mode != MODE_VALUE else NULL,
+                        &Ed[b, 0, 0] if mode == MODE_HVP else NULL,
+                        NB, la[b], lb[b], band, reg, gamma, mode, wd)
+            free(wd)
+        return
+    if par:
+        with nogil:
+            wds = <double**> calloc(nthreads, sizeof(double*))
+            wis = <Py_ssize_t**> calloc(nthreads, sizeof(Py_ssize_t*))
+            ok = wds != NULL and wis != NULL
+            if ok:
+                for t in range(nthreads):
+                    wds[t] = <double*> malloc(_tile_work(TS) * sizeof(double))
+                    wis[t] = <Py_ssize_t*> malloc(_tile_iwork(TS) * sizeof(Py_ssize_t))
+                    ok = ok and wds[t] != NULL and wis[t] != NULL
+            edges = <double*> malloc(_edge_work(NA, NB, TS) * sizeof(double))
+            lohi = <Py_ssize_t*> malloc(2 * (NA + NB + 3) * sizeof(Py_ssize_t))
+            wq = qbase
+            ok = ok and edges != NULL and lohi != NULL and (wq != NULL or nq == 0)
+            for b in range(B):
+                if not ok:
+                    failed[b] = 1
+                else:
+                    value[b] = <floating> _dtw_tiled(
+                        &theta[b, 0, 0], &Z[b, 0, 0] if mode == MODE_HVP else NULL,
+                        &E[b, 0, 0] if mode != MODE_VALUE else NULL,
+                        &Ed[b, 0, 0] if mode == MODE_HVP else NULL,
+                        NB, la[b], lb[b], band, reg, gamma, mode, TS, True,
+                        lohi, edges, wq, wds, wis)
+            if wds != NULL:
+                for t in range(nthreads):
+                    free(wds[t])
+            if wis != NULL:
+                for t in range(nthreads):
+                    free(wis[t])
+            free(wds)
+            free(wis)
+            free(edges)
+            free(lohi)
+        return
+    with nogil, parallel():
+        wd = <double*> malloc(_tile_work(TS) * sizeof(double))
+        wi = <Py_ssize_t*> malloc(_tile_iwork(TS) * sizeof(Py_ssize_t))
+        edges = <double*> malloc(_edge_work(NA, NB, TS) * sizeof(double))
+        lohi = <Py_ssize_t*> malloc(2 * (NA + NB + 3) * sizeof(Py_ssize_t))
+        wq = qbase + threadid() * nq if nq > 0 else NULL
+        ok = wd != NULL and wi != NULL and edges != NULL and lohi != NULL and (wq != NULL or nq == 0)
         for b in prange(B, schedule="dynamic"):
             if not ok:
                 failed[b] = 1
-            elif rows:
-                value[b] = <floating> _dtw_rows(
+            else:
+                value[b] = <floating> _dtw_tiled(
                     &theta[b, 0, 0], &Z[b, 0, 0] if mode == MODE_HVP else NULL,
                     &E[b, 0, 0] if mode != MODE_VALUE else NULL,
                     &Ed[b, 0, 0] if mode == MODE_HVP else NULL,
-                    NB, la[b], lb[b], band, reg, gamma, mode, wd)
-            else:
-                value[b] = <floating> _dtw_diagonals(
-                    &theta[b, 0, 0], &E[b, 0, 0] if mode != MODE_VALUE else NULL,
-                    NA, NB, la[b], lb[b], band, reg, gamma, wd, wi, wq)
+                    NB, la[b], lb[b], band, reg, gamma, mode, TS, False,
+                    lohi, edges, wq, &wd, &wi)
         free(wd)
         free(wi)
-        free(wq)
+        free(edges)
+        free(lohi)
+
+
+# The stored weights need 3 (gradient) or 6 (HVP) values per cell; for a
+# large problem the time to fault in fresh pages is comparable to the passes
+# themselves, so the last workspace (up to _QCACHE_MAX_BYTES) is kept for the
+# next call. A call takes it out (atomic under the GIL), so concurrent calls
+# never share one; _release_workspace() drops it.
+_QCACHE_MAX_BYTES = 1 << 30
+_qcache = {}
+
+
+def _release_workspace():
+    """Free the cached weight workspace of the DTW kernels."""
+    _qcache.clear()
+
+
+def _take_qwork(dtype, Py_ssize_t n):
+    buf = _qcache.pop(np.dtype(dtype).char, None)
+    if buf is None or buf.shape[0] < n:
+        buf = None  # let the old one go before allocating a larger one
+        buf = np.empty(max(n, 0), dtype=dtype)
+    return buf
+
+
+def _give_qwork(buf):
+    if buf.nbytes <= _QCACHE_MAX_BYTES:
+        _qcache[buf.dtype.char] = buf
 
 
 def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode,
@@ -444,12 +902,14 @@ def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode,
     Zarr = Z if mode == MODE_HVP else empty
     failed = np.zeros(B, dtype=np.int8)
     if B > 0 and NA > 0 and NB > 0:
+        qwork = _take_qwork(theta.dtype, _qwork_len(B, NA, NB, mode, rows))
         if theta.dtype == np.float64:
             _dtw_batch[double](theta, Zarr, la, lb, band, reg, gamma, mode, rows,
-                               value, E, Ed, failed)
+                               value, E, Ed, failed, _tile_override[0], qwork)
         else:
             _dtw_batch[float](theta, Zarr, la, lb, band, reg, gamma, mode, rows,
-                              value, E, Ed, failed)
+                              value, E, Ed, failed, _tile_override[0], qwork)
+        _give_qwork(qwork)
     if failed.any():
         raise MemoryError("smoothmax._core.dtw: could not allocate the workspace")
     return value, E, Ed

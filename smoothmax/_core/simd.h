@@ -221,6 +221,74 @@ ATTR static void sm_dtw_bwd_##SUF(                                             \
 }
 
 /*
+ * HVP (SPEC section 2) over one diagonal. Forward, per cell, with u the
+ * tangents Rdot of the predecessors (up, left, diagonal):
+ *   out = theta + min_Omega(r),  dout = z + <q, u>,
+ *   qdot = -H(-r) u:  negentropy  -q (u - <q, u>) / gamma,
+ *                     l2          -s (u - mean_S u) / gamma, s = [q > 0],
+ *                     hard        0.
+ * Reverse, per cell, with the children's ebar (e*) and ebar_dot (f*):
+ *   out  = eu qu + el ql + ed qd,
+ *   dout = fu qu + eu qdu + fl ql + el qdl + fd qd + ed qdd.
+ * A q of 0 multiplies a finite tangent, so masked cells give exact zeros.
+ */
+#define SM_FWD_HVP_LOOP(T, OP, QDOT)                                           \
+    for (ptrdiff_t k = 0; k < n; ++k) {                                        \
+        double qa, qb, qc;                                                     \
+        double v = OP(up[k], left[k], dg[k], gamma, ig, &qa, &qb, &qc);        \
+        out[k] = theta[k] + v;                                                 \
+        double ua = dup[k], ub = dleft[k], uc = ddg[k];                        \
+        double rd = qa * ua + qb * ub + qc * uc;                               \
+        dout[k] = z[k] + rd;                                                   \
+        qu[k] = (T)qa; ql[k] = (T)qb; qd[k] = (T)qc;                           \
+        QDOT(T)                                                                \
+    }
+#define SM_QDOT_NEGENTROPY(T)                                                     \
+        qdu[k] = (T)(-qa * (ua - rd) * ig);                                    \
+        qdl[k] = (T)(-qb * (ub - rd) * ig);                                    \
+        qdd[k] = (T)(-qc * (uc - rd) * ig);
+#define SM_QDOT_L2(T)                                                             \
+        double sa = qa > 0.0 ? 1.0 : 0.0, sb = qb > 0.0 ? 1.0 : 0.0;           \
+        double sc = qc > 0.0 ? 1.0 : 0.0, cnt = sa + sb + sc;                  \
+        double mean = (sa * ua + sb * ub + sc * uc) / (cnt > 0.0 ? cnt : 1.0); \
+        qdu[k] = (T)(-sa * (ua - mean) * ig);                                  \
+        qdl[k] = (T)(-sb * (ub - mean) * ig);                                  \
+        qdd[k] = (T)(-sc * (uc - mean) * ig);
+#define SM_QDOT_HARD(T)                                                           \
+        qdu[k] = (T)0; qdl[k] = (T)0; qdd[k] = (T)0;
+
+#define SM_DEFINE_HVP_KERNELS(T, SUF, ATTR)                                    \
+ATTR static void sm_dtw_fwd_hvp_##SUF(                                         \
+    ptrdiff_t n, const double *restrict theta, const double *restrict z,       \
+    const double *restrict up, const double *restrict left,                    \
+    const double *restrict dg, double *restrict out,                           \
+    const double *restrict dup, const double *restrict dleft,                  \
+    const double *restrict ddg, double *restrict dout,                         \
+    T *restrict qu, T *restrict ql, T *restrict qd,                            \
+    T *restrict qdu, T *restrict qdl, T *restrict qdd, int reg, double gamma)  \
+{                                                                              \
+    const double ig = 1.0 / gamma;                                             \
+    if (reg == 0) { SM_FWD_HVP_LOOP(T, sm_min3_negentropy, SM_QDOT_NEGENTROPY) } \
+    else if (reg == 1) { SM_FWD_HVP_LOOP(T, sm_min3_l2, SM_QDOT_L2) }          \
+    else { SM_FWD_HVP_LOOP(T, sm_min3_hard, SM_QDOT_HARD) }                    \
+}                                                                              \
+ATTR static void sm_dtw_bwd_hvp_##SUF(                                         \
+    ptrdiff_t n, const double *restrict eu, const double *restrict el,         \
+    const double *restrict ed, const double *restrict fu,                      \
+    const double *restrict fl, const double *restrict fd,                      \
+    const T *restrict qu, const T *restrict ql, const T *restrict qd,          \
+    const T *restrict qdu, const T *restrict qdl, const T *restrict qdd,       \
+    double *restrict out, double *restrict dout)                               \
+{                                                                              \
+    for (ptrdiff_t k = 0; k < n; ++k) {                                        \
+        double a = (double)qu[k], b = (double)ql[k], c = (double)qd[k];        \
+        out[k] = eu[k] * a + el[k] * b + ed[k] * c;                            \
+        dout[k] = fu[k] * a + eu[k] * (double)qdu[k] + fl[k] * b               \
+                  + el[k] * (double)qdl[k] + fd[k] * c + ed[k] * (double)qdd[k]; \
+    }                                                                          \
+}
+
+/*
  * Negentropy max over a row: returns gamma*logsumexp(x/gamma), writes
  * softmax(x/gamma) to q. Max and sum use 8 partial accumulators so that the
  * reductions vectorize without -ffast-math. All -inf: -inf and q = 0.
@@ -266,6 +334,12 @@ SM_DEFINE_DTW_KERNELS(double, d_avx2, SM_ATTR_AVX2)
 SM_DEFINE_DTW_KERNELS(float, f_avx2, SM_ATTR_AVX2)
 SM_DEFINE_DTW_KERNELS(double, d_base, )
 SM_DEFINE_DTW_KERNELS(float, f_base, )
+SM_DEFINE_HVP_KERNELS(double, d_avx512, SM_ATTR_AVX512)
+SM_DEFINE_HVP_KERNELS(float, f_avx512, SM_ATTR_AVX512)
+SM_DEFINE_HVP_KERNELS(double, d_avx2, SM_ATTR_AVX2)
+SM_DEFINE_HVP_KERNELS(float, f_avx2, SM_ATTR_AVX2)
+SM_DEFINE_HVP_KERNELS(double, d_base, )
+SM_DEFINE_HVP_KERNELS(float, f_base, )
 SM_DEFINE_ROW_KERNELS(avx512, SM_ATTR_AVX512)
 SM_DEFINE_ROW_KERNELS(avx2, SM_ATTR_AVX2)
 SM_DEFINE_ROW_KERNELS(base, )
@@ -308,7 +382,21 @@ static void sm_dtw_fwd_##SUF(                                                  \
 static void sm_dtw_bwd_##SUF(                                                  \
     ptrdiff_t n, const double *eu, const double *el, const double *ed,         \
     const T *qu, const T *ql, const T *qd, double *out)                        \
-{ SM_DISPATCH(sm_dtw_bwd, SUF, (n, eu, el, ed, qu, ql, qd, out)) }
+{ SM_DISPATCH(sm_dtw_bwd, SUF, (n, eu, el, ed, qu, ql, qd, out)) }             \
+static void sm_dtw_fwd_hvp_##SUF(                                              \
+    ptrdiff_t n, const double *theta, const double *z, const double *up,       \
+    const double *left, const double *dg, double *out, const double *dup,      \
+    const double *dleft, const double *ddg, double *dout, T *qu, T *ql, T *qd, \
+    T *qdu, T *qdl, T *qdd, int reg, double gamma)                             \
+{ SM_DISPATCH(sm_dtw_fwd_hvp, SUF, (n, theta, z, up, left, dg, out, dup, dleft, ddg, \
+                                   dout, qu, ql, qd, qdu, qdl, qdd, reg, gamma)) } \
+static void sm_dtw_bwd_hvp_##SUF(                                              \
+    ptrdiff_t n, const double *eu, const double *el, const double *ed,         \
+    const double *fu, const double *fl, const double *fd, const T *qu,         \
+    const T *ql, const T *qd, const T *qdu, const T *qdl, const T *qdd,        \
+    double *out, double *dout)                                                 \
+{ SM_DISPATCH(sm_dtw_bwd_hvp, SUF, (n, eu, el, ed, fu, fl, fd, qu, ql, qd, qdu, qdl, \
+                                   qdd, out, dout)) }
 SM_DEFINE_DISPATCH(double, d)
 SM_DEFINE_DISPATCH(float, f)
 static double sm_negentropy_row(ptrdiff_t n, const double *x, double *q, double gamma)
@@ -324,6 +412,8 @@ static double sm_negentropy_row(ptrdiff_t n, const double *x, double *q, double 
 #else
 SM_DEFINE_DTW_KERNELS(double, d, )
 SM_DEFINE_DTW_KERNELS(float, f, )
+SM_DEFINE_HVP_KERNELS(double, d, )
+SM_DEFINE_HVP_KERNELS(float, f, )
 SM_DEFINE_ROW_KERNELS(any, )
 #define sm_negentropy_row sm_negentropy_row_any
 static void sm_init_isa(void) {}
@@ -337,6 +427,14 @@ static const char *sm_isa_name(void)
     return "compiler default";
 #endif
 }
+#endif
+
+/* Threads an OpenMP parallel region would use (1 in a build without OpenMP). */
+#ifdef _OPENMP
+#include <omp.h>
+static int sm_max_threads(void) { return omp_get_max_threads(); }
+#else
+static int sm_max_threads(void) { return 1; }
 #endif
 
 #endif /* SMOOTHMAX_SIMD_H */
