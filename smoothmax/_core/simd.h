@@ -101,6 +101,28 @@ SM_INLINE double sm_log_pos(double x)
 }
 
 /*
+ * max of x[:n], with y (n doubles) as scratch: y[j] = max(x[j], y[j - 8]) is a
+ * distance-8 recurrence that the loop vectorizer turns into vector max
+ * instructions (a loop over 8 local accumulators is scalarized instead, and
+ * compiled to scalar compares). -inf entries are fine; NaN is never fed.
+ */
+SM_INLINE double sm_rowmax(ptrdiff_t n, const double *restrict x, double *restrict y)
+{
+    ptrdiff_t j, n8 = n & ~(ptrdiff_t)7;
+    double m = -SM_INF;
+    if (n8 > 0) {
+        for (j = 0; j < 8; ++j) y[j] = x[j];
+        for (j = 8; j < n8; ++j) {
+            double v = x[j], a = y[j - 8];
+            y[j] = v > a ? v : a;
+        }
+        for (j = n8 - 8; j < n8; ++j) m = y[j] > m ? y[j] : m;
+    }
+    for (j = n8; j < n; ++j) m = x[j] > m ? x[j] : m;
+    return m;
+}
+
+/*
  * min_Omega of the three predecessors (a, b, c) = (up, left, diagonal) of R,
  * i.e. -max_Omega(-a, -b, -c); writes the weights q = grad max_Omega(-r).
  * All three +inf: value +inf, q = 0. ig = 1/gamma.
@@ -290,7 +312,7 @@ ATTR static void sm_dtw_bwd_hvp_##SUF(                                         \
 
 /*
  * Negentropy max over a row: returns gamma*logsumexp(x/gamma), writes
- * softmax(x/gamma) to q. Max and sum use 8 partial accumulators so that the
+ * softmax(x/gamma) to q. The max uses sm_rowmax, the sum 8 partial accumulators, so that the
  * reductions vectorize without -ffast-math. All -inf: -inf and q = 0.
  */
 #define SM_DEFINE_ROW_KERNELS(SUF, ATTR)                                       \
@@ -299,12 +321,7 @@ ATTR static double sm_negentropy_row_##SUF(                                    \
 {                                                                              \
     double acc[8];                                                             \
     ptrdiff_t k, l;                                                            \
-    for (l = 0; l < 8; ++l) acc[l] = -SM_INF;                                  \
-    for (k = 0; k + 8 <= n; k += 8)                                            \
-        for (l = 0; l < 8; ++l) acc[l] = x[k + l] > acc[l] ? x[k + l] : acc[l]; \
-    double m = -SM_INF;                                                        \
-    for (l = 0; l < 8; ++l) m = acc[l] > m ? acc[l] : m;                       \
-    for (; k < n; ++k) m = x[k] > m ? x[k] : m;                                \
+    double m = sm_rowmax(n, x, q);  /* q is scratch until the weights */       \
     if (!(m > -SM_INF)) {                                                      \
         for (k = 0; k < n; ++k) q[k] = 0.0;                                    \
         return -SM_INF;                                                        \
@@ -320,6 +337,138 @@ ATTR static double sm_negentropy_row_##SUF(                                    \
     const double inv = 1.0 / s;  /* s >= 1: the max contributes exp(0) */      \
     for (k = 0; k < n; ++k) q[k] *= inv;                                       \
     return m + gamma * sm_log_pos(s);                                          \
+}
+
+/*
+ * Viterbi, negentropy: one step t of the forward pass over all S rows i,
+ *   Vn[i] = max_Omega_j (th[i, j] + V[j]) = m_i + gamma log s_i,
+ *   q_i = exp((th[i, :] + V - m_i) / gamma) / s_i  (softmax).
+ * Value (E == NULL): Vn only. Gradient (E != NULL, z == NULL): E[i, :] gets
+ * the unnormalized exp and inv[i] = 1/s_i; the reverse step multiplies by it
+ * (one pass over the block fewer). HVP (z != NULL): E[i, :] = q_i,
+ * u = z[i, :] + Vd, Vdn[i] = <q_i, u>, Ed[i, :] = H q_i u = q_i (u - Vdn[i])
+ * / gamma, inv unused. x is 4 S doubles of scratch. A row that is all
+ * -inf gets -inf, q = 0, inv = 0 (and Vdn = 0, Ed = 0). The logs of the S
+ * rows are taken in one vectorized loop after the rows.
+ * Reverse step: E[i, j] = c_i E[i, j] with c_i = eb[i] inv[i] (eb[i] when
+ * inv is NULL), nb[j] = sum_i E[i, j], and for the HVP
+ * Ed[i, j] = ebd[i] q + eb[i] Ed[i, j], nbd[j] = sum_i Ed[i, j].
+ */
+#define SM_DEFINE_VIT_KERNELS(T, SUF, ATTR)                                    \
+ATTR static void sm_vit_fwd_##SUF(                                             \
+    ptrdiff_t S, const T *restrict th, const T *restrict z,                    \
+    const double *restrict V, const double *restrict Vd,                       \
+    double *restrict Vn, double *restrict Vdn, T *restrict E,                  \
+    T *restrict Ed, double *restrict inv, double *restrict x, double gamma)    \
+{                                                                              \
+    const double ig = 1.0 / gamma;                                             \
+    double acc[8];                                                             \
+    double *restrict y = x + S;                                                \
+    double *restrict msum = x + 2 * S;  /* row max, then row sum: 2 S */       \
+    ptrdiff_t i, j, l;                                                         \
+    for (i = 0; i < S; ++i) {                                                  \
+        const T *restrict row = th + i * S;                                    \
+        for (j = 0; j < S; ++j) x[j] = (double)row[j] + V[j];                  \
+        double m = sm_rowmax(S, x, y);                                         \
+        msum[i] = m;                                                           \
+        if (!(m > -SM_INF)) {                                                  \
+            msum[S + i] = 1.0;                                                 \
+            if (E != NULL) for (j = 0; j < S; ++j) E[i * S + j] = (T)0;        \
+            if (z != NULL) {                                                   \
+                Vdn[i] = 0.0;                                                  \
+                for (j = 0; j < S; ++j) Ed[i * S + j] = (T)0;                  \
+            }                                                                  \
+            continue;                                                          \
+        }                                                                      \
+        for (l = 0; l < 8; ++l) acc[l] = 0.0;                                  \
+        if (E != NULL && z == NULL) {                                          \
+            T *restrict erow = E + i * S;                                      \
+            for (j = 0; j + 8 <= S; j += 8)                                    \
+                for (l = 0; l < 8; ++l) {                                      \
+                    double e = sm_exp_nonpos((x[j + l] - m) * ig);             \
+                    erow[j + l] = (T)e;                                        \
+                    acc[l] += e;                                               \
+                }                                                              \
+            for (; j < S; ++j) {                                               \
+                double e = sm_exp_nonpos((x[j] - m) * ig);                     \
+                erow[j] = (T)e;                                                \
+                acc[0] += e;                                                   \
+            }                                                                  \
+        } else {                                                               \
+            for (j = 0; j < S; ++j) x[j] = sm_exp_nonpos((x[j] - m) * ig);     \
+            for (j = 0; j + 8 <= S; j += 8)                                    \
+                for (l = 0; l < 8; ++l) acc[l] += x[j + l];                    \
+            for (; j < S; ++j) acc[0] += x[j];                                 \
+        }                                                                      \
+        double sum = 0.0;                                                      \
+        for (l = 0; l < 8; ++l) sum += acc[l];                                 \
+        msum[S + i] = sum;  /* >= 1: the max contributes exp(0) */             \
+        if (z == NULL) continue;                                               \
+        const double inv_i = 1.0 / sum;                                        \
+        T *restrict erow = E + i * S;                                          \
+        const T *restrict zrow = z + i * S;                                    \
+        for (l = 0; l < 8; ++l) acc[l] = 0.0;                                  \
+        for (j = 0; j + 8 <= S; j += 8)                                        \
+            for (l = 0; l < 8; ++l) {                                          \
+                double q = x[j + l] * inv_i;                                   \
+                x[j + l] = q;                                                  \
+                acc[l] += q * ((double)zrow[j + l] + Vd[j + l]);               \
+            }                                                                  \
+        double vd = 0.0;                                                       \
+        for (; j < S; ++j) {                                                   \
+            double q = x[j] * inv_i;                                           \
+            x[j] = q;                                                          \
+            vd += q * ((double)zrow[j] + Vd[j]);                               \
+        }                                                                      \
+        for (l = 0; l < 8; ++l) vd += acc[l];                                  \
+        Vdn[i] = vd;                                                           \
+        T *restrict edrow = Ed + i * S;                                        \
+        for (j = 0; j < S; ++j) {                                              \
+            erow[j] = (T)x[j];                                                 \
+            edrow[j] = (T)(x[j] * (((double)zrow[j] + Vd[j]) - vd) * ig);      \
+        }                                                                      \
+    }                                                                          \
+    for (i = 0; i < S; ++i) {  /* m + gamma log(sum), -inf rows stay -inf */   \
+        double m = msum[i], sum = msum[S + i];                                 \
+        int fin = m > -SM_INF;                                                 \
+        Vn[i] = fin ? m + gamma * sm_log_pos(sum) : -SM_INF;                   \
+        if (inv != NULL) inv[i] = fin ? 1.0 / sum : 0.0;                       \
+    }                                                                          \
+}                                                                              \
+ATTR static void sm_vit_bwd_##SUF(                                             \
+    ptrdiff_t S, const double *restrict eb, const double *restrict ebd,        \
+    const double *restrict inv, double *restrict nb, double *restrict nbd,     \
+    T *restrict E, T *restrict Ed)                                             \
+{                                                                              \
+    ptrdiff_t i, j;                                                            \
+    for (j = 0; j < S; ++j) nb[j] = 0.0;                                       \
+    if (Ed == NULL) {                                                          \
+        for (i = 0; i < S; ++i) {                                              \
+            const double c = inv != NULL ? eb[i] * inv[i] : eb[i];             \
+            T *restrict erow = E + i * S;                                      \
+            for (j = 0; j < S; ++j) {                                          \
+                double e = c * (double)erow[j];                                \
+                erow[j] = (T)e;                                                \
+                nb[j] += e;                                                    \
+            }                                                                  \
+        }                                                                      \
+        return;                                                                \
+    }                                                                          \
+    for (j = 0; j < S; ++j) nbd[j] = 0.0;                                      \
+    for (i = 0; i < S; ++i) {                                                  \
+        const double e_i = eb[i], f_i = ebd[i];                                \
+        T *restrict erow = E + i * S;                                          \
+        T *restrict edrow = Ed + i * S;                                        \
+        for (j = 0; j < S; ++j) {                                              \
+            double q = (double)erow[j];                                        \
+            double ed = f_i * q + e_i * (double)edrow[j];                      \
+            double e = e_i * q;                                                \
+            edrow[j] = (T)ed;                                                  \
+            erow[j] = (T)e;                                                    \
+            nbd[j] += ed;                                                      \
+            nb[j] += e;                                                        \
+        }                                                                      \
+    }                                                                          \
 }
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && \
@@ -340,6 +489,12 @@ SM_DEFINE_HVP_KERNELS(double, d_avx2, SM_ATTR_AVX2)
 SM_DEFINE_HVP_KERNELS(float, f_avx2, SM_ATTR_AVX2)
 SM_DEFINE_HVP_KERNELS(double, d_base, )
 SM_DEFINE_HVP_KERNELS(float, f_base, )
+SM_DEFINE_VIT_KERNELS(double, d_avx512, SM_ATTR_AVX512)
+SM_DEFINE_VIT_KERNELS(float, f_avx512, SM_ATTR_AVX512)
+SM_DEFINE_VIT_KERNELS(double, d_avx2, SM_ATTR_AVX2)
+SM_DEFINE_VIT_KERNELS(float, f_avx2, SM_ATTR_AVX2)
+SM_DEFINE_VIT_KERNELS(double, d_base, )
+SM_DEFINE_VIT_KERNELS(float, f_base, )
 SM_DEFINE_ROW_KERNELS(avx512, SM_ATTR_AVX512)
 SM_DEFINE_ROW_KERNELS(avx2, SM_ATTR_AVX2)
 SM_DEFINE_ROW_KERNELS(base, )
@@ -396,7 +551,16 @@ static void sm_dtw_bwd_hvp_##SUF(                                              \
     const T *ql, const T *qd, const T *qdu, const T *qdl, const T *qdd,        \
     double *out, double *dout)                                                 \
 { SM_DISPATCH(sm_dtw_bwd_hvp, SUF, (n, eu, el, ed, fu, fl, fd, qu, ql, qd, qdu, qdl, \
-                                   qdd, out, dout)) }
+                                   qdd, out, dout)) }                       \
+static void sm_vit_fwd_##SUF(                                                  \
+    ptrdiff_t S, const T *th, const T *z, const double *V, const double *Vd,   \
+    double *Vn, double *Vdn, T *E, T *Ed, double *inv, double *x, double gamma) \
+{ SM_DISPATCH(sm_vit_fwd, SUF, (S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma)) } \
+static void sm_vit_bwd_##SUF(                                                  \
+    ptrdiff_t S, const double *eb, const double *ebd, const double *inv,       \
+    double *nb, double *nbd, T *E, T *Ed)                                      \
+{ SM_DISPATCH(sm_vit_bwd, SUF, (S, eb, ebd, inv, nb, nbd, E, Ed)) }
+
 SM_DEFINE_DISPATCH(double, d)
 SM_DEFINE_DISPATCH(float, f)
 static double sm_negentropy_row(ptrdiff_t n, const double *x, double *q, double gamma)
@@ -414,6 +578,8 @@ SM_DEFINE_DTW_KERNELS(double, d, )
 SM_DEFINE_DTW_KERNELS(float, f, )
 SM_DEFINE_HVP_KERNELS(double, d, )
 SM_DEFINE_HVP_KERNELS(float, f, )
+SM_DEFINE_VIT_KERNELS(double, d, )
+SM_DEFINE_VIT_KERNELS(float, f, )
 SM_DEFINE_ROW_KERNELS(any, )
 #define sm_negentropy_row sm_negentropy_row_any
 static void sm_init_isa(void) {}

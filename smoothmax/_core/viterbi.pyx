@@ -19,7 +19,21 @@ import numpy as np
 
 from cython cimport floating
 
-from .operators cimport max_omega, max_omega_hvp, sm_init_isa
+from .operators cimport max_omega, max_omega_hvp, sm_init_isa, REG_NEGENTROPY
+
+
+cdef extern from "simd.h" nogil:
+    void sm_vit_fwd_d(Py_ssize_t S, const double* th, const double* z, const double* V,
+                      const double* Vd, double* Vn, double* Vdn, double* E, double* Ed,
+                      double* inv, double* x, double gamma)
+    void sm_vit_fwd_f(Py_ssize_t S, const float* th, const float* z, const double* V,
+                      const double* Vd, double* Vn, double* Vdn, float* E, float* Ed,
+                      double* inv, double* x, double gamma)
+    void sm_vit_bwd_d(Py_ssize_t S, const double* eb, const double* ebd, const double* inv,
+                      double* nb, double* nbd, double* E, double* Ed)
+    void sm_vit_bwd_f(Py_ssize_t S, const double* eb, const double* ebd, const double* inv,
+                      double* nb, double* nbd, float* E, float* Ed)
+
 
 sm_init_isa()
 
@@ -30,13 +44,19 @@ cdef enum:
     MODE_HVP = 2
 
 
+cdef inline Py_ssize_t _work_len(Py_ssize_t T, Py_ssize_t S) noexcept nogil:
+    """Doubles of per-thread workspace of ``_viterbi_one``: 10 rows of S (the
+    negentropy kernel uses x..x + 4S as scratch) and T·S for ``inv``."""
+    return 10 * S + T * S + 1
+
+
 cdef double _viterbi_one(const floating* theta, const floating* Z,
                          floating* E, floating* Ed,
                          Py_ssize_t L, Py_ssize_t S, int reg, double gamma,
                          int mode, double* work) noexcept nogil:
     """Value of one problem; fills E (and Edot) when mode asks for them.
 
-    ``work`` holds 10·S doubles. theta/Z/E/Ed point at a (T, S, S) block.
+    ``work`` holds _work_len(T, S) doubles. theta/Z/E/Ed point at a (T, S, S) block.
     """
     cdef double* V = work            # V_{t-1}
     cdef double* Vn = work + S       # V_t
@@ -48,6 +68,7 @@ cdef double _viterbi_one(const floating* theta, const floating* Z,
     cdef double* qd = work + 7 * S
     cdef double* eb = work + 8 * S   # ebar_t, then ebar_{t-1} accumulated
     cdef double* ebd = work + 9 * S
+    cdef double* inv = work + 10 * S  # 1/sum of each row (negentropy gradient), T·S
     cdef double* tmp
     cdef double value, acc, e, ed
     cdef Py_ssize_t t, i, j, SS = S * S, row
@@ -57,6 +78,21 @@ cdef double _viterbi_one(const floating* theta, const floating* Z,
     for j in range(S):
         V[j] = 0.0
         Vd[j] = 0.0
+    if reg == REG_NEGENTROPY:  # the S x S step vectorized over j (simd.h)
+        for t in range(L):
+            if floating is double:
+                sm_vit_fwd_d(S, theta + t * SS, Z + t * SS if mode == MODE_HVP else NULL,
+                             V, Vd, Vn, Vdn, E + t * SS if mode != MODE_VALUE else NULL,
+                             Ed + t * SS if mode == MODE_HVP else NULL,
+                             inv + t * S if mode == MODE_GRAD else NULL, x, gamma)
+            else:
+                sm_vit_fwd_f(S, theta + t * SS, Z + t * SS if mode == MODE_HVP else NULL,
+                             V, Vd, Vn, Vdn, E + t * SS if mode != MODE_VALUE else NULL,
+                             Ed + t * SS if mode == MODE_HVP else NULL,
+                             inv + t * S if mode == MODE_GRAD else NULL, x, gamma)
+            tmp = V; V = Vn; Vn = tmp
+            tmp = Vd; Vd = Vdn; Vdn = tmp
+        L = -L
     # forward
     for t in range(L):
         for i in range(S):
@@ -80,6 +116,8 @@ cdef double _viterbi_one(const floating* theta, const floating* Z,
                     Ed[row + j] = <floating> qd[j]
         tmp = V; V = Vn; Vn = tmp
         tmp = Vd; Vd = Vdn; Vdn = tmp
+    if L < 0:
+        L = -L
     value = max_omega(V, eb, S, reg, gamma)
     if mode == MODE_VALUE:
         return value
@@ -89,6 +127,16 @@ cdef double _viterbi_one(const floating* theta, const floating* Z,
     nb = Vn    # forward buffers are free now
     nbd = Vdn
     for t in range(L - 1, -1, -1):
+        if reg == REG_NEGENTROPY:  # any reg would do; the kernel is compiled per ISA
+            if floating is double:
+                sm_vit_bwd_d(S, eb, ebd, inv + t * S if mode == MODE_GRAD else NULL, nb, nbd, E + t * SS,
+                             Ed + t * SS if mode == MODE_HVP else NULL)
+            else:
+                sm_vit_bwd_f(S, eb, ebd, inv + t * S if mode == MODE_GRAD else NULL, nb, nbd, E + t * SS,
+                             Ed + t * SS if mode == MODE_HVP else NULL)
+            tmp = eb; eb = nb; nb = tmp
+            tmp = ebd; ebd = nbd; nbd = tmp
+            continue
         for j in range(S):
             nb[j] = 0.0
             nbd[j] = 0.0
@@ -122,7 +170,7 @@ cdef void _viterbi_batch(const floating[:, :, :, ::1] theta,
     cdef floating* edp
     work = NULL
     with nogil, parallel():
-        work = <double*> malloc(10 * S * sizeof(double) + 1)
+        work = <double*> malloc(_work_len(T, S) * sizeof(double))
         for b in prange(B, schedule="dynamic"):
             if work == NULL:
                 failed[b] = 1
