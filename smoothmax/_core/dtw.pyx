@@ -5,24 +5,33 @@ R[0, 0] = 0, R[i, 0] = R[0, j] = +inf and
 R[i, j] = theta[i-1, j-1] + min_Ω(R[i-1, j], R[i, j-1], R[i-1, j-1]) with
 min_Ω(r) = -max_Ω(-r) on all three predecessors everywhere.
 
-Design: both kernels store the local weights q (3 per cell, order up, left,
-diagonal) in the forward pass, so that the reverse pass
+Design: the forward pass stores the local weights q (3 per cell, order up,
+left, diagonal), so that the reverse pass
 E[i, j] = Σ_children ebar_child·q_child[toward (i, j)] needs no exp, is
-accurate in float32 and never meets ``inf - inf``.
+accurate in float32 and never meets ``inf - inf``; the HVP stores their
+tangents qdot = -H(-r)·Rdot as well (3 more per cell).
 
-* ``_dtw_diagonals`` (value, gradient, hard path) sweeps anti-diagonals
-  d = i + j: the cells of one diagonal are independent, so the per-diagonal
-  loops in ``simd.h`` are vectorized (branch-free operators, inline
-  exp/log). R and ebar live in three rolling diagonal buffers of NA + 2
-  doubles; q is stored diagonal by diagonal, compactly (only the cells of the
-  problem and band), 3·la·lb values. The value alone stores no q.
-* ``_dtw_rows`` (HVP) runs the passes row by row with the generic operators of
-  ``operators.pxd``; it stores q and qdot and keeps rolling rows of R, Rdot.
+* ``_dtw_tiled`` (value, gradient, HVP, hard path) cuts a problem into tiles
+  of TS×TS cells. Inside a tile (``_tile_fwd``, ``_tile_bwd``) the passes
+  sweep anti-diagonals: the cells of one diagonal are independent, so the
+  per-diagonal loops of ``simd.h`` are vectorized (branch-free operators,
+  inline exp/log). R, Rdot, ebar, ebar_dot live in rolling diagonal buffers
+  of TS + 2 doubles; theta/Z and E/Edot move between rows and diagonals
+  eight diagonals at a time. Tiles talk through edge arrays: the last row
+  and column of R (Rdot) in the forward pass, ready-made products
+  ebar·q (and tangents) from the first row and column in the reverse pass.
+  Tiles on one tile anti-diagonal are independent: when the batch is
+  smaller than the thread count, they run in parallel (a wavefront, one
+  ``prange`` per tile diagonal); otherwise the ``prange`` is over the batch
+  and each problem is one tile up to 512×512 (tiles of 256 beyond).
+* ``_dtw_rows`` runs the passes row by row with the generic operators of
+  ``operators.pxd``: a slow, simple second implementation
+  (``_run(..., rows=True)``) to check the tiled one against.
 
 Cells outside the Sakoe-Chiba band or past the lengths are +inf in R and
 exactly 0 in q, E, Edot. All arithmetic is in double; theta, Z, E, Edot (and
-the stored q) use the caller's dtype. The batch loop is a ``prange`` with a
-per-thread workspace.
+the stored q, qdot) use the caller's dtype. The weight workspace of the last
+call is kept for the next one (see ``_take_qwork``).
 """
 from cython.parallel cimport prange, parallel, threadid
 from libc.stdlib cimport malloc, calloc, free
