@@ -331,26 +331,38 @@ cdef void _gather(const floating* src, Py_ssize_t NB, double* blk, Py_ssize_t W,
 
     Row by row, so each row of the tile is read once (contiguously) per block.
     """
-    cdef Py_ssize_t li, dl
+    cdef Py_ssize_t li, dl, a = tlo[dl1], z = thi[dl0], nd = dl1 - dl0 + 1
     cdef const floating* row
+    cdef double* out
     for li in range(tlo[dl0], thi[dl1] + 1):
-        row = src + (i0 + li - 2) * NB + (j0 - 2)
-        for dl in range(dl0, dl1 + 1):
-            if tlo[dl] <= li <= thi[dl]:
-                blk[(dl - dl0) * W + li] = row[dl - li]
+        row = src + (i0 + li - 2) * NB + (j0 - 2) + (dl0 - li)
+        out = blk + li
+        if a <= li <= z:  # on every diagonal of the block: no tests
+            for dl in range(nd):
+                out[dl * W] = row[dl]
+        else:
+            for dl in range(nd):
+                if tlo[dl0 + dl] <= li <= thi[dl0 + dl]:
+                    out[dl * W] = row[dl]
 
 
 cdef void _scatter(floating* dst, Py_ssize_t NB, const double* blk, Py_ssize_t W,
                    Py_ssize_t dl0, Py_ssize_t dl1, const Py_ssize_t* tlo,
                    const Py_ssize_t* thi, Py_ssize_t i0, Py_ssize_t j0) noexcept nogil:
     """The inverse of ``_gather``."""
-    cdef Py_ssize_t li, dl
+    cdef Py_ssize_t li, dl, a = tlo[dl1], z = thi[dl0], nd = dl1 - dl0 + 1
     cdef floating* row
+    cdef const double* inp
     for li in range(tlo[dl0], thi[dl1] + 1):
-        row = dst + (i0 + li - 2) * NB + (j0 - 2)
-        for dl in range(dl0, dl1 + 1):
-            if tlo[dl] <= li <= thi[dl]:
-                row[dl - li] = <floating> blk[(dl - dl0) * W + li]
+        row = dst + (i0 + li - 2) * NB + (j0 - 2) + (dl0 - li)
+        inp = blk + li
+        if a <= li <= z:
+            for dl in range(nd):
+                row[dl] = <floating> inp[dl * W]
+        else:
+            for dl in range(nd):
+                if tlo[dl0 + dl] <= li <= thi[dl0 + dl]:
+                    row[dl] = <floating> inp[dl * W]
 
 
 cdef void _tile_fwd(const _Grid* g, const floating* theta, const floating* Z,
@@ -876,7 +888,7 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
 
 # The stored weights need 3 (gradient) or 6 (HVP) values per cell; for a
 # large problem the time to fault in fresh pages is comparable to the passes
-# themselves, so the last workspace (up to _QCACHE_MAX_BYTES) is kept for the
+# themselves, so the last workspace (one, up to _QCACHE_MAX_BYTES) is kept for the
 # next call. A call takes it out (atomic under the GIL), so concurrent calls
 # never share one; _release_workspace() drops it.
 _QCACHE_MAX_BYTES = 1 << 30
@@ -890,6 +902,7 @@ def _release_workspace():
 
 def _take_qwork(dtype, Py_ssize_t n):
     buf = _qcache.pop(np.dtype(dtype).char, None)
+    _qcache.clear()  # never hold two
     if buf is None or buf.shape[0] < n:
         buf = None  # let the old one go before allocating a larger one
         buf = np.empty(max(n, 0), dtype=dtype)
@@ -898,6 +911,7 @@ def _take_qwork(dtype, Py_ssize_t n):
 
 def _give_qwork(buf):
     if buf.nbytes <= _QCACHE_MAX_BYTES:
+        _qcache.clear()  # one buffer at most, whatever its dtype
         _qcache[buf.dtype.char] = buf
 
 
