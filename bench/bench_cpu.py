@@ -301,7 +301,12 @@ def setup_jax_scan(struct, inp, dtype):
     def softmin(x):
         return -GAMMA * jax.nn.logsumexp(-x / GAMMA, axis=-1)
 
-    def value(c):
+    # the gather indices are arguments, not constants: XLA's constant folding of
+    # million-entry index arrays takes seconds and corrupted the heap with 2 threads
+    idx = (jnp.asarray(ii), jnp.asarray(jjc), jnp.asarray(valid))
+
+    def value(c, idx):
+        ii, jjc, valid = idx
         diags = jnp.where(valid, c[ii, jjc], big)      # diags[d, i] = c[i, d - i]
         edge = jnp.full((n + 1,), big, c.dtype)        # index k holds row i = k - 1
         two_ago, one_ago = edge.at[0].set(0.0), edge   # R[-1, -1] = 0, borders "inf"
@@ -316,24 +321,24 @@ def setup_jax_scan(struct, inp, dtype):
 
     theta = jnp.asarray(inp["theta"].astype(_np_dtype(dtype)))
     if struct.endswith("hvp"):
-        def value_grad_hvp(c, z):  # forward-over-reverse
-            (v, E), (_, Edot) = jax.jvp(jax.value_and_grad(value), (c,), (z,))
+        def value_grad_hvp(c, z, idx):  # forward-over-reverse
+            (v, E), (_, Edot) = jax.jvp(jax.value_and_grad(lambda c: value(c, idx)), (c,), (z,))
             return v, E, Edot
 
-        fn_hvp = jax.jit(jax.vmap(value_grad_hvp))
+        fn_hvp = jax.jit(jax.vmap(value_grad_hvp, in_axes=(0, 0, None)))
         Z = jnp.asarray(inp["Z"].astype(_np_dtype(dtype)))
 
         def run_hvp():
-            out = fn_hvp(theta, Z)
+            out = fn_hvp(theta, Z, idx)
             jax.block_until_ready(out)
             return out
 
         return run_hvp, lambda out: {"value": np.asarray(out[0], np.float64),
                                      "grad": np.asarray(out[2], np.float64)}, "theta"
-    fn = jax.jit(jax.vmap(jax.value_and_grad(value)))
+    fn = jax.jit(jax.vmap(jax.value_and_grad(value), in_axes=(0, None)))
 
     def run():
-        out = fn(theta)
+        out = fn(theta, idx)
         jax.block_until_ready(out)
         return out
 
@@ -593,9 +598,10 @@ def worker(args):
 def measure(struct, shape, impl, dtype, threads, prev_ns, args):
     entry = {"case": case_name(struct, shape), "struct": struct, "shape": shape, "impl": impl,
              "dtype": dtype, "peer_dtype": dtype, "threads": threads,
-             "cells": cells(struct, shape)}
+             "cells": cells(struct, shape), "loadavg_before": os.getloadavg()[0]}
     n_cells = entry["cells"]
-    if prev_ns is not None and prev_ns * n_cells * 1e-9 > SKIP_SECONDS:
+    # skip only when the smaller case predicts far more than the limit (ns/cell varies with size)
+    if prev_ns is not None and prev_ns * n_cells * 1e-9 > 3 * SKIP_SECONDS:
         entry["status"] = (f"skipped: > {SKIP_SECONDS:.0f} s (predicted "
                            f"{prev_ns * n_cells * 1e-9:.0f} s from the smaller case)")
         return entry
@@ -646,6 +652,13 @@ def _env(threads, dtype):
     env["PYTHONWARNINGS"] = "ignore"
     env["TQDM_DISABLE"] = "1"
     return env
+
+
+def _exit_reason(code):
+    reasons = {-9: "killed by SIGKILL (out of memory: the kernel's OOM killer)",
+               -6: "aborted (SIGABRT; glibc reported heap corruption)",
+               -11: "crashed (SIGSEGV)"}
+    return reasons.get(code, f"exited with {code}")
 
 
 def add_ratios(entries):
@@ -715,7 +728,7 @@ def run_all(args):
                                 "shape": shape, "impl": impl, "dtype": dtype,
                                 "peer_dtype": dtype, "threads": threads,
                                 "cells": cells(struct, shape),
-                                "status": f"error: worker exited with {proc.returncode}",
+                                "status": f"error: worker {_exit_reason(proc.returncode)}",
                                 "stderr_tail": tail})
                 bar.update(1)
     bar.close()
