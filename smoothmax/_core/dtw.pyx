@@ -331,9 +331,12 @@ cdef void _gather(const floating* src, Py_ssize_t NB, double* blk, Py_ssize_t W,
 
     Row by row, so each row of the tile is read once (contiguously) per block.
     """
-    cdef Py_ssize_t li, dl, a = tlo[dl1], z = thi[dl0], nd = dl1 - dl0 + 1
+    cdef Py_ssize_t li, dl, a = tlo[dl0], z = thi[dl0], nd = dl1 - dl0 + 1
     cdef const floating* row
     cdef double* out
+    for dl in range(dl0 + 1, dl1 + 1):  # rows on every diagonal of the block
+        a = max(a, tlo[dl])
+        z = min(z, thi[dl])
     for li in range(tlo[dl0], thi[dl1] + 1):
         row = src + (i0 + li - 2) * NB + (j0 - 2) + (dl0 - li)
         out = blk + li
@@ -350,9 +353,12 @@ cdef void _scatter(floating* dst, Py_ssize_t NB, const double* blk, Py_ssize_t W
                    Py_ssize_t dl0, Py_ssize_t dl1, const Py_ssize_t* tlo,
                    const Py_ssize_t* thi, Py_ssize_t i0, Py_ssize_t j0) noexcept nogil:
     """The inverse of ``_gather``."""
-    cdef Py_ssize_t li, dl, a = tlo[dl1], z = thi[dl0], nd = dl1 - dl0 + 1
+    cdef Py_ssize_t li, dl, a = tlo[dl0], z = thi[dl0], nd = dl1 - dl0 + 1
     cdef floating* row
     cdef const double* inp
+    for dl in range(dl0 + 1, dl1 + 1):
+        a = max(a, tlo[dl])
+        z = min(z, thi[dl])
     for li in range(tlo[dl0], thi[dl1] + 1):
         row = dst + (i0 + li - 2) * NB + (j0 - 2) + (dl0 - li)
         inp = blk + li
@@ -411,7 +417,7 @@ cdef void _tile_fwd(const _Grid* g, const floating* theta, const floating* Z,
     if th <= 0 or tw <= 0:
         return
     total = _tile_ranges(g, i0, th, j0, tw, tlo, thi, toff)
-    if wq != NULL:
+    if g.mode != MODE_VALUE:
         q = wq + (I * g.nTJ + J) * g.nplanes * P + QPAD
         for c in range(g.nplanes):  # finite pads: the reverse reads them times ebar = 0
             qp = q + c * P
@@ -840,7 +846,7 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
                     ok = ok and wds[t] != NULL and wis[t] != NULL
             edges = <double*> malloc(_edge_work(NA, NB, TS) * sizeof(double))
             lohi = <Py_ssize_t*> malloc(2 * (NA + NB + 3) * sizeof(Py_ssize_t))
-            wq = qbase
+            wq = qbase if nq > 0 else NULL
             ok = ok and edges != NULL and lohi != NULL and (wq != NULL or nq == 0)
             for b in range(B):
                 if not ok:
