@@ -78,6 +78,9 @@ cdef extern from "simd.h" nogil:
                           const float* qdu, const float* qdl, const float* qdd,
                           double* out, double* dout)
     int sm_max_threads()
+    ctypedef void (*sm_tile_fn)(void* ctx, Py_ssize_t I, Py_ssize_t J, int thread) noexcept nogil
+    void sm_wavefront(Py_ssize_t nI, Py_ssize_t nJ, int reverse, sm_tile_fn fn, void* ctx,
+                      int* done)
 
 
 sm_init_isa()
@@ -679,22 +682,59 @@ cdef void _tile_bwd(const _Grid* g, floating* E, floating* Ed,
                 _scatter(Ed, g.NB, blkz, W, dl, min(dl + BLOCK - 1, Dl), tlo, thi, i0, j0)
 
 
+ctypedef struct _TileCtx:
+    # what a tile task of sm_wavefront needs (arrays as void*: one struct for both dtypes)
+    _Grid* g
+    const void* theta
+    const void* Z
+    void* E
+    void* Ed
+    void* wq
+    double** wds
+    Py_ssize_t** wis
+
+
+cdef void _fwd_task_d(void* ctx, Py_ssize_t I, Py_ssize_t J, int thread) noexcept nogil:
+    cdef _TileCtx* c = <_TileCtx*> ctx
+    _tile_fwd[double](c.g, <const double*> c.theta, <const double*> c.Z, <double*> c.wq,
+                      I, J, c.wds[thread], c.wis[thread])
+
+
+cdef void _fwd_task_f(void* ctx, Py_ssize_t I, Py_ssize_t J, int thread) noexcept nogil:
+    cdef _TileCtx* c = <_TileCtx*> ctx
+    _tile_fwd[float](c.g, <const float*> c.theta, <const float*> c.Z, <float*> c.wq,
+                     I, J, c.wds[thread], c.wis[thread])
+
+
+cdef void _bwd_task_d(void* ctx, Py_ssize_t I, Py_ssize_t J, int thread) noexcept nogil:
+    cdef _TileCtx* c = <_TileCtx*> ctx
+    _tile_bwd[double](c.g, <double*> c.E, <double*> c.Ed, <const double*> c.wq,
+                      I, J, c.wds[thread], c.wis[thread])
+
+
+cdef void _bwd_task_f(void* ctx, Py_ssize_t I, Py_ssize_t J, int thread) noexcept nogil:
+    cdef _TileCtx* c = <_TileCtx*> ctx
+    _tile_bwd[float](c.g, <float*> c.E, <float*> c.Ed, <const float*> c.wq,
+                     I, J, c.wds[thread], c.wis[thread])
+
+
 cdef double _dtw_tiled(const floating* theta, const floating* Z, floating* E, floating* Ed,
                        Py_ssize_t NB, Py_ssize_t la, Py_ssize_t lb, Py_ssize_t band,
                        int reg, double gamma, int mode, Py_ssize_t TS, bint par,
                        Py_ssize_t* lohi, double* edges, floating* wq,
-                       double** wds, Py_ssize_t** wis) noexcept nogil:
+                       double** wds, Py_ssize_t** wis, int* done) noexcept nogil:
     """One problem theta[:la, :lb] (row stride NB) by tiles; returns R[la, lb].
 
-    Tiles on one tile anti-diagonal k = I + J are independent (each needs
-    only the tiles above, on the left and above-left in the forward pass,
-    the mirror in the reverse): with ``par`` they run in a ``prange`` (one
-    OpenMP region per tile diagonal, its end the barrier), each thread on its
-    own workspace wds/wis[threadid]; otherwise in order on wds/wis[0].
-    E (and Ed) must be zero on entry.
+    A tile needs only the tiles above, on the left and above-left in the
+    forward pass (the mirror in the reverse), so tiles on one tile
+    anti-diagonal are independent: with ``par`` the tiles go to
+    ``sm_wavefront`` (one OpenMP region; a tile starts as soon as its
+    neighbours are done), each thread on its own workspace wds/wis[thread]
+    (``done``: one flag per tile); otherwise they run in order on
+    wds/wis[0]. E (and Ed) must be zero on entry.
     """
     cdef _Grid g
-    cdef Py_ssize_t d, k, I, Ia, Ib, nk, x
+    cdef Py_ssize_t d, k, I, nk, x
     cdef double value
     g.NB = NB
     g.la = la
@@ -722,15 +762,25 @@ cdef double _dtw_tiled(const floating* theta, const floating* Z, floating* E, fl
         g.v[x] = INFINITY
         g.v[g.vs + x] = 0.0
     g.h[0] = 0.0  # R[0, 0]
+    cdef _TileCtx ctx
+    ctx.g = &g
+    ctx.theta = theta
+    ctx.Z = Z
+    ctx.E = E
+    ctx.Ed = Ed
+    ctx.wq = wq
+    ctx.wds = wds
+    ctx.wis = wis
+    par = par and g.nTI * g.nTJ > 1
     nk = g.nTI + g.nTJ - 1
-    for k in range(nk):
-        Ia = max(0, k - g.nTJ + 1)
-        Ib = min(k, g.nTI - 1)
-        if par and Ib > Ia:
-            for I in prange(Ia, Ib + 1, schedule="dynamic", chunksize=1):
-                _tile_fwd(&g, theta, Z, wq, I, k - I, wds[threadid()], wis[threadid()])
+    if par:
+        if floating is double:
+            sm_wavefront(g.nTI, g.nTJ, 0, _fwd_task_d, &ctx, done)
         else:
-            for I in range(Ia, Ib + 1):
+            sm_wavefront(g.nTI, g.nTJ, 0, _fwd_task_f, &ctx, done)
+    else:
+        for k in range(nk):
+            for I in range(max(0, k - g.nTJ + 1), min(k, g.nTI - 1) + 1):
                 _tile_fwd(&g, theta, Z, wq, I, k - I, wds[0], wis[0])
     value = g.h[g.nTI * (lb + 1) + lb]
     if mode == MODE_VALUE or value == INFINITY:
@@ -739,14 +789,14 @@ cdef double _dtw_tiled(const floating* theta, const floating* Z, floating* E, fl
         g.h[x] = 0.0
     for x in range(NEDGE * g.vs):
         g.v[x] = 0.0
-    for k in range(nk - 1, -1, -1):
-        Ia = max(0, k - g.nTJ + 1)
-        Ib = min(k, g.nTI - 1)
-        if par and Ib > Ia:
-            for I in prange(Ia, Ib + 1, schedule="dynamic", chunksize=1):
-                _tile_bwd(&g, E, Ed, wq, I, k - I, wds[threadid()], wis[threadid()])
+    if par:
+        if floating is double:
+            sm_wavefront(g.nTI, g.nTJ, 1, _bwd_task_d, &ctx, done)
         else:
-            for I in range(Ia, Ib + 1):
+            sm_wavefront(g.nTI, g.nTJ, 1, _bwd_task_f, &ctx, done)
+    else:
+        for k in range(nk - 1, -1, -1):
+            for I in range(max(0, k - g.nTJ + 1), min(k, g.nTI - 1) + 1):
                 _tile_bwd(&g, E, Ed, wq, I, k - I, wds[0], wis[0])
     return value
 
@@ -817,6 +867,7 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
     cdef Py_ssize_t* lohi = NULL
     cdef double** wds = NULL
     cdef Py_ssize_t** wis = NULL
+    cdef int* done = NULL
     cdef bint ok
     TS = _pick_tile(NA, NB, par, nthreads, override)
     nq = _q_len(NA, NB, TS, mode)
@@ -846,8 +897,9 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
                     ok = ok and wds[t] != NULL and wis[t] != NULL
             edges = <double*> malloc(_edge_work(NA, NB, TS) * sizeof(double))
             lohi = <Py_ssize_t*> malloc(2 * (NA + NB + 3) * sizeof(Py_ssize_t))
+            done = <int*> malloc(_ceil_div(NA, TS) * _ceil_div(NB, TS) * sizeof(int))
             wq = qbase if nq > 0 else NULL
-            ok = ok and edges != NULL and lohi != NULL and (wq != NULL or nq == 0)
+            ok = ok and edges != NULL and lohi != NULL and done != NULL and (wq != NULL or nq == 0)
             for b in range(B):
                 if not ok:
                     failed[b] = 1
@@ -857,7 +909,7 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
                         &E[b, 0, 0] if mode != MODE_VALUE else NULL,
                         &Ed[b, 0, 0] if mode == MODE_HVP else NULL,
                         NB, la[b], lb[b], band, reg, gamma, mode, TS, True,
-                        lohi, edges, wq, wds, wis)
+                        lohi, edges, wq, wds, wis, done)
             if wds != NULL:
                 for t in range(nthreads):
                     free(wds[t])
@@ -868,6 +920,7 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
             free(wis)
             free(edges)
             free(lohi)
+            free(done)
         return
     with nogil, parallel():
         wd = <double*> malloc(_tile_work(TS) * sizeof(double))
@@ -885,7 +938,7 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
                     &E[b, 0, 0] if mode != MODE_VALUE else NULL,
                     &Ed[b, 0, 0] if mode == MODE_HVP else NULL,
                     NB, la[b], lb[b], band, reg, gamma, mode, TS, False,
-                    lohi, edges, wq, &wd, &wi)
+                    lohi, edges, wq, &wd, &wi, NULL)
         free(wd)
         free(wi)
         free(edges)

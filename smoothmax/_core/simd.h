@@ -603,4 +603,80 @@ static int sm_max_threads(void) { return omp_get_max_threads(); }
 static int sm_max_threads(void) { return 1; }
 #endif
 
+/*
+ * Wavefront over an nI x nJ grid of tiles: fn(ctx, I, J, thread) for every
+ * tile, each after its two neighbours toward the start, (I - 1, J) and
+ * (I, J - 1) (toward the end, (I + 1, J) and (I, J + 1), when reverse), which
+ * covers the diagonal one. One OpenMP region, no barrier: threads claim tiles
+ * in tile-anti-diagonal order from an atomic counter and wait (yielding)
+ * until the tile's neighbours are marked done. A tile waits only on tiles
+ * claimed before it, which are running, so it never deadlocks. done: nI * nJ
+ * flags, zeroed here. Without OpenMP (or without GCC/clang atomics) the
+ * tiles run in order on one thread.
+ */
+#if defined(_OPENMP) && (defined(__GNUC__) || defined(__clang__))
+#define SM_WAVEFRONT_THREADS 1
+#if defined(__unix__) || defined(__APPLE__)
+#include <sched.h>
+#define SM_YIELD() sched_yield()
+#else
+#define SM_YIELD() ((void)0)
+#endif
+#endif
+typedef void (*sm_tile_fn)(void *ctx, ptrdiff_t I, ptrdiff_t J, int thread);
+
+static void sm_tile_of(ptrdiff_t k, ptrdiff_t nI, ptrdiff_t nJ, ptrdiff_t *I, ptrdiff_t *J)
+{
+    /* k-th tile in anti-diagonal order (diagonal by diagonal, I increasing) */
+    ptrdiff_t d = 0, len;
+    for (;;) {
+        ptrdiff_t lo = d - nJ + 1 > 0 ? d - nJ + 1 : 0;
+        ptrdiff_t hi = d < nI - 1 ? d : nI - 1;
+        len = hi - lo + 1;
+        if (k < len) { *I = lo + k; *J = d - *I; return; }
+        k -= len;
+        ++d;
+    }
+}
+
+static void sm_wavefront(ptrdiff_t nI, ptrdiff_t nJ, int reverse, sm_tile_fn fn,
+                         void *ctx, int *done)
+{
+    ptrdiff_t n = nI * nJ, k;
+    for (k = 0; k < n; ++k) done[k] = 0;
+#ifdef SM_WAVEFRONT_THREADS
+    ptrdiff_t next = 0;
+    #pragma omp parallel
+    {
+        int thread = omp_get_thread_num();
+        for (;;) {
+            ptrdiff_t t = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+            ptrdiff_t I, J, a = -1, b = -1;
+            if (t >= n) break;
+            sm_tile_of(t, nI, nJ, &I, &J);
+            if (reverse) { I = nI - 1 - I; J = nJ - 1 - J; }
+            if (!reverse) {
+                if (I > 0) a = (I - 1) * nJ + J;
+                if (J > 0) b = I * nJ + J - 1;
+            } else {
+                if (I < nI - 1) a = (I + 1) * nJ + J;
+                if (J < nJ - 1) b = I * nJ + J + 1;
+            }
+            while ((a >= 0 && !__atomic_load_n(&done[a], __ATOMIC_ACQUIRE)) ||
+                   (b >= 0 && !__atomic_load_n(&done[b], __ATOMIC_ACQUIRE)))
+                SM_YIELD();
+            fn(ctx, I, J, thread);
+            __atomic_store_n(&done[I * nJ + J], 1, __ATOMIC_RELEASE);
+        }
+    }
+#else
+    ptrdiff_t I, J;
+    for (k = 0; k < n; ++k) {
+        sm_tile_of(k, nI, nJ, &I, &J);
+        if (reverse) { I = nI - 1 - I; J = nJ - 1 - J; }
+        fn(ctx, I, J, 0);
+    }
+#endif
+}
+
 #endif /* SMOOTHMAX_SIMD_H */
