@@ -46,6 +46,19 @@ class BuildExt(build_ext):
         print(f"smoothmax: building with OpenMP={'on' if openmp else 'off'}", file=sys.stderr)
         super().build_extensions()
 
+    def copy_extensions_to_source(self):
+        # --inplace: remove the old module first, so that a process running it
+        # keeps its (now unlinked) file instead of seeing it rewritten under it
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            try:
+                inplace_file, _ = self._get_inplace_equivalent(build_py, ext)
+            except AttributeError:  # a setuptools without this helper: copy over
+                break
+            if os.path.exists(inplace_file):
+                os.unlink(inplace_file)
+        super().copy_extensions_to_source()
+
 
 def _extensions():
     from Cython.Build import cythonize

@@ -20,10 +20,12 @@ tangents qdot = -H(-r)·Rdot as well (3 more per cell).
   eight diagonals at a time. Tiles talk through edge arrays: the last row
   and column of R (Rdot) in the forward pass, ready-made products
   ebar·q (and tangents) from the first row and column in the reverse pass.
-  Tiles on one tile anti-diagonal are independent: when the batch is
-  smaller than the thread count, they run in parallel (a wavefront, one
-  ``prange`` per tile diagonal); otherwise the ``prange`` is over the batch
-  and each problem is one tile up to 512×512 (tiles of 256 beyond).
+  A tile depends only on its neighbours above and on the left (below and
+  on the right in the reverse pass): when the batch is smaller than the
+  thread count, the tiles of each problem run in parallel as a wavefront
+  (``sm_wavefront`` in ``simd.h``, tiles of 64 to 256 cells a side, about
+  eight per thread along the longer side); otherwise the ``prange`` is over
+  the batch and each problem is one tile up to 512×512 (tiles of 256 beyond).
 * ``_dtw_rows`` runs the passes row by row with the generic operators of
   ``operators.pxd``: a slow, simple second implementation
   (``_run(..., rows=True)``) to check the tiled one against.
@@ -816,8 +818,9 @@ def _set_tile(Py_ssize_t ts):
 
 cdef Py_ssize_t _pick_tile(Py_ssize_t NA, Py_ssize_t NB, bint par, int nthreads,
                            Py_ssize_t override) noexcept nogil:
-    """Tile side: whole problems up to SEQ_TILE when each thread has its own
-    problem; about 8 tiles per thread along the longer side when threads share one."""
+    """Tile side: a whole problem up to 2·SEQ_TILE, else SEQ_TILE, when each
+    thread has its own problem; about 8 tiles per thread along the longer
+    side (PAR_TILE_MIN to SEQ_TILE cells) when threads share one."""
     cdef Py_ssize_t n = max(NA, NB), ts
     if override > 0:
         return override
