@@ -346,13 +346,14 @@ ATTR static double sm_negentropy_row_##SUF(                                    \
  * Value (E == NULL): Vn only. Gradient (E != NULL, z == NULL): E[i, :] gets
  * the unnormalized exp and inv[i] = 1/s_i; the reverse step multiplies by it
  * (one pass over the block fewer). HVP (z != NULL): E[i, :] = q_i,
- * u = z[i, :] + Vd, Vdn[i] = <q_i, u>, Ed[i, :] = H q_i u = q_i (u - Vdn[i])
- * / gamma, inv unused. x is 4 S doubles of scratch. A row that is all
- * -inf gets -inf, q = 0, inv = 0 (and Vdn = 0, Ed = 0). The logs of the S
- * rows are taken in one vectorized loop after the rows.
+ * u = z[i, :] + Vd, Vdn[i] = <q_i, u>; inv unused. x is 4 S doubles of
+ * scratch. A row that is all -inf gets -inf, q = 0, inv = 0 (and Vdn = 0).
+ * The logs of the S rows are taken in one vectorized loop after the rows.
  * Reverse step: E[i, j] = c_i E[i, j] with c_i = eb[i] inv[i] (eb[i] when
- * inv is NULL), nb[j] = sum_i E[i, j], and for the HVP
- * Ed[i, j] = ebd[i] q + eb[i] Ed[i, j], nbd[j] = sum_i Ed[i, j].
+ * inv is NULL), nb[j] = sum_i E[i, j], and for the HVP (Ed != NULL) the
+ * tangent qdot = H q u = q (z[i, j] + Vdp[j] - Vdt[i]) / gamma is formed here
+ * from the stored q and the forward's Vdot of steps t - 1 (Vdp) and t (Vdt),
+ * Ed[i, j] = ebd[i] q + eb[i] qdot, nbd[j] = sum_i Ed[i, j].
  */
 #define SM_DEFINE_VIT_KERNELS(T, SUF, ATTR)                                    \
 ATTR static void sm_vit_fwd_##SUF(                                             \
@@ -395,10 +396,17 @@ ATTR static void sm_vit_fwd_##SUF(                                             \
                 acc[0] += e;                                                   \
             }                                                                  \
         } else {                                                               \
-            for (j = 0; j < S; ++j) x[j] = sm_exp_nonpos((x[j] - m) * ig);     \
             for (j = 0; j + 8 <= S; j += 8)                                    \
-                for (l = 0; l < 8; ++l) acc[l] += x[j + l];                    \
-            for (; j < S; ++j) acc[0] += x[j];                                 \
+                for (l = 0; l < 8; ++l) {                                      \
+                    double e = sm_exp_nonpos((x[j + l] - m) * ig);             \
+                    x[j + l] = e;                                              \
+                    acc[l] += e;                                               \
+                }                                                              \
+            for (; j < S; ++j) {                                               \
+                double e = sm_exp_nonpos((x[j] - m) * ig);                     \
+                x[j] = e;                                                      \
+                acc[0] += e;                                                   \
+            }                                                                  \
         }                                                                      \
         double sum = 0.0;                                                      \
         for (l = 0; l < 8; ++l) sum += acc[l];                                 \
@@ -411,22 +419,17 @@ ATTR static void sm_vit_fwd_##SUF(                                             \
         for (j = 0; j + 8 <= S; j += 8)                                        \
             for (l = 0; l < 8; ++l) {                                          \
                 double q = x[j + l] * inv_i;                                   \
-                x[j + l] = q;                                                  \
+                erow[j + l] = (T)q;                                            \
                 acc[l] += q * ((double)zrow[j + l] + Vd[j + l]);               \
             }                                                                  \
         double vd = 0.0;                                                       \
         for (; j < S; ++j) {                                                   \
             double q = x[j] * inv_i;                                           \
-            x[j] = q;                                                          \
+            erow[j] = (T)q;                                                    \
             vd += q * ((double)zrow[j] + Vd[j]);                               \
         }                                                                      \
         for (l = 0; l < 8; ++l) vd += acc[l];                                  \
         Vdn[i] = vd;                                                           \
-        T *restrict edrow = Ed + i * S;                                        \
-        for (j = 0; j < S; ++j) {                                              \
-            erow[j] = (T)x[j];                                                 \
-            edrow[j] = (T)(x[j] * (((double)zrow[j] + Vd[j]) - vd) * ig);      \
-        }                                                                      \
     }                                                                          \
     for (i = 0; i < S; ++i) {  /* m + gamma log(sum), -inf rows stay -inf */   \
         double m = msum[i], sum = msum[S + i];                                 \
@@ -438,7 +441,8 @@ ATTR static void sm_vit_fwd_##SUF(                                             \
 ATTR static void sm_vit_bwd_##SUF(                                             \
     ptrdiff_t S, const double *restrict eb, const double *restrict ebd,        \
     const double *restrict inv, double *restrict nb, double *restrict nbd,     \
-    T *restrict E, T *restrict Ed)                                             \
+    T *restrict E, T *restrict Ed, const T *restrict z,                        \
+    const double *restrict Vdp, const double *restrict Vdt, double gamma)      \
 {                                                                              \
     ptrdiff_t i, j;                                                            \
     for (j = 0; j < S; ++j) nb[j] = 0.0;                                       \
@@ -454,14 +458,17 @@ ATTR static void sm_vit_bwd_##SUF(                                             \
         }                                                                      \
         return;                                                                \
     }                                                                          \
+    const double ig = 1.0 / gamma;                                             \
     for (j = 0; j < S; ++j) nbd[j] = 0.0;                                      \
     for (i = 0; i < S; ++i) {                                                  \
-        const double e_i = eb[i], f_i = ebd[i];                                \
+        const double e_i = eb[i], f_i = ebd[i], w = Vdt[i];                    \
         T *restrict erow = E + i * S;                                          \
         T *restrict edrow = Ed + i * S;                                        \
+        const T *restrict zrow = z + i * S;                                    \
         for (j = 0; j < S; ++j) {                                              \
             double q = (double)erow[j];                                        \
-            double ed = f_i * q + e_i * (double)edrow[j];                      \
+            double qd = q * (((double)zrow[j] + Vdp[j]) - w) * ig;             \
+            double ed = f_i * q + e_i * qd;                                    \
             double e = e_i * q;                                                \
             edrow[j] = (T)ed;                                                  \
             erow[j] = (T)e;                                                    \
@@ -558,8 +565,9 @@ static void sm_vit_fwd_##SUF(                                                  \
 { SM_DISPATCH(sm_vit_fwd, SUF, (S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma)) } \
 static void sm_vit_bwd_##SUF(                                                  \
     ptrdiff_t S, const double *eb, const double *ebd, const double *inv,       \
-    double *nb, double *nbd, T *E, T *Ed)                                      \
-{ SM_DISPATCH(sm_vit_bwd, SUF, (S, eb, ebd, inv, nb, nbd, E, Ed)) }
+    double *nb, double *nbd, T *E, T *Ed, const T *z, const double *Vdp,       \
+    const double *Vdt, double gamma)                                           \
+{ SM_DISPATCH(sm_vit_bwd, SUF, (S, eb, ebd, inv, nb, nbd, E, Ed, z, Vdp, Vdt, gamma)) }
 
 SM_DEFINE_DISPATCH(double, d)
 SM_DEFINE_DISPATCH(float, f)

@@ -30,9 +30,11 @@ cdef extern from "simd.h" nogil:
                       const double* Vd, double* Vn, double* Vdn, float* E, float* Ed,
                       double* inv, double* x, double gamma)
     void sm_vit_bwd_d(Py_ssize_t S, const double* eb, const double* ebd, const double* inv,
-                      double* nb, double* nbd, double* E, double* Ed)
+                      double* nb, double* nbd, double* E, double* Ed, const double* z,
+                      const double* Vdp, const double* Vdt, double gamma)
     void sm_vit_bwd_f(Py_ssize_t S, const double* eb, const double* ebd, const double* inv,
-                      double* nb, double* nbd, float* E, float* Ed)
+                      double* nb, double* nbd, float* E, float* Ed, const float* z,
+                      const double* Vdp, const double* Vdt, double gamma)
 
 
 sm_init_isa()
@@ -46,8 +48,9 @@ cdef enum:
 
 cdef inline Py_ssize_t _work_len(Py_ssize_t T, Py_ssize_t S) noexcept nogil:
     """Doubles of per-thread workspace of ``_viterbi_one``: 10 rows of S (the
-    negentropy kernel uses x..x + 4S as scratch) and T·S for ``inv``."""
-    return 10 * S + T * S + 1
+    negentropy kernel uses x..x + 4S as scratch) and (T + 1)·S for ``inv``
+    (gradient) or ``hist`` (HVP)."""
+    return 10 * S + (T + 1) * S + 1
 
 
 cdef double _viterbi_one(const floating* theta, const floating* Z,
@@ -69,6 +72,7 @@ cdef double _viterbi_one(const floating* theta, const floating* Z,
     cdef double* eb = work + 8 * S   # ebar_t, then ebar_{t-1} accumulated
     cdef double* ebd = work + 9 * S
     cdef double* inv = work + 10 * S  # 1/sum of each row (negentropy gradient), T·S
+    cdef double* hist = inv           # or Vdot_{-1}..Vdot_{L-1} (negentropy HVP), (T + 1)·S
     cdef double* tmp
     cdef double value, acc, e, ed
     cdef Py_ssize_t t, i, j, SS = S * S, row
@@ -79,7 +83,13 @@ cdef double _viterbi_one(const floating* theta, const floating* Z,
         V[j] = 0.0
         Vd[j] = 0.0
     if reg == REG_NEGENTROPY:  # the S x S step vectorized over j (simd.h)
+        if mode == MODE_HVP:  # keep Vdot of every step in ``hist`` for the reverse pass
+            for j in range(S):
+                hist[j] = 0.0
         for t in range(L):
+            if mode == MODE_HVP:
+                Vd = hist + t * S
+                Vdn = hist + (t + 1) * S
             if floating is double:
                 sm_vit_fwd_d(S, theta + t * SS, Z + t * SS if mode == MODE_HVP else NULL,
                              V, Vd, Vn, Vdn, E + t * SS if mode != MODE_VALUE else NULL,
@@ -92,6 +102,9 @@ cdef double _viterbi_one(const floating* theta, const floating* Z,
                              inv + t * S if mode == MODE_GRAD else NULL, x, gamma)
             tmp = V; V = Vn; Vn = tmp
             tmp = Vd; Vd = Vdn; Vdn = tmp
+        if mode == MODE_HVP:
+            Vd = hist + L * S
+            Vdn = work + 3 * S
         L = -L
     # forward
     for t in range(L):
@@ -129,11 +142,15 @@ cdef double _viterbi_one(const floating* theta, const floating* Z,
     for t in range(L - 1, -1, -1):
         if reg == REG_NEGENTROPY:  # any reg would do; the kernel is compiled per ISA
             if floating is double:
-                sm_vit_bwd_d(S, eb, ebd, inv + t * S if mode == MODE_GRAD else NULL, nb, nbd, E + t * SS,
-                             Ed + t * SS if mode == MODE_HVP else NULL)
+                sm_vit_bwd_d(S, eb, ebd, inv + t * S if mode == MODE_GRAD else NULL, nb, nbd,
+                             E + t * SS, Ed + t * SS if mode == MODE_HVP else NULL,
+                             Z + t * SS if mode == MODE_HVP else NULL,
+                             hist + t * S, hist + (t + 1) * S, gamma)
             else:
-                sm_vit_bwd_f(S, eb, ebd, inv + t * S if mode == MODE_GRAD else NULL, nb, nbd, E + t * SS,
-                             Ed + t * SS if mode == MODE_HVP else NULL)
+                sm_vit_bwd_f(S, eb, ebd, inv + t * S if mode == MODE_GRAD else NULL, nb, nbd,
+                             E + t * SS, Ed + t * SS if mode == MODE_HVP else NULL,
+                             Z + t * SS if mode == MODE_HVP else NULL,
+                             hist + t * S, hist + (t + 1) * S, gamma)
             tmp = eb; eb = nb; nb = tmp
             tmp = ebd; ebd = nbd; nbd = tmp
             continue
