@@ -655,7 +655,7 @@ def _env(threads, dtype):
 
 
 def _exit_reason(code):
-    reasons = {-9: "killed by SIGKILL (out of memory: the kernel's OOM killer)",
+    reasons = {-9: "killed by SIGKILL (most likely the kernel OOM killer)",
                -6: "aborted (SIGABRT; glibc reported heap corruption)",
                -11: "crashed (SIGSEGV)"}
     return reasons.get(code, f"exited with {code}")
