@@ -92,7 +92,8 @@ def engine_for(backend, device):
         def back(y, xp, like):
             return xp.asarray(y) if backend != "numpy" else y
 
-        return Engine("compiled", _Compiled(), _numpy_in, back, _int_host)
+        name = "compiled" if compiled_available() else "reference (compiled core not built)"
+        return Engine(name, _Compiled(), _numpy_in, back, _int_host)
     if backend in ("cupy", "torch") and device == "cuda" and _cuda_usable():
         from . import _cuda
 

@@ -12,6 +12,7 @@ and back, and asserts that a result has the right namespace, dtype, shape and
 device (``Backend.check``).
 """
 import importlib
+import os
 import zlib
 
 import numpy as np
@@ -247,6 +248,18 @@ def rng(request):
     """A generator seeded from the test id, so every test is reproducible alone."""
     seed = zlib.crc32(request.node.nodeid.encode())
     return np.random.default_rng(seed)
+
+
+def pytest_configure(config):
+    """With SMOOTHMAX_REQUIRE_COMPILED=1 (CI), a missing compiled core is an error, not skips."""
+    if os.environ.get("SMOOTHMAX_REQUIRE_COMPILED") == "1":
+        from smoothmax._dispatch import compiled_available
+
+        if not compiled_available():
+            raise pytest.UsageError(
+                "SMOOTHMAX_REQUIRE_COMPILED=1 but smoothmax._core is not built "
+                "(is the source tree shadowing the installed package? use pip install -e .)"
+            )
 
 
 def pytest_report_header(config):
