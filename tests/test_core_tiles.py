@@ -16,11 +16,14 @@ core = pytest.importorskip("smoothmax._core.dtw", reason="compiled core not buil
 
 @pytest.fixture
 def tile():
+    """Force a tile size, and the threaded paths even for these small problems."""
     def set_tile(ts):
         core._set_tile(ts)
 
+    core._set_small_work(0)
     yield set_tile
     core._set_tile(0)
+    core._set_small_work(1 << 15)
 
 
 def _problem(rng, B, NA, NB, dtype, masks):

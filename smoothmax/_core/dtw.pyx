@@ -808,7 +808,15 @@ cdef enum:
     PAR_TILE_MIN = 64
 
 
+# Below this many cells a call runs on one thread.
+cdef Py_ssize_t SMALL_WORK = 1 << 15
 _tile_override = [0]
+
+
+def _set_small_work(Py_ssize_t cells):
+    """Set the one-thread threshold (testing: 0 sends small problems to the threaded paths)."""
+    global SMALL_WORK
+    SMALL_WORK = cells
 
 
 def _set_tile(Py_ssize_t ts):
@@ -838,10 +846,18 @@ cdef inline Py_ssize_t _q_len(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t TS, int m
     return _ceil_div(NA, TS) * _ceil_div(NB, TS) * (6 if mode == MODE_HVP else 3) * _q_plane(TS)
 
 
+cdef inline int _threads_for(Py_ssize_t B, Py_ssize_t NA, Py_ssize_t NB) noexcept nogil:
+    """Threads for a call: one for small work (a parallel region costs more
+    than it saves there, and much more when a core is busy elsewhere)."""
+    if B * NA * NB < SMALL_WORK:
+        return 1
+    return sm_max_threads()
+
+
 def _qwork_len(Py_ssize_t B, Py_ssize_t NA, Py_ssize_t NB, int mode, bint rows):
     """Length of the q workspace ``_dtw_batch`` takes: one problem's worth per
     thread when threads share the batch, one when they share a problem."""
-    cdef int nthreads = sm_max_threads()
+    cdef int nthreads = _threads_for(B, NA, NB)
     cdef bint par = B < nthreads
     if rows:
         return 0
@@ -860,7 +876,7 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
     row-by-row ``_dtw_rows`` (a slow second implementation, for tests)."""
     cdef Py_ssize_t B = theta.shape[0], NA = theta.shape[1], NB = theta.shape[2]
     cdef Py_ssize_t b, t, TS, nq
-    cdef int nthreads = sm_max_threads()
+    cdef int nthreads = _threads_for(B, NA, NB)
     cdef floating* qbase = &qwork[0] if qwork.shape[0] > 0 else NULL
     cdef bint par = B < nthreads and not rows
     cdef double* wd = NULL
@@ -875,7 +891,7 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
     TS = _pick_tile(NA, NB, par, nthreads, override)
     nq = _q_len(NA, NB, TS, mode)
     if rows:
-        with nogil, parallel():
+        with nogil, parallel(num_threads=nthreads):
             wd = <double*> malloc(_rows_work(NA, NB, mode) * sizeof(double))
             for b in prange(B, schedule="dynamic"):
                 if wd == NULL:
@@ -925,7 +941,7 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
             free(lohi)
             free(done)
         return
-    with nogil, parallel():
+    with nogil, parallel(num_threads=nthreads):
         wd = <double*> malloc(_tile_work(TS) * sizeof(double))
         wi = <Py_ssize_t*> malloc(_tile_iwork(TS) * sizeof(Py_ssize_t))
         edges = <double*> malloc(_edge_work(NA, NB, TS) * sizeof(double))

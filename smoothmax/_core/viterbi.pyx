@@ -23,6 +23,7 @@ from .operators cimport max_omega, max_omega_hvp, sm_init_isa, REG_NEGENTROPY
 
 
 cdef extern from "simd.h" nogil:
+    int sm_max_threads()
     void sm_vit_fwd_d(Py_ssize_t S, const double* th, const double* z, const double* V,
                       const double* Vd, double* Vn, double* Vdn, double* E, double* Ed,
                       double* inv, double* x, double gamma)
@@ -186,7 +187,7 @@ cdef void _viterbi_batch(const floating[:, :, :, ::1] theta,
     cdef floating* ep
     cdef floating* edp
     work = NULL
-    with nogil, parallel():
+    with nogil, parallel(num_threads=1 if B * T * S * S < (1 << 15) else sm_max_threads()):
         work = <double*> malloc(_work_len(T, S) * sizeof(double))
         for b in prange(B, schedule="dynamic"):
             if work == NULL:
@@ -248,7 +249,7 @@ cdef void _decode_batch(const floating[:, :, :, ::1] theta,
     cdef double* tmp
     cdef double m, x
     buf = NULL
-    with nogil, parallel():
+    with nogil, parallel(num_threads=1 if B * T * S * S < (1 << 15) else sm_max_threads()):
         buf = <double*> malloc(2 * S * sizeof(double) + 1)
         for b in prange(B, schedule="dynamic"):
             if buf == NULL:
