@@ -42,6 +42,7 @@ class Engine:
         return f"Engine({self.name!r})"
 
 
+@functools.lru_cache(maxsize=None)
 def _compiled_module(struct):
     try:
         return importlib.import_module(f"smoothmax._core.{struct}")

@@ -28,11 +28,19 @@ def tile():
 
 def _problem(rng, B, NA, NB, dtype, masks):
     theta = rng.uniform(0.0, 2.0, size=(B, NA, NB))
-    if masks:
-        theta[rng.random(theta.shape) < 0.1] = np.inf
     Z = rng.normal(size=(B, NA, NB))
     la = rng.integers(max(1, NA // 2), NA + 1, size=B).astype(np.int64)
     lb = rng.integers(max(1, NB // 2), NB + 1, size=B).astype(np.int64)
+    if masks:
+        mask = rng.random(theta.shape) < 0.1
+        for b in range(B):  # keep a staircase along the straight line free: the end stays reachable
+            n, m = int(la[b]), int(lb[b])
+            cols = np.floor(np.arange(n) * (m - 1) / max(n - 1, 1) + 0.5).astype(int)
+            prev = 0
+            for i, j in enumerate(cols):
+                mask[b, i, prev:j + 1] = False
+                prev = j
+        theta[mask] = np.inf
     return theta.astype(dtype), Z.astype(dtype), la, lb
 
 
@@ -46,6 +54,7 @@ def test_tiles_match_reference(tile, ts, B, band, reg):
     tile(ts)
     v, E, Ed = core.dtw_hvp(theta, Z, la, lb, band, reg, 0.7)
     v_ref, E_ref, Ed_ref = _reference.dtw_hvp(theta, Z, la, lb, band, reg, 0.7)
+    assert np.isfinite(v_ref).all(), "degenerate case: an end cell is unreachable"
     np.testing.assert_allclose(v, v_ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(E, E_ref, rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(Ed, Ed_ref, rtol=1e-8, atol=1e-9)
@@ -64,6 +73,7 @@ def test_workspace_reuse_across_shapes(tile, dtype):
         theta, Z, la, lb = _problem(rng, B, NA, NB, dtype, masks=True)
         v, E = core.dtw_grad(theta, la, lb, 3, 0, 1.0)
         v_ref, E_ref = _reference.dtw_grad(theta.astype(np.float64), la, lb, 3, 0, 1.0)
+        assert np.isfinite(v_ref).all(), "degenerate case: an end cell is unreachable"
         tol = 1e-9 if dtype == np.float64 else 2e-4
         np.testing.assert_allclose(v, v_ref, rtol=tol, atol=tol)
         np.testing.assert_allclose(E, E_ref, rtol=tol, atol=tol)
