@@ -72,10 +72,11 @@ STRUCTS = list(FULL_CASES)
 
 IMPLS = {
     "dtw": ["smoothmax", "smoothmax-l2", "tslearn", "soft-dtw", "ott-jax", "pysdtw", "jax-scan"],
-    "viterbi": ["smoothmax", "smoothmax-l2", "pytorch-crf", "torch-struct", "torch-loop"],
+    "viterbi": ["smoothmax", "smoothmax-l2", "pytorch-crf", "torch-struct", "torch-loop",
+                "jax-scan"],
     # value + gradient + HVP: smoothmax's custom passes against generic second-order autodiff
     "dtw-hvp": ["smoothmax", "ott-jax", "jax-scan"],
-    "viterbi-hvp": ["smoothmax", "torch-struct", "torch-loop"],
+    "viterbi-hvp": ["smoothmax", "torch-struct", "torch-loop", "jax-scan"],
 }
 # implementations that compute in float64 only: their float32 row repeats the float64 timing
 FLOAT64_ONLY = {"tslearn", "soft-dtw"}
@@ -278,7 +279,10 @@ def setup_ott(struct, inp, dtype):
 
 
 def setup_jax_scan(struct, inp, dtype):
-    """A plain JAX soft-DTW: ``lax.scan`` over anti-diagonals, ``logsumexp`` softmin.
+    """A plain JAX recursion in ``lax.scan``: soft-DTW over anti-diagonals with a
+    ``logsumexp`` softmin, or the CRF log-partition over time (Viterbi).
+
+    For soft-DTW:
 
     The baseline a JAX user would write (like ott's recursion, but with a plain
     softmin so that forward-over-reverse works, and a large finite cost instead
@@ -290,6 +294,8 @@ def setup_jax_scan(struct, inp, dtype):
 
     if dtype == "float64" and not jax.config.jax_enable_x64:
         raise RuntimeError("float64 needs JAX_ENABLE_X64=1")
+    if struct.startswith("viterbi"):
+        return _jax_scan_run(struct, inp, dtype, _jax_viterbi_value, ())
     B, n, m = inp["theta"].shape
     big = 1e10  # exp(-big / gamma) is exactly 0 in both dtypes
     ii = np.arange(n)[None, :]
@@ -318,6 +324,27 @@ def setup_jax_scan(struct, inp, dtype):
 
         (_, last), _ = jax.lax.scan(body, (two_ago, one_ago), diags)
         return last[n]
+
+    return _jax_scan_run(struct, inp, dtype, value, idx)
+
+
+def _jax_viterbi_value(theta, _):
+    """A plain JAX CRF log-partition: ``lax.scan`` over time, ``logsumexp`` over states."""
+    import jax
+    import jax.numpy as jnp
+
+    def body(V, th):
+        return GAMMA * jax.nn.logsumexp((th + V[None, :]) / GAMMA, axis=-1), None
+
+    V, _ = jax.lax.scan(body, jnp.zeros(theta.shape[-1], theta.dtype), theta)
+    return GAMMA * jax.nn.logsumexp(V / GAMMA)
+
+
+def _jax_scan_run(struct, inp, dtype, value, idx):
+    """Jitted, batch-vmapped value + gradient (or + HVP, forward-over-reverse) of ``value``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
 
     theta = jnp.asarray(inp["theta"].astype(_np_dtype(dtype)))
     if struct.endswith("hvp"):

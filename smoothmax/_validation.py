@@ -1,4 +1,5 @@
 """Argument checks. Every error names the argument, the expected and the received value."""
+import math
 import numbers
 
 import numpy as np
@@ -65,17 +66,30 @@ def is_traced(x):
 
 
 def check_values(x, xp, name, forbid):
-    """Reject NaN, and ``+inf`` or ``-inf`` as ``forbid`` says (``"+inf"``, ``"-inf"``, ``"inf"``)."""
+    """Reject NaN, and ``+inf`` or ``-inf`` as ``forbid`` says (``"+inf"``, ``"-inf"``, ``"inf"``).
+
+    One reduction per forbidden sign, with no temporary array: ``max`` and
+    ``min`` propagate NaN (array API standard), so the maximum is NaN when any
+    entry is NaN and ``+inf`` when any entry is ``+inf`` (likewise the minimum).
+    """
     if is_traced(x):
         return
     if hasattr(x, "detach"):
         x = x.detach()
-    if bool(xp.any(xp.isnan(x))):
+    if math.prod(x.shape) == 0:
+        return
+    extremes = []
+    if forbid in ("+inf", "inf"):
+        extremes.append(("+inf", float(xp.max(x))))
+    if forbid in ("-inf", "inf"):
+        extremes.append(("-inf", float(xp.min(x))))
+    if any(math.isnan(v) for _, v in extremes):
         raise ValueError(f"{name} must not contain NaN")
-    if forbid in ("+inf", "inf") and bool(xp.any(xp.isinf(x) & (x > 0))):
-        raise ValueError(f"{name} must not contain +inf" + (" (scores are maximised; use -inf to forbid an entry)" if forbid == "+inf" else ""))
-    if forbid in ("-inf", "inf") and bool(xp.any(xp.isinf(x) & (x < 0))):
-        raise ValueError(f"{name} must not contain -inf" + (" (costs are minimised; use +inf to forbid a cell)" if forbid == "-inf" else ""))
+    for sign, v in extremes:
+        if math.isinf(v) and (v > 0) == (sign == "+inf"):
+            hint = {"+inf": " (scores are maximised; use -inf to forbid an entry)",
+                    "-inf": " (costs are minimised; use +inf to forbid a cell)"}
+            raise ValueError(f"{name} must not contain {sign}" + (hint[sign] if forbid == sign else ""))
 
 
 def check_direction(Z, theta, xp, backend):

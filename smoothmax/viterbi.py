@@ -7,6 +7,7 @@
 the CRF log-partition and ``E = ∇Vit_Ω`` holds the pairwise marginals
 ``E[t, i, j] = p(y_t = i, y_{t-1} = j)``.
 """
+from ._dispatch import compiled_available
 from ._problem import evaluate, make_problem
 from ._validation import (as_array, check_direction, check_float, check_gamma, check_lengths,
                           check_rank, check_reg, check_values)
@@ -28,7 +29,13 @@ _SHARED_DOC = """
 """
 
 
-def _prepare(theta, reg, gamma, lengths):
+def _prepare(theta, reg, gamma, lengths, kernel_checks=False):
+    """Validate and describe the problem.
+
+    ``kernel_checks=True`` (the four public operators): with NumPy input and
+    the compiled core, the kernels reject NaN / +inf scores on their one read
+    of theta, so the separate pass over theta is skipped.
+    """
     theta, xp, backend = as_array(theta, "theta")
     check_float(theta, xp, "theta")
     check_rank(theta, 3, "theta", "(..., T, S, S)")
@@ -37,7 +44,8 @@ def _prepare(theta, reg, gamma, lengths):
         raise ValueError(f"theta must have shape (..., T, S, S) with T, S >= 1, got {tuple(theta.shape)}")
     reg = check_reg(reg)
     gamma = check_gamma(gamma)
-    check_values(theta, xp, "theta", "+inf")
+    if not (kernel_checks and backend == "numpy" and compiled_available()):
+        check_values(theta, xp, "theta", "+inf")
     L = check_lengths(lengths, tuple(theta.shape[:-3]), T)
     problem = make_problem("viterbi", theta, xp, backend, theta.ndim - 3, (L,), reg, gamma)
     return theta, problem
@@ -50,7 +58,7 @@ def viterbi(theta, *, reg="negentropy", gamma=1.0, lengths=None):
     -------
     value : array, shape (...)
     """
-    theta, problem = _prepare(theta, reg, gamma, lengths)
+    theta, problem = _prepare(theta, reg, gamma, lengths, kernel_checks=True)
     return evaluate(problem, "value", theta)
 
 
@@ -64,7 +72,7 @@ def viterbi_grad(theta, *, reg="negentropy", gamma=1.0, lengths=None):
         ``E[t, i, j] = p(y_t = i, y_{t-1} = j)``; ``E.sum(-1)`` are the unary
         marginals; zero past the lengths.
     """
-    theta, problem = _prepare(theta, reg, gamma, lengths)
+    theta, problem = _prepare(theta, reg, gamma, lengths, kernel_checks=True)
     return evaluate(problem, "grad", theta)
 
 
@@ -78,7 +86,7 @@ def viterbi_hvp(theta, Z, *, reg="negentropy", gamma=1.0, lengths=None):
     -------
     Edot : array, shape (..., T, S, S)
     """
-    theta, problem = _prepare(theta, reg, gamma, lengths)
+    theta, problem = _prepare(theta, reg, gamma, lengths, kernel_checks=True)
     Z = check_direction(Z, theta, problem.xp, problem.backend)
     return evaluate(problem, "hvp", theta, Z)
 
@@ -96,7 +104,7 @@ def viterbi_decode(theta, *, lengths=None):
     tags : int64 array, shape (..., T)
         The best states (ties: first argmax); ``-1`` past a length.
     """
-    theta, problem = _prepare(theta, "hard", 1.0, lengths)
+    theta, problem = _prepare(theta, "hard", 1.0, lengths, kernel_checks=True)
     return evaluate(problem, "decode", theta)
 
 

@@ -46,6 +46,49 @@ def _vit_theta():
 # theta: rank, shape, dtype, values
 
 
+@pytest.mark.parametrize("name", VIT_ALL)
+@pytest.mark.parametrize("reg", ["negentropy", "l2", "hard"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_viterbi_bad_score_anywhere(name, reg, dtype, bad):
+    """NaN / +inf is rejected wherever it sits: inside or past a length, any item,
+    any operator (the compiled kernels check on their read of theta, the other
+    engines in a separate pass)."""
+    f = VIT_ALL[name]
+    kw = {} if name == "viterbi_decode" else {"reg": reg}
+    base = np.random.default_rng(0).standard_normal((3, 5, 4, 4)).astype(dtype)
+    lengths = np.array([5, 2, 4])
+    word = "NaN" if np.isnan(bad) else "+inf"
+    for b, t, i, j in [(0, 0, 0, 0), (0, 4, 3, 3), (1, 1, 2, 1), (1, 3, 0, 2), (2, 4, 1, 1)]:
+        t_ = base.copy()
+        t_[b, t, i, j] = bad
+        check_raises(ValueError, lambda: f(t_, lengths=lengths, **kw), "theta", word)
+
+
+def test_viterbi_reused_output_blocks_are_rewritten():
+    """Large results come from reused blocks (smoothmax._buffers): a block left
+    dirty by an earlier call must not leak into E past the lengths or anywhere else."""
+    from smoothmax import _buffers
+
+    rng = np.random.default_rng(1)
+    theta = rng.standard_normal((8, 64, 64, 64))  # 16 MiB: a reused block
+    assert theta.nbytes >= _buffers.MIN_BYTES
+    Z = rng.standard_normal(theta.shape)
+    lengths = np.array([64, 3, 1, 40, 64, 7, 64, 2])
+    small = [(theta[k:k + 1, :n], Z[k:k + 1, :n]) for k, n in enumerate(lengths)]
+    for _ in range(2):
+        full_E = sm.viterbi_grad(theta)[1]
+        full_E[...] = np.nan  # dirty the block, then free it
+        del full_E
+        _, E = sm.viterbi_grad(theta, lengths=lengths)
+        Ed = sm.viterbi_hvp(theta, Z, lengths=lengths)
+        for k, n in enumerate(lengths):
+            assert np.all(E[k, n:] == 0) and np.all(Ed[k, n:] == 0)
+            np.testing.assert_allclose(E[k, :n], sm.viterbi_grad(small[k][0])[1][0], atol=1e-12)
+            np.testing.assert_allclose(Ed[k, :n], sm.viterbi_hvp(*small[k])[0], atol=1e-12)
+        del E, Ed
+
+
 @pytest.mark.parametrize("name", DTW_ALL)
 def test_dtw_theta(name):
     f = DTW_ALL[name]

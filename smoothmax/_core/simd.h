@@ -348,6 +348,8 @@ ATTR static double sm_negentropy_row_##SUF(                                    \
  * (one pass over the block fewer). HVP (z != NULL): E[i, :] = q_i,
  * u = z[i, :] + Vd, Vdn[i] = <q_i, u>; inv unused. x is 4 S doubles of
  * scratch. A row that is all -inf gets -inf, q = 0, inv = 0 (and Vdn = 0).
+ * *bad is incremented by the number of NaN or +inf scores met (the caller
+ * rejects the input: the check rides on the one read of theta).
  * The logs of the S rows are taken in one vectorized loop after the rows.
  * Reverse step: E[i, j] = c_i E[i, j] with c_i = eb[i] inv[i] (eb[i] when
  * inv is NULL), nb[j] = sum_i E[i, j], and for the HVP (Ed != NULL) the
@@ -360,16 +362,21 @@ ATTR static void sm_vit_fwd_##SUF(                                             \
     ptrdiff_t S, const T *restrict th, const T *restrict z,                    \
     const double *restrict V, const double *restrict Vd,                       \
     double *restrict Vn, double *restrict Vdn, T *restrict E,                  \
-    T *restrict Ed, double *restrict inv, double *restrict x, double gamma)    \
+    T *restrict Ed, double *restrict inv, double *restrict x, double gamma,    \
+    double *restrict bad)                                                      \
 {                                                                              \
     const double ig = 1.0 / gamma;                                             \
     double acc[8];                                                             \
+    double nbad = 0.0;                                                         \
     double *restrict y = x + S;                                                \
     double *restrict msum = x + 2 * S;  /* row max, then row sum: 2 S */       \
     ptrdiff_t i, j, l;                                                         \
     for (i = 0; i < S; ++i) {                                                  \
         const T *restrict row = th + i * S;                                    \
-        for (j = 0; j < S; ++j) x[j] = (double)row[j] + V[j];                  \
+        for (j = 0; j < S; ++j) {                                              \
+            x[j] = (double)row[j] + V[j];                                      \
+            nbad += (double)row[j] < SM_INF ? 0.0 : 1.0;  /* NaN or +inf */    \
+        }                                                                      \
         double m = sm_rowmax(S, x, y);                                         \
         msum[i] = m;                                                           \
         if (!(m > -SM_INF)) {                                                  \
@@ -437,6 +444,7 @@ ATTR static void sm_vit_fwd_##SUF(                                             \
         Vn[i] = fin ? m + gamma * sm_log_pos(sum) : -SM_INF;                   \
         if (inv != NULL) inv[i] = fin ? 1.0 / sum : 0.0;                       \
     }                                                                          \
+    *bad += nbad;                                                              \
 }                                                                              \
 ATTR static void sm_vit_bwd_##SUF(                                             \
     ptrdiff_t S, const double *restrict eb, const double *restrict ebd,        \
@@ -561,8 +569,9 @@ static void sm_dtw_bwd_hvp_##SUF(                                              \
                                    qdd, out, dout)) }                       \
 static void sm_vit_fwd_##SUF(                                                  \
     ptrdiff_t S, const T *th, const T *z, const double *V, const double *Vd,   \
-    double *Vn, double *Vdn, T *E, T *Ed, double *inv, double *x, double gamma) \
-{ SM_DISPATCH(sm_vit_fwd, SUF, (S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma)) } \
+    double *Vn, double *Vdn, T *E, T *Ed, double *inv, double *x, double gamma, \
+    double *bad)                                                               \
+{ SM_DISPATCH(sm_vit_fwd, SUF, (S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, bad)) } \
 static void sm_vit_bwd_##SUF(                                                  \
     ptrdiff_t S, const double *eb, const double *ebd, const double *inv,       \
     double *nb, double *nbd, T *E, T *Ed, const T *z, const double *Vdp,       \

@@ -13,9 +13,12 @@ The batch loop is a ``prange`` (OpenMP when the build has it).
 """
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
+from libc.string cimport memset
 from libc.math cimport INFINITY
 
 import numpy as np
+
+from .._buffers import empty as _empty
 
 from cython cimport floating
 
@@ -26,10 +29,10 @@ cdef extern from "simd.h" nogil:
     int sm_max_threads()
     void sm_vit_fwd_d(Py_ssize_t S, const double* th, const double* z, const double* V,
                       const double* Vd, double* Vn, double* Vdn, double* E, double* Ed,
-                      double* inv, double* x, double gamma)
+                      double* inv, double* x, double gamma, double* bad)
     void sm_vit_fwd_f(Py_ssize_t S, const float* th, const float* z, const double* V,
                       const double* Vd, double* Vn, double* Vdn, float* E, float* Ed,
-                      double* inv, double* x, double gamma)
+                      double* inv, double* x, double gamma, double* bad)
     void sm_vit_bwd_d(Py_ssize_t S, const double* eb, const double* ebd, const double* inv,
                       double* nb, double* nbd, double* E, double* Ed, const double* z,
                       const double* Vdp, const double* Vdt, double gamma)
@@ -57,10 +60,12 @@ cdef inline Py_ssize_t _work_len(Py_ssize_t T, Py_ssize_t S) noexcept nogil:
 cdef double _viterbi_one(const floating* theta, const floating* Z,
                          floating* E, floating* Ed,
                          Py_ssize_t L, Py_ssize_t S, int reg, double gamma,
-                         int mode, double* work) noexcept nogil:
+                         int mode, double* work, double* bad) noexcept nogil:
     """Value of one problem; fills E (and Edot) when mode asks for them.
 
     ``work`` holds _work_len(T, S) doubles. theta/Z/E/Ed point at a (T, S, S) block.
+    ``bad[0]`` counts the NaN or +inf scores read (the input check rides on
+    this one read of theta; the caller rejects the input).
     """
     cdef double* V = work            # V_{t-1}
     cdef double* Vn = work + S       # V_t
@@ -95,12 +100,12 @@ cdef double _viterbi_one(const floating* theta, const floating* Z,
                 sm_vit_fwd_d(S, theta + t * SS, Z + t * SS if mode == MODE_HVP else NULL,
                              V, Vd, Vn, Vdn, E + t * SS if mode != MODE_VALUE else NULL,
                              Ed + t * SS if mode == MODE_HVP else NULL,
-                             inv + t * S if mode == MODE_GRAD else NULL, x, gamma)
+                             inv + t * S if mode == MODE_GRAD else NULL, x, gamma, bad)
             else:
                 sm_vit_fwd_f(S, theta + t * SS, Z + t * SS if mode == MODE_HVP else NULL,
                              V, Vd, Vn, Vdn, E + t * SS if mode != MODE_VALUE else NULL,
                              Ed + t * SS if mode == MODE_HVP else NULL,
-                             inv + t * S if mode == MODE_GRAD else NULL, x, gamma)
+                             inv + t * S if mode == MODE_GRAD else NULL, x, gamma, bad)
             tmp = V; V = Vn; Vn = tmp
             tmp = Vd; Vd = Vdn; Vdn = tmp
         if mode == MODE_HVP:
@@ -113,6 +118,8 @@ cdef double _viterbi_one(const floating* theta, const floating* Z,
             row = t * SS + i * S
             for j in range(S):
                 x[j] = theta[row + j] + V[j]
+                if not (theta[row + j] < INFINITY):
+                    bad[0] += 1.0
             Vn[i] = max_omega(x, q, S, reg, gamma)
             if mode == MODE_VALUE:
                 continue
@@ -181,7 +188,9 @@ cdef void _viterbi_batch(const floating[:, :, :, ::1] theta,
                          int reg, double gamma, int mode,
                          signed char[::1] failed) noexcept:
     cdef Py_ssize_t B = theta.shape[0], T = theta.shape[1], S = theta.shape[2]
-    cdef Py_ssize_t b, blk = T * S * S
+    cdef Py_ssize_t b, k, L, blk = T * S * S
+    cdef double nbad
+    cdef const floating* tail
     cdef double* work
     cdef const floating* zp
     cdef floating* ep
@@ -196,9 +205,22 @@ cdef void _viterbi_batch(const floating[:, :, :, ::1] theta,
             zp = &Z[b, 0, 0, 0] if mode == MODE_HVP else NULL
             ep = &E[b, 0, 0, 0] if mode != MODE_VALUE else NULL
             edp = &Ed[b, 0, 0, 0] if mode == MODE_HVP else NULL
+            L = lengths[b]
+            nbad = 0.0
             value[b] = <floating> _viterbi_one(
-                &theta[b, 0, 0, 0], zp, ep, edp, lengths[b], S,
-                reg, gamma, mode, work)
+                &theta[b, 0, 0, 0], zp, ep, edp, L, S,
+                reg, gamma, mode, work, &nbad)
+            tail = &theta[b, 0, 0, 0] + L * S * S  # steps past the length: checked, not used
+            for k in range((T - L) * S * S):
+                if not (tail[k] < INFINITY):
+                    nbad = nbad + 1.0
+            if nbad > 0.0:
+                failed[b] = 2
+            # outputs come uninitialised (smoothmax._buffers): zero past the length
+            if ep != NULL and L < T:
+                memset(ep + L * S * S, 0, (T - L) * S * S * sizeof(floating))
+            if edp != NULL and L < T:
+                memset(edp + L * S * S, 0, (T - L) * S * S * sizeof(floating))
         free(work)
 
 
@@ -206,8 +228,9 @@ def _run(theta, Z, lengths, int reg, double gamma, int mode):
     B = theta.shape[0]
     value = np.empty(B, dtype=theta.dtype)
     shape = theta.shape if mode != MODE_VALUE else (0, 1, 1, 1)
-    E = np.zeros(shape, dtype=theta.dtype)
-    Ed = np.zeros(theta.shape if mode == MODE_HVP else (0, 1, 1, 1), dtype=theta.dtype)
+    # every entry is written by the kernels (zero past each length)
+    E = _empty(shape, theta.dtype)
+    Ed = _empty(theta.shape if mode == MODE_HVP else (0, 1, 1, 1), theta.dtype)
     Zarr = Z if mode == MODE_HVP else np.empty((0, 1, 1, 1), dtype=theta.dtype)
     failed = np.zeros(B, dtype=np.int8)
     if B > 0 and theta.shape[1] > 0 and theta.shape[2] > 0:
@@ -215,9 +238,19 @@ def _run(theta, Z, lengths, int reg, double gamma, int mode):
             _viterbi_batch[double](theta, Zarr, lengths, value, E, Ed, reg, gamma, mode, failed)
         else:
             _viterbi_batch[float](theta, Zarr, lengths, value, E, Ed, reg, gamma, mode, failed)
-    if failed.any():
+    if (failed == 1).any():
         raise MemoryError("smoothmax._core.viterbi: could not allocate the workspace")
+    if failed.any():
+        _reject(theta)
     return value, E, Ed
+
+
+def _reject(theta):
+    """Raise the validation error for scores the kernels found NaN or +inf."""
+    from .._validation import check_values
+
+    check_values(theta, np, "theta", "+inf")
+    raise ValueError("theta must not contain NaN or +inf")
 
 
 def viterbi_value(theta, lengths, int reg, double gamma):
@@ -239,8 +272,11 @@ def viterbi_hvp(theta, Z, lengths, int reg, double gamma):
 cdef void _decode_batch(const floating[:, :, :, ::1] theta,
                         const long long[::1] lengths,
                         floating[::1] score, long long[:, ::1] tags,
-                        int[:, :, ::1] bp) noexcept:
-    """Hard Viterbi with back-pointers; first argmax on ties; -1 tags if infeasible."""
+                        int[:, :, ::1] bp, signed char[::1] bad) noexcept:
+    """Hard Viterbi with back-pointers; first argmax on ties; -1 tags if infeasible.
+
+    ``bad[b]`` is set when item b has a NaN or +inf score (checked on this read).
+    """
     cdef Py_ssize_t B = theta.shape[0], T = theta.shape[1], S = theta.shape[2]
     cdef Py_ssize_t b, t, i, j, L, best
     cdef double* buf
@@ -260,6 +296,13 @@ cdef void _decode_batch(const floating[:, :, :, ::1] theta,
             Vn = buf + S
             for j in range(S):
                 V[j] = 0.0
+            for t in range(T):
+                for i in range(S):
+                    for j in range(S):
+                        if not (theta[b, t, i, j] < INFINITY):
+                            bad[b] = 1
+            if bad[b]:
+                continue
             for t in range(L):
                 for i in range(S):
                     best = 0
@@ -297,11 +340,14 @@ def viterbi_decode(theta, lengths):
     score = np.empty(B, dtype=theta.dtype)
     tags = np.full((B, T), -1, dtype=np.int64)
     bp = np.empty((B, T, S), dtype=np.intc)
+    bad = np.zeros(B, dtype=np.int8)
     if B > 0 and T > 0 and S > 0:
         if theta.dtype == np.float64:
-            _decode_batch[double](theta, lengths, score, tags, bp)
+            _decode_batch[double](theta, lengths, score, tags, bp, bad)
         else:
-            _decode_batch[float](theta, lengths, score, tags, bp)
+            _decode_batch[float](theta, lengths, score, tags, bp, bad)
         if (tags[:, 0] == -2).any():
             raise MemoryError("smoothmax._core.viterbi: could not allocate the workspace")
+        if bad.any():
+            _reject(theta)
     return score, tags

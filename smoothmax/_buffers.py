@@ -1,0 +1,74 @@
+"""Reused output buffers for the compiled engine.
+
+A large NumPy result (``E``, ``Edot``: the shape of ``theta``) is a fresh
+allocation on every call, and above glibc's largest mmap threshold (32 MiB)
+every fresh allocation is new pages that the kernel zeroes on first touch:
+about a third of a CRF gradient's time at 32 x 128 x 64 x 64 float64 went to
+page clearing. Training loops call the engine again and again with one shape,
+so the engine keeps the last few large blocks and hands one out again once
+nothing refers to it any more.
+
+A block is a uint8 NumPy array owned by this module; results are
+``np.frombuffer`` views of it, so every array made from a result (views,
+``torch.from_numpy``, DLPack exports) holds a reference to the block, and a
+block is reused only when this module's references are the only ones left.
+Blocks come back uninitialised: the kernels write every entry of a result
+they are given (docs/engines.md).
+
+``SMOOTHMAX_BUFFER_CACHE_MB`` (default 512) caps the bytes kept; 0 turns
+reuse off. Results below 16 MiB come from ``np.empty`` (malloc reuses those
+by itself).
+"""
+import math
+import os
+import sys
+import threading
+
+import numpy as np
+
+MIN_BYTES = 1 << 24
+_lock = threading.Lock()
+_blocks = []  # least recently used first
+
+
+def _limit():
+    try:
+        return max(0, int(os.environ.get("SMOOTHMAX_BUFFER_CACHE_MB", "512"))) << 20
+    except ValueError:
+        return 512 << 20
+
+
+def empty(shape, dtype):
+    """An uninitialised C-contiguous array, from a reused block when large."""
+    dtype = np.dtype(dtype)
+    count = math.prod(shape)
+    nbytes = count * dtype.itemsize
+    limit = _limit()
+    if nbytes < MIN_BYTES or nbytes > limit:
+        return np.empty(shape, dtype)
+    with _lock:
+        found = None
+        for k in range(len(_blocks)):
+            # free: the only references are _blocks and getrefcount's argument
+            if nbytes <= _blocks[k].nbytes <= 2 * nbytes and sys.getrefcount(_blocks[k]) <= 2:
+                found = _blocks.pop(k)
+                break
+        if found is None:
+            found = np.empty(nbytes, np.uint8)
+            held = nbytes + sum(b.nbytes for b in _blocks)
+            while _blocks and held > limit:  # drop the least recently used
+                held -= _blocks.pop(0).nbytes
+        _blocks.append(found)
+    return np.frombuffer(found, dtype, count=count).reshape(shape)
+
+
+def clear():
+    """Forget every kept block (the memory goes back once results are gone)."""
+    with _lock:
+        _blocks.clear()
+
+
+def held_bytes():
+    """Bytes of the blocks kept now (in use or free)."""
+    with _lock:
+        return sum(b.nbytes for b in _blocks)
