@@ -367,15 +367,22 @@ ATTR static void sm_vit_fwd_##SUF(                                             \
 {                                                                              \
     const double ig = 1.0 / gamma;                                             \
     double acc[8];                                                             \
-    double nbad = 0.0;                                                         \
+    double badl[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                 \
     double *restrict y = x + S;                                                \
     double *restrict msum = x + 2 * S;  /* row max, then row sum: 2 S */       \
     ptrdiff_t i, j, l;                                                         \
     for (i = 0; i < S; ++i) {                                                  \
         const T *restrict row = th + i * S;                                    \
-        for (j = 0; j < S; ++j) {                                              \
+        /* NaN or +inf counted in 8 lanes kept across rows (no per-row     \
+         * horizontal sum) */                                                  \
+        for (j = 0; j + 8 <= S; j += 8)                                        \
+            for (l = 0; l < 8; ++l) {                                          \
+                x[j + l] = (double)row[j + l] + V[j + l];                      \
+                badl[l] += (double)row[j + l] < SM_INF ? 0.0 : 1.0;            \
+            }                                                                  \
+        for (; j < S; ++j) {                                                   \
             x[j] = (double)row[j] + V[j];                                      \
-            nbad += (double)row[j] < SM_INF ? 0.0 : 1.0;  /* NaN or +inf */    \
+            badl[0] += (double)row[j] < SM_INF ? 0.0 : 1.0;                    \
         }                                                                      \
         double m = sm_rowmax(S, x, y);                                         \
         msum[i] = m;                                                           \
@@ -389,7 +396,7 @@ ATTR static void sm_vit_fwd_##SUF(                                             \
             continue;                                                          \
         }                                                                      \
         for (l = 0; l < 8; ++l) acc[l] = 0.0;                                  \
-        if (E != NULL && z == NULL) {                                          \
+        if (E != NULL && z == NULL && sizeof(T) == sizeof(double)) {           \
             T *restrict erow = E + i * S;                                      \
             for (j = 0; j + 8 <= S; j += 8)                                    \
                 for (l = 0; l < 8; ++l) {                                      \
@@ -414,6 +421,10 @@ ATTR static void sm_vit_fwd_##SUF(                                             \
                 x[j] = e;                                                      \
                 acc[0] += e;                                                   \
             }                                                                  \
+            /* float E: a separate narrowing loop keeps the exp loop in full- \
+             * width double vectors (fused, it ran 2-3x slower) */             \
+            if (E != NULL && z == NULL)                                        \
+                for (j = 0; j < S; ++j) E[i * S + j] = (T)x[j];                \
         }                                                                      \
         double sum = 0.0;                                                      \
         for (l = 0; l < 8; ++l) sum += acc[l];                                 \
@@ -444,7 +455,7 @@ ATTR static void sm_vit_fwd_##SUF(                                             \
         Vn[i] = fin ? m + gamma * sm_log_pos(sum) : -SM_INF;                   \
         if (inv != NULL) inv[i] = fin ? 1.0 / sum : 0.0;                       \
     }                                                                          \
-    *bad += nbad;                                                              \
+    for (l = 0; l < 8; ++l) *bad += badl[l];                                   \
 }                                                                              \
 ATTR static void sm_vit_bwd_##SUF(                                             \
     ptrdiff_t S, const double *restrict eb, const double *restrict ebd,        \
