@@ -9,6 +9,7 @@ tiles shows up against the reference passes.
 import numpy as np
 import pytest
 
+import smoothmax as sm
 from smoothmax import _reference
 
 core = pytest.importorskip("smoothmax._core.dtw", reason="compiled core not built")
@@ -88,3 +89,31 @@ def test_row_kernel_agrees_with_tiles():
     rows = core._run(theta, Z, la, lb, 5, 0, 0.3, 2, rows=True)
     for a, b in zip(tiled, rows):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 45), (2, 1024, 1100)])  # malloc reuse; smoothmax._buffers
+def test_dtw_outputs_rewritten_over_dirty_memory(shape):
+    """Without band or lengths the DTW outputs are not zeroed first: every cell
+    must be written (masked cells, unreachable items included)."""
+    rng = np.random.default_rng(3)
+    B, NA, NB = shape
+    theta = rng.random(shape)
+    theta[rng.random(shape) < 0.2] = np.inf
+    for b in range(B):  # a free staircase path to the end cell...
+        i = np.minimum(np.arange(NA + NB - 1), NA - 1)
+        j = np.clip(np.arange(NA + NB - 1) - (NA - 1), 0, NB - 1)
+        theta[b, i, j] = rng.random(i.shape)
+    theta[B - 1, 0, 0] = np.inf  # ...but the last item cannot reach it
+    Z = rng.standard_normal(shape)
+    la, lb = np.full(B, NA), np.full(B, NB)
+    _, E_ref, Ed_ref = _reference.dtw_hvp(theta, Z, la, lb, -1, 0, 1.0)
+    for _ in range(2):
+        for out in (sm.dtw_grad(theta)[1], sm.dtw_hvp(theta, Z)):
+            out[...] = np.nan  # dirty, then free
+        del out
+        E = sm.dtw_grad(theta)[1]
+        Ed = sm.dtw_hvp(theta, Z)
+        assert np.all(E[B - 1] == 0) and np.all(Ed[B - 1] == 0)
+        np.testing.assert_allclose(E, E_ref, atol=1e-10)
+        np.testing.assert_allclose(Ed, Ed_ref, atol=1e-8)
+        del E, Ed
