@@ -43,6 +43,8 @@
 
 #define SM_INLINE static inline __attribute__((always_inline))
 #define SM_INF (__builtin_inf())
+/* sum of 8 lanes as a tree (latency 3 adds, not 8) */
+#define SM_SUM8(a) ((((a)[0] + (a)[1]) + ((a)[2] + (a)[3])) + (((a)[4] + (a)[5]) + ((a)[6] + (a)[7])))
 
 SM_INLINE double sm_asdouble(uint64_t u) { double d; memcpy(&d, &u, sizeof d); return d; }
 SM_INLINE uint64_t sm_asuint(double d) { uint64_t u; memcpy(&u, &d, sizeof u); return u; }
@@ -116,7 +118,11 @@ SM_INLINE double sm_rowmax(ptrdiff_t n, const double *restrict x, double *restri
             double v = x[j], a = y[j - 8];
             y[j] = v > a ? v : a;
         }
-        for (j = n8 - 8; j < n8; ++j) m = y[j] > m ? y[j] : m;
+        const double *t = y + n8 - 8;  /* a tree, not a chain of 8 dependent maxima */
+        double m01 = t[0] > t[1] ? t[0] : t[1], m23 = t[2] > t[3] ? t[2] : t[3];
+        double m45 = t[4] > t[5] ? t[4] : t[5], m67 = t[6] > t[7] ? t[6] : t[7];
+        double m03 = m01 > m23 ? m01 : m23, m47 = m45 > m67 ? m45 : m67;
+        m = m03 > m47 ? m03 : m47;
     }
     for (j = n8; j < n; ++j) m = x[j] > m ? x[j] : m;
     return m;
@@ -426,8 +432,8 @@ ATTR static void sm_vit_fwd_##SUF(                                             \
             if (E != NULL && z == NULL)                                        \
                 for (j = 0; j < S; ++j) E[i * S + j] = (T)x[j];                \
         }                                                                      \
-        double sum = 0.0;                                                      \
-        for (l = 0; l < 8; ++l) sum += acc[l];                                 \
+        double sum;                                                            \
+        sum = SM_SUM8(acc);                                                    \
         msum[S + i] = sum;  /* >= 1: the max contributes exp(0) */             \
         if (z == NULL) continue;                                               \
         const double inv_i = 1.0 / sum;                                        \
@@ -446,7 +452,7 @@ ATTR static void sm_vit_fwd_##SUF(                                             \
             erow[j] = (T)q;                                                    \
             vd += q * ((double)zrow[j] + Vd[j]);                               \
         }                                                                      \
-        for (l = 0; l < 8; ++l) vd += acc[l];                                  \
+        vd += SM_SUM8(acc);                                                    \
         Vdn[i] = vd;                                                           \
     }                                                                          \
     for (i = 0; i < S; ++i) {  /* m + gamma log(sum), -inf rows stay -inf */   \
