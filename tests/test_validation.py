@@ -293,3 +293,17 @@ def test_array_likes_are_accepted():
     v = sm.dtw([[0.0, 1.0], [1.0, 0.0]], reg="hard")
     assert isinstance(v, np.ndarray) and v.dtype == np.float64
     assert v == 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_Z_check_huge_finite_accepted_and_each_non_finite_rejected(dtype):
+    """The Z check sums squares first (one pass); huge finite directions overflow
+    that sum and must still be accepted, and each non-finite kind be named."""
+    big = np.finfo(dtype).max / 2
+    t = np.zeros((2, 3, 3), dtype)
+    Z = np.full(t.shape, big, dtype)
+    assert np.isfinite(sm.viterbi_hvp(t, Z)).all()
+    for bad, word in [(np.nan, "NaN"), (np.inf, "+inf"), (-np.inf, "-inf")]:
+        Zb = Z.copy()
+        Zb[1, 2, 0] = bad
+        check_raises(ValueError, lambda: sm.viterbi_hvp(t, Zb), "Z", word)
