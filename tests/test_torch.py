@@ -304,3 +304,22 @@ def test_viterbi_layer():
     score, tags = crf.decode(theta, lengths)
     assert tags.shape == (3, 5) and tags.dtype == torch.int64 and (tags[2, 1:] == -1).all()
     assert torch.allclose(score, smt.Viterbi(reg="hard")(theta.detach(), lengths))
+
+
+def test_large_results_held_by_torch_are_not_reused():
+    """A result block of smoothmax._buffers viewed by a torch tensor (and the
+    tensor saved for backward) stays its own until the tensor is gone."""
+    from smoothmax import _buffers
+
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn((8, 64, 64, 64), dtype=torch.float64, generator=g)  # 16 MiB results
+    assert theta.numel() * 8 >= _buffers.MIN_BYTES
+    _, E1 = sm.viterbi_grad(theta)
+    keep = E1.clone()
+    th = theta.clone().requires_grad_()
+    v = sm.viterbi(th).sum()
+    (E2,) = torch.autograd.grad(v, th, create_graph=True)  # E saved inside the graph
+    for _ in range(3):
+        sm.viterbi_grad(theta + 1.0)  # results dropped at once: their blocks may be reused
+        sm.viterbi_hvp(theta, theta)
+    assert torch.equal(E1, keep) and torch.equal(E2.detach(), keep)
