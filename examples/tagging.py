@@ -23,6 +23,8 @@ split 80/10/10 at random). Any CoNLL-U or token/tag file works too::
 
     python examples/tagging.py --quick
     python examples/tagging.py                      # full corpora: NEMO 10 epochs, PetroGold 6 (~35 min each)
+    python examples/tagging.py --tasks nemo         # one corpus: results/tagging_nemo.md
+    python examples/tagging.py --combine            # results/tagging.md from tagging_nemo + tagging_petrogold
     python examples/tagging.py --conllu my.conllu --column upos
     python examples/tagging.py --tsv my.tsv
 """
@@ -346,6 +348,68 @@ def plot_marginals(example_theta, models, vocabs, gamma, path, tokens):
     plt.close(fig)
 
 
+def render(payload, mode):
+    """The markdown of a results payload (one or several corpora)."""
+    columns, sizes, examples, args = (payload["columns"], payload["sizes"], payload["sparse_examples"],
+                                      payload["args"])
+    results = {(r["task"], r["loss"], r["reg"]): r for r in payload["results"]}
+    configs = list(dict.fromkeys((r["loss"], r["reg"]) for r in payload["results"]))
+    metric = {lab: ("f1" if "NER" in lab or "ner" in lab else "accuracy") for lab in columns}
+    rows = []
+    for loss, reg in configs:
+        rows.append([ROW_NAMES.get((loss, reg), f"{reg}, {loss}")]
+                    + [results[(lab, loss, reg)]["test"][metric[lab]] if (lab, loss, reg) in results
+                       else float("nan") for lab in columns])
+    md = [f"## Tagging with Vit_Ω (test set, mode {mode})", "",
+          markdown_table(["Ω, loss"] + columns, rows), "",
+          "Span F1 (exact match of BIOSE entities) for NER, token accuracy for POS; hard Viterbi "
+          "decoding at test time; the dev set picks the epoch. Sentences (train / dev / test; "
+          "training sentences cut at 60 tokens) and epochs: "
+          + "; ".join(f"{lab}: {z['train']} / {z['dev']} / {z['test']}, {z['epochs']} epochs"
+                      for lab, z in sizes.items()) + ". Batches of "
+          f"{args['batch_size']} sentences, one thread. Secondary metrics and the per-row settings:", "",
+          markdown_table(["task", "Ω, loss", "F1", "precision", "recall", "token acc.", "optimizer, lr, γ",
+                          "train s"],
+                         [[r["task"], ROW_NAMES.get((r["loss"], r["reg"])), r["test"]["f1"],
+                           r["test"]["precision"], r["test"]["recall"], r["test"]["accuracy"],
+                           f"{r['optimizer']}, {r['lr']:g}, {r['gamma']:g}", r["seconds"]]
+                          for r in results.values()])]
+    if ("relaxed", "l2") in configs and all(args.get(x) is None for x in ("optimizer", "lr", "gamma")):
+        md += ["", RELAXED_L2_NOTE]
+    if payload.get("sources"):
+        md += ["", "Combined (`--combine`) from the runs: " + "; ".join(
+            f"`python examples/{m['command']}` ({m['date']})" for m in payload["sources"]) + "."]
+    for lab, ex in examples.items():
+        md += ["", f"### Sparse ℓ2 marginals, {lab}: a test sentence ({ex['ambiguous_tokens']} tokens "
+               "with more than one tag of non-zero probability)", "",
+               "| token | gold | tags with p > 0 (ℓ2 surrogate model) |", "|---|---|---|"]
+        md += [f"| {r['token']} | {r['gold']} | " + ", ".join(f"{t} {p:.2f}" for t, p in r["nonzero"])
+               + (" …" if r["support"] > 4 else "") + " |" for r in ex["tokens"]]
+    return "\n".join(md)
+
+
+def combine(tasks=("nemo", "petrogold")):
+    """``results/tagging.{json,md}`` from the full one-corpus runs ``results/tagging_<task>.json``."""
+    import json
+    from _common import RESULTS
+    parts = []
+    for task in tasks:
+        path = os.path.join(RESULTS, f"tagging_{task}.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"{path} is missing: run python examples/tagging.py --tasks {task}")
+        with open(path, encoding="utf-8") as f:
+            parts.append(json.load(f))
+    payload = {"columns": [c for p in parts for c in p["columns"]],
+               "sizes": {k: v for p in parts for k, v in p["sizes"].items()},
+               "results": [r for p in parts for r in p["results"]],
+               "sparse_examples": {k: v for p in parts for k, v in p["sparse_examples"].items()},
+               "args": parts[0]["args"], "sources": [p["meta"] for p in parts]}
+    md = render(payload, "full")
+    json_path, md_path = write_results("tagging", payload, md, "full")
+    print(md)
+    print("wrote", json_path, md_path)
+
+
 # ---------------------------------------------------------------- main
 
 def load_task(name, args, quick):
@@ -397,7 +461,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--own-losses", action="store_true",
                         help="the example's own losses instead of smoothmax.losses (a cross-check)")
+    parser.add_argument("--combine", action="store_true",
+                        help="only write results/tagging.md from the full runs tagging_nemo / tagging_petrogold")
     args = parser.parse_args(argv)
+    if args.combine:
+        return combine()
     limit_threads(1)
     torch.set_num_threads(1)
     mode = "quick" if args.quick else "full"
@@ -453,42 +521,16 @@ def main(argv=None):
             plot_marginals(thetas, models, vocabs, gamma_l2, figure_path(name, mode), toks)
             examples[label] = ex
 
-    metric = {lab: ("f1" if "NER" in lab or "ner" in lab else "accuracy") for lab in columns}
-    rows = []
-    for loss, reg in configs:
-        rows.append([ROW_NAMES.get((loss, reg), f"{reg}, {loss}")]
-                    + [results[(lab, loss, reg)]["test"][metric[lab]] for lab in columns])
-    md = [f"## Tagging with Vit_Ω (test set, mode {mode})", "",
-          markdown_table(["Ω, loss"] + columns, rows), "",
-          "Span F1 (exact match of BIOSE entities) for NER, token accuracy for POS; hard Viterbi "
-          "decoding at test time; the dev set picks the epoch. Sentences (train / dev / test; training "
-          "sentences cut at 60 tokens) and epochs: "
-          + "; ".join(f"{lab}: {z['train']} / {z['dev']} / {z['test']}, {z['epochs']} epochs"
-                      for lab, z in sizes.items()) + ". Batches of "
-          f"{args.batch_size} sentences, one thread. Secondary metrics and the per-row settings:", "",
-          markdown_table(["task", "Ω, loss", "F1", "precision", "recall", "token acc.", "optimizer, lr, γ",
-                          "train s"],
-                         [[r["task"], ROW_NAMES.get((r["loss"], r["reg"])), r["test"]["f1"],
-                           r["test"]["precision"], r["test"]["recall"], r["test"]["accuracy"],
-                           f"{r['optimizer']}, {r['lr']:g}, {r['gamma']:g}", r["seconds"]]
-                          for r in results.values()])]
-    if ("relaxed", "l2") in configs and all(x is None for x in (args.optimizer, args.lr, args.gamma)):
-        md += ["", RELAXED_L2_NOTE]
-    for lab, ex in examples.items():
-        md += ["", f"### Sparse ℓ2 marginals, {lab}: a test sentence ({ex['ambiguous_tokens']} tokens "
-               "with more than one tag of non-zero probability)", "",
-               "| token | gold | tags with p > 0 (ℓ2 surrogate model) |", "|---|---|---|"]
-        md += [f"| {r['token']} | {r['gold']} | " + ", ".join(f"{t} {p:.2f}" for t, p in r["nonzero"])
-               + (" …" if r["support"] > 4 else "") + " |" for r in ex["tokens"]]
     payload = {"columns": columns, "sizes": sizes, "results": list(results.values()),
                "sparse_examples": examples, "args": vars(args)}
+    md = render(payload, mode)
     stem = "tagging"
     if args.conllu or args.tsv:  # a user's corpus: keep the shipped corpora's results
         stem += "_" + os.path.splitext(os.path.basename(args.conllu or args.tsv))[0]
     elif list(tasks) != ["nemo", "petrogold"]:  # one corpus at a time: tagging_nemo.md, ...
         stem += "_" + "_".join(tasks)
-    json_path, md_path = write_results(stem, payload, "\n".join(md), mode)
-    print("\n".join(md))
+    json_path, md_path = write_results(stem, payload, md, mode)
+    print(md)
     print("wrote", json_path, md_path)
 
 
