@@ -469,13 +469,21 @@ ATTR static void sm_vit_bwd_##SUF(                                             \
     T *restrict E, T *restrict Ed, const T *restrict z,                        \
     const double *restrict Vdp, const double *restrict Vdt, double gamma)      \
 {                                                                              \
-    ptrdiff_t i, j;                                                            \
+    ptrdiff_t i, j, l;                                                         \
     for (j = 0; j < S; ++j) nb[j] = 0.0;                                       \
     if (Ed == NULL) {                                                          \
         for (i = 0; i < S; ++i) {                                              \
             const double c = inv != NULL ? eb[i] * inv[i] : eb[i];             \
             T *restrict erow = E + i * S;                                      \
-            for (j = 0; j < S; ++j) {                                          \
+            /* blocks of 8: written as one loop, GCC turned it around (i   \
+             * inner, a scalar sum down each column) */                        \
+            for (j = 0; j + 8 <= S; j += 8)                                    \
+                for (l = 0; l < 8; ++l) {                                      \
+                    double e = c * (double)erow[j + l];                        \
+                    erow[j + l] = (T)e;                                        \
+                    nb[j + l] += e;                                            \
+                }                                                              \
+            for (; j < S; ++j) {                                               \
                 double e = c * (double)erow[j];                                \
                 erow[j] = (T)e;                                                \
                 nb[j] += e;                                                    \
@@ -490,6 +498,7 @@ ATTR static void sm_vit_bwd_##SUF(                                             \
         T *restrict erow = E + i * S;                                          \
         T *restrict edrow = Ed + i * S;                                        \
         const T *restrict zrow = z + i * S;                                    \
+        _Pragma("GCC ivdep")                                                   \
         for (j = 0; j < S; ++j) {                                              \
             double q = (double)erow[j];                                        \
             double qd = q * (((double)zrow[j] + Vdp[j]) - w) * ig;             \
