@@ -209,9 +209,16 @@ def pretrain(model, pieces, epochs, lr=0.05):
     return model
 
 
-def train_end_to_end(model, pieces, epochs, gamma, lr, bar):
+def train_end_to_end(model, pieces, epochs, gamma, lr, bar, val=None, watch=None):
+    """Adam on the area loss; with ``val`` pieces, keep the epoch (0 = the start) of least mean val MAD.
+
+    ``watch`` pieces are only evaluated after every epoch (a diagnostic, never used to choose).
+    """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    history = []
+    history, val_history, watched = [], [], []
+    if val:
+        val_history.append(float(np.mean(evaluate(model, val))))
+        best = (val_history[0], 0, {k: v.clone() for k, v in model.state_dict().items()})
     for epoch in range(epochs):
         total = 0.0
         for k in np.random.default_rng(epoch).permutation(len(pieces)):
@@ -225,7 +232,16 @@ def train_end_to_end(model, pieces, epochs, gamma, lr, bar):
         history.append(total / len(pieces))
         bar.update(1)
         bar.set_postfix(area=f"{history[-1]:.2f}")
-    return history
+        if watch:
+            watched.append(evaluate(model, watch))
+        if val:
+            val_history.append(float(np.mean(evaluate(model, val))))
+            if val_history[-1] < best[0]:
+                best = (val_history[-1], epoch + 1, {k: v.clone() for k, v in model.state_dict().items()})
+    if not val:
+        return history, val_history, epochs, watched
+    model.load_state_dict(best[2])
+    return history, val_history, best[1], watched
 
 
 def evaluate(model, pieces):
@@ -264,9 +280,13 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="8 training and 6 test chorales (about 2 min)")
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--n-test", type=int, default=None)
+    parser.add_argument("--n-val", type=int, default=None,
+                        help="validation chorales that pick the learning rate and epoch (default 0: the first "
+                             "--lr, last epoch); results go to audio_alignment_valN")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--gamma", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--lr", type=float, nargs="+", default=[0.01, 0.001],
+                        help="Adam learning rates; with validation chorales the one of least validation error is kept")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     limit_threads(1)
@@ -274,6 +294,7 @@ def main(argv=None):
     mode = "quick" if args.quick else "full"
     n_train = args.n_train or (8 if args.quick else 40)
     n_test = args.n_test or (6 if args.quick else 20)
+    n_val = args.n_val or 0
     epochs = args.epochs or (15 if args.quick else 40)
     rng = np.random.default_rng(args.seed)
     files = list(rng.permutation(bach_chorales()))
@@ -288,8 +309,11 @@ def main(argv=None):
     except Exception as exc:  # the real performance is optional
         print("no real performance:", exc)
         mozart_np = None
+    # validation chorales come last: train, test and Mozart do not depend on --n-val
+    val_np = [make_chorale(path, rng) for path in files[n_train + n_test:n_train + n_test + n_val]]
     train = [dict(p, **to_torch(p)) for p in train_np]
     test = [dict(p, **to_torch(p)) for p in test_np]
+    val = [dict(p, **to_torch(p)) for p in val_np]
     mozart = dict(mozart_np, **to_torch(mozart_np)) if mozart_np else None
     D = train[0]["A"].shape[1]
 
@@ -299,13 +323,23 @@ def main(argv=None):
     torch.nn.init.normal_(random_model.linear.weight, std=1.0)
     pre = pretrain(Classifier(D).double(), train, epochs=200)
     t_pre = time.perf_counter() - t0
-    e2e = Classifier(D).double()
-    e2e.load_state_dict(pre.state_dict())  # fine-tune the pre-trained classifier end to end
-    bar = tqdm(total=epochs, desc="end-to-end ∇DTW training")
+    lrs = args.lr if val else args.lr[:1]
+    bar = tqdm(total=epochs * len(lrs), desc="end-to-end ∇DTW training")
     t0 = time.perf_counter()
-    history = train_end_to_end(e2e, train, epochs, args.gamma, args.lr, bar)
+    runs = []
+    for lr in lrs:
+        model = Classifier(D).double()
+        model.load_state_dict(pre.state_dict())  # fine-tune the pre-trained classifier end to end
+        history, val_history, best_epoch, watched = train_end_to_end(model, train, epochs, args.gamma, lr, bar,
+                                                                     val, watch=test)
+        runs.append({"lr": lr, "model": model, "area_history": history, "val_mad_history": val_history,
+                     "test_mad_per_epoch_diagnostic": watched,
+                     "best_epoch": best_epoch, "best_val_mad": min(val_history) if val else None})
     bar.close()
     t_e2e = time.perf_counter() - t0
+    chosen = min(runs, key=lambda r: r["best_val_mad"]) if val else runs[0]
+    e2e, history, val_history, best_epoch, lr = (chosen["model"], chosen["area_history"],
+                                                 chosen["val_mad_history"], chosen["best_epoch"], chosen["lr"])
 
     models = {"End-to-end trained": e2e, "Pretrained": pre, "Random θ": random_model}
     rows, payload_rows = [], []
@@ -324,14 +358,32 @@ def main(argv=None):
                           "Real performance (Mozart K.265/1)"], rows), "",
           f"Synthesized Bach chorales under random tempo curves; θ from a linear multinomial classifier "
           f"over pitch classes; end-to-end: {epochs} epochs of Adam on the area loss through "
-          f"∇DTW_negentropy (γ = {args.gamma:g}), started from the pre-trained classifier. "
+          f"∇DTW_negentropy (γ = {args.gamma:g}), started from the pre-trained classifier"
+          + (f"; the learning rate (of {', '.join(f'{r:g}' for r in lrs)}) and the epoch are picked by "
+             f"the mean onset error on {n_val} other, validation chorales: lr {lr:g}, epoch {best_epoch} "
+             f"(0 is the pre-trained start; validation error "
+             + ", ".join(f"lr {r['lr']:g}: {r['best_val_mad']:.3f} at epoch {r['best_epoch']}" for r in runs)
+             + "). " if val else f", lr {lr:g}, last epoch. ")
+          + f"The pre-trained classifier (L-BFGS, frame-wise cross-entropy) sees the training chorales only. "
           f"Pre-training {t_pre:.0f} s, end-to-end {t_e2e:.0f} s. "
           f"Hop {HOP / SR * 1000:.0f} ms: one frame of error is {HOP / SR:.2f} s."]
-    payload = {"rows": payload_rows, "area_history": history, "args": vars(args)}
-    json_path, md_path = write_results("audio_alignment", payload, "\n".join(md), mode)
-    plot_alignments(test[0], models, args.gamma, figure_path("audio_alignment", mode))
-    if mozart:
-        plot_alignments(mozart, models, args.gamma, figure_path("audio_alignment_mozart", mode))
+    per_epoch = np.array(chosen["test_mad_per_epoch_diagnostic"])  # (epochs, n_test)
+    worst = int(np.argmax(per_epoch[-1] - np.array(test_pre)))
+    md += ["", f"Diagnostic (test error after every epoch of the kept run, never used to choose): the mean "
+           f"test error moves between {per_epoch.mean(1).min():.3f} and {per_epoch.mean(1).max():.3f} s and "
+           f"the median between {np.median(per_epoch, 1).min():.3f} and {np.median(per_epoch, 1).max():.3f} s "
+           f"over the epochs; the piece that the last epoch makes worst, {test[worst]['name']} "
+           f"(pretrained {test_pre[worst]:.3f} s), moves between {per_epoch[:, worst].min():.3f} and "
+           f"{per_epoch[:, worst].max():.3f} s."]
+    payload = {"rows": payload_rows, "area_history": history, "val_mad_history": val_history,
+               "best_epoch": best_epoch, "lr": lr, "val_pieces": [p["name"] for p in val],
+               "lr_runs": [{k: v for k, v in r.items() if k != "model"} for r in runs], "args": vars(args)}
+    stem = "audio_alignment" + (f"_val{n_val}" if val else "")
+    json_path, md_path = write_results(stem, payload, "\n".join(md), mode)
+    if not val:  # the gallery shows the default run's figures
+        plot_alignments(test[0], models, args.gamma, figure_path(stem, mode))
+        if mozart:
+            plot_alignments(mozart, models, args.gamma, figure_path(stem + "_mozart", mode))
     print("\n".join(md))
     print("wrote", json_path, md_path)
 
