@@ -157,7 +157,10 @@ def viterbi_surrogate(theta, tags, *, reg="negentropy", gamma=1.0, lengths=None,
     ``reg="negentropy"``, ``cost=None``: the CRF negative log-likelihood
     (times γ, for γ ≠ 1); ``reg="hard"``, ``cost=None``: the structured
     perceptron; ``reg="hard"``, ``cost="hamming"``: the structured hinge
-    (SVM) loss. Convex in θ, non-negative when ``C_Y`` vanishes on ``Y``.
+    (SVM) loss. Convex in θ. When ``C_Y`` vanishes on ``Y`` it is ≥ 0 for
+    negentropy and hard, and ≥ −γ(L + 1)/2 for l2 (L the length: the l2
+    ``max_Ω`` is only bounded below by ``max − γ/2``, at each of the L + 1
+    maxima of the recursion), so an l2 training loss can be negative.
 
     Parameters
     ----------
