@@ -93,6 +93,29 @@ def test_perceptron_and_hinge_and_lengths(rng):
     assert Y.shape == theta.shape and Y[1, 2:].sum() == 0 and Y[0].sum() == 4 and Y[0, 0, tags[0, 0], 0] == 1
 
 
+@pytest.mark.parametrize("gamma", [0.3, 1.0, 4.0])
+def test_viterbi_surrogate_lower_bounds(gamma, rng):
+    """Without a cost the loss is >= 0 for negentropy and hard, and >= -gamma(L+1)/2
+    for l2, a bound an l2 loss does reach below 0 (confident, correct scores)."""
+    T, S = 5, 4
+    lengths = np.array([5, 3, 1, 5])
+    tags = rng.integers(0, S, size=(4, T))
+    theta = rng.normal(size=(4, T, S, S)) * 3
+    sure = np.full((4, T, S, S), -10.0)
+    for b in range(4):
+        for t in range(T):
+            sure[b, t, tags[b, t], :] = 10.0  # the target tag wins by a margin of 20
+    for th in (theta, sure):
+        for reg in ("negentropy", "hard"):
+            assert np.all(losses.viterbi_surrogate(th, tags, reg=reg, gamma=gamma, lengths=lengths) >= -1e-9)
+        l2 = losses.viterbi_surrogate(th, tags, reg="l2", gamma=gamma, lengths=lengths)
+        assert np.all(l2 >= -gamma * (lengths + 1) / 2 - 1e-9)
+    # one-hot q at the L - 1 later steps and the final max (-gamma/2 each), uniform q over
+    # the S equal virtual start states at step 0 (-gamma/(2S)): below 0, near the bound
+    l2 = losses.viterbi_surrogate(sure, tags, reg="l2", gamma=gamma, lengths=lengths)
+    np.testing.assert_allclose(l2, -gamma * lengths / 2 - gamma / (2 * S), rtol=1e-9)
+
+
 @pytest.mark.parametrize("reg", ["negentropy", "l2"])
 @pytest.mark.parametrize("cost", [None, "hamming"])
 def test_viterbi_surrogate_gradient_fd(reg, cost, rng):
