@@ -370,8 +370,10 @@ def render(payload, mode):
           f"{args['batch_size']} sentences, one thread. Secondary metrics and the per-row settings:", "",
           markdown_table(["task", "Ω, loss", "F1", "precision", "recall", "token acc.", "optimizer, lr, γ",
                           "train s"],
-                         [[r["task"], ROW_NAMES.get((r["loss"], r["reg"])), r["test"]["f1"],
-                           r["test"]["precision"], r["test"]["recall"], r["test"]["accuracy"],
+                         [[r["task"], ROW_NAMES.get((r["loss"], r["reg"]))]
+                          + ([r["test"]["f1"], r["test"]["precision"], r["test"]["recall"]]
+                             if metric.get(r["task"]) == "f1" else ["—"] * 3)  # no spans in POS
+                          + [r["test"]["accuracy"],
                            f"{r['optimizer']}, {r['lr']:g}, {r['gamma']:g}", r["seconds"]]
                           for r in results.values()])]
     if ("relaxed", "l2") in configs and all(args.get(x) is None for x in ("optimizer", "lr", "gamma")):
