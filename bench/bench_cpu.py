@@ -227,7 +227,6 @@ def setup_softdtw(struct, inp, dtype):
 def setup_ott(struct, inp, dtype):
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from ott.geometry import costs
 
     if dtype == "float64" and not jax.config.jax_enable_x64:
@@ -242,40 +241,15 @@ def setup_ott(struct, inp, dtype):
         def all_pairs(self, x, y):
             return x
 
-    B, NA, NB = inp["theta"].shape
+    NB = inp["theta"].shape[2]
     sdtw = costs.SoftDTW(gamma=GAMMA, ground_cost=GivenCost())
     dummy = jnp.zeros((NB, 1), dtype=_np_dtype(dtype))
 
     def value(c):
         return sdtw._soft_dtw(c, dummy)
 
-    theta = jnp.asarray(inp["theta"].astype(_np_dtype(dtype)))
-    if struct.endswith("hvp"):
-        def value_grad_hvp(c, z):
-            # reverse-over-reverse: ott's softmin is a custom_vjp, which refuses jvp
-            v, vjp = jax.vjp(jax.grad(value), c)
-            (Edot,) = vjp(z)
-            return value(c), v, Edot
-
-        fn_hvp = jax.jit(jax.vmap(value_grad_hvp))
-        Z = jnp.asarray(inp["Z"].astype(_np_dtype(dtype)))
-
-        def run_hvp():
-            out = fn_hvp(theta, Z)
-            jax.block_until_ready(out)
-            return out
-
-        return run_hvp, lambda out: {"value": np.asarray(out[0], np.float64),
-                                     "grad": np.asarray(out[2], np.float64)}, "theta"
-    fn = jax.jit(jax.vmap(jax.value_and_grad(value)))
-
-    def run():
-        out = fn(theta)
-        jax.block_until_ready(out)
-        return out
-
-    return run, lambda out: {"value": np.asarray(out[0], np.float64),
-                             "grad": np.asarray(out[1], np.float64)}, "theta"
+    # reverse-over-reverse: ott's softmin is a custom_vjp, which refuses jvp
+    return _jax_timed(struct, inp, dtype, lambda c, _: value(c), (), reverse_over_reverse=True)
 
 
 def setup_jax_scan(struct, inp, dtype):
@@ -295,7 +269,7 @@ def setup_jax_scan(struct, inp, dtype):
     if dtype == "float64" and not jax.config.jax_enable_x64:
         raise RuntimeError("float64 needs JAX_ENABLE_X64=1")
     if struct.startswith("viterbi"):
-        return _jax_scan_run(struct, inp, dtype, _jax_viterbi_value, ())
+        return _jax_timed(struct, inp, dtype, _jax_viterbi_value, ())
     B, n, m = inp["theta"].shape
     big = 1e10  # exp(-big / gamma) is exactly 0 in both dtypes
     ii = np.arange(n)[None, :]
@@ -325,7 +299,7 @@ def setup_jax_scan(struct, inp, dtype):
         (_, last), _ = jax.lax.scan(body, (two_ago, one_ago), diags)
         return last[n]
 
-    return _jax_scan_run(struct, inp, dtype, value, idx)
+    return _jax_timed(struct, inp, dtype, value, idx)
 
 
 def _jax_viterbi_value(theta, _):
@@ -340,16 +314,24 @@ def _jax_viterbi_value(theta, _):
     return GAMMA * jax.nn.logsumexp(V / GAMMA)
 
 
-def _jax_scan_run(struct, inp, dtype, value, idx):
-    """Jitted, batch-vmapped value + gradient (or + HVP, forward-over-reverse) of ``value``."""
+def _jax_timed(struct, inp, dtype, value, idx, reverse_over_reverse=False):
+    """Jitted, batch-vmapped value + gradient (or + HVP) of ``value(c, idx)``.
+
+    The HVP is forward-over-reverse (``jvp`` of ``grad``), or reverse-over-reverse
+    for a value that cannot be differentiated forward (ott's custom_vjp softmin).
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     theta = jnp.asarray(inp["theta"].astype(_np_dtype(dtype)))
     if struct.endswith("hvp"):
-        def value_grad_hvp(c, z, idx):  # forward-over-reverse
-            (v, E), (_, Edot) = jax.jvp(jax.value_and_grad(lambda c: value(c, idx)), (c,), (z,))
+        def value_grad_hvp(c, z, idx):
+            f = lambda c: value(c, idx)  # noqa: E731
+            if reverse_over_reverse:
+                E, vjp = jax.vjp(jax.grad(f), c)
+                return f(c), E, vjp(z)[0]
+            (v, E), (_, Edot) = jax.jvp(jax.value_and_grad(f), (c,), (z,))
             return v, E, Edot
 
         fn_hvp = jax.jit(jax.vmap(value_grad_hvp, in_axes=(0, 0, None)))

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -41,18 +40,6 @@ def _set_threads(n):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'}"
                                f" intra_op_parallelism_threads={n}").strip()
-
-
-def _lscpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in out.splitlines():
-        key, _, val = line.partition(":")
-        if key.strip() == "Model name":
-            return val.strip()
-    return None
 
 
 BIG = 1e10  # stands for +inf in the autodiff baselines: exp(-BIG) underflows to 0, no inf - inf
@@ -272,7 +259,6 @@ def machine(threads):
     info = {
         "platform": platform.platform(),
         "processor": platform.processor(),
-        "lscpu_model_name": _lscpu_model(),
         "logical_cpus": os.cpu_count(),
         "threads_per_library": threads,
         "python": platform.python_version(),
@@ -345,7 +331,8 @@ def main(argv=None):
     except OSError:
         pass
     m = results["machine"]
-    print(f"\n{m['lscpu_model_name'] or m['processor']}, {m['logical_cpus']} logical CPUs, "
+    cpu = m["describe"].get("cpu") if isinstance(m["describe"], dict) else None
+    print(f"\n{cpu or m['processor']}, {m['logical_cpus']} logical CPUs, "
           f"{args.threads} thread(s) per library, {args.dtype}, engine: {m['smoothmax_engine']}, "
           f"load average {m.get('loadavg_1min_at_start')} -> {m.get('loadavg_1min_at_end')}\n")
     print(table)
