@@ -60,6 +60,30 @@ class BuildExt(build_ext):
         super().copy_extensions_to_source()
 
 
+def _xla_ffi_include():
+    """The folder holding ``xla/ffi/api/c_api.h``, or None (then the FFI handlers are not built).
+
+    ``SMOOTHMAX_XLA_FFI=0`` turns them off; ``SMOOTHMAX_XLA_FFI_INCLUDE`` names
+    the folder (e.g. for an isolated build: ``python -c "import jax.ffi;
+    print(jax.ffi.include_dir())"``); otherwise ``jax.ffi.include_dir()`` when
+    JAX can be imported by the build.
+    """
+    if os.environ.get("SMOOTHMAX_XLA_FFI", "1") == "0":
+        return None
+    path = os.environ.get("SMOOTHMAX_XLA_FFI_INCLUDE")
+    if not path:
+        try:
+            import jax.ffi
+
+            path = jax.ffi.include_dir()
+        except Exception:  # no JAX (or one without jax.ffi): NumPy-only build
+            return None
+    if not os.path.exists(os.path.join(path, "xla", "ffi", "api", "c_api.h")):
+        print(f"smoothmax: no xla/ffi/api/c_api.h under {path}", file=sys.stderr)
+        return None
+    return path
+
+
 def _extensions():
     from Cython.Build import cythonize
 
@@ -77,6 +101,16 @@ def _extensions():
         )
         for name in names
     ]
+    xla_include = _xla_ffi_include()
+    if xla_include:
+        # the XLA FFI handlers for jax.jit (optional: needs JAX's C headers)
+        exts.append(Extension(
+            "smoothmax._core.xla_ffi", ["smoothmax/_core/xla_ffi.pyx"],
+            depends=["smoothmax/_core/xla_ffi.pyx"],
+            include_dirs=[xla_include],
+        ))
+    print(f"smoothmax: XLA FFI handlers {'from ' + xla_include if xla_include else 'not built'}",
+          file=sys.stderr)
     return cythonize(
         exts,
         compiler_directives={

@@ -72,3 +72,29 @@ def held_bytes():
     """Bytes of the blocks kept now (in use or free)."""
     with _lock:
         return sum(b.nbytes for b in _blocks)
+
+
+def pass_outputs(out, B, shape, dtype, mode, written, placeholder):
+    """The ``(value (B,), E, Edot)`` arrays a compiled pass writes into.
+
+    ``mode`` is 0 (value), 1 (gradient) or 2 (HVP): ``E`` exists from mode 1,
+    ``Edot`` in mode 2; an absent one is an empty array of shape
+    ``placeholder``. ``written``: the kernel writes every entry of ``E`` and
+    ``Edot`` (otherwise they start at zero). ``out`` is ``None`` (new arrays,
+    the large ones from reused blocks when ``written``) or the caller's
+    ``(value, E, Edot)``, C-contiguous, of ``dtype``, ``E``/``Edot`` of
+    ``shape`` or ``None`` where the mode has none (the XLA FFI handler passes
+    XLA's result buffers this way).
+    """
+    absent = np.empty(placeholder, dtype)
+    if out is None:
+        alloc = empty if written else np.zeros
+        return (np.empty(B, dtype), alloc(shape, dtype) if mode >= 1 else absent,
+                alloc(shape, dtype) if mode == 2 else absent)
+    value, E, Ed = out
+    E = absent if E is None else E
+    Ed = absent if Ed is None else Ed
+    if not written:
+        E[...] = 0
+        Ed[...] = 0
+    return value, E, Ed

@@ -30,10 +30,14 @@ must be concrete (Python ints, NumPy arrays, or closed-over values), not
 traced arguments.
 """
 import dataclasses
+import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import _dispatch
 from ._problem import PER_ITEM_AUX
@@ -48,7 +52,198 @@ _THIRD_ORDER = (
 
 
 # ---------------------------------------------------------------------------
-# host callbacks
+# the engine call on the CPU: an XLA FFI custom call into the compiled core
+
+
+@functools.lru_cache(maxsize=None)
+def _ffi_registered():
+    """Register the compiled core's XLA FFI handlers once; False if they were not built."""
+    try:
+        from ._core import xla_ffi
+    except ImportError:
+        return False
+    for struct, capsule in xla_ffi.handlers().items():
+        jax.ffi.register_ffi_target(f"smoothmax_{struct}", capsule, platform="cpu")
+    return True
+
+
+def cpu_path():
+    """How JAX arrays on the CPU reach the compiled core: ``"ffi"`` or ``"pure_callback"``.
+
+    ``"ffi"`` when the optional XLA FFI handlers (``smoothmax._core.xla_ffi``)
+    were built and ``SMOOTHMAX_JAX_FFI`` is not ``0``; see ``docs/engines.md``.
+    """
+    if os.environ.get("SMOOTHMAX_JAX_FFI", "1") != "0" and _ffi_registered():
+        return "ffi"
+    return "pure_callback"
+
+
+def _engine_operands(problem):
+    """The structure's host arguments as FFI operands and attributes.
+
+    Returns ``(items, shared, attrs)``: per-item integer arrays (``(B,)``,
+    sharded with the batch), shared integer arrays (a graph's structure,
+    replicated) and scalar attributes (the DTW band).
+    """
+    per_item = PER_ITEM_AUX[problem.struct]
+    int_dtype = jax.dtypes.canonicalize_dtype(np.int64)  # int32 unless x64 is on
+    items, shared, scalars = [], [], []
+    for k, a in enumerate(problem.aux):
+        if not isinstance(a, np.ndarray):
+            scalars.append(np.int64(a))
+        elif k in per_item:
+            items.append(np.asarray(a, dtype=int_dtype))
+        else:
+            shared.append(np.asarray(a, dtype=int_dtype))
+    attrs = dict(zip(_SCALAR_ATTRS[problem.struct], scalars))
+    attrs.update(reg=np.int32(problem.reg_code), gamma=np.float64(problem.gamma))
+    return items, shared, attrs
+
+
+_SCALAR_ATTRS = {"dtw": ("band",), "viterbi": (), "dag": ()}
+
+
+def _batch_spec(mesh, arg):
+    """The mesh axes ``arg``'s leading (batch) dimension is sharded over, if they divide it."""
+    sharding = getattr(arg, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if not isinstance(sharding, NamedSharding) or spec is None or len(spec) == 0 or spec[0] is None:
+        return None
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    size = int(np.prod([mesh.shape[a] for a in axes]))
+    return spec[0] if arg.shape[0] % size == 0 else None
+
+
+def _ffi_target(struct, op, out_specs, attrs):
+    """``(*operands) -> results``: the FFI call itself; result shapes follow ``theta``'s batch."""
+    target = f"smoothmax_{struct}"
+    kw = dict(attrs, op=op)
+
+    def call(*args):
+        B = args[0].shape[0]
+        specs = tuple(jax.ShapeDtypeStruct((B,) + s, d) for s, d in out_specs)
+        return tuple(jax.ffi.ffi_call(target, specs, vmap_method="broadcast_all")(*args, **kw))
+
+    return call
+
+
+def _folding_vmap(fn, n_batched, refold):
+    """``fn`` under ``custom_vmap``: a vmapped call folds the vmapped axis into the
+    batch (one engine call for the whole broadcast batch). The first
+    ``n_batched`` operands are per item, the others shared; ``refold(reps)``
+    gives the function to call on a batch repeated ``reps`` times."""
+
+    @jax.custom_batching.custom_vmap
+    def run(*args):
+        return fn(*args)
+
+    @run.def_vmap
+    def _fold_vmapped_axis(axis_size, in_batched, *args):
+        folded = []
+        for k, (a, batched) in enumerate(zip(args, in_batched)):
+            if k < n_batched:
+                a = a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                folded.append(a.reshape((-1,) + a.shape[2:]))
+            else:  # shared operands are the same for every vmapped item
+                folded.append(a[0] if batched else a)
+        res = refold(axis_size)(*folded)
+        return tuple(r.reshape((axis_size, -1) + r.shape[1:]) for r in res), tuple(True for _ in res)
+
+    return run
+
+
+@functools.lru_cache(maxsize=512)
+def _ffi_sharded(struct, op, n_batched, in_trailing, out_specs, attrs):
+    """The engine call under ``jit``/``vmap`` outside ``shard_map``:
+    ``(theta, [Z], *items, *shared) -> results``.
+
+    ``in_trailing``: trailing (non-batch) ranks of the operands; ``out_specs``:
+    ``((trailing shape, dtype), ...)`` of the results; ``attrs``: sorted
+    ``(name, value)`` pairs. The FFI call is wrapped in ``custom_partitioning``:
+    under ``jit`` with a batch-sharded ``theta`` every device runs it on its own
+    shard (the per-item operands are sharded the same way, shared ones
+    replicated), no gather; other dimensions are gathered (need replication).
+    Cached by its arguments, so that eager calls reuse JAX's compiled calls.
+    """
+    call = _ffi_target(struct, op, out_specs, attrs)
+
+    def shardings(mesh, arg_shapes):
+        b = _batch_spec(mesh, arg_shapes[0])
+        args = tuple(NamedSharding(mesh, P(b) if k < n_batched else P())
+                     for k in range(len(arg_shapes)))
+        return args, tuple(NamedSharding(mesh, P(b)) for _ in out_specs)
+
+    def partition(mesh, arg_shapes, result_shape):
+        args, results = shardings(mesh, arg_shapes)
+        return mesh, call, results, args
+
+    def infer(mesh, arg_shapes, result_shape):
+        return shardings(mesh, arg_shapes)[1]
+
+    # Shardy's rule: the batch factor b passes through; every other dimension
+    # needs replication (the engine runs whole problems)
+    def dims(prefix, n):
+        return [f"{prefix}{k}" for k in range(n)]
+
+    ins = [" ".join(["b"] + dims("t", r)) if k < n_batched else " ".join(dims(f"s{k}_", r))
+           for k, r in enumerate(in_trailing)]
+    outs = [" ".join(["b"] + dims(f"o{k}_", len(s))) for k, (s, _) in enumerate(out_specs)]
+    rule = ", ".join(ins) + " -> " + ", ".join(outs)
+    others = tuple(dict.fromkeys(f for part in ins + outs for f in part.split() if f != "b"))
+
+    sharded = custom_partitioning(call)
+    sharded.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                          sharding_rule=rule, need_replication_factors=others)
+    run = _folding_vmap(sharded, n_batched, lambda reps: run)
+    return run
+
+
+@functools.lru_cache(maxsize=512)
+def _ffi_local(struct, op, n_floats, n_items, out_specs, attrs, ints):
+    """The engine call inside ``shard_map`` (already per shard): ``(theta, [Z]) -> results``.
+
+    The integer arrays (``ints``: per-item ones first, ``n_items`` of them, as
+    tuples) travel as attributes ``int0, int1, ...``: integer operands,
+    constants invariant over the manual axes, would need casts that JAX's
+    re-tracing of ``custom_linear_solve`` rejects under grad-of-grad.
+    """
+    kw = dict(attrs, **{f"int{k}": np.asarray(a, dtype=np.int64) for k, a in enumerate(ints)})
+    call = _ffi_target(struct, op, out_specs, tuple(sorted(kw.items())))
+
+    def refold(reps):
+        tiled = tuple(tuple(np.tile(a, reps)) if k < n_items else a for k, a in enumerate(ints))
+        return _ffi_local(struct, op, n_floats, n_items, out_specs, attrs, tiled)
+
+    return _folding_vmap(call, n_floats, refold)
+
+
+def _manual_axes():
+    """True inside ``shard_map`` (the current abstract mesh has manual axes)."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    return bool(get is not None and get().manual_axes)
+
+
+def _ffi_call(problem, op, out_specs, theta, Z=None):
+    items, shared, attrs = _engine_operands(problem)
+    floats = [theta] + ([Z] if Z is not None else [])
+    out_specs = tuple((tuple(s), np.dtype(d)) for s, d in out_specs)
+    attrs = tuple(sorted(attrs.items()))
+    if _manual_axes():
+        fn = _ffi_local(problem.struct, op, len(floats), len(items), out_specs, attrs,
+                        tuple(tuple(int(v) for v in a) for a in items + shared))
+        # theta and Z vary alike (the FFI call needs equal types)
+        axes = frozenset().union(*(_varying(a) for a in floats))
+        return fn(*(_vary(a, axes) for a in floats))
+    args = floats + items + shared
+    n_batched = len(floats) + len(items)
+    fn = _ffi_sharded(problem.struct, op, n_batched,
+                      tuple(np.ndim(a) - (k < n_batched) for k, a in enumerate(args)),
+                      out_specs, attrs)
+    return fn(*args)
+
+
+# ---------------------------------------------------------------------------
+# the engine call elsewhere: host callbacks (GPU arrays, or no FFI handlers built)
 
 
 def _host_problem(problem, reps):
@@ -107,10 +302,57 @@ class _HostCall:
         return _host_run(self.problem, self.op, self.picks, *args)
 
 
+def _match_vma(x, like):
+    """``x`` made varying over the manual mesh axes ``like`` varies over: inside
+    ``shard_map`` the results of a callback (or of ``custom_partitioning``) are
+    not, and the custom JVP rules need primal and tangent types to agree."""
+    return _vary(x, _varying(like))
+
+
+def _vary(x, axes):
+    """``x`` made varying over the manual mesh ``axes`` (those it does not vary over yet)."""
+    missing = tuple(sorted(axes - _varying(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _varying(x):
+    """The manual mesh axes ``x`` varies over (``mat.varying`` from JAX 0.10, ``vma`` before)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
 def _callback(problem, op, picks, shapes, *args):
     specs = tuple(jax.ShapeDtypeStruct(s, d) for s, (_, d) in zip(shapes, picks))
     return jax.pure_callback(_HostCall(problem, op, picks), specs, *args,
                              vmap_method="broadcast_all")
+
+
+_PICKS = {"value": (0,), "grad": (0, 1), "hvp": (2,)}
+
+
+def _engine(problem, op, theta, Z=None, decode_spec=None):
+    """One engine call on flat ``theta`` (B, ...): the results of ``op`` as a tuple.
+
+    value -> (value,); grad -> (value, E); hvp -> (Edot,); decode/path ->
+    the outputs described by ``decode_spec`` ``[(trailing shape, dtype), ...]``.
+    """
+    dtype = jnp.result_type(theta)
+    trailing = tuple(problem.flat_shape[1:])
+    if decode_spec is not None:
+        out_specs = list(decode_spec)
+        picks = list(range(len(decode_spec)))
+    else:
+        out_specs = [{0: ((), dtype), 1: (trailing, dtype), 2: (trailing, dtype)}[k] for k in _PICKS[op]]
+        picks = _PICKS[op]
+    if problem.device == "cpu" and cpu_path() == "ffi":
+        out = _ffi_call(problem, op, out_specs, theta, Z)
+    else:
+        B = problem.flat_shape[0]
+        args = (theta,) if Z is None else (theta, Z)
+        out = _callback(problem, op, [(k, d) for k, (_, d) in zip(picks, out_specs)],
+                        [(B,) + s for s, _ in out_specs], *args)
+    return tuple(_match_vma(y, theta) for y in out)
 
 
 def _decode_spec(problem, op, dtype):
@@ -129,18 +371,17 @@ def _decode_spec(problem, op, dtype):
 
 
 def _rules(problem, dtype):
-    B = problem.flat_shape[0]
     shape = tuple(problem.flat_shape)
     axes = tuple(range(1, len(shape)))
 
     def value_cb(theta):
-        return _callback(problem, "value", [(0, dtype)], [(B,)], theta)[0]
+        return _engine(problem, "value", theta)[0]
 
     def grad_cb(theta):
-        return _callback(problem, "grad", [(0, dtype), (1, dtype)], [(B,), shape], theta)
+        return _engine(problem, "grad", theta)
 
     def hvp_cb(theta, Z):
-        return _callback(problem, "hvp", [(2, dtype)], [shape], theta, Z)[0]
+        return _engine(problem, "hvp", theta, Z)[0]
 
     @jax.custom_jvp
     def third_order_guard(theta, x):
@@ -190,10 +431,7 @@ def apply(problem, op, theta, Z=None):
     dtype = jnp.result_type(theta)
     if op in ("decode", "path"):
         theta = jax.lax.stop_gradient(theta)
-        spec = _decode_spec(problem, op, dtype)
-        picks = [(k, d) for k, (_, d) in enumerate(spec)]
-        shapes = [(problem.flat_shape[0],) + s for s, _ in spec]
-        return _callback(problem, op, picks, shapes, theta)
+        return _engine(problem, op, theta, decode_spec=_decode_spec(problem, op, dtype))
     value, value_and_grad, hvp = _rules(problem, dtype)
     if op == "value":
         return value(theta)

@@ -20,6 +20,8 @@ from libc.math cimport INFINITY
 
 import numpy as np
 
+from .._buffers import pass_outputs as _pass_outputs
+
 from cython cimport floating
 
 from .operators cimport max_omega, max_omega_hvp
@@ -123,13 +125,12 @@ cdef void _dag_batch(const floating[:, ::1] w, const floating[:, ::1] Z,
         free(work)
 
 
-def _run(weights, Z, indptr, parents, int reg, double gamma, int mode):
+def _run(weights, Z, indptr, parents, int reg, double gamma, int mode, out=None):
+    """The passes of ``mode`` over the batch; ``out``: see ``smoothmax._buffers.pass_outputs``."""
     B, n_edges = weights.shape
     N = indptr.shape[0] - 1
-    value = np.empty(B, dtype=weights.dtype)
-    E = np.zeros(weights.shape if mode != MODE_VALUE else (0, 1), dtype=weights.dtype)
-    Ed = np.zeros(weights.shape if mode == MODE_HVP else (0, 1), dtype=weights.dtype)
-    Zarr = Z if mode == MODE_HVP else np.empty((0, 1), dtype=weights.dtype)
+    value, E, Ed = _pass_outputs(out, B, weights.shape, weights.dtype, mode, False, (0, 1))
+    Zarr = Z if mode == MODE_HVP else E[:0]
     failed = np.zeros(B, dtype=np.int8)
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
     parents = np.ascontiguousarray(parents, dtype=np.int64)
@@ -148,20 +149,20 @@ def _run(weights, Z, indptr, parents, int reg, double gamma, int mode):
     return value, E, Ed
 
 
-def dag_value(weights, indptr, parents, int reg, double gamma):
+def dag_value(weights, indptr, parents, int reg, double gamma, out=None):
     """DP_Ω per batch item: ``weights (B, n_edges)``, ``indptr (N+1,)``, ``parents (n_edges,)`` int64."""
-    return _run(weights, None, indptr, parents, reg, gamma, MODE_VALUE)[0]
+    return _run(weights, None, indptr, parents, reg, gamma, MODE_VALUE, out=out)[0]
 
 
-def dag_grad(weights, indptr, parents, int reg, double gamma):
+def dag_grad(weights, indptr, parents, int reg, double gamma, out=None):
     """``(value (B,), E (B, n_edges))``, E = ∇DP_Ω the expected edge occupancy."""
-    value, E, _ = _run(weights, None, indptr, parents, reg, gamma, MODE_GRAD)
+    value, E, _ = _run(weights, None, indptr, parents, reg, gamma, MODE_GRAD, out=out)
     return value, E
 
 
-def dag_hvp(weights, Z, indptr, parents, int reg, double gamma):
+def dag_hvp(weights, Z, indptr, parents, int reg, double gamma, out=None):
     """``(value, E, Edot)`` with Edot = ∇²DP_Ω(weights)·Z (SPEC §2)."""
-    return _run(weights, Z, indptr, parents, reg, gamma, MODE_HVP)
+    return _run(weights, Z, indptr, parents, reg, gamma, MODE_HVP, out=out)
 
 
 def dag_path(weights, indptr, parents):

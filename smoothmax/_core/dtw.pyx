@@ -41,7 +41,7 @@ from libc.math cimport INFINITY
 
 import numpy as np
 
-from .._buffers import empty as _empty
+from .._buffers import pass_outputs as _pass_outputs
 
 from cython cimport floating
 
@@ -996,20 +996,17 @@ def _give_qwork(buf):
 
 
 def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode,
-         bint rows=False):
+         bint rows=False, out=None):
+    """The passes of ``mode`` over the batch; ``out``: see ``smoothmax._buffers.pass_outputs``."""
     B, NA, NB = theta.shape
-    value = np.empty(B, dtype=theta.dtype)
-    empty = np.zeros((0, 1, 1), dtype=theta.dtype)
     # Without a band and at full lengths the kernels write every cell of E
     # (Edot) of an item whose end cell is reachable, so the outputs need no
     # zeroing pass (a memset of the whole output was 5% of a 1024^2 gradient)
     # and large ones may come from reused blocks (smoothmax._buffers);
     # unreachable items are zeroed below.
     written = band < 0 and bool(np.all(la == NA)) and bool(np.all(lb == NB))
-    alloc = _empty if written else np.zeros
-    E = alloc(theta.shape, theta.dtype) if mode != MODE_VALUE else empty
-    Ed = alloc(theta.shape, theta.dtype) if mode == MODE_HVP else empty
-    Zarr = Z if mode == MODE_HVP else empty
+    value, E, Ed = _pass_outputs(out, B, theta.shape, theta.dtype, mode, written, (0, 1, 1))
+    Zarr = Z if mode == MODE_HVP else E[:0]
     failed = np.zeros(B, dtype=np.int8)
     if B > 0 and NA > 0 and NB > 0:
         qwork = _take_qwork(theta.dtype, _qwork_len(B, NA, NB, mode, rows))
@@ -1031,20 +1028,23 @@ def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode,
     return value, E, Ed
 
 
-def dtw_value(theta, la, lb, Py_ssize_t band, int reg, double gamma):
-    """DTW_Ω per batch item: ``theta (B, NA, NB)``, ``la, lb (B,)`` int64."""
-    return _run(theta, None, la, lb, band, reg, gamma, MODE_VALUE)[0]
+def dtw_value(theta, la, lb, Py_ssize_t band, int reg, double gamma, out=None):
+    """DTW_Ω per batch item: ``theta (B, NA, NB)``, ``la, lb (B,)`` int64.
+
+    ``out``, here and in ``dtw_grad``/``dtw_hvp``: optional ``(value, E, Edot)``
+    to write into (``smoothmax._buffers.pass_outputs``)."""
+    return _run(theta, None, la, lb, band, reg, gamma, MODE_VALUE, out=out)[0]
 
 
-def dtw_grad(theta, la, lb, Py_ssize_t band, int reg, double gamma):
+def dtw_grad(theta, la, lb, Py_ssize_t band, int reg, double gamma, out=None):
     """``(value (B,), E (B, NA, NB))``, E = ∇DTW_Ω (the expected alignment)."""
-    value, E, _ = _run(theta, None, la, lb, band, reg, gamma, MODE_GRAD)
+    value, E, _ = _run(theta, None, la, lb, band, reg, gamma, MODE_GRAD, out=out)
     return value, E
 
 
-def dtw_hvp(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma):
+def dtw_hvp(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, out=None):
     """``(value, E, Edot)`` with Edot = ∇²DTW_Ω(theta)·Z (SPEC §2)."""
-    return _run(theta, Z, la, lb, band, reg, gamma, MODE_HVP)
+    return _run(theta, Z, la, lb, band, reg, gamma, MODE_HVP, out=out)
 
 
 def dtw_path(theta, la, lb, Py_ssize_t band):

@@ -18,7 +18,7 @@ from libc.math cimport INFINITY
 
 import numpy as np
 
-from .._buffers import empty as _empty
+from .._buffers import pass_outputs as _pass_outputs
 
 from cython cimport floating
 
@@ -224,14 +224,12 @@ cdef void _viterbi_batch(const floating[:, :, :, ::1] theta,
         free(work)
 
 
-def _run(theta, Z, lengths, int reg, double gamma, int mode):
+def _run(theta, Z, lengths, int reg, double gamma, int mode, out=None):
+    """The passes of ``mode`` over the batch; ``out``: see ``smoothmax._buffers.pass_outputs``."""
     B = theta.shape[0]
-    value = np.empty(B, dtype=theta.dtype)
-    shape = theta.shape if mode != MODE_VALUE else (0, 1, 1, 1)
     # every entry is written by the kernels (zero past each length)
-    E = _empty(shape, theta.dtype)
-    Ed = _empty(theta.shape if mode == MODE_HVP else (0, 1, 1, 1), theta.dtype)
-    Zarr = Z if mode == MODE_HVP else np.empty((0, 1, 1, 1), dtype=theta.dtype)
+    value, E, Ed = _pass_outputs(out, B, theta.shape, theta.dtype, mode, True, (0, 1, 1, 1))
+    Zarr = Z if mode == MODE_HVP else E[:0]
     failed = np.zeros(B, dtype=np.int8)
     if B > 0 and theta.shape[1] > 0 and theta.shape[2] > 0:
         if theta.dtype == np.float64:
@@ -253,20 +251,20 @@ def _reject(theta):
     raise ValueError("theta must not contain NaN or +inf")
 
 
-def viterbi_value(theta, lengths, int reg, double gamma):
+def viterbi_value(theta, lengths, int reg, double gamma, out=None):
     """Vit_Ω(theta) per batch item: ``theta (B, T, S, S)``, ``lengths (B,)`` int64."""
-    return _run(theta, None, lengths, reg, gamma, MODE_VALUE)[0]
+    return _run(theta, None, lengths, reg, gamma, MODE_VALUE, out=out)[0]
 
 
-def viterbi_grad(theta, lengths, int reg, double gamma):
+def viterbi_grad(theta, lengths, int reg, double gamma, out=None):
     """``(value (B,), E (B, T, S, S))``, E = ∇Vit_Ω, zero past each length."""
-    value, E, _ = _run(theta, None, lengths, reg, gamma, MODE_GRAD)
+    value, E, _ = _run(theta, None, lengths, reg, gamma, MODE_GRAD, out=out)
     return value, E
 
 
-def viterbi_hvp(theta, Z, lengths, int reg, double gamma):
+def viterbi_hvp(theta, Z, lengths, int reg, double gamma, out=None):
     """``(value, E, Edot)`` with Edot = ∇²Vit_Ω(theta)·Z (SPEC §2)."""
-    return _run(theta, Z, lengths, reg, gamma, MODE_HVP)
+    return _run(theta, Z, lengths, reg, gamma, MODE_HVP, out=out)
 
 
 cdef void _decode_batch(const floating[:, :, :, ::1] theta,
