@@ -1,0 +1,167 @@
+"""smoothmax.jax natively in XLA programs: the FFI custom call, batch sharding,
+``shard_map`` and data-parallel training over two host devices.
+
+Two host devices need ``XLA_FLAGS=--xla_force_host_platform_device_count=2``
+before JAX starts, so those checks run ``tests/jax_two_devices.py`` in a
+subprocess (with JAX's defaults: float32, int32 lengths) and assert on what
+it observed: no all-gather in the compiled HLO, the batch sizes the compiled
+engine received (3 + 3 for a batch of 6, never 6), agreement with the NumPy
+API and with the same training steps on one device.
+
+In this process (x64 on): the FFI path against the host-callback path and the
+NumPy API for every structure and op, under ``jit`` and ``vmap``; errors of the
+engine reach the caller with their message.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax", reason="JAX is not installed")
+jax.config.update("jax_enable_x64", True)  # tests only
+
+import jax.numpy as jnp  # noqa: E402
+
+import smoothmax as sm  # noqa: E402
+from smoothmax import jax as smj  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+try:
+    from smoothmax._core import xla_ffi  # noqa: F401
+
+    HAVE_FFI = True
+except ImportError:
+    HAVE_FFI = False
+needs_ffi = pytest.mark.skipif(not HAVE_FFI, reason="the XLA FFI handlers were not built "
+                               "(smoothmax._core.xla_ffi: JAX's headers absent at build time)")
+
+
+# ---------------------------------------------------------------------------
+# two devices (subprocess)
+
+
+@pytest.fixture(scope="module")
+def two_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("JAX_ENABLE_X64", None)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "jax_two_devices.py")],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 2 and out["x64"] is False
+    return out
+
+
+@needs_ffi
+@pytest.mark.parametrize("struct", ["dtw", "viterbi"])
+def test_jit_over_batch_sharded_theta_runs_per_shard(two_devices, struct):
+    r = two_devices[f"jit_{struct}"]
+    assert two_devices["path"] == "ffi"
+    # no gather, each device's engine call saw its own 3 items (per-item lengths sliced alike)
+    assert not r["all_gather"] and not r["hvp_all_gather"]
+    assert r["grad_calls"] == [[f"{struct}_grad", 3]] * 2
+    assert r["hvp_calls"] == [[f"{struct}_hvp", 3]] * 2
+    assert r["grad_spec"].startswith("P('b'")
+    assert r["value_ok"] and r["values_ok"] and r["grad_ok"] and r["hvp_ok"]
+
+
+@pytest.mark.parametrize("order", ["grad", "grad_of_grad"])
+def test_grad_inside_shard_map(two_devices, order):
+    r = two_devices[f"shard_map_{order}"]
+    assert r["ok"]
+    assert {b for _, b in r["calls"]} == {3}
+
+
+@pytest.mark.parametrize("model", ["soft_dtw", "crf"])
+def test_data_parallel_training_matches_one_device(two_devices, model):
+    r = two_devices[f"train_{model}"]
+    assert r["grads_ok"] and r["params_ok"]
+    assert r["losses"][-1] < r["losses"][0]  # it trains
+    if two_devices["path"] == "ffi":
+        assert {b for _, b in r["calls_sharded"]} == {4} and len(r["calls_sharded"]) == 2
+    assert {b for _, b in r["calls_single"]} == {8}
+
+
+# ---------------------------------------------------------------------------
+# one device: the FFI call against the host callback and the NumPy API
+
+
+def _cases(rng, dtype):
+    graph, _ = sm.DAG.from_edges([(0, 1), (0, 2), (1, 2), (1, 3), (2, 3)], 4)
+    return {
+        "dtw": (rng.random((3, 5, 4)).astype(dtype), sm.dtw, sm.dtw_grad, sm.dtw_hvp,
+                dict(lengths=([5, 4, 2], [4, 4, 3]), band=1, reg="l2", gamma=0.6),
+                lambda t: sm.dtw_path(t, lengths=([5, 4, 2], [4, 4, 3]), band=1)),
+        "viterbi": (rng.standard_normal((3, 4, 3, 3)).astype(dtype), sm.viterbi, sm.viterbi_grad,
+                    sm.viterbi_hvp, dict(lengths=[4, 1, 3], gamma=0.8),
+                    lambda t: sm.viterbi_decode(t, lengths=[4, 1, 3])),
+        "dag": (rng.standard_normal((3, graph.n_edges)).astype(dtype),
+                lambda w, **k: sm.dag(w, graph, **k), lambda w, **k: sm.dag_grad(w, graph, **k),
+                lambda w, z, **k: sm.dag_hvp(w, z, graph, **k), dict(gamma=0.9),
+                lambda w: sm.dag_path(w, graph)),
+    }
+
+
+def _run_all(theta, Z, value, grad, hvp, kw, decode):
+    t, z = jnp.asarray(theta), jnp.asarray(Z)
+    f = jax.jit(lambda x: value(x, **kw))
+    g = jax.jit(jax.grad(lambda x: value(x, **kw).sum()))
+    h = jax.jit(lambda x, d: jax.jvp(jax.grad(lambda y: value(y, **kw).sum()), (x,), (d,))[1])
+    vm = jax.jit(jax.vmap(lambda x: grad(x, **kw)))
+    return {
+        "value": f(t), "grad": g(t), "hvp": h(t, z), "hvp_op": jax.jit(lambda x, d: hvp(x, d, **kw))(t, z),
+        "vmap_value": vm(jnp.stack([t, 2 * t]))[0], "vmap_E": vm(jnp.stack([t, 2 * t]))[1],
+        "decode": jax.jit(decode)(t),
+    }
+
+
+@needs_ffi
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("struct", ["dtw", "viterbi", "dag"])
+def test_ffi_matches_callback_and_numpy(struct, dtype, monkeypatch):
+    rng = np.random.default_rng(1)
+    theta, value, grad, hvp, kw, decode = _cases(rng, dtype)[struct]
+    Z = rng.standard_normal(theta.shape).astype(dtype)
+    assert smj.cpu_path() == "ffi"
+    ffi = _run_all(theta, Z, value, grad, hvp, kw, decode)
+    monkeypatch.setenv("SMOOTHMAX_JAX_FFI", "0")
+    assert smj.cpu_path() == "pure_callback"
+    cb = _run_all(theta, Z, value, grad, hvp, kw, decode)
+    v_np, E_np = grad(theta, **kw)
+    v2, E2 = grad(2 * theta, **kw)
+    ref = {"value": v_np, "grad": E_np, "hvp": hvp(theta, Z, **kw), "hvp_op": hvp(theta, Z, **kw),
+           "vmap_value": np.stack([v_np, v2]), "vmap_E": np.stack([E_np, E2])}
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    for key, want in ref.items():
+        assert ffi[key].dtype == dtype, key
+        np.testing.assert_allclose(ffi[key], want, **tol, err_msg=key)
+        np.testing.assert_allclose(cb[key], want, **tol, err_msg=key)
+    for a, b, c in zip(ffi["decode"], cb["decode"], decode(theta)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, c)
+
+
+@needs_ffi
+def test_ffi_engine_error_reaches_the_caller():
+    theta = np.zeros((2, 3, 2, 2))
+    theta[1, 2, 0, 1] = np.nan  # found by the compiled Viterbi kernels inside the call
+    with pytest.raises(Exception, match="NaN"):
+        jax.block_until_ready(jax.jit(sm.viterbi)(jnp.asarray(theta)))
+
+
+@needs_ffi
+def test_ffi_eager_and_jit_leave_inputs_alone():
+    rng = np.random.default_rng(2)
+    theta = rng.random((2, 4, 4))
+    t = jnp.asarray(theta)
+    v, E = sm.dtw_grad(t)
+    v2, E2 = jax.jit(sm.dtw_grad)(t)
+    np.testing.assert_array_equal(np.asarray(t), theta)
+    np.testing.assert_allclose(v, v2, rtol=1e-12)
+    np.testing.assert_allclose(E, E2, rtol=1e-12)
