@@ -348,13 +348,24 @@ def _engine(problem, op, theta, Z=None, decode_spec=None):
     else:
         out_specs = [{0: ((), dtype), 1: (trailing, dtype), 2: (trailing, dtype)}[k] for k in _PICKS[op]]
         picks = _PICKS[op]
-    if problem.device == "cpu" and cpu_path() == "ffi":
-        out = _ffi_call(problem, op, out_specs, theta, Z)
+    B = problem.flat_shape[0]
+    args = (theta,) if Z is None else (theta, Z)
+
+    def ffi(*args):
+        return _ffi_call(problem, op, out_specs, *args)
+
+    def callback(*args):
+        return _callback(problem, op, [(k, d) for k, (_, d) in zip(picks, out_specs)],
+                         [(B,) + s for s, _ in out_specs], *args)
+
+    if problem.device != "cpu" or cpu_path() != "ffi":
+        out = callback(*args)
+    elif isinstance(theta, jax.core.Tracer) and jax.default_backend() != "cpu":
+        # traced on a machine with an accelerator: the platform is known at
+        # lowering only; the FFI handlers exist for the CPU
+        out = jax.lax.platform_dependent(*args, cpu=ffi, default=callback)
     else:
-        B = problem.flat_shape[0]
-        args = (theta,) if Z is None else (theta, Z)
-        out = _callback(problem, op, [(k, d) for k, (_, d) in zip(picks, out_specs)],
-                        [(B,) + s for s, _ in out_specs], *args)
+        out = ffi(*args)
     return tuple(_match_vma(y, theta) for y in out)
 
 

@@ -146,6 +146,19 @@ def main():
 
     compare("soft_dtw", sdtw_loss, sdtw_params, (x, y))
 
+    # the same loss and batch through shard_map (docs/jax-sharding.md, approach 2)
+    def global_loss(p, xb, yb):
+        return jax.lax.pmean(sdtw_loss(p, xb, yb), "b")
+
+    sm_step = jax.jit(jax.shard_map(jax.value_and_grad(global_loss), mesh=mesh,
+                                    in_specs=(P(), P("b"), P("b")), out_specs=(P(), P())))
+    CALLS.clear()
+    v_sm, g_sm = sm_step(jax.device_put(sdtw_params, replicated), jax.device_put(x, batch),
+                         jax.device_put(y, batch))
+    v_1, g_1 = jax.jit(jax.value_and_grad(sdtw_loss))(sdtw_params, x, y)
+    out["train_soft_dtw"]["shard_map_step_ok"] = close(v_sm, v_1) and all(
+        close(g_sm[k], g_1[k]) for k in g_1)
+
     T, S = 5, 3
     feats = rng.standard_normal((8, T, 4)).astype(np.float32)
     tags = rng.integers(0, S, size=(8, T))
