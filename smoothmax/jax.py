@@ -1,10 +1,18 @@
-"""JAX autodiff for the structured operators: custom rules over host callbacks.
+"""JAX autodiff for the structured operators: custom rules over engine calls.
 
-The engines run on the host (the compiled CPU core) through
-``jax.pure_callback`` (``vmap_method="broadcast_all"``: a vmapped call is one
-engine call over the broadcast batch). Three functions of ``theta`` are
-defined per call, once for every structure (``problem.struct`` picks the
-engine functions)::
+The engine call (``_engine``) runs the compiled CPU core:
+
+* as an XLA FFI custom call (``smoothmax._core.xla_ffi``, optional at build
+  time) for arrays on the CPU: no host callback, no copies; under ``jit`` a
+  batch-sharded ``theta`` runs per shard (``custom_partitioning``), a vmapped
+  call folds the vmapped axes into the batch (``custom_vmap``), and inside
+  ``shard_map`` the call is per shard already;
+* otherwise through ``jax.pure_callback`` (``vmap_method="broadcast_all"``):
+  arrays on a GPU (a host round trip), or no handlers built, or
+  ``SMOOTHMAX_JAX_FFI=0``. ``cpu_path()`` says which.
+
+Three functions of ``theta`` are defined per call, once for every structure
+(``problem.struct`` picks the engine functions)::
 
     value(θ)       custom_jvp, tangent <E(θ), dθ>            (E from grad(θ))
     grad(θ)        custom_jvp returning (value, E),
@@ -12,9 +20,9 @@ engine functions)::
     hvp(θ, Z)      linear in Z and symmetric: its transpose is itself
 
 ``hvp`` must be transposable for reverse mode (``jax.grad`` of a function of
-``jax.grad``), and ``jax.pure_callback`` is not. It is therefore written as
+``jax.grad``), and an engine call is not. It is therefore written as
 ``jax.lax.custom_linear_solve(matvec, Z, solve=Z ↦ ∇²DP_Ω(θ)·Z,
-symmetric=True)``: the primitive evaluates ``solve`` (our HVP callback),
+symmetric=True)``: the primitive evaluates ``solve`` (our HVP engine call),
 its JVP in ``Z`` is ``solve(dZ)`` and its transpose is ``solve`` again
 (``symmetric``), which is exactly the algebra of a symmetric linear map.
 ``matvec`` is never evaluated; it closes over ``θ`` through a guard whose JVP
@@ -42,7 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from . import _dispatch
 from ._problem import PER_ITEM_AUX
 
-__all__ = ["apply", "soft_dtw", "squared_euclidean"]
+__all__ = ["apply", "cpu_path", "soft_dtw", "squared_euclidean"]
 
 _THIRD_ORDER = (
     "third-order derivatives are not supported by smoothmax: the derivative of a "
