@@ -7,9 +7,13 @@ The engine call (``_engine``) runs the compiled CPU core:
   batch-sharded ``theta`` runs per shard (``custom_partitioning``), a vmapped
   call folds the vmapped axes into the batch (``custom_vmap``), and inside
   ``shard_map`` the call is per shard already;
+* as an XLA FFI custom call on the CUDA platform for DTW and Viterbi arrays on
+  a GPU when CuPy sees one: the handler runs the GPU engine's kernels on XLA's
+  buffers and stream (no host round trip);
 * otherwise through ``jax.pure_callback`` (``vmap_method="broadcast_all"``):
-  arrays on a GPU (a host round trip), or no handlers built, or
-  ``SMOOTHMAX_JAX_FFI=0``. ``cpu_path()`` says which.
+  no handlers built, ``SMOOTHMAX_JAX_FFI=0``, the DAG on a GPU, or no CuPy
+  (a GPU array then makes a host round trip). ``cpu_path()`` and
+  ``gpu_path()`` say which.
 
 Three functions of ``theta`` are defined per call, once for every structure
 (``problem.struct`` picks the engine functions)::
@@ -50,7 +54,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from . import _dispatch
 from ._problem import PER_ITEM_AUX
 
-__all__ = ["apply", "cpu_path", "soft_dtw", "squared_euclidean"]
+__all__ = ["apply", "cpu_path", "gpu_path", "soft_dtw", "squared_euclidean"]
 
 _THIRD_ORDER = (
     "third-order derivatives are not supported by smoothmax: the derivative of a "
@@ -64,15 +68,27 @@ _THIRD_ORDER = (
 
 
 @functools.lru_cache(maxsize=None)
-def _ffi_registered():
-    """Register the compiled core's XLA FFI handlers once; False if they were not built."""
+def _ffi_platforms():
+    """Register the XLA FFI handlers once: ``{"cpu"}`` (and ``"cuda"`` when CuPy
+    sees a GPU), or nothing when the optional handler module was not built."""
     try:
         from ._core import xla_ffi
     except ImportError:
-        return False
-    for struct, capsule in xla_ffi.handlers().items():
+        return frozenset()
+    platforms = {"cpu"}
+    for struct, capsule in xla_ffi.handlers("cpu").items():
         jax.ffi.register_ffi_target(f"smoothmax_{struct}", capsule, platform="cpu")
-    return True
+    from . import _cuda
+
+    if _cuda.available():
+        for struct, capsule in xla_ffi.handlers("cuda").items():
+            jax.ffi.register_ffi_target(f"smoothmax_{struct}", capsule, platform="CUDA")
+        platforms.add("cuda")
+    return frozenset(platforms)
+
+
+# structures with a CUDA handler (the GPU engine has no DAG kernels)
+_CUDA_STRUCTS = ("dtw", "viterbi")
 
 
 def cpu_path():
@@ -81,7 +97,19 @@ def cpu_path():
     ``"ffi"`` when the optional XLA FFI handlers (``smoothmax._core.xla_ffi``)
     were built and ``SMOOTHMAX_JAX_FFI`` is not ``0``; see ``docs/engines.md``.
     """
-    if os.environ.get("SMOOTHMAX_JAX_FFI", "1") != "0" and _ffi_registered():
+    return _path("cpu")
+
+
+def gpu_path():
+    """How JAX arrays on a GPU reach an engine: ``"ffi"`` (the CUDA kernels, on
+    XLA's stream, for DTW and Viterbi) or ``"pure_callback"`` (a host round
+    trip through the CPU core). ``"ffi"`` needs the handlers built and CuPy
+    seeing a GPU."""
+    return _path("cuda")
+
+
+def _path(platform):
+    if os.environ.get("SMOOTHMAX_JAX_FFI", "1") != "0" and platform in _ffi_platforms():
         return "ffi"
     return "pure_callback"
 
@@ -366,14 +394,13 @@ def _engine(problem, op, theta, Z=None, decode_spec=None):
         return _callback(problem, op, [(k, d) for k, (_, d) in zip(picks, out_specs)],
                          [(B,) + s for s, _ in out_specs], *args)
 
-    if problem.device != "cpu" or cpu_path() != "ffi":
-        out = callback(*args)
-    elif isinstance(theta, jax.core.Tracer) and jax.default_backend() != "cpu":
-        # traced on a machine with an accelerator: the platform is known at
-        # lowering only; the FFI handlers exist for the CPU
-        out = jax.lax.platform_dependent(*args, cpu=ffi, default=callback)
+    paths = {"cpu": ffi if cpu_path() == "ffi" else callback,
+             "cuda": ffi if gpu_path() == "ffi" and problem.struct in _CUDA_STRUCTS else callback}
+    if isinstance(theta, jax.core.Tracer) and jax.default_backend() != "cpu":
+        # traced on a machine with an accelerator: the platform is known at lowering only
+        out = jax.lax.platform_dependent(*args, default=callback, **paths)
     else:
-        out = ffi(*args)
+        out = paths.get(problem.device, callback)(*args)
     return tuple(_match_vma(y, theta) for y in out)
 
 

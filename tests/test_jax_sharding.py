@@ -176,3 +176,81 @@ def test_ffi_eager_and_jit_leave_inputs_alone():
     np.testing.assert_array_equal(np.asarray(t), theta)
     np.testing.assert_allclose(v, v2, rtol=1e-12)
     np.testing.assert_allclose(E, E2, rtol=1e-12)
+
+
+@needs_ffi
+def test_cuda_handler_body_on_the_kernel_emulation(rng):
+    """The CUDA handler's body (``xla_ffi._execute`` with the GPU engine's functions,
+    results copied into XLA's buffers) on the CPU emulation of the CUDA kernels,
+    NumPy arrays standing in for CuPy ones: vmapped leading axes, int32 lengths
+    as operands or as attributes (the ``shard_map`` form), against the NumPy API."""
+    import types
+
+    from smoothmax._core import xla_ffi
+    from smoothmax._cuda import emulate, engine
+
+    if not emulate.available():
+        pytest.skip("no C++20 compiler for the CUDA kernel emulation")
+    emu = emulate.EmulatedBackend()
+    gpu = types.SimpleNamespace(
+        dtw_grad=lambda t, la, lb, band, reg, g: engine.dtw_run(emu, t, None, la, lb, band, reg, g, 1),
+        dtw_hvp=lambda t, z, la, lb, band, reg, g: engine.dtw_run(emu, t, z, la, lb, band, reg, g, 2),
+        viterbi_value=lambda t, L, reg, g: engine.vit_run(emu, t, None, L, reg, g, 0),
+        viterbi_decode=lambda t, L: engine.vit_decode_run(emu, t, L),
+    )
+    DTW, VITERBI = 0, 1
+    theta = rng.random((2, 2, 5, 4))  # (vmapped, B, NA, NB)
+    Z = rng.standard_normal(theta.shape)
+    la, lb = np.array([[5, 3], [4, 5]], np.int32), np.array([[4, 4], [2, 3]], np.int32)
+    kw = dict(lengths=(la, lb), band=1, gamma=0.7)
+    attrs = {"reg": 0, "gamma": 0.7, "band": 1}
+    v, E = np.empty((2, 2)), np.empty(theta.shape)
+    xla_ffi._execute(DTW, [theta, la, lb], [v, E], dict(attrs, op="grad"), np, gpu)
+    v_np, E_np = sm.dtw_grad(theta, **kw)
+    np.testing.assert_allclose(v, v_np, rtol=1e-10)
+    np.testing.assert_allclose(E, E_np, atol=1e-10)
+    Ed = np.empty(theta.shape)
+    xla_ffi._execute(DTW, [theta, Z], [Ed], dict(attrs, op="hvp", int0=la, int1=lb), np, gpu)
+    np.testing.assert_allclose(Ed, sm.dtw_hvp(theta, Z, **kw), atol=1e-10)
+
+    scores = rng.standard_normal((3, 4, 3, 3))
+    L = np.array([4, 2, 1], np.int32)
+    value, score, tags = np.empty(3), np.empty(3), np.empty((3, 4), np.int32)
+    xla_ffi._execute(VITERBI, [scores, L], [value], {"op": "value", "reg": 1, "gamma": 0.5}, np, gpu)
+    np.testing.assert_allclose(value, sm.viterbi(scores, lengths=L, reg="l2", gamma=0.5), rtol=1e-10)
+    xla_ffi._execute(VITERBI, [scores, L], [score, tags], {"op": "decode"}, np, gpu)
+    s_np, t_np = sm.viterbi_decode(scores, lengths=L)
+    np.testing.assert_allclose(score, s_np, rtol=1e-12)
+    np.testing.assert_array_equal(tags, t_np)
+    with pytest.raises(ValueError, match="no viterbi op 'hvp'"):
+        xla_ffi._execute(VITERBI, [scores, scores, L], [value], {"op": "hvp", "reg": 0, "gamma": 1.0}, np, gpu)
+
+
+def _jax_gpu():
+    try:
+        return jax.devices("gpu")[0]
+    except RuntimeError:
+        return None
+
+
+@pytest.mark.gpu
+@needs_ffi
+@pytest.mark.skipif(_jax_gpu() is None, reason="JAX sees no GPU")
+@pytest.mark.parametrize("struct", ["dtw", "viterbi"])
+def test_jax_gpu_arrays_run_the_cuda_kernels_in_place(struct, rng):
+    """On a GPU: the CUDA handler, no host callback in the compiled program,
+    results on the GPU equal to the NumPy API's (eager and under jit)."""
+    assert smj.gpu_path() == "ffi", "the CUDA handlers are registered when CuPy sees a GPU"
+    if struct == "dtw":
+        theta, kw, grad = rng.random((4, 33, 40)), dict(lengths=([33, 20, 5, 33], [40, 40, 3, 30])), sm.dtw_grad
+    else:
+        theta, kw, grad = rng.standard_normal((4, 9, 5, 5)), dict(lengths=[9, 3, 1, 8]), sm.viterbi_grad
+    t = jax.device_put(jnp.asarray(theta), _jax_gpu())
+    v_np, E_np = grad(theta, **kw)
+    f = jax.jit(lambda x: grad(x, **kw))
+    text = f.lower(t).compile().as_text()
+    assert f"smoothmax_{struct}" in text and "callback" not in text.lower()
+    for v, E in (f(t), grad(t, **kw)):
+        assert next(iter(E.devices())).platform == "gpu"
+        np.testing.assert_allclose(np.asarray(v), v_np, rtol=1e-10)
+        np.testing.assert_allclose(np.asarray(E), E_np, atol=1e-10)

@@ -128,11 +128,29 @@ cdef extern from "xla/ffi/api/c_api.h" nogil:
         const char* message
         XLA_FFI_Error_Code errc
 
+    ctypedef struct XLA_FFI_ExecutionContext:
+        pass
+
+    ctypedef struct XLA_FFI_Stream_Get_Args:
+        size_t struct_size
+        XLA_FFI_Extension_Base* extension_start
+        XLA_FFI_ExecutionContext* ctx
+        void* stream
+
+    ctypedef struct XLA_FFI_DeviceOrdinal_Get_Args:
+        size_t struct_size
+        XLA_FFI_Extension_Base* extension_start
+        XLA_FFI_ExecutionContext* ctx
+        int32_t device_ordinal
+
     ctypedef struct XLA_FFI_Api:
-        XLA_FFI_Error* (*XLA_FFI_Error_Create)(XLA_FFI_Error_Create_Args*)
+        XLA_FFI_Error* (*XLA_FFI_Error_Create)(XLA_FFI_Error_Create_Args*) noexcept nogil
+        XLA_FFI_Error* (*XLA_FFI_Stream_Get)(XLA_FFI_Stream_Get_Args*) noexcept nogil
+        XLA_FFI_Error* (*XLA_FFI_DeviceOrdinal_Get)(XLA_FFI_DeviceOrdinal_Get_Args*) noexcept nogil
 
     ctypedef struct XLA_FFI_CallFrame:
         XLA_FFI_Extension_Base* extension_start
+        XLA_FFI_ExecutionContext* ctx
         const XLA_FFI_Api* api
         XLA_FFI_ExecutionStage stage
         XLA_FFI_Args args
@@ -143,6 +161,8 @@ cdef extern from "xla/ffi/api/c_api.h" nogil:
     int XLA_FFI_API_MINOR
     size_t XLA_FFI_Api_Version_STRUCT_SIZE
     size_t XLA_FFI_Error_Create_Args_STRUCT_SIZE
+    size_t XLA_FFI_Stream_Get_Args_STRUCT_SIZE
+    size_t XLA_FFI_DeviceOrdinal_Get_Args_STRUCT_SIZE
 
 
 cdef enum:
@@ -152,28 +172,33 @@ cdef enum:
 
 # trailing (non-batch) rank of theta per structure
 _TRAILING = {DTW: 2, VITERBI: 3, DAG: 1}
+_PREFIX = {DTW: "dtw", VITERBI: "viterbi", DAG: "dag"}
 
 
-cdef object _array(XLA_FFI_Buffer* buf):
-    """A NumPy view of an XLA buffer (no copy)."""
+_DTYPES = {XLA_FFI_DataType_F32: np.float32, XLA_FFI_DataType_F64: np.float64,
+           XLA_FFI_DataType_S32: np.int32, XLA_FFI_DataType_S64: np.int64}
+
+
+cdef object _array(XLA_FFI_Buffer* buf, object device):
+    """A view of an XLA buffer (no copy): NumPy on the host, CuPy on GPU ``device``."""
     cdef int64_t k, count = 1
-    if buf.dtype == XLA_FFI_DataType_F32:
-        dtype = np.float32
-    elif buf.dtype == XLA_FFI_DataType_F64:
-        dtype = np.float64
-    elif buf.dtype == XLA_FFI_DataType_S32:
-        dtype = np.int32
-    elif buf.dtype == XLA_FFI_DataType_S64:
-        dtype = np.int64
-    else:
+    dtype = _DTYPES.get(<int> buf.dtype)
+    if dtype is None:
         raise TypeError(f"smoothmax XLA handler: unsupported buffer dtype code {<int> buf.dtype}")
     shape = tuple(buf.dims[k] for k in range(buf.rank))
     for k in range(buf.rank):
         count *= buf.dims[k]
+    nbytes = count * np.dtype(dtype).itemsize
+    if device is not None:
+        import cupy
+
+        if count == 0 or buf.data == NULL:
+            return cupy.empty(shape, dtype)
+        memory = cupy.cuda.UnownedMemory(<size_t> buf.data, nbytes, None, device)
+        return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0))
     if count == 0 or buf.data == NULL:
         return np.empty(shape, dtype)
-    itemsize = np.dtype(dtype).itemsize
-    view = PyMemoryView_FromMemory(<char*> buf.data, count * itemsize, PyBUF_WRITE)
+    view = PyMemoryView_FromMemory(<char*> buf.data, nbytes, PyBUF_WRITE)
     return np.frombuffer(view, dtype).reshape(shape)
 
 
@@ -218,16 +243,17 @@ def _flat(a, lead):
     return a.reshape((-1,) + a.shape[lead + 1:]) if lead else a
 
 
-def _items(a):
-    return np.ascontiguousarray(a.reshape(-1), dtype=np.int64)
+_PICKS = {"value": (0,), "grad": (0, 1), "hvp": (2,)}
 
 
-def _shared(a, lead):
-    """A shared operand broadcast over vmapped dimensions: its first copy."""
-    return np.ascontiguousarray(a.reshape((-1,) + a.shape[lead:])[0] if lead else a, dtype=np.int64)
+def _execute(int which, list args, list rets, dict attrs, xp=np, engine=None):
+    """Run ``attrs["op"]`` on the wrapped buffers ``args``, results into ``rets``.
 
-
-def _execute(int which, list args, list rets, dict attrs):
+    ``engine`` None: the compiled core, which writes into ``rets`` itself
+    (``out=``). Otherwise a module of engine functions on ``xp`` arrays (the
+    GPU engine, ``smoothmax._cuda.engine``) whose results are copied into
+    ``rets`` (on the current stream).
+    """
     op = attrs["op"]
     theta = args[0]
     lead = theta.ndim - 1 - _TRAILING[which]
@@ -237,32 +263,35 @@ def _execute(int which, list args, list rets, dict attrs):
     if op == "hvp":
         Z, rest = _flat(rest[0], lead), rest[1:]
     # the integer arrays: operands, or attributes int0, int1, ... (inside shard_map)
-    rest = list(rest) + [attrs[f"int{k}"] for k in range(len(attrs)) if f"int{k}" in attrs]
-    reg, gamma = attrs["reg"], attrs["gamma"]
+    ints = [xp.ascontiguousarray(xp.asarray(a), dtype=xp.int64)
+            for a in list(rest) + [attrs[f"int{k}"] for k in range(len(attrs)) if f"int{k}" in attrs]]
     if which == DTW:
-        fixed = (_items(rest[0]), _items(rest[1]), attrs["band"])
-        mod, prefix = _dtw, "dtw"
+        fixed = (ints[0].reshape(-1), ints[1].reshape(-1), attrs["band"])
     elif which == VITERBI:
-        fixed = (_items(rest[0]),)
-        mod, prefix = _viterbi, "viterbi"
-    else:
-        fixed = (_shared(rest[0], lead), _shared(rest[1], lead))
-        mod, prefix = _dag, "dag"
+        fixed = (ints[0].reshape(-1),)
+    else:  # shared operands broadcast over vmapped dimensions: their first copy
+        fixed = tuple(a.reshape((-1,) + a.shape[lead:])[0] if lead and a.ndim > 1 else a for a in ints)
+    prefix = _PREFIX[which]
+    mod = engine if engine is not None else {DTW: _dtw, VITERBI: _viterbi, DAG: _dag}[which]
+    fn = getattr(mod, f"{prefix}_{op}", None)
+    if fn is None or op not in ("value", "grad", "hvp", "decode", "path"):
+        raise ValueError(f"smoothmax XLA handler: no {prefix} op {op!r} in this engine")
     outs = [_flat(r, lead) for r in rets]
-    if op in ("decode", "path"):
-        res = getattr(mod, f"{prefix}_{op}")(flat, *fixed)
-        for dst, src in zip(outs, res):
-            dst[...] = src
-    elif op == "value":
-        getattr(mod, f"{prefix}_value")(flat, *fixed, reg, gamma, out=(outs[0], None, None))
-    elif op == "grad":
-        getattr(mod, f"{prefix}_grad")(flat, *fixed, reg, gamma, out=(outs[0], outs[1], None))
-    elif op == "hvp":
-        B = flat.shape[0]
-        mod_out = (np.empty(B, flat.dtype), np.empty(flat.shape, flat.dtype), outs[0])
-        getattr(mod, f"{prefix}_hvp")(flat, Z, *fixed, reg, gamma, out=mod_out)
-    else:
-        raise ValueError(f"smoothmax XLA handler: unknown op {op!r}")
+    tail = () if op in ("decode", "path") else (attrs["reg"], attrs["gamma"])
+    head = (flat,) if Z is None else (flat, Z)
+    if engine is None and op in _PICKS:
+        # the compiled core writes into XLA's buffers; an HVP's value and E are scratch
+        if op == "hvp":
+            out = (np.empty(flat.shape[0], flat.dtype), np.empty(flat.shape, flat.dtype), outs[0])
+        else:
+            out = (outs[0], outs[1] if op == "grad" else None, None)
+        fn(*head, *fixed, *tail, out=out)
+        return
+    res = fn(*head, *fixed, *tail)
+    res = res if isinstance(res, tuple) else (res,)
+    picked = [res[k] for k in _PICKS[op]] if op in _PICKS else list(res)
+    for dst, src in zip(outs, picked):
+        dst[...] = src
 
 
 cdef XLA_FFI_Error* _error(XLA_FFI_CallFrame* frame, bytes message, XLA_FFI_Error_Code code):
@@ -274,49 +303,106 @@ cdef XLA_FFI_Error* _error(XLA_FFI_CallFrame* frame, bytes message, XLA_FFI_Erro
     return frame.api.XLA_FFI_Error_Create(&args)
 
 
-cdef XLA_FFI_Error* _handle(XLA_FFI_CallFrame* frame, int which) noexcept nogil:
+cdef bint _metadata(XLA_FFI_CallFrame* frame) noexcept nogil:
+    """Answer XLA's query for the FFI version the handler was built against."""
     cdef XLA_FFI_Metadata* md
+    if frame.extension_start == NULL or frame.extension_start.type != XLA_FFI_Extension_Metadata:
+        return False
+    md = (<XLA_FFI_Metadata_Extension*> frame.extension_start).metadata
+    md.api_version.struct_size = XLA_FFI_Api_Version_STRUCT_SIZE
+    md.api_version.extension_start = NULL
+    md.api_version.major_version = XLA_FFI_API_MAJOR
+    md.api_version.minor_version = XLA_FFI_API_MINOR
+    md.traits = 0  # not compatible with command buffers (CUDA graphs): it takes the GIL
+    md.state_type_id.type_id = 0
+    return True
+
+
+cdef XLA_FFI_Error* _run(XLA_FFI_CallFrame* frame, int which, bint gpu) noexcept with gil:
     cdef int64_t k
-    if frame.extension_start != NULL and frame.extension_start.type == XLA_FFI_Extension_Metadata:
-        # XLA asks which FFI version the handler was built against
-        md = (<XLA_FFI_Metadata_Extension*> frame.extension_start).metadata
-        md.api_version.struct_size = XLA_FFI_Api_Version_STRUCT_SIZE
-        md.api_version.extension_start = NULL
-        md.api_version.major_version = XLA_FFI_API_MAJOR
-        md.api_version.minor_version = XLA_FFI_API_MINOR
-        md.traits = 0
-        md.state_type_id.type_id = 0
+    cdef XLA_FFI_Stream_Get_Args stream
+    cdef XLA_FFI_DeviceOrdinal_Get_Args ordinal
+    cdef XLA_FFI_Error* err
+    try:
+        attrs = _attributes(frame)
+        if not gpu:
+            args = [_array(<XLA_FFI_Buffer*> frame.args.args[k], None) for k in range(frame.args.size)]
+            rets = [_array(<XLA_FFI_Buffer*> frame.rets.rets[k], None) for k in range(frame.rets.size)]
+            _execute(which, args, rets, attrs)
+            return NULL
+        stream.struct_size = XLA_FFI_Stream_Get_Args_STRUCT_SIZE
+        stream.extension_start = NULL
+        stream.ctx = frame.ctx
+        stream.stream = NULL
+        with nogil:
+            err = frame.api.XLA_FFI_Stream_Get(&stream)
+        if err != NULL:
+            return err
+        ordinal.struct_size = XLA_FFI_DeviceOrdinal_Get_Args_STRUCT_SIZE
+        ordinal.extension_start = NULL
+        ordinal.ctx = frame.ctx
+        ordinal.device_ordinal = 0
+        with nogil:
+            err = frame.api.XLA_FFI_DeviceOrdinal_Get(&ordinal)
+        if err != NULL:
+            return err
+        import cupy
+        from .._cuda import engine
+
+        device = int(ordinal.device_ordinal)
+        with cupy.cuda.Device(device), cupy.cuda.ExternalStream(<size_t> stream.stream, device):
+            args = [_array(<XLA_FFI_Buffer*> frame.args.args[k], device) for k in range(frame.args.size)]
+            rets = [_array(<XLA_FFI_Buffer*> frame.rets.rets[k], device) for k in range(frame.rets.size)]
+            _execute(which, args, rets, attrs, cupy, engine)
         return NULL
-    if frame.stage != XLA_FFI_ExecutionStage_EXECUTE:
+    except ValueError as exc:
+        return _error(frame, f"ValueError: {exc}".encode(), XLA_FFI_Error_Code_INVALID_ARGUMENT)
+    except BaseException as exc:
+        return _error(frame, f"{type(exc).__name__}: {exc}".encode(), XLA_FFI_Error_Code_INTERNAL)
+
+
+cdef XLA_FFI_Error* _handle(XLA_FFI_CallFrame* frame, int which, bint gpu) noexcept nogil:
+    if _metadata(frame) or frame.stage != XLA_FFI_ExecutionStage_EXECUTE:
         return NULL
-    with gil:
-        try:
-            args = [_array(<XLA_FFI_Buffer*> frame.args.args[k]) for k in range(frame.args.size)]
-            rets = [_array(<XLA_FFI_Buffer*> frame.rets.rets[k]) for k in range(frame.rets.size)]
-            _execute(which, args, rets, _attributes(frame))
-        except ValueError as exc:
-            return _error(frame, f"ValueError: {exc}".encode(), XLA_FFI_Error_Code_INVALID_ARGUMENT)
-        except BaseException as exc:
-            return _error(frame, f"{type(exc).__name__}: {exc}".encode(), XLA_FFI_Error_Code_INTERNAL)
-    return NULL
+    return _run(frame, which, gpu)
 
 
 cdef XLA_FFI_Error* _dtw_handler(XLA_FFI_CallFrame* frame) noexcept nogil:
-    return _handle(frame, DTW)
+    return _handle(frame, DTW, False)
 
 
 cdef XLA_FFI_Error* _viterbi_handler(XLA_FFI_CallFrame* frame) noexcept nogil:
-    return _handle(frame, VITERBI)
+    return _handle(frame, VITERBI, False)
 
 
 cdef XLA_FFI_Error* _dag_handler(XLA_FFI_CallFrame* frame) noexcept nogil:
-    return _handle(frame, DAG)
+    return _handle(frame, DAG, False)
 
 
-def handlers():
-    """``{structure: PyCapsule}`` of the XLA FFI handlers (``XLA_FFI_Handler*``)."""
-    return {
-        "dtw": PyCapsule_New(<void*> _dtw_handler, NULL, NULL),
-        "viterbi": PyCapsule_New(<void*> _viterbi_handler, NULL, NULL),
-        "dag": PyCapsule_New(<void*> _dag_handler, NULL, NULL),
-    }
+cdef XLA_FFI_Error* _dtw_cuda_handler(XLA_FFI_CallFrame* frame) noexcept nogil:
+    return _handle(frame, DTW, True)
+
+
+cdef XLA_FFI_Error* _viterbi_cuda_handler(XLA_FFI_CallFrame* frame) noexcept nogil:
+    return _handle(frame, VITERBI, True)
+
+
+def handlers(platform="cpu"):
+    """``{structure: PyCapsule}`` of the XLA FFI handlers (``XLA_FFI_Handler*``) of ``platform``.
+
+    ``"cpu"``: DTW, Viterbi and the DAG on the compiled core. ``"cuda"``: DTW
+    and Viterbi on the GPU engine (CuPy, on XLA's stream; there are no DAG
+    kernels), for XLA's CUDA platform.
+    """
+    if platform == "cpu":
+        return {
+            "dtw": PyCapsule_New(<void*> _dtw_handler, NULL, NULL),
+            "viterbi": PyCapsule_New(<void*> _viterbi_handler, NULL, NULL),
+            "dag": PyCapsule_New(<void*> _dag_handler, NULL, NULL),
+        }
+    if platform == "cuda":
+        return {
+            "dtw": PyCapsule_New(<void*> _dtw_cuda_handler, NULL, NULL),
+            "viterbi": PyCapsule_New(<void*> _viterbi_cuda_handler, NULL, NULL),
+        }
+    raise ValueError(f"platform must be 'cpu' or 'cuda', got {platform!r}")
