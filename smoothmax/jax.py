@@ -272,7 +272,8 @@ def _ffi_call(problem, op, out_specs, theta, Z=None):
         return fn(*(_vary(a, axes) for a in floats))
     args = floats + items + shared
     n_batched = len(floats) + len(items)
-    if not isinstance(theta, jax.core.Tracer) and len(theta.sharding.device_set) == 1:
+    sharding = getattr(theta, "sharding", None)
+    if not isinstance(theta, jax.core.Tracer) and (sharding is None or len(sharding.device_set) == 1):
         # an eager call on one device: the FFI call alone (less dispatch)
         return _ffi_target(problem.struct, op, out_specs, attrs)(*args)
     fn = _ffi_sharded(problem.struct, op, n_batched,
