@@ -9,7 +9,9 @@ What is measured:
   the same call on NumPy (``sm.dtw_grad``) and on torch CPU
   (``sm.dtw`` + ``backward``): the difference is the framework's overhead.
   Each time is the median of repeats after warm-up calls. The JAX path
-  used (``pure_callback`` or the XLA FFI custom call) is recorded.
+  used (``pure_callback`` or the XLA FFI custom call) is recorded; with the
+  FFI, the same jitted call through ``pure_callback``
+  (``SMOOTHMAX_JAX_FFI=0``) is timed too, in the same process.
 * **sharding** (a subprocess with two host devices,
   ``XLA_FLAGS=--xla_force_host_platform_device_count=2``): ``jax.jit`` of the
   same value + gradient over an (8, 16, 16) ``theta`` sharded over its batch
@@ -101,6 +103,11 @@ def time_calls():
                 return jax.block_until_ready(f(tj))
 
             row["jax_jit_s"], row["jax_reps"] = _median_time(jax_step)
+            if jax_path() == "ffi":  # the same call through the host callback, same conditions
+                os.environ["SMOOTHMAX_JAX_FFI"] = "0"
+                f_cb = jax.jit(jax.value_and_grad(lambda th: sm.dtw(th).sum()))
+                row["jax_jit_callback_s"], _ = _median_time(lambda: jax.block_until_ready(f_cb(tj)))
+                del os.environ["SMOOTHMAX_JAX_FFI"]
             v, g = f(tj)
             v_np, g_np = sm.dtw_grad(theta)
             tol = 1e-4 if dtype == "float32" else 1e-9
@@ -213,13 +220,17 @@ def to_markdown(res):
              f"`{res['jax_path']}`. Command: `{res['command']}`.", "",
              "## Per call: DTW value + gradient (negentropy, γ = 1), median of repeats", "",
              "| B×NA×NB | dtype | NumPy `dtw_grad` | torch `dtw` + backward | `jax.jit(value_and_grad)` "
-             "| jit / NumPy | JAX agrees with NumPy |",
-             "|---|---|---|---|---|---|---|"]
+             "| jit / NumPy | same jit through `pure_callback` | callback / FFI | JAX agrees with NumPy |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in res["calls"]:
+        cb = r.get("jax_jit_callback_s")
+        cb_time = "-" if cb is None else f"{cb * 1e6:.1f} µs"
+        cb_ratio = "-" if cb is None else f"{cb / r['jax_jit_s']:.2f}"
         lines.append(
             f"| {'×'.join(map(str, r['shape']))} | {r['dtype']} | {r['numpy_s'] * 1e6:.1f} µs "
             f"| {r['torch_s'] * 1e6:.1f} µs | {r['jax_jit_s'] * 1e6:.1f} µs "
-            f"| {r['jax_jit_s'] / r['numpy_s']:.2f} | {r['jax_agrees_with_numpy']} |")
+            f"| {r['jax_jit_s'] / r['numpy_s']:.2f} "
+            f"| {cb_time} | {cb_ratio} | {r['jax_agrees_with_numpy']} |")
     s = res["sharding"]
     lines += ["", "## Batch sharding over 2 host devices (θ 8×16×16 float32, `P(\"b\")`)", ""]
     if "error" in s:

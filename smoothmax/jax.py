@@ -64,7 +64,7 @@ _THIRD_ORDER = (
 
 
 # ---------------------------------------------------------------------------
-# the engine call on the CPU: an XLA FFI custom call into the compiled core
+# the engine call: XLA FFI custom calls (the compiled core; the CUDA kernels)
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,6 +74,8 @@ def _ffi_platforms():
     try:
         from ._core import xla_ffi
     except ImportError:
+        return frozenset()
+    if not hasattr(jax, "ffi"):  # a JAX older than its FFI module
         return frozenset()
     platforms = {"cpu"}
     for struct, capsule in xla_ffi.handlers("cpu").items():
@@ -283,7 +285,7 @@ def _ffi_call(problem, op, out_specs, theta, Z=None):
 
 
 # ---------------------------------------------------------------------------
-# the engine call elsewhere: host callbacks (GPU arrays, or no FFI handlers built)
+# the engine call otherwise: host callbacks (no FFI handler for the array's platform)
 
 
 def _host_problem(problem, reps):
@@ -357,6 +359,8 @@ def _vary(x, axes):
 
 def _varying(x):
     """The manual mesh axes ``x`` varies over (``mat.varying`` from JAX 0.10, ``vma`` before)."""
+    if not hasattr(jax, "typeof"):  # a JAX without varying-axis types
+        return frozenset()
     aval = jax.typeof(x)
     mat = getattr(aval, "mat", None)
     return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))

@@ -27,8 +27,14 @@ results are copied into the result buffers (their int type may differ). A
 Python exception (bad scores found by the Viterbi kernels, a failed
 allocation) becomes an XLA error carrying its message.
 
-The handler never imports a framework; ``smoothmax.jax`` registers the
-capsules of ``handlers()`` with ``jax.ffi.register_ffi_target``.
+The CUDA handlers (DTW, Viterbi) do the same on the GPU: they ask XLA for
+its stream and device, view the device buffers as CuPy arrays, call the GPU
+engine (``smoothmax._cuda.engine``, imported on first use) with XLA's stream
+as CuPy's current one, and copy its results into XLA's result buffers on
+that stream; no data goes through the host.
+
+The handlers never import a framework; ``smoothmax.jax`` registers the
+capsules of ``handlers(platform)`` with ``jax.ffi.register_ffi_target``.
 """
 from cpython.buffer cimport PyBUF_WRITE
 from cpython.memoryview cimport PyMemoryView_FromMemory
