@@ -38,6 +38,7 @@ def _spy(module, name):
 for _mod, _struct in ((core_dtw, "dtw"), (core_viterbi, "viterbi")):
     for _op in ("value", "grad", "hvp"):
         _spy(_mod, f"{_struct}_{_op}")
+_spy(core_viterbi, "viterbi_decode")
 
 
 def close(a, b, tol=2e-5):
@@ -88,6 +89,16 @@ def main():
         # the per-item values themselves, sharded (not only their sum)
         res["values_ok"] = close(jax.jit(lambda t, _v=value, _kw=kw: _v(t, **_kw))(ts), v_np)
         out[f"jit_{name}"] = res
+
+    # Viterbi decoding (integer results) over the sharded batch
+    theta = cases["viterbi"][0]
+    CALLS.clear()
+    score, tags = jax.jit(lambda t: sm.viterbi_decode(t, lengths=L))(jax.device_put(theta, batch))
+    jax.block_until_ready(tags)
+    calls = [c for c in CALLS if c[1] > 0]  # (an empty batch at trace time gives the output shapes)
+    s_np, t_np = sm.viterbi_decode(theta, lengths=L)
+    out["jit_decode"] = {"calls": calls, "ok": close(score, s_np) and bool(np.array_equal(tags, t_np)),
+                         "tags_dtype": str(tags.dtype)}
 
     # 2. grad and grad-of-grad inside shard_map (defaults); lengths the same on each shard
     theta = rng.random((6, 7, 5)).astype(np.float32)

@@ -79,6 +79,13 @@ def test_jit_over_batch_sharded_theta_runs_per_shard(two_devices, struct):
     assert r["value_ok"] and r["values_ok"] and r["grad_ok"] and r["hvp_ok"]
 
 
+@needs_ffi
+def test_jit_decode_over_batch_sharded_theta(two_devices):
+    r = two_devices["jit_decode"]
+    assert r["ok"] and r["tags_dtype"] == "int32"  # x64 off: JAX's canonical integer type
+    assert r["calls"] == [["viterbi_decode", 3]] * 2
+
+
 @pytest.mark.parametrize("order", ["grad", "grad_of_grad"])
 def test_grad_inside_shard_map(two_devices, order):
     r = two_devices[f"shard_map_{order}"]
