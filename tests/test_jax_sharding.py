@@ -233,6 +233,12 @@ def test_cuda_handler_body_on_the_kernel_emulation(rng):
         xla_ffi._execute(VITERBI, [scores, scores, L], [value], {"op": "hvp", "reg": 0, "gamma": 1.0}, np, gpu)
 
 
+def _cuda_available():
+    from smoothmax import _cuda
+
+    return _cuda.available()
+
+
 def _jax_gpu():
     try:
         return jax.devices("gpu")[0]
@@ -243,6 +249,7 @@ def _jax_gpu():
 @pytest.mark.gpu
 @needs_ffi
 @pytest.mark.skipif(_jax_gpu() is None, reason="JAX sees no GPU")
+@pytest.mark.skipif(not _cuda_available(), reason="CuPy sees no GPU (the CUDA handlers run the CuPy engine)")
 @pytest.mark.parametrize("struct", ["dtw", "viterbi"])
 def test_jax_gpu_arrays_run_the_cuda_kernels_in_place(struct, rng):
     """On a GPU: the CUDA handler, no host callback in the compiled program,
