@@ -56,6 +56,27 @@ def _median_time(fn, min_reps=20, budget_s=2.0):
     return times[len(times) // 2], len(times)
 
 
+def _interleaved(fns, rounds=6, budget_s=3.0):
+    """Medians of ``fns`` timed in alternating rounds (each round ``budget_s / rounds``
+    split between them); returns ``(medians, samples per function)``."""
+    for fn in fns:
+        for _ in range(3):
+            fn()
+    samples = [[] for _ in fns]
+    per = budget_s / rounds / len(fns)
+    for _ in range(rounds):
+        for k, fn in enumerate(fns):
+            t_end = time.perf_counter() + per
+            n = 0
+            while n < 3 or (time.perf_counter() < t_end and n < 500):
+                t0 = time.perf_counter()
+                fn()
+                samples[k].append(time.perf_counter() - t0)
+                n += 1
+    medians = [sorted(x)[len(x) // 2] for x in samples]
+    return medians, len(samples[0])
+
+
 def _theta(shape, dtype):
     import numpy as np
 
@@ -102,12 +123,17 @@ def time_calls():
             def jax_step():
                 return jax.block_until_ready(f(tj))
 
-            row["jax_jit_s"], row["jax_reps"] = _median_time(jax_step)
-            if jax_path() == "ffi":  # the same call through the host callback, same conditions
+            if jax_path() == "ffi":
+                # the same call through the host callback (traced with SMOOTHMAX_JAX_FFI=0),
+                # the two timed in alternating rounds so that both see the same load
                 os.environ["SMOOTHMAX_JAX_FFI"] = "0"
                 f_cb = jax.jit(jax.value_and_grad(lambda th: sm.dtw(th).sum()))
-                row["jax_jit_callback_s"], _ = _median_time(lambda: jax.block_until_ready(f_cb(tj)))
+                jax.block_until_ready(f_cb(tj))
                 del os.environ["SMOOTHMAX_JAX_FFI"]
+                (row["jax_jit_s"], row["jax_jit_callback_s"]), row["jax_reps"] = _interleaved(
+                    [jax_step, lambda: jax.block_until_ready(f_cb(tj))])
+            else:
+                row["jax_jit_s"], row["jax_reps"] = _median_time(jax_step)
             v, g = f(tj)
             v_np, g_np = sm.dtw_grad(theta)
             tol = 1e-4 if dtype == "float32" else 1e-9
