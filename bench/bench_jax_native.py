@@ -24,6 +24,7 @@ Usage::
 
     python bench/bench_jax_native.py --label before    # writes bench/results/jax_native_before.{json,md}
     python bench/bench_jax_native.py --label after
+    OMP_NUM_THREADS=1 python bench/bench_jax_native.py --label after_1t   # one compiled-core thread
 """
 import argparse
 import json
@@ -242,7 +243,8 @@ def to_markdown(res):
 
     lines = [f"# smoothmax inside JAX: per-call overhead and sharding ({res['label']})", "",
              f"Machine: {one_line(m)}; load average at start {m['loadavg_at_start']} "
-             f"(shared machine: other jobs ran during the measurement). JAX path on the CPU: "
+             f"(shared machine: other jobs ran during the measurement). OpenMP threads: "
+             f"{res.get('omp_threads') or 'default (all CPUs)'}. JAX path on the CPU: "
              f"`{res['jax_path']}`. Command: `{res['command']}`.", "",
              "## Per call: DTW value + gradient (negentropy, γ = 1), median of repeats", "",
              "| B×NA×NB | dtype | NumPy `dtw_grad` | torch `dtw` + backward | `jax.jit(value_and_grad)` "
@@ -286,8 +288,10 @@ def main(argv=None):
         return
     from _machine import describe
 
-    res = {"label": args.label, "machine": describe(), "jax_path": jax_path(),
-           "command": "python bench/bench_jax_native.py --label " + args.label}
+    omp = os.environ.get("OMP_NUM_THREADS")
+    res = {"label": args.label, "machine": describe(), "jax_path": jax_path(), "omp_threads": omp,
+           "command": ("" if omp is None else f"OMP_NUM_THREADS={omp} ")
+           + "python bench/bench_jax_native.py --label " + args.label}
     res["calls"] = time_calls()
     res["sharding"] = run_sharding()
     out = os.path.join(HERE, "results", f"jax_native_{args.label}")
