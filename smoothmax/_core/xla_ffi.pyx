@@ -43,6 +43,7 @@ from libc.stdint cimport int32_t, int64_t, uint32_t
 
 import numpy as np
 
+from .._buffers import empty as _scratch
 from . import dag as _dag
 from . import dtw as _dtw
 from . import viterbi as _viterbi
@@ -288,7 +289,7 @@ def _execute(int which, list args, list rets, dict attrs, xp=np, engine=None):
     if engine is None and op in _PICKS:
         # the compiled core writes into XLA's buffers; an HVP's value and E are scratch
         if op == "hvp":
-            out = (np.empty(flat.shape[0], flat.dtype), np.empty(flat.shape, flat.dtype), outs[0])
+            out = (np.empty(flat.shape[0], flat.dtype), _scratch(flat.shape, flat.dtype), outs[0])
         else:
             out = (outs[0], outs[1] if op == "grad" else None, None)
         fn(*head, *fixed, *tail, out=out)
