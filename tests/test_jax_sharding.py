@@ -268,3 +268,14 @@ def test_jax_gpu_arrays_run_the_cuda_kernels_in_place(struct, rng):
         assert next(iter(E.devices())).platform == "gpu"
         np.testing.assert_allclose(np.asarray(v), v_np, rtol=1e-10)
         np.testing.assert_allclose(np.asarray(E), E_np, atol=1e-10)
+
+
+@needs_ffi
+def test_jax_export_with_the_custom_call_check_disabled():
+    theta = np.random.default_rng(3).random((2, 4, 3))
+    f = jax.jit(jax.grad(lambda t: sm.dtw(t, gamma=0.5).sum()))
+    check = jax.export.DisabledSafetyCheck.custom_call("smoothmax_dtw")
+    exported = jax.export.export(f, disabled_checks=[check])(jnp.asarray(theta))
+    assert "smoothmax_dtw" in exported.mlir_module()
+    np.testing.assert_allclose(exported.call(jnp.asarray(theta)), sm.dtw_grad(theta, gamma=0.5)[1],
+                               rtol=1e-12, atol=1e-12)
