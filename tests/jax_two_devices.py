@@ -19,8 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import smoothmax as sm
 import smoothmax.jax as smj
 from smoothmax import losses
-from smoothmax._core import dtw as core_dtw
-from smoothmax._core import viterbi as core_viterbi
+from smoothmax._dispatch import compiled_available
 
 CALLS = []
 
@@ -35,10 +34,14 @@ def _spy(module, name):
     setattr(module, name, wrapper)
 
 
-for _mod, _struct in ((core_dtw, "dtw"), (core_viterbi, "viterbi")):
-    for _op in ("value", "grad", "hvp"):
-        _spy(_mod, f"{_struct}_{_op}")
-_spy(core_viterbi, "viterbi_decode")
+if compiled_available():  # the engine calls are counted on the compiled core's entry points
+    from smoothmax._core import dtw as core_dtw
+    from smoothmax._core import viterbi as core_viterbi
+
+    for _mod, _struct in ((core_dtw, "dtw"), (core_viterbi, "viterbi")):
+        for _op in ("value", "grad", "hvp"):
+            _spy(_mod, f"{_struct}_{_op}")
+    _spy(core_viterbi, "viterbi_decode")
 
 
 def close(a, b, tol=2e-5):
@@ -50,7 +53,8 @@ def main():
     batch = NamedSharding(mesh, P("b"))
     replicated = NamedSharding(mesh, P())
     rng = np.random.default_rng(0)
-    out = {"devices": len(jax.devices()), "path": smj.cpu_path(), "x64": jax.config.jax_enable_x64}
+    out = {"devices": len(jax.devices()), "path": smj.cpu_path(), "x64": jax.config.jax_enable_x64,
+           "compiled": compiled_available()}
 
     # 1. jit over a batch-sharded theta (B = 6: 3 per device), per-item lengths
     la, lb = np.array([7, 6, 5, 7, 3, 4]), np.array([5, 5, 4, 3, 5, 2])

@@ -94,7 +94,9 @@ def test_jit_over_batch_sharded_theta_through_the_callback_gathers(any_path):
         r = any_path[f"jit_{struct}"]
         assert r["value_ok"] and r["values_ok"] and r["grad_ok"] and r["hvp_ok"]
         if any_path["path"] == "pure_callback":
-            assert r["all_gather"] and r["grad_calls"] == [[f"{struct}_grad", 6]]
+            assert r["all_gather"]
+            if any_path["compiled"]:
+                assert r["grad_calls"] == [[f"{struct}_grad", 6]]
     assert any_path["jit_decode"]["ok"]
 
 
@@ -122,7 +124,8 @@ def test_jit_decode_over_batch_sharded_theta(two_devices):
 def test_grad_inside_shard_map(any_path, order):
     r = any_path[f"shard_map_{order}"]
     assert r["ok"]
-    assert {b for _, b in r["calls"]} == {3}
+    if any_path["compiled"]:
+        assert {b for _, b in r["calls"]} == {3}
 
 
 @pytest.mark.parametrize("model", ["soft_dtw", "crf"])
@@ -134,7 +137,8 @@ def test_data_parallel_training_matches_one_device(any_path, model):
     assert r["losses"][-1] < r["losses"][0]  # it trains
     if any_path["path"] == "ffi":
         assert {b for _, b in r["calls_sharded"]} == {4} and len(r["calls_sharded"]) == 2
-    assert {b for _, b in r["calls_single"]} == {8}
+    if any_path["compiled"]:
+        assert {b for _, b in r["calls_single"]} == {8}
 
 
 # ---------------------------------------------------------------------------
