@@ -262,6 +262,8 @@ def _manual_axes():
 
 
 def _ffi_call(problem, op, out_specs, theta, Z=None):
+    """The FFI engine call of ``op`` on flat ``theta`` (and ``Z``): inside ``shard_map``
+    per shard, an eager one-device call alone, otherwise partitioned over the batch."""
     items, shared, attrs = _engine_operands(problem)
     floats = [theta] + ([Z] if Z is not None else [])
     out_specs = tuple((tuple(s), np.dtype(d)) for s, d in out_specs)
