@@ -87,7 +87,7 @@ def _xla_ffi_include():
 def _extensions():
     from Cython.Build import cythonize
 
-    names = ["dtw", "viterbi", "dag"]
+    names = ["dtw", "viterbi", "dag", "crf"]
     exts = [
         Extension(
             f"smoothmax._core.{name}",

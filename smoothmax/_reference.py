@@ -264,6 +264,102 @@ def viterbi_decode(theta, lengths):
     return value, tags
 
 
+# ---------------------------------------------------------------------------
+# Factorised Viterbi (CRF): emissions (B, T, S), transitions (S, S) [from, to],
+# start, end (S,). Same recursion as smoothmax/_core/crf.pyx (docs/crf.md):
+# V_0 = start + emissions[0], V_t(i) = emissions[t, i] + max_Ω_j(transitions[j, i] + V_{t-1}(j)),
+# value = max_Ω_i(V_{L-1}(i) + end[i]). Only V (and Vdot) are kept; the reverse
+# pass recomputes each step's weights, so no (B, T, S, S) array is formed.
+
+
+def _crf_step(xp, At, V, reg, gamma):
+    """``max_Ω_j(At[i, j] + V[b, j])`` and its weights ``q (B, S, S)`` for one step."""
+    return max_value_grad(xp, At[None, :, :] + V[:, None, :], reg, gamma)
+
+
+def _crf_passes(emissions, transitions, start, end, lengths, weights, reg, gamma, Z=None,
+                value_only=False):
+    xp = _namespace(emissions)
+    B, T, S = emissions.shape
+    dt = emissions.dtype
+    dev = _device(emissions)
+    reg = REGS[reg]
+    L = xp.asarray(to_host(lengths).astype(np.int64), device=dev)
+    At = xp.permute_dims(xp.asarray(transitions, dtype=dt, device=dev), (1, 0))
+    start = xp.asarray(start, dtype=dt, device=dev)
+    end = xp.asarray(end, dtype=dt, device=dev)
+    hvp = Z is not None
+    if hvp:
+        Ze, ZA, Zs, Zen = (xp.asarray(z, dtype=dt, device=dev) for z in Z)
+        ZAt = xp.permute_dims(ZA, (1, 0))
+    V = start[None, :] + emissions[:, 0, :]
+    Vd = (Zs[None, :] + Ze[:, 0, :]) if hvp else None
+    hist, hist_d = [V], [Vd]
+    for t in range(1, T):
+        active = (L > t)[:, None]
+        val, q = _crf_step(xp, At, V, reg, gamma)
+        if hvp:
+            u = xp.where(q > 0, ZAt[None, :, :] + Vd[:, None, :], xp.zeros_like(q))
+            Vd = xp.where(active, Ze[:, t, :] + xp.sum(q * u, axis=-1), Vd)
+        V = xp.where(active, emissions[:, t, :] + val, V)
+        hist.append(V)
+        hist_d.append(Vd)
+    value, eb = max_value_grad(xp, V + end[None, :], reg, gamma)
+    if value_only:
+        return value
+    w = xp.ones((B,), dtype=dt, device=dev) if weights is None else xp.asarray(
+        to_host(weights), dtype=dt, device=dev)
+    wcol = w[:, None]
+    vdot = ebd = None
+    if hvp:
+        u = xp.where(eb > 0, Vd + Zen[None, :], xp.zeros_like(Vd))
+        vdot = xp.sum(eb * u, axis=-1)
+        ebd = hessian_product(xp, eb, u, reg, gamma)
+    g_end = xp.sum(wcol * (ebd if hvp else eb), axis=0)
+    gAt = xp.zeros((S, S), dtype=dt, device=dev)
+    ge = [None] * T
+    zero = xp.zeros((B, S), dtype=dt, device=dev)
+    for t in range(T - 1, 0, -1):
+        active = (L > t)[:, None]
+        ge[t] = xp.where(active, ebd if hvp else eb, zero)
+        _, q = _crf_step(xp, At, hist[t - 1], reg, gamma)
+        e = eb[:, :, None] * q
+        if hvp:
+            u = xp.where(q > 0, ZAt[None, :, :] + hist_d[t - 1][:, None, :], xp.zeros_like(q))
+            ed = ebd[:, :, None] * q + eb[:, :, None] * hessian_product(xp, q, u, reg, gamma)
+            gAt = gAt + xp.sum(xp.where(active[..., None], wcol[..., None] * ed, xp.zeros_like(ed)), axis=0)
+            ebd = xp.where(active, xp.sum(ed, axis=1), ebd)
+        else:
+            gAt = gAt + xp.sum(xp.where(active[..., None], wcol[..., None] * e, xp.zeros_like(e)), axis=0)
+        eb = xp.where(active, xp.sum(e, axis=1), eb)
+    ge[0] = ebd if hvp else eb
+    g_start = xp.sum(wcol * ge[0], axis=0)
+    out = (xp.stack(ge, axis=1), xp.permute_dims(gAt, (1, 0)), g_start, g_end)
+    return (vdot if hvp else value,) + out
+
+
+def crf_value(emissions, transitions, start, end, lengths, reg, gamma):
+    return _crf_passes(emissions, transitions, start, end, lengths, None, reg, gamma,
+                       value_only=True)
+
+
+def crf_grad(emissions, transitions, start, end, lengths, weights, reg, gamma):
+    return _crf_passes(emissions, transitions, start, end, lengths, weights, reg, gamma)
+
+
+def crf_hvp(emissions, transitions, start, end, Ze, ZA, Zs, Zen, lengths, weights, reg, gamma):
+    return _crf_passes(emissions, transitions, start, end, lengths, weights, reg, gamma,
+                       Z=(Ze, ZA, Zs, Zen))
+
+
+def crf_decode(emissions, transitions, start, end, lengths):
+    xp = _namespace(emissions)
+    value, ge = crf_grad(emissions, transitions, start, end, lengths, None, 2, 1.0)[:2]
+    tags = xp.astype(xp.argmax(ge, axis=-1), xp.int64)  # one-hot rows where t < length
+    has = xp.sum(ge, axis=-1) > 0
+    return value, xp.where(has, tags, xp.full_like(tags, -1))
+
+
 def _namespace(x):
     import array_api_compat as aac
 

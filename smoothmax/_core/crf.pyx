@@ -1,0 +1,393 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Compiled factorised Vit_Ω engine: a linear-chain CRF that never forms (B, T, S, S).
+
+The problem (docs/crf.md): ``emissions (B, T, S)``, ``transitions (S, S)``
+with ``transitions[j, i]`` the score of the move j -> i (pytorch-crf's
+``[from, to]``), ``start (S)``, ``end (S)``, ``lengths (B,)``::
+
+    V_0(i) = start[i] + emissions[0, i]
+    V_t(i) = emissions[t, i] + max_Ω_j (transitions[j, i] + V_{t-1}(j))
+    value  = max_Ω_i (V_{L-1}(i) + end[i])
+
+(``max_Ω(x + c) = max_Ω(x) + c`` takes the emission out of the max.) This is
+Vit_Ω of SPEC §3 on ``theta[t, i, j] = emissions[t, i] + transitions[j, i]``
+with the start and end scores added at the first and last step, except that
+the first step has no operator: with ``"l2"`` the full-potential form with a
+fixed start state adds ``-γ/2``, a constant.
+
+Design: one kernel per batch item in a ``prange``. The forward pass keeps
+V_t (and Vdot_t for the HVP) for every step, ``T·S`` doubles a thread; the
+reverse pass recomputes each step's local gradient ``q_t(i, :)`` from
+``V_{t-1}`` instead of storing it, so memory beyond the outputs is
+``O(T·S + S²)`` a thread, never ``O(T·S²)``. Gradients with respect to the
+shared parameters (transitions, start, end) are summed over time and over
+the batch with per-item weights ``w`` (the upstream gradient), in one
+partial sum a thread, added up at the end. The operators are those of
+``operators.pxd`` (all three); for negentropy the value and the gradient use
+the vectorised row kernels of ``simd.h`` (``sm_vit_fwd``/``sm_vit_bwd``, the
+same as the full-potential engine, here on the one matrix ``transitions.T``).
+Arithmetic is in double; emissions and their gradients use the caller's dtype.
+"""
+from cython.parallel cimport prange, parallel, threadid
+from libc.stdlib cimport malloc, free
+from libc.math cimport INFINITY
+
+import numpy as np
+
+from cython cimport floating
+
+from .operators cimport max_omega, max_omega_hvp, sm_init_isa, REG_NEGENTROPY
+
+
+cdef extern from "simd.h" nogil:
+    int sm_max_threads()
+    void sm_vit_fwd_d(Py_ssize_t S, const double* th, const double* z, const double* V,
+                      const double* Vd, double* Vn, double* Vdn, double* E, double* Ed,
+                      double* inv, double* x, double gamma, double* bad)
+    void sm_vit_bwd_d(Py_ssize_t S, const double* eb, const double* ebd, const double* inv,
+                      double* nb, double* nbd, double* E, double* Ed, const double* z,
+                      const double* Vdp, const double* Vdt, double gamma)
+
+
+sm_init_isa()
+
+
+cdef enum:
+    MODE_VALUE = 0
+    MODE_GRAD = 1
+    MODE_HVP = 2
+
+
+cdef inline Py_ssize_t _work_len(Py_ssize_t T, Py_ssize_t S) noexcept nogil:
+    """Doubles of per-thread workspace: V and Vdot histories (2 T S), the S x S
+    scratch of the negentropy reverse step, 16 rows of S."""
+    return 2 * T * S + S * S + 16 * S + 1
+
+
+cdef inline void _row(const double* At, const double* V, Py_ssize_t i, Py_ssize_t S,
+                      double* x) noexcept nogil:
+    """x[j] = transitions[j, i] + V[j] (At is transitions.T)."""
+    cdef Py_ssize_t j
+    for j in range(S):
+        x[j] = At[i * S + j] + V[j]
+
+
+cdef double _crf_one(const floating* em, const floating* Ze,
+                     const double* At, const double* ZAt,
+                     const double* st, const double* en,
+                     const double* Zs, const double* Zen,
+                     Py_ssize_t L, Py_ssize_t S, int reg, double gamma, int mode, double w,
+                     floating* ge, double* gAt, double* gs, double* gen,
+                     double* vdot, double* work) noexcept nogil:
+    """Value of one item; in MODE_GRAD its gradient, in MODE_HVP its HVP.
+
+    ``ge`` (L, S) gets the per-item emission part (unweighted); ``gAt``, ``gs``,
+    ``gen`` accumulate ``w`` times the shared parts. In MODE_HVP the outputs
+    are the HVP (the Hessian times the direction ``Ze, ZAt, Zs, Zen``) and
+    ``vdot[0]`` the directional derivative of the value.
+    """
+    cdef double* Vh = work                 # V_0 .. V_{L-1}, T·S
+    cdef double* Vdh = work + L * S        # Vdot_0 .. Vdot_{L-1} (HVP), T·S
+    cdef double* Esc = Vdh + L * S         # S x S scratch
+    cdef double* x = Esc + S * S           # 4 S (sm_vit_fwd scratch)
+    cdef double* q = x + 4 * S
+    cdef double* u = q + S
+    cdef double* qd = u + S
+    cdef double* eb = qd + S
+    cdef double* ebd = eb + S
+    cdef double* nb = ebd + S
+    cdef double* nbd = nb + S
+    cdef double* inv = nbd + S
+    cdef double* Vt = inv + S
+    cdef double* tmp
+    cdef double value, acc, e, ed, bad = 0.0
+    cdef Py_ssize_t t, i, j, k
+    cdef double* V
+    cdef double* Vn
+    cdef double* Vd
+    cdef double* Vdn
+    cdef bint fast = reg == REG_NEGENTROPY and mode != MODE_HVP
+
+    for i in range(S):
+        Vh[i] = st[i] + em[i]
+        if mode == MODE_HVP:
+            Vdh[i] = Zs[i] + Ze[i]
+    # forward
+    for t in range(1, L):
+        V = Vh + (t - 1) * S
+        Vn = Vh + t * S
+        if fast:
+            sm_vit_fwd_d(S, At, NULL, V, NULL, Vn, NULL, NULL, NULL, NULL, x, gamma, &bad)
+            for i in range(S):
+                Vn[i] = Vn[i] + em[t * S + i]
+            continue
+        Vd = Vdh + (t - 1) * S
+        Vdn = Vdh + t * S
+        for i in range(S):
+            _row(At, V, i, S, x)
+            Vn[i] = em[t * S + i] + max_omega(x, q, S, reg, gamma)
+            if mode == MODE_HVP:
+                acc = Ze[t * S + i]
+                for j in range(S):
+                    if q[j] != 0.0:
+                        acc = acc + q[j] * (ZAt[i * S + j] + Vd[j])
+                Vdn[i] = acc
+    # the end scores
+    V = Vh + (L - 1) * S
+    for i in range(S):
+        x[i] = V[i] + en[i]
+    value = max_omega(x, eb, S, reg, gamma)
+    if mode == MODE_VALUE:
+        return value
+    if mode == MODE_HVP:
+        Vd = Vdh + (L - 1) * S
+        for i in range(S):
+            u[i] = Vd[i] + Zen[i] if eb[i] != 0.0 else 0.0
+        acc = 0.0
+        for i in range(S):
+            if eb[i] != 0.0:
+                acc = acc + eb[i] * u[i]
+        vdot[0] = acc
+        max_omega_hvp(eb, u, ebd, S, reg, gamma)
+        for i in range(S):
+            gen[i] = gen[i] + w * ebd[i]
+            ge[(L - 1) * S + i] = <floating> ebd[i]
+    else:
+        for i in range(S):
+            gen[i] = gen[i] + w * eb[i]
+            ge[(L - 1) * S + i] = <floating> eb[i]
+    # reverse: e_t(i, j) = ebar_t(i) q_t(i, j), ebar_{t-1}(j) = Σ_i e_t(i, j)
+    for t in range(L - 1, 0, -1):
+        V = Vh + (t - 1) * S
+        if fast:  # recompute the unnormalised weights, then scale rows and sum columns
+            sm_vit_fwd_d(S, At, NULL, V, NULL, Vt, NULL, Esc, NULL, inv, x, gamma, &bad)
+            sm_vit_bwd_d(S, eb, NULL, inv, nb, NULL, Esc, NULL, NULL, NULL, NULL, gamma)
+            for k in range(S * S):
+                gAt[k] = gAt[k] + w * Esc[k]
+        else:
+            Vd = Vdh + (t - 1) * S
+            for j in range(S):
+                nb[j] = 0.0
+                nbd[j] = 0.0
+            for i in range(S):
+                _row(At, V, i, S, x)
+                max_omega(x, q, S, reg, gamma)
+                if mode == MODE_HVP:
+                    for j in range(S):
+                        u[j] = ZAt[i * S + j] + Vd[j] if q[j] != 0.0 else 0.0
+                    max_omega_hvp(q, u, qd, S, reg, gamma)
+                    for j in range(S):
+                        ed = ebd[i] * q[j] + eb[i] * qd[j]
+                        gAt[i * S + j] = gAt[i * S + j] + w * ed
+                        nbd[j] = nbd[j] + ed
+                        nb[j] = nb[j] + eb[i] * q[j]
+                else:
+                    for j in range(S):
+                        e = eb[i] * q[j]
+                        gAt[i * S + j] = gAt[i * S + j] + w * e
+                        nb[j] = nb[j] + e
+        tmp = eb; eb = nb; nb = tmp
+        tmp = ebd; ebd = nbd; nbd = tmp
+        if mode == MODE_HVP:
+            for j in range(S):
+                ge[(t - 1) * S + j] = <floating> ebd[j]
+        else:
+            for j in range(S):
+                ge[(t - 1) * S + j] = <floating> eb[j]
+    for i in range(S):
+        gs[i] = gs[i] + w * (ebd[i] if mode == MODE_HVP else eb[i])
+    return value
+
+
+cdef void _crf_batch(const floating[:, :, ::1] em, const floating[:, :, ::1] Ze,
+                     const double[:, ::1] At, const double[:, ::1] ZAt,
+                     const double[::1] st, const double[::1] en,
+                     const double[::1] Zs, const double[::1] Zen,
+                     const long long[::1] lengths, const double[::1] weights,
+                     floating[::1] value, floating[::1] vdot, floating[:, :, ::1] ge,
+                     double[:, ::1] part, int nthreads,
+                     int reg, double gamma, int mode, signed char[::1] failed) noexcept:
+    """Every item of the batch; ``part[thread]`` holds that thread's sums
+    ``(gAt (S²), gs (S), gen (S))``."""
+    cdef Py_ssize_t B = em.shape[0], T = em.shape[1], S = em.shape[2]
+    cdef Py_ssize_t b, k, L, tid
+    cdef double* work
+    cdef double* pp
+    cdef double vd
+    cdef const floating* zep
+    cdef floating* gep
+    cdef const double* zat
+    work = NULL
+    with nogil, parallel(num_threads=nthreads):
+        work = <double*> malloc(_work_len(T, S) * sizeof(double))
+        for b in prange(B, schedule="dynamic"):
+            if work == NULL:
+                failed[b] = 1
+                continue
+            tid = threadid()
+            pp = &part[tid, 0]
+            L = lengths[b]
+            zep = &Ze[b, 0, 0] if mode == MODE_HVP else NULL
+            zat = &ZAt[0, 0] if mode == MODE_HVP else NULL
+            gep = &ge[b, 0, 0] if mode != MODE_VALUE else NULL
+            vd = 0.0
+            value[b] = <floating> _crf_one(
+                &em[b, 0, 0], zep, &At[0, 0], zat, &st[0], &en[0],
+                &Zs[0] if mode == MODE_HVP else NULL, &Zen[0] if mode == MODE_HVP else NULL,
+                L, S, reg, gamma, mode, weights[b] if mode != MODE_VALUE else 0.0,
+                gep, pp, pp + S * S, pp + S * S + S, &vd, work)
+            if mode == MODE_HVP:
+                vdot[b] = <floating> vd
+            if gep != NULL:
+                for k in range(L * S, T * S):
+                    gep[k] = 0
+        free(work)
+
+
+def _threads(B, T, S):
+    return 1 if B * T * S * S < (1 << 15) else max(1, int(sm_max_threads()))
+
+
+def _double(a, shape):
+    return np.ascontiguousarray(np.asarray(a, dtype=np.float64).reshape(shape))
+
+
+def _run(emissions, transitions, start, end, lengths, weights, int reg, double gamma, int mode,
+         Z=None):
+    """Shared driver; arrays are C-contiguous NumPy (emissions float32/float64)."""
+    B, T, S = emissions.shape
+    dt = emissions.dtype
+    At = _double(transitions, (S, S)).T.copy()
+    st, en = _double(start, (S,)), _double(end, (S,))
+    value = np.empty(B, dtype=dt)
+    vdot = np.zeros(B if mode == MODE_HVP else 0, dtype=dt)
+    ge = np.empty((B, T, S) if mode != MODE_VALUE else (0, 1, 1), dtype=dt)
+    nthreads = _threads(B, T, S)
+    part = np.zeros((nthreads, S * S + 2 * S), dtype=np.float64)
+    if mode == MODE_HVP:
+        Ze, ZA, Zs, Zen = Z
+        Ze = np.ascontiguousarray(Ze, dtype=dt)
+        ZAt = _double(ZA, (S, S)).T.copy()
+        Zs, Zen = _double(Zs, (S,)), _double(Zen, (S,))
+    else:
+        Ze = np.empty((0, 1, 1), dtype=dt)
+        ZAt = np.empty((0, 1), dtype=np.float64)
+        Zs = Zen = np.empty(0, dtype=np.float64)
+    w = np.ones(B) if weights is None else _double(weights, (B,))
+    failed = np.zeros(B, dtype=np.int8)
+    if B > 0 and S > 0:
+        if dt == np.float64:
+            _crf_batch[double](emissions, Ze, At, ZAt, st, en, Zs, Zen, lengths, w, value, vdot,
+                               ge, part, nthreads, reg, gamma, mode, failed)
+        else:
+            _crf_batch[float](emissions, Ze, At, ZAt, st, en, Zs, Zen, lengths, w, value, vdot,
+                              ge, part, nthreads, reg, gamma, mode, failed)
+    if (failed == 1).any():
+        raise MemoryError("smoothmax._core.crf: could not allocate the workspace")
+    tot = part.sum(0)
+    gA = tot[:S * S].reshape(S, S).T.astype(dt)  # back from transitions.T
+    return value, vdot, ge, gA, tot[S * S:S * S + S].astype(dt), tot[S * S + S:].astype(dt)
+
+
+def crf_value(emissions, transitions, start, end, lengths, int reg, double gamma):
+    """Log-partition (negentropy, γ = 1) per item: ``value (B,)``.
+
+    emissions ``(B, T, S)``, transitions ``(S, S)`` ([from, to]), start, end
+    ``(S,)``, lengths ``(B,)`` int64 in ``1..T``.
+    """
+    return _run(emissions, transitions, start, end, lengths, None, reg, gamma, MODE_VALUE)[0]
+
+
+def crf_grad(emissions, transitions, start, end, lengths, weights, int reg, double gamma):
+    """``(value (B,), g_emissions (B, T, S), g_transitions (S, S), g_start (S,), g_end (S,))``.
+
+    ``g_emissions[b]`` is ∇ of item b's value (zero past its length); the
+    shared gradients are ``Σ_b weights[b]·∇value_b`` (weights None: all 1).
+    """
+    value, _, ge, gA, gs, gen = _run(emissions, transitions, start, end, lengths, weights,
+                                     reg, gamma, MODE_GRAD)
+    return value, ge, gA, gs, gen
+
+
+def crf_hvp(emissions, transitions, start, end, Ze, ZA, Zs, Zen, lengths, weights,
+            int reg, double gamma):
+    """``(vdot (B,), h_emissions (B, T, S), h_transitions, h_start, h_end)``.
+
+    ``h = ∇²value_b·Z_b`` with ``Z_b = (Ze[b], ZA, Zs, Zen)``: per item for the
+    emissions, ``Σ_b weights[b]·(...)`` for the shared parts; ``vdot[b] =
+    <∇value_b, Z_b>``.
+    """
+    _, vdot, he, hA, hs, hen = _run(emissions, transitions, start, end, lengths, weights,
+                                    reg, gamma, MODE_HVP, (Ze, ZA, Zs, Zen))
+    return vdot, he, hA, hs, hen
+
+
+cdef void _decode_batch(const floating[:, :, ::1] em, const double[:, ::1] At,
+                        const double[::1] st, const double[::1] en,
+                        const long long[::1] lengths,
+                        floating[::1] score, long long[:, ::1] tags,
+                        int[:, :, ::1] bp, int nthreads) noexcept:
+    """Hard Viterbi with back-pointers; first argmax on ties; -1 tags if infeasible."""
+    cdef Py_ssize_t B = em.shape[0], T = em.shape[1], S = em.shape[2]
+    cdef Py_ssize_t b, t, i, j, L, best
+    cdef double* buf
+    cdef double* V
+    cdef double* Vn
+    cdef double* tmp
+    cdef double m, x
+    buf = NULL
+    with nogil, parallel(num_threads=nthreads):
+        buf = <double*> malloc(2 * S * sizeof(double) + 1)
+        for b in prange(B, schedule="dynamic"):
+            if buf == NULL:
+                tags[b, 0] = -2
+                continue
+            L = lengths[b]
+            V = buf
+            Vn = buf + S
+            for i in range(S):
+                V[i] = st[i] + em[b, 0, i]
+            for t in range(1, L):
+                for i in range(S):
+                    best = 0
+                    m = At[i, 0] + V[0]
+                    for j in range(1, S):
+                        x = At[i, j] + V[j]
+                        if x > m:
+                            m = x
+                            best = j
+                    Vn[i] = m + em[b, t, i]
+                    bp[b, t, i] = <int> best
+                tmp = V; V = Vn; Vn = tmp
+            best = 0
+            for i in range(S):
+                V[i] = V[i] + en[i]
+            for i in range(1, S):
+                if V[i] > V[best]:
+                    best = i
+            score[b] = <floating> V[best]
+            if V[best] == -INFINITY:
+                continue
+            for t in range(L - 1, 0, -1):
+                tags[b, t] = best
+                best = bp[b, t, best]
+            tags[b, 0] = best
+        free(buf)
+
+
+def crf_decode(emissions, transitions, start, end, lengths):
+    """``(score (B,), tags (B, T) int64)``: the best tag sequence, -1 past a length."""
+    B, T, S = emissions.shape
+    At = _double(transitions, (S, S)).T.copy()
+    st, en = _double(start, (S,)), _double(end, (S,))
+    score = np.empty(B, dtype=emissions.dtype)
+    tags = np.full((B, T), -1, dtype=np.int64)
+    bp = np.empty((B, T, S), dtype=np.intc)
+    if B > 0 and S > 0:
+        if emissions.dtype == np.float64:
+            _decode_batch[double](emissions, At, st, en, lengths, score, tags, bp, _threads(B, T, S))
+        else:
+            _decode_batch[float](emissions, At, st, en, lengths, score, tags, bp, _threads(B, T, S))
+        if (tags[:, 0] == -2).any():
+            raise MemoryError("smoothmax._core.crf: could not allocate the workspace")
+    return score, tags
