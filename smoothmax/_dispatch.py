@@ -128,3 +128,24 @@ def run(problem, op, theta, Z=None):
     if not isinstance(out, tuple):
         out = (out,)
     return tuple(eng.from_engine(y, problem.xp, theta) for y in out)
+
+
+def run_crf(xp, backend, device, op, arrays, lengths, extra=()):
+    """Run ``crf_{op}`` (the factorised Viterbi of ``smoothmax.crf``) on the engine of
+    ``(backend, device)``.
+
+    ``arrays`` are the caller's arrays (emissions, transitions, start, end and,
+    for the HVP, the four parts of the direction); ``lengths`` a host int64
+    array; ``extra`` the trailing engine arguments (weights, reg code, gamma).
+    Engines without a CRF kernel (the GPU engine) run the reference passes.
+    """
+    eng = engine_for(backend, device)
+    fn = getattr(eng.module, f"crf_{op}", None)
+    if fn is None:
+        from . import _reference
+
+        fn = getattr(_reference, f"crf_{op}")
+    out = fn(*[eng.to_engine(a) for a in arrays], lengths, *extra)
+    if not isinstance(out, tuple):
+        out = (out,)
+    return tuple(eng.from_engine(y, xp, arrays[0]) for y in out)

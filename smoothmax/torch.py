@@ -295,3 +295,8 @@ class Viterbi(nn.Module):
         from .viterbi import viterbi_decode
 
         return viterbi_decode(theta, lengths=lengths)
+
+
+from ._torch_crf import CRF  # noqa: E402  (the factorised CRF layer; docs/crf.md)
+
+__all__ += ["CRF"]
