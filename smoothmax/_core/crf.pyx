@@ -22,15 +22,18 @@ reverse pass recomputes each step's local gradient ``q_t(i, :)`` from
 ``O(T·S + S²)`` a thread, never ``O(T·S²)``. Gradients with respect to the
 shared parameters (transitions, start, end) are summed over time and over
 the batch with per-item weights ``w`` (the upstream gradient), in one
-partial sum a thread, added up at the end. The operators are those of
-``operators.pxd`` (all three); for negentropy the value and the gradient use
-the vectorised row kernels of ``simd.h`` (``sm_vit_fwd``/``sm_vit_bwd``, the
-same as the full-potential engine, here on the one matrix ``transitions.T``).
+partial sum a thread, added up at the end. Every operator runs through
+``operators.pxd`` (``max_omega``/``max_omega_hvp`` on the row
+``x_j = transitions[j, i] + V_{t-1}(j)``). For the negentropy value and
+gradient, ``crf_simd.h`` factorises the step through ``K = exp((A − c)/γ)``
+(S exps and one S x S multiply-add a step instead of S² exps); a row whose
+factorised sum could have lost a term to underflow is recomputed in the log
+domain by ``max_omega``, so results do not depend on the scale of the scores.
 Arithmetic is in double; emissions and their gradients use the caller's dtype.
 """
 from cython.parallel cimport prange, parallel, threadid
 from libc.stdlib cimport malloc, free
-from libc.math cimport INFINITY
+from libc.math cimport INFINITY, log
 
 import numpy as np
 
@@ -41,12 +44,14 @@ from .operators cimport max_omega, max_omega_hvp, sm_init_isa, REG_NEGENTROPY
 
 cdef extern from "simd.h" nogil:
     int sm_max_threads()
-    void sm_vit_fwd_d(Py_ssize_t S, const double* th, const double* z, const double* V,
-                      const double* Vd, double* Vn, double* Vdn, double* E, double* Ed,
-                      double* inv, double* x, double gamma, double* bad)
-    void sm_vit_bwd_d(Py_ssize_t S, const double* eb, const double* ebd, const double* inv,
-                      double* nb, double* nbd, double* E, double* Ed, const double* z,
-                      const double* Vdp, const double* Vdt, double gamma)
+
+
+cdef extern from "crf_simd.h" nogil:
+    double SM_CRF_TINY
+    double sm_crf_fwd(Py_ssize_t S, const double* K, const double* a, double* p, double* s,
+                      double* y, double gamma)
+    void sm_crf_bwd(Py_ssize_t S, const double* K, const double* p, const double* r,
+                    double* nb, double* G, double w)
 
 
 sm_init_isa()
@@ -59,9 +64,9 @@ cdef enum:
 
 
 cdef inline Py_ssize_t _work_len(Py_ssize_t T, Py_ssize_t S) noexcept nogil:
-    """Doubles of per-thread workspace: V and Vdot histories (2 T S), the S x S
-    scratch of the negentropy reverse step, 16 rows of S."""
-    return 2 * T * S + S * S + 16 * S + 1
+    """Doubles of per-thread workspace: the V history, the Vdot (HVP) or p
+    (negentropy) history and the 1/s history (3 T S), 16 rows of S."""
+    return 3 * T * S + 16 * S + 1
 
 
 cdef inline void _row(const double* At, const double* V, Py_ssize_t i, Py_ssize_t S,
@@ -73,23 +78,26 @@ cdef inline void _row(const double* At, const double* V, Py_ssize_t i, Py_ssize_
 
 
 cdef double _crf_one(const floating* em, const floating* Ze,
-                     const double* At, const double* ZAt,
+                     const double* At, const double* ZAt, const double* K, const double* c,
                      const double* st, const double* en,
                      const double* Zs, const double* Zen,
                      Py_ssize_t L, Py_ssize_t S, int reg, double gamma, int mode, double w,
-                     floating* ge, double* gAt, double* gs, double* gen,
+                     floating* ge, double* G, double* D, double* gs, double* gen,
                      double* vdot, double* work) noexcept nogil:
     """Value of one item; in MODE_GRAD its gradient, in MODE_HVP its HVP.
 
-    ``ge`` (L, S) gets the per-item emission part (unweighted); ``gAt``, ``gs``,
-    ``gen`` accumulate ``w`` times the shared parts. In MODE_HVP the outputs
-    are the HVP (the Hessian times the direction ``Ze, ZAt, Zs, Zen``) and
-    ``vdot[0]`` the directional derivative of the value.
+    ``ge`` (L, S) gets the per-item emission part (unweighted); ``D`` (the
+    transitions.T layout), ``gs``, ``gen`` accumulate ``w`` times the shared
+    parts; the negentropy fast path accumulates ``G`` instead of ``D`` (the
+    caller forms ``K ⊙ G``). In MODE_HVP the outputs are the HVP (the Hessian
+    times the direction ``Ze, ZAt, Zs, Zen``) and ``vdot[0]`` the directional
+    derivative of the value.
     """
-    cdef double* Vh = work                 # V_0 .. V_{L-1}, T·S
-    cdef double* Vdh = work + L * S        # Vdot_0 .. Vdot_{L-1} (HVP), T·S
-    cdef double* Esc = Vdh + L * S         # S x S scratch
-    cdef double* x = Esc + S * S           # 4 S (sm_vit_fwd scratch)
+    cdef double* Vh = work                 # V_0 .. V_{L-1}
+    cdef double* Vdh = work + L * S        # Vdot history (HVP)
+    cdef double* P = Vdh                   # or p history (negentropy fast path)
+    cdef double* Sinv = Vdh + L * S        # 1/s_t(i), 0 where the row is recomputed
+    cdef double* x = Sinv + L * S          # 4 S of scratch
     cdef double* q = x + 4 * S
     cdef double* u = q + S
     cdef double* qd = u + S
@@ -97,11 +105,11 @@ cdef double _crf_one(const floating* em, const floating* Ze,
     cdef double* ebd = eb + S
     cdef double* nb = ebd + S
     cdef double* nbd = nb + S
-    cdef double* inv = nbd + S
-    cdef double* Vt = inv + S
+    cdef double* ssum = nbd + S
+    cdef double* r = ssum + S
     cdef double* tmp
-    cdef double value, acc, e, ed, bad = 0.0
-    cdef Py_ssize_t t, i, j, k
+    cdef double value, acc, e, ed, m
+    cdef Py_ssize_t t, i, j
     cdef double* V
     cdef double* Vn
     cdef double* Vd
@@ -117,9 +125,15 @@ cdef double _crf_one(const floating* em, const floating* Ze,
         V = Vh + (t - 1) * S
         Vn = Vh + t * S
         if fast:
-            sm_vit_fwd_d(S, At, NULL, V, NULL, Vn, NULL, NULL, NULL, NULL, x, gamma, &bad)
+            m = sm_crf_fwd(S, K, V, P + t * S, ssum, x, gamma)
             for i in range(S):
-                Vn[i] = Vn[i] + em[t * S + i]
+                if ssum[i] >= SM_CRF_TINY and c[i] > -INFINITY:
+                    Vn[i] = em[t * S + i] + c[i] + m + gamma * log(ssum[i])
+                    Sinv[t * S + i] = 1.0 / ssum[i]
+                else:  # a term may have underflowed (or the row is all -inf): log domain
+                    _row(At, V, i, S, x)
+                    Vn[i] = em[t * S + i] + max_omega(x, q, S, reg, gamma)
+                    Sinv[t * S + i] = 0.0
             continue
         Vd = Vdh + (t - 1) * S
         Vdn = Vdh + t * S
@@ -159,11 +173,18 @@ cdef double _crf_one(const floating* em, const floating* Ze,
     # reverse: e_t(i, j) = ebar_t(i) q_t(i, j), ebar_{t-1}(j) = Σ_i e_t(i, j)
     for t in range(L - 1, 0, -1):
         V = Vh + (t - 1) * S
-        if fast:  # recompute the unnormalised weights, then scale rows and sum columns
-            sm_vit_fwd_d(S, At, NULL, V, NULL, Vt, NULL, Esc, NULL, inv, x, gamma, &bad)
-            sm_vit_bwd_d(S, eb, NULL, inv, nb, NULL, Esc, NULL, NULL, NULL, NULL, gamma)
-            for k in range(S * S):
-                gAt[k] = gAt[k] + w * Esc[k]
+        if fast:
+            for i in range(S):
+                r[i] = eb[i] * Sinv[t * S + i]
+            sm_crf_bwd(S, K, P + t * S, r, nb, G, w)
+            for i in range(S):  # the rows done in the log domain
+                if Sinv[t * S + i] == 0.0 and eb[i] != 0.0:
+                    _row(At, V, i, S, x)
+                    max_omega(x, q, S, reg, gamma)
+                    for j in range(S):
+                        e = eb[i] * q[j]
+                        D[i * S + j] = D[i * S + j] + w * e
+                        nb[j] = nb[j] + e
         else:
             Vd = Vdh + (t - 1) * S
             for j in range(S):
@@ -178,13 +199,13 @@ cdef double _crf_one(const floating* em, const floating* Ze,
                     max_omega_hvp(q, u, qd, S, reg, gamma)
                     for j in range(S):
                         ed = ebd[i] * q[j] + eb[i] * qd[j]
-                        gAt[i * S + j] = gAt[i * S + j] + w * ed
+                        D[i * S + j] = D[i * S + j] + w * ed
                         nbd[j] = nbd[j] + ed
                         nb[j] = nb[j] + eb[i] * q[j]
                 else:
                     for j in range(S):
                         e = eb[i] * q[j]
-                        gAt[i * S + j] = gAt[i * S + j] + w * e
+                        D[i * S + j] = D[i * S + j] + w * e
                         nb[j] = nb[j] + e
         tmp = eb; eb = nb; nb = tmp
         tmp = ebd; ebd = nbd; nbd = tmp
@@ -201,6 +222,7 @@ cdef double _crf_one(const floating* em, const floating* Ze,
 
 cdef void _crf_batch(const floating[:, :, ::1] em, const floating[:, :, ::1] Ze,
                      const double[:, ::1] At, const double[:, ::1] ZAt,
+                     const double[:, ::1] K, const double[::1] c,
                      const double[::1] st, const double[::1] en,
                      const double[::1] Zs, const double[::1] Zen,
                      const long long[::1] lengths, const double[::1] weights,
@@ -208,7 +230,7 @@ cdef void _crf_batch(const floating[:, :, ::1] em, const floating[:, :, ::1] Ze,
                      double[:, ::1] part, int nthreads,
                      int reg, double gamma, int mode, signed char[::1] failed) noexcept:
     """Every item of the batch; ``part[thread]`` holds that thread's sums
-    ``(gAt (S²), gs (S), gen (S))``."""
+    ``(G (S²), D (S²), gs (S), gen (S))``."""
     cdef Py_ssize_t B = em.shape[0], T = em.shape[1], S = em.shape[2]
     cdef Py_ssize_t b, k, L, tid
     cdef double* work
@@ -232,10 +254,10 @@ cdef void _crf_batch(const floating[:, :, ::1] em, const floating[:, :, ::1] Ze,
             gep = &ge[b, 0, 0] if mode != MODE_VALUE else NULL
             vd = 0.0
             value[b] = <floating> _crf_one(
-                &em[b, 0, 0], zep, &At[0, 0], zat, &st[0], &en[0],
+                &em[b, 0, 0], zep, &At[0, 0], zat, &K[0, 0], &c[0], &st[0], &en[0],
                 &Zs[0] if mode == MODE_HVP else NULL, &Zen[0] if mode == MODE_HVP else NULL,
                 L, S, reg, gamma, mode, weights[b] if mode != MODE_VALUE else 0.0,
-                gep, pp, pp + S * S, pp + S * S + S, &vd, work)
+                gep, pp, pp + S * S, pp + 2 * S * S, pp + 2 * S * S + S, &vd, work)
             if mode == MODE_HVP:
                 vdot[b] = <floating> vd
             if gep != NULL:
@@ -263,7 +285,8 @@ def _run(emissions, transitions, start, end, lengths, weights, int reg, double g
     vdot = np.zeros(B if mode == MODE_HVP else 0, dtype=dt)
     ge = np.empty((B, T, S) if mode != MODE_VALUE else (0, 1, 1), dtype=dt)
     nthreads = _threads(B, T, S)
-    part = np.zeros((nthreads, S * S + 2 * S), dtype=np.float64)
+    part = np.zeros((nthreads, 2 * S * S + 2 * S), dtype=np.float64)
+    K, c = _factor(At.T, gamma) if reg == REG_NEGENTROPY else (np.zeros((1, 1)), np.zeros(1))
     if mode == MODE_HVP:
         Ze, ZA, Zs, Zen = Z
         Ze = np.ascontiguousarray(Ze, dtype=dt)
@@ -277,16 +300,28 @@ def _run(emissions, transitions, start, end, lengths, weights, int reg, double g
     failed = np.zeros(B, dtype=np.int8)
     if B > 0 and S > 0:
         if dt == np.float64:
-            _crf_batch[double](emissions, Ze, At, ZAt, st, en, Zs, Zen, lengths, w, value, vdot,
+            _crf_batch[double](emissions, Ze, At, ZAt, K, c, st, en, Zs, Zen, lengths, w, value, vdot,
                                ge, part, nthreads, reg, gamma, mode, failed)
         else:
-            _crf_batch[float](emissions, Ze, At, ZAt, st, en, Zs, Zen, lengths, w, value, vdot,
+            _crf_batch[float](emissions, Ze, At, ZAt, K, c, st, en, Zs, Zen, lengths, w, value, vdot,
                               ge, part, nthreads, reg, gamma, mode, failed)
     if (failed == 1).any():
         raise MemoryError("smoothmax._core.crf: could not allocate the workspace")
     tot = part.sum(0)
-    gA = tot[:S * S].reshape(S, S).T.astype(dt)  # back from transitions.T
-    return value, vdot, ge, gA, tot[S * S:S * S + S].astype(dt), tot[S * S + S:].astype(dt)
+    gA = tot[S * S:2 * S * S].reshape(S, S).T  # back from transitions.T
+    if reg == REG_NEGENTROPY and mode == MODE_GRAD:
+        gA = gA + K * tot[:S * S].reshape(S, S)
+    n = 2 * S * S
+    return value, vdot, ge, gA.astype(dt), tot[n:n + S].astype(dt), tot[n + S:].astype(dt)
+
+
+def _factor(A, double gamma):
+    """``K[j, i] = exp((A[j, i] − c_i)/γ)``, ``c_i = max_j A[j, i]`` (0 in an all −inf column)."""
+    c = A.max(axis=0)
+    with np.errstate(invalid="ignore"):
+        K = np.exp((A - c[None, :]) / gamma)
+    K[:, ~(c > -np.inf)] = 0.0
+    return np.ascontiguousarray(K), np.ascontiguousarray(c)
 
 
 def crf_value(emissions, transitions, start, end, lengths, int reg, double gamma):
