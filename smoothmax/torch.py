@@ -165,12 +165,16 @@ def squared_euclidean(x, y):
 
 
 def _series(x, name):
+    """``x`` as a (B, N, d) tensor; a 2-D input is never guessed (one pair or B univariate series?)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim == 2:
-        x = x[:, :, None]
+        raise ValueError(
+            f"{name} must have shape (B, N, d), got the 2-D shape {tuple(x.shape)}: pass "
+            f"{name}[None] for one multivariate series of length {x.shape[0]}, or "
+            f"{name}[..., None] for a batch of {x.shape[0]} univariate series")
     if x.ndim != 3:
-        raise ValueError(f"{name} must have shape (B, N, d) or (B, N), got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape (B, N, d), got shape {tuple(x.shape)}")
     return x
 
 
@@ -186,13 +190,14 @@ class SoftDTW(nn.Module):
     ``loss(x, y) = DTW_Ω(C(x, y))`` with ``C`` a pairwise cost matrix. The
     gradient and the Hessian-vector products run the custom passes of
     :mod:`smoothmax.torch`; the cost is computed with torch operations, so
-    gradients flow to ``x`` and ``y`` (twice).
+    gradients flow to ``x`` and ``y`` (twice). ``gamma`` comes first, as in
+    tslearn's ``SoftDTWLossPyTorch`` and pysdtw's ``SoftDTW``.
 
     Parameters
     ----------
+    gamma : float > 0
     reg : {"negentropy", "l2", "hard"}
         ``"negentropy"`` is soft-DTW, ``"l2"`` sparse DTW, ``"hard"`` classic DTW.
-    gamma : float > 0
     band : None or int >= 0
         Sakoe-Chiba radius (as ``tslearn.metrics.sakoe_chiba_mask``).
     normalize : bool
@@ -201,30 +206,41 @@ class SoftDTW(nn.Module):
         own lengths), which is 0 for ``x = y``.
     cost : callable ``(x (B, N, d), y (B, M, d)) -> (B, N, M)``, optional
         Defaults to :func:`squared_euclidean`.
+    reduction : {"mean", "sum", "none"}
+        Over the batch: a scalar for ``"mean"`` and ``"sum"``, shape (B,) for ``"none"``.
 
     Shapes
     ------
-    x : (B, N, d) or (B, N); y : (B, M, d) or (B, M);
-    x_lengths, y_lengths : (B,) ints, optional; output : (B,).
+    x : (B, N, d); y : (B, M, d); x_lengths, y_lengths : (B,) ints, optional.
+    A 2-D input raises: use ``x[None]`` for one multivariate pair and
+    ``x[..., None]`` for a batch of univariate series.
 
     Examples
     --------
-    >>> loss = SoftDTW(gamma=0.1, normalize=True)
-    >>> loss(x, y).mean().backward()  # doctest: +SKIP
+    >>> loss = SoftDTW(0.1, normalize=True)
+    >>> loss(x, y).backward()  # doctest: +SKIP
     """
 
-    def __init__(self, reg="negentropy", gamma=1.0, band=None, normalize=False, cost=None):
+    def __init__(self, gamma=1.0, *, reg="negentropy", band=None, normalize=False, cost=None,
+                 reduction="mean"):
         super().__init__()
         from ._validation import check_band, check_gamma, check_reg
 
-        self.reg = check_reg(reg)
+        if isinstance(gamma, str):
+            raise TypeError(f"gamma must be a positive finite real number, got {gamma!r} "
+                            "(the signature is SoftDTW(gamma=1.0, *, reg=...): pass reg by name)")
         self.gamma = check_gamma(gamma)
+        self.reg = check_reg(reg)
         self.band = None if band is None else check_band(band)
         self.normalize = bool(normalize)
         self.cost = squared_euclidean if cost is None else cost
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be one of 'mean', 'sum', 'none', got {reduction!r}")
+        self.reduction = reduction
 
     def extra_repr(self):
-        return f"reg={self.reg!r}, gamma={self.gamma}, band={self.band}, normalize={self.normalize}"
+        return (f"gamma={self.gamma}, reg={self.reg!r}, band={self.band}, "
+                f"normalize={self.normalize}, reduction={self.reduction!r}")
 
     def _dtw(self, a, b, la, lb):
         from .dtw import dtw
@@ -234,15 +250,20 @@ class SoftDTW(nn.Module):
         return dtw(self.cost(a, b), reg=self.reg, gamma=self.gamma, lengths=lengths, band=self.band)
 
     def forward(self, x, y, x_lengths=None, y_lengths=None):
-        """DTW_Ω between ``x[b, :x_lengths[b]]`` and ``y[b, :y_lengths[b]]``; shape (B,)."""
+        """DTW_Ω between ``x[b, :x_lengths[b]]`` and ``y[b, :y_lengths[b]]``, reduced over b."""
         x, y = _series(x, "x"), _series(y, "y")
         if x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
             raise ValueError(
                 f"x and y must have shapes (B, N, d) and (B, M, d), got {tuple(x.shape)} and {tuple(y.shape)}")
         value = self._dtw(x, y, x_lengths, y_lengths)
-        if not self.normalize:
-            return value
-        return value - 0.5 * (self._dtw(x, x, x_lengths, x_lengths) + self._dtw(y, y, y_lengths, y_lengths))
+        if self.normalize:
+            value = value - 0.5 * (self._dtw(x, x, x_lengths, x_lengths)
+                                   + self._dtw(y, y, y_lengths, y_lengths))
+        if self.reduction == "mean":
+            return value.mean()
+        if self.reduction == "sum":
+            return value.sum()
+        return value
 
 
 class Viterbi(nn.Module):

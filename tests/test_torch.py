@@ -247,7 +247,7 @@ def _series(B, N, d, seed):
 def test_softdtw_matches_dtw_of_the_cost_and_backprops_to_inputs():
     x = _series(2, 5, 3, 0).requires_grad_(True)
     y = _series(2, 4, 3, 1).requires_grad_(True)
-    loss = smt.SoftDTW(gamma=0.5)
+    loss = smt.SoftDTW(0.5, reduction="none")
     C = ((x[:, :, None, :] - y[:, None, :, :]) ** 2).sum(-1)
     torch.testing.assert_close(loss(x, y), sm.dtw(C, gamma=0.5))
     assert gradcheck(lambda a, b: loss(a, b), (x, y))
@@ -257,20 +257,20 @@ def test_softdtw_matches_dtw_of_the_cost_and_backprops_to_inputs():
 def test_softdtw_lengths_band_and_custom_cost():
     x, y = _series(2, 5, 2, 2), _series(2, 6, 2, 3)
     xl, yl = torch.tensor([5, 3]), torch.tensor([4, 6])
-    l1 = smt.SoftDTW(reg="l2", gamma=0.3, band=2, cost=lambda a, b: torch.cdist(a, b))
+    l1 = smt.SoftDTW(0.3, reg="l2", band=2, cost=lambda a, b: torch.cdist(a, b), reduction="none")
     out = l1(x, y, xl, yl)
     expect = sm.dtw(torch.cdist(x, y), reg="l2", gamma=0.3, band=2, lengths=(xl, yl))
     torch.testing.assert_close(out, expect)
     # one series truncated: equals the loss on the sliced series
-    l2 = smt.SoftDTW(gamma=0.5)
+    l2 = smt.SoftDTW(gamma=0.5, reduction="none")
     torch.testing.assert_close(l2(x, y, xl, yl)[1], l2(x[1:, :3], y[1:, :6])[0])
 
 
 def test_softdtw_divergence_unequal_lengths():
     x, y = _series(2, 5, 2, 4), _series(2, 7, 2, 5)
     xl, yl = torch.tensor([5, 2]), torch.tensor([7, 4])
-    div = smt.SoftDTW(gamma=1.0, normalize=True)
-    plain = smt.SoftDTW(gamma=1.0)
+    div = smt.SoftDTW(1.0, normalize=True, reduction="none")
+    plain = smt.SoftDTW(1.0, reduction="none")
     out = div(x, y, xl, yl)
     for b in range(2):
         xb, yb = x[b:b + 1, :xl[b]], y[b:b + 1, :yl[b]]
@@ -285,6 +285,28 @@ def test_softdtw_rejects_bad_shapes():
         smt.SoftDTW()(_series(2, 5, 2, 0), _series(3, 5, 2, 1))
     with pytest.raises(ValueError, match="gamma"):
         smt.SoftDTW(gamma=0.0)
+    with pytest.raises(TypeError, match="pass reg by name"):
+        smt.SoftDTW("l2")
+    with pytest.raises(ValueError, match="reduction"):
+        smt.SoftDTW(reduction="avg")
+    # 2-D inputs are never guessed: the message says how to reshape
+    x2 = _series(1, 10, 3, 0)[0]
+    with pytest.raises(ValueError, match=r"x\[None\] for one multivariate series.*x\[\.\.\., None\]"):
+        smt.SoftDTW(0.1)(x2, x2)
+
+
+def test_softdtw_gamma_first_and_reductions():
+    """tslearn / pysdtw habit: SoftDTW(0.1); reductions over the batch."""
+    x, y = _series(3, 5, 2, 6), _series(3, 4, 2, 7)
+    per_pair = smt.SoftDTW(0.1, reduction="none")(x, y)
+    assert per_pair.shape == (3,)
+    torch.testing.assert_close(per_pair, sm.dtw(torch.cdist(x, y) ** 2, gamma=0.1))
+    torch.testing.assert_close(smt.SoftDTW(0.1)(x, y), per_pair.mean())
+    torch.testing.assert_close(smt.SoftDTW(0.1, reduction="sum")(x, y), per_pair.sum())
+    # one pair: x[None]; univariate batch: x[..., None]
+    torch.testing.assert_close(smt.SoftDTW(0.1)(x[0][None], y[0][None]), per_pair[0])
+    u = smt.SoftDTW(0.1, reduction="none")(x[..., 0][..., None], y[..., 0][..., None])
+    torch.testing.assert_close(u, sm.dtw((x[..., 0][:, :, None] - y[..., 0][:, None, :]) ** 2, gamma=0.1))
 
 
 def test_viterbi_layer():
