@@ -557,3 +557,8 @@ def soft_dtw(x, y, *, reg="negentropy", gamma=1.0, band=None, lengths=None, norm
     if not normalize:
         return value
     return value - 0.5 * (sdtw(x, x, la, la) + sdtw(y, y, lb, lb))
+
+
+from ._jax_crf import crf_decode, crf_log_likelihood, crf_log_partition, crf_marginals  # noqa: E402,F401
+
+__all__ += ["crf_log_likelihood", "crf_log_partition", "crf_decode", "crf_marginals"]
