@@ -11,7 +11,7 @@ import functools
 import os
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_BODY = ("smx_common.cuh", "smx_dtw.cu", "smx_viterbi.cu")
+_BODY = ("smx_common.cuh", "smx_dtw.cu", "smx_viterbi.cu", "smx_crf.cu")
 
 CTYPES = {"float32": "float", "float64": "double"}
 REG_CODES = (0, 1, 2)
@@ -55,6 +55,14 @@ def vit_decode_name(ctype):
     return f"smx_vit_decode<{ctype}>"
 
 
+def crf_name(ctype, reg, mode):
+    return f"smx_crf<{ctype},{reg},{mode}>"
+
+
+def crf_decode_name(ctype):
+    return f"smx_crf_decode<{ctype}>"
+
+
 @functools.lru_cache(maxsize=None)
 def name_expressions(dtype):
     """Every kernel instantiation for ``dtype`` ("float32" or "float64")."""
@@ -67,7 +75,10 @@ def name_expressions(dtype):
             names.append(dtw_bwd_name(c, reg, mode))
         for mode in (0, 1, 2):
             names.append(vit_name(c, reg, mode))
+        for mode in (0, 1, 2):
+            names.append(crf_name(c, reg, mode))
     names.append(vit_decode_name(c))
+    names.append(crf_decode_name(c))
     return tuple(names)
 
 

@@ -241,3 +241,86 @@ def viterbi_hvp(theta, Z, lengths, reg, gamma):
 
 def viterbi_decode(theta, lengths):
     return vit_decode_run(_cupy_backend(), theta, lengths)
+
+
+# ---------------------------------------------------------------------------
+# Factorised Viterbi (CRF): smx_crf.cu; the functions of smoothmax._core.crf
+
+
+def crf_run(be, emissions, transitions, start, end, lengths, weights, reg, gamma, mode, Z=None):
+    """mode 0: ``value``; 1: ``(value, ge, gA, gs, gen)``; 2: ``(vdot, he, hA, hs, hen)``.
+
+    Scratch: ``B·(2·T·S + 2·S² + 5·S)`` values (V and Vdot histories, one
+    step's weights), never ``(B, T, S, S)``.
+    """
+    xp = be.xp
+    dt = _np_dtype(emissions.dtype)
+    em = xp.ascontiguousarray(emissions)
+    B, T, S = (int(s) for s in em.shape)
+
+    def cast(a, shape):
+        return xp.ascontiguousarray(xp.asarray(a, dtype=dt).reshape(shape))
+
+    At = xp.ascontiguousarray(cast(transitions, (S, S)).T)
+    st, en = cast(start, (S,)), cast(end, (S,))
+    value = xp.empty((B,), dtype=dt)
+    vdot = xp.empty((B,), dtype=dt)
+    ge = xp.empty((B, T, S), dtype=dt)
+    part = xp.zeros((B, S * S + 2 * S), dtype=dt)
+    if B > 0 and T > 0 and S > 0:
+        dummy = xp.empty((1,), dtype=dt)
+        if mode == 2:
+            Ze = cast(Z[0], (B, T, S))
+            ZAt = xp.ascontiguousarray(cast(Z[1], (S, S)).T)
+            Zs, Zen = cast(Z[2], (S,)), cast(Z[3], (S,))
+        else:
+            Ze = ZAt = Zs = Zen = dummy
+        w = xp.ones((B,), dtype=dt) if weights is None else cast(weights, (B,))
+        work = xp.empty((B * (2 * T * S + 2 * S * S + 5 * S),), dtype=dt)
+        i32 = np.int32
+        be.launch(dt, _source.crf_name(_ctype(dt), int(reg), mode), B, _vit_block(S),
+                  (em, Ze, At, ZAt, st, en, Zs, Zen, _ints(xp, lengths), w, i32(B), i32(T), i32(S),
+                   _gamma(dt, reg, gamma), value, vdot, ge, part, work))
+    if mode == 0:
+        return value
+    tot = part.sum(axis=0)
+    gA = xp.ascontiguousarray(tot[:S * S].reshape(S, S).T)
+    return (vdot if mode == 2 else value, ge, gA, tot[S * S:S * S + S], tot[S * S + S:])
+
+
+def crf_decode_run(be, emissions, transitions, start, end, lengths):
+    xp = be.xp
+    dt = _np_dtype(emissions.dtype)
+    em = xp.ascontiguousarray(emissions)
+    B, T, S = (int(s) for s in em.shape)
+    score = xp.empty((B,), dtype=dt)
+    tags = xp.empty((B, T), dtype=np.int64)
+    if B == 0 or T == 0 or S == 0:
+        return score, tags
+    At = xp.ascontiguousarray(xp.asarray(transitions, dtype=dt).T)
+    st = xp.ascontiguousarray(xp.asarray(start, dtype=dt))
+    en = xp.ascontiguousarray(xp.asarray(end, dtype=dt))
+    bp = xp.empty((B * T * S,), dtype=np.int32)
+    work = xp.empty((B * 3 * S,), dtype=dt)
+    i32 = np.int32
+    be.launch(dt, _source.crf_decode_name(_ctype(dt)), B, _vit_block(S),
+              (em, At, st, en, _ints(xp, lengths), i32(B), i32(T), i32(S), score, tags, bp, work))
+    return score, tags
+
+
+def crf_value(emissions, transitions, start, end, lengths, reg, gamma):
+    return crf_run(_cupy_backend(), emissions, transitions, start, end, lengths, None, reg, gamma, 0)
+
+
+def crf_grad(emissions, transitions, start, end, lengths, weights, reg, gamma):
+    return crf_run(_cupy_backend(), emissions, transitions, start, end, lengths, weights, reg,
+                   gamma, 1)
+
+
+def crf_hvp(emissions, transitions, start, end, Ze, ZA, Zs, Zen, lengths, weights, reg, gamma):
+    return crf_run(_cupy_backend(), emissions, transitions, start, end, lengths, weights, reg,
+                   gamma, 2, Z=(Ze, ZA, Zs, Zen))
+
+
+def crf_decode(emissions, transitions, start, end, lengths):
+    return crf_decode_run(_cupy_backend(), emissions, transitions, start, end, lengths)
