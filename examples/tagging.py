@@ -1,18 +1,17 @@
 """Sequence tagging with Vit_Ω: the paper's §4.2 (Table 1) on corpora shipped by packages.
 
-A word + character BiLSTM produces the Viterbi potentials
-
-    θ[t, i, j] = unary[t, i] + transition[i, j]   (t ≥ 1),
-    θ[0, i, 0] = unary[0, i] + start[i],  θ[0, i, j>0] = −inf  (a fixed start state)
-
-and is trained end to end with one of the paper's losses:
+A word + character BiLSTM produces emission scores ``(B, T, S)`` and a CRF head,
+``smoothmax.torch.CRF`` (pytorch-crf's layer: start, end and transition scores,
+on the factorised Vit_Ω kernel, which never forms the ``(B, T, S, S)``
+potentials ``θ[t, i, j] = emissions[t, i] + transitions[j, i]``), with ``reg``
+and ``γ`` of the row. The model is trained end to end with one of the paper's losses:
 
 * surrogate ``ℓ_{0,Ω}(Y; θ) = Vit_Ω(θ) − <Y, θ>``: the CRF negative log-likelihood
   for negentropy, its sparse counterpart for l2, the structured perceptron for hard;
 * relaxed ``Δ(Y, ∇Vit_Ω(θ))`` on the tag marginals: KL for negentropy, squared ℓ2
   for l2 (its gradient backpropagates through ``∇Vit_Ω``, i.e. the HVP pass).
 
-Test predictions are hard Viterbi decodes (``smoothmax.viterbi_decode``); we
+Test predictions are hard Viterbi decodes (``CRF.decode``); we
 report span F1 (exact BIO/BIOSE entity match) and token accuracy. The l2
 models give sparse marginals: the script prints a test sentence where several
 tags keep a non-zero probability.
@@ -44,6 +43,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import smoothmax as sm  # noqa: E402
+import smoothmax.torch as smt  # noqa: E402
 
 FULL_EPOCHS = {"nemo": 10, "petrogold": 6}  # about 35 min per corpus on one core (docs/examples.md)
 CONFIGS = [  # (loss, reg): the rows of Table 1
@@ -129,10 +129,10 @@ def batches(data, batch_size, rng=None):
 # ---------------------------------------------------------------- model
 
 class Tagger(nn.Module):
-    """Word + character BiLSTM -> Viterbi potentials θ (B, T, S, S)."""
+    """Word + character BiLSTM -> emissions (B, T, S), and a CRF head ``self.crf``."""
 
-    def __init__(self, n_words, n_chars, n_tags, word_dim=64, char_dim=16, char_hidden=24,
-                 hidden=64, dropout=0.3):
+    def __init__(self, n_words, n_chars, n_tags, reg="negentropy", gamma=1.0, word_dim=64,
+                 char_dim=16, char_hidden=24, hidden=64, dropout=0.3):
         super().__init__()
         self.word_emb = nn.Embedding(n_words, word_dim, padding_idx=0)
         self.char_emb = nn.Embedding(n_chars, char_dim, padding_idx=0)
@@ -140,8 +140,10 @@ class Tagger(nn.Module):
         self.lstm = nn.LSTM(word_dim + 2 * char_hidden, hidden, batch_first=True, bidirectional=True)
         self.drop = nn.Dropout(dropout)
         self.unary = nn.Linear(2 * hidden, n_tags)
-        self.transition = nn.Parameter(torch.zeros(n_tags, n_tags))
-        self.start = nn.Parameter(torch.zeros(n_tags))
+        with torch.random.fork_rng():  # zero scores, and the random stream left as before
+            self.crf = smt.CRF(n_tags, batch_first=True, reg=reg, gamma=gamma)
+        for p in self.crf.parameters():
+            nn.init.zeros_(p)
 
     def forward(self, words, chars, lengths):
         B, T, W = chars.shape
@@ -155,46 +157,31 @@ class Tagger(nn.Module):
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         h, _ = self.lstm(packed)
         h, _ = nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=T)
-        unary = self.unary(self.drop(h))  # (B, T, S)
-        S = unary.shape[-1]
-        theta = unary[:, :, :, None] + self.transition[None, None]
-        first = torch.full((B, 1, S, S), -torch.inf, dtype=unary.dtype)
-        first[:, 0, :, 0] = 0.0
-        first = first + (unary[:, :1, :, None] + self.start[None, None, :, None])
-        return torch.cat([first, theta[:, 1:]], 1)
+        return self.unary(self.drop(h))  # (B, T, S)
 
 
-def gold_pairs(tags, lengths):
-    """Indices (b, t, y_t, y_{t-1}) of the gold path; y_{-1} is the start state 0."""
-    prev = torch.cat([torch.zeros_like(tags[:, :1]), tags[:, :-1]], 1)
-    mask = torch.arange(tags.shape[1])[None] < lengths[:, None]
-    return prev, mask
-
-
-def loss_fn(theta, tags, lengths, loss, reg, gamma, own=False):
+def loss_fn(model, emissions, tags, lengths, loss, own=False):
     """The paper's losses on a batch, averaged over tokens.
 
-    ``smoothmax.losses`` when it is there (``own=False``), else the same losses
-    written here with ``smoothmax.viterbi`` / ``viterbi_grad`` on torch tensors
-    (they agree to rounding; ``--own-losses`` runs these).
+    The CRF layer (``own=False``), else the same losses on the full potentials
+    ``model.crf.full_potentials`` with ``smoothmax.losses`` (a cross-check:
+    they agree to rounding, up to the constant ``γ/2`` per sentence of the l2
+    surrogate; ``--own-losses`` runs these).
     """
-    losses = getattr(sm, "losses", None)
-    if losses is not None and not own:
-        n_tokens = lengths.sum()
+    crf = model.crf
+    n_tokens = lengths.sum()
+    if own:
+        theta, L = crf.full_potentials(emissions, lengths=lengths)
         if loss == "surrogate":
-            return losses.viterbi_surrogate(theta, tags, reg=reg, gamma=gamma, lengths=lengths).sum() / n_tokens
-        divergence = "kl" if reg == "negentropy" else "l2"
-        return losses.viterbi_relaxed(theta, tags, reg=reg, gamma=gamma, lengths=lengths,
-                                      divergence=divergence).sum() / n_tokens
-    prev, mask = gold_pairs(tags, lengths)
-    n_tokens = mask.sum()
-    if loss == "surrogate":
-        value = sm.viterbi(theta, reg=reg, gamma=gamma, lengths=lengths)
-        score = theta.gather(3, prev[..., None, None].expand(*prev.shape, theta.shape[2], 1))[..., 0]
-        score = score.gather(2, tags[..., None])[..., 0]
-        return (value.sum() - (score * mask).sum()) / n_tokens
-    _, E = sm.viterbi_grad(theta, reg=reg, gamma=gamma, lengths=lengths)
-    marg = E.sum(-1)  # (B, T, S) tag marginals
+            return sm.losses.viterbi_surrogate(theta, tags, reg=crf.reg, gamma=crf.gamma,
+                                               lengths=L).sum() / n_tokens
+        divergence = "kl" if crf.reg == "negentropy" else "l2"
+        return sm.losses.viterbi_relaxed(theta, tags, reg=crf.reg, gamma=crf.gamma, lengths=L,
+                                         divergence=divergence).sum() / n_tokens
+    if loss == "surrogate":  # -log-likelihood (CRF), the l2 surrogate, the perceptron loss
+        return -crf(emissions, tags, lengths=lengths, reduction="sum") / n_tokens
+    marg = crf.marginals(emissions, lengths=lengths)  # (B, T, S) tag marginals; backward: the HVP pass
+    mask = torch.arange(tags.shape[1])[None] < lengths[:, None]
     onehot = torch.nn.functional.one_hot(tags, marg.shape[-1]).to(marg.dtype)
     if reg == "negentropy":  # KL(Y || marginals)
         per_token = -torch.log(marg.gather(2, tags[..., None])[..., 0].clamp(min=1e-12))
@@ -233,11 +220,10 @@ def evaluate(model, data, itos, batch_size=64):
     correct = total = tp = n_pred = n_gold = 0
     with torch.no_grad():
         for words, chars, tags, lengths, _ in batches(data, batch_size):
-            theta = model(words, chars, lengths)
-            _, pred = sm.viterbi_decode(theta, lengths=lengths)
+            pred = model.crf.decode(model(words, chars, lengths), lengths=lengths)
             for b in range(len(lengths)):
                 L = int(lengths[b])
-                p = [itos[k] for k in pred[b, :L].tolist()]
+                p = [itos[k] for k in pred[b]]
                 g = [itos[k] for k in tags[b, :L].tolist()]
                 correct += sum(x == y for x, y in zip(p, g))
                 total += L
@@ -264,7 +250,7 @@ def row_hparams(loss, reg, args):
 def train_one(data, vocabs, loss, reg, gamma, epochs, seed, batch_size, lr, bar, own=False, optimizer="adam"):
     torch.manual_seed(seed)
     words, chars, tags = vocabs
-    model = Tagger(len(words), len(chars), len(tags))
+    model = Tagger(len(words), len(chars), len(tags), reg=reg, gamma=gamma)
     if optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr)
     else:
@@ -276,8 +262,7 @@ def train_one(data, vocabs, loss, reg, gamma, epochs, seed, batch_size, lr, bar,
         model.train()
         total, n = 0.0, 0
         for w, c, t, lengths, _ in batches(data["train"], batch_size, rng):
-            theta = model(w, c, lengths)
-            value = loss_fn(theta, t, lengths, loss, reg, gamma, own)
+            value = loss_fn(model, model(w, c, lengths), t, lengths, loss, own)
             opt.zero_grad()
             value.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -295,44 +280,39 @@ def train_one(data, vocabs, loss, reg, gamma, epochs, seed, batch_size, lr, bar,
 
 # ---------------------------------------------------------------- sparse marginals
 
-def sparse_example(model, data, vocabs, reg, gamma, raw, max_show=12):
+def sparse_example(model, data, vocabs, raw, max_show=12):
     """The test sentence whose l2 marginals have the most tokens with several non-zero tags."""
     model.eval()
     tags = vocabs[2]
     best = None
     with torch.no_grad():
         for w, c, t, lengths, idx in batches(data, 64):
-            theta = model(w, c, lengths)
-            _, E = sm.viterbi_grad(theta, reg=reg, gamma=gamma, lengths=lengths)
-            marg = E.sum(-1)
+            marg = model.crf.marginals(model(w, c, lengths), lengths=lengths)
             for b in range(len(lengths)):
                 L = int(lengths[b])
                 if L > 25:
                     continue
                 ambiguous = int(((marg[b, :L] > 1e-6).sum(-1) > 1).sum())
                 if best is None or ambiguous > best[0]:
-                    best = (ambiguous, marg[b, :L].numpy(), t[b, :L].tolist(), idx[b], theta[b:b + 1, :L])
-    ambiguous, marg, gold, i, theta = best
+                    best = (ambiguous, marg[b, :L].numpy(), t[b, :L].tolist(), idx[b])
+    ambiguous, marg, gold, i = best
     tokens = raw[i][0][:len(gold)]
     rows = []
     for k, tok in enumerate(tokens):
         nz = [(tags.itos[s], float(marg[k, s])) for s in np.argsort(-marg[k]) if marg[k, s] > 1e-6]
         rows.append({"token": tok, "gold": tags.itos[gold[k]], "nonzero": nz[:4], "support": len(nz)})
-    return {"ambiguous_tokens": ambiguous, "tokens": rows}, theta
+    return {"ambiguous_tokens": ambiguous, "tokens": rows}, marg
 
 
-def plot_marginals(example_theta, models, vocabs, gamma, path, tokens):
+def plot_marginals(example_marg, vocabs, path, tokens):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tags = vocabs[2]
-    fig, axes = plt.subplots(1, len(example_theta), figsize=(4.4 * len(example_theta), 0.25 * len(tokens) + 1.8),
+    fig, axes = plt.subplots(1, len(example_marg), figsize=(4.4 * len(example_marg), 0.25 * len(tokens) + 1.8),
                              squeeze=False)
-    for ax, (reg, theta) in zip(axes[0], example_theta.items()):
-        with torch.no_grad():
-            _, E = sm.viterbi_grad(theta, reg=reg, gamma=gamma)
-        marg = E.sum(-1)[0].numpy()
+    for ax, (reg, marg) in zip(axes[0], example_marg.items()):
         used = np.where(marg.max(0) > 1e-3)[0]
         ax.imshow(marg[:, used], cmap="Greys", vmin=0, vmax=1, aspect="auto")
         for (r, c) in zip(*np.nonzero(marg[:, used] > 1e-6)):
@@ -462,7 +442,7 @@ def main(argv=None):
                         help="training sentences in --quick mode (default 1200 for NER, 500 for POS)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--own-losses", action="store_true",
-                        help="the example's own losses instead of smoothmax.losses (a cross-check)")
+                        help="smoothmax.losses on the full potentials instead of the CRF layer (a cross-check)")
     parser.add_argument("--combine", action="store_true",
                         help="only write results/tagging.md from the full runs tagging_nemo / tagging_petrogold")
     args = parser.parse_args(argv)
@@ -476,7 +456,6 @@ def main(argv=None):
     configs = [tuple(c.split(":")) for c in args.configs] if args.configs else CONFIGS
 
     results, examples, columns, sizes = {}, {}, [], {}
-    gamma_l2 = row_hparams("surrogate", "l2", args)["gamma"]  # the marginals shown
     for task in tasks:
         split, is_ner, label = load_task(task, args, args.quick)
         columns.append(label)
@@ -508,19 +487,19 @@ def main(argv=None):
         bar.close()
         # sparse l2 marginals vs dense negentropy ones on one test sentence
         if ("surrogate", "l2") in models:
-            ex, theta_l2 = sparse_example(models[("surrogate", "l2")], data["test"], vocabs, "l2",
-                                          gamma_l2, split["test"])
-            thetas = {"l2": theta_l2}
+            ex, marg_l2 = sparse_example(models[("surrogate", "l2")], data["test"], vocabs, split["test"])
+            margs = {"l2": marg_l2}
             toks = [r["token"] for r in ex["tokens"]]
             if ("surrogate", "negentropy") in models:
                 i = next(k for k, s in enumerate(split["test"]) if s[0][:len(toks)] == toks)
                 w, c, _, lengths, _ = next(batches([data["test"][i]], 1))
+                neg = models[("surrogate", "negentropy")].eval()
                 with torch.no_grad():
-                    thetas = {"negentropy": models[("surrogate", "negentropy")].eval()(w, c, lengths),
-                              "l2": theta_l2}
+                    margs = {"negentropy": neg.crf.marginals(neg(w, c, lengths), lengths=lengths)[0].numpy(),
+                             "l2": marg_l2}
             name = "tagging_marginals_" + (os.path.splitext(os.path.basename(task.split(":", 1)[1]))[0]
                                            if ":" in task else task)
-            plot_marginals(thetas, models, vocabs, gamma_l2, figure_path(name, mode), toks)
+            plot_marginals(margs, vocabs, figure_path(name, mode), toks)
             examples[label] = ex
 
     payload = {"columns": columns, "sizes": sizes, "results": list(results.values()),

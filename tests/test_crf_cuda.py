@@ -14,7 +14,7 @@ def _backend():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("S", [3, 40])
+@pytest.mark.parametrize("S", [3, pytest.param(40, marks=pytest.mark.slow)])
 def test_emulated_crf_kernels(dtype, S):
     be = _backend()
     rng = np.random.default_rng(S)
