@@ -192,7 +192,7 @@ def api_page(frameworks=True):
     import smoothmax
 
     modules = ["smoothmax"]
-    for sub in ("losses", "attention"):
+    for sub in ("losses", "attention", "crf"):
         if importlib.util.find_spec(f"smoothmax.{sub}") is not None:
             modules.append(f"smoothmax.{sub}")
     if frameworks:

@@ -8,7 +8,7 @@ from .smooth import smooth_argmax, smooth_max
 from .viterbi import viterbi, viterbi_decode, viterbi_grad, viterbi_hvp
 from .dag import DAG, dag, dag_grad, dag_hvp, dag_path
 from .sampling import dag_sample, dag_support, dtw_sample, viterbi_sample
-from . import attention, losses
+from . import attention, crf, losses
 
 __version__ = "0.1.0"
 
@@ -34,4 +34,5 @@ __all__ = [
     "dag_support",
     "losses",
     "attention",
+    "crf",
 ]
