@@ -183,7 +183,7 @@ def loss_fn(model, emissions, tags, lengths, loss, own=False):
     marg = crf.marginals(emissions, lengths=lengths)  # (B, T, S) tag marginals; backward: the HVP pass
     mask = torch.arange(tags.shape[1])[None] < lengths[:, None]
     onehot = torch.nn.functional.one_hot(tags, marg.shape[-1]).to(marg.dtype)
-    if reg == "negentropy":  # KL(Y || marginals)
+    if crf.reg == "negentropy":  # KL(Y || marginals)
         per_token = -torch.log(marg.gather(2, tags[..., None])[..., 0].clamp(min=1e-12))
     else:  # squared l2
         per_token = ((marg - onehot) ** 2).sum(-1)
