@@ -206,7 +206,14 @@ def main(argv=None):
     ap.add_argument("--impls", nargs="+", default=list(IMPLS))
     ap.add_argument("--mem-cap-gb", type=float, default=6.0)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "crf_1t"))
+    ap.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = ap.parse_args(argv)
+    if args.render:
+        with open(args.out + ".json") as f:
+            res = json.load(f)
+        with open(args.out + ".md", "w") as f:
+            f.write(markdown(res))
+        return
     if args.quick:
         args.B, args.T, args.S = 4, 16, [4, 8]
         args.out = os.path.join(HERE, "results", "crf_quick")
@@ -268,6 +275,20 @@ def markdown(res):
             f"{'' if sp is None else f'{sp:.2f}'} | {r['peak_extra_mb']:.0f} | "
             f"{'reference' if r['impl'] == 'pytorch-crf' else ('yes' if ag else 'NO')} | "
             f"{r['loadavg_before']:.2f} |")
+    lines += ["", "Summary (smoothmax's time against each peer's, same run):", ""]
+    by = {}
+    for r in res["rows"]:
+        by.setdefault((r["S"], r["dtype"]), {})[r["impl"]] = r
+    for (S, dt), case in by.items():
+        sm = case.get("smoothmax")
+        if sm is None or "error" in sm:
+            continue
+        parts = [f"{name} {case[name]['median_s'] / sm['median_s']:.1f}×"
+                 for name in IMPLS[1:] if name in case and "error" not in case[name]]
+        parts += [f"{name} not run" for name in IMPLS[1:] if name in case and "error" in case[name]]
+        mem = [f"{name} {case[name]['peak_extra_mb']:.0f}"
+               for name in IMPLS if name in case and "error" not in case[name]]
+        lines.append(f"* S = {S}, {dt}: faster than {', '.join(parts)}; peak extra MB: {', '.join(mem)}.")
     return "\n".join(lines) + "\n"
 
 
