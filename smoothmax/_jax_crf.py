@@ -6,8 +6,11 @@ The log-partition is a ``jax.custom_vjp`` over host callbacks
 ``vmap`` over any argument, transitions included, is exact): the forward
 runs the value kernel, the backward the gradient kernel with the cotangent
 as per-item weights (the shared gradients are summed over the batch inside
-the kernel). ``jit``, ``vmap`` and ``grad`` (reverse mode, first order) are
-supported; forward mode and second derivatives are not (they raise).
+the kernel); that backward is itself a ``custom_vjp`` whose backward is the
+HVP pass, so reverse-over-reverse second derivatives (``jax.grad`` of a
+function of ``jax.grad``, ``jax.hessian`` through ``jacrev``) run the custom
+passes. ``jit``, ``vmap`` and ``grad`` are supported; forward mode
+(``jvp``, ``jacfwd``) and third derivatives are not (they raise).
 Lengths are host data fixed at trace time (concrete under ``jit``).
 """
 import dataclasses
@@ -41,6 +44,33 @@ def _log_partition_fn(problem, B, dtype):
         return (np.asarray(g[:, None, None] * ge, dtype=em.dtype), gA.astype(A.dtype),
                 gs.astype(s.dtype), gen.astype(e.dtype))
 
+    def hvp_host(em, A, s, e, Ue, UA, Us, Uen, g):
+        em, A, s, e, Ue, UA, Us, Uen, g = _np(em, A, s, e, Ue, UA, Us, Uen, g)
+        Z = [z.astype(em.dtype) for z in (Ue, UA, Us, Uen)]
+        vdot, he, hA, hs, hen = _crf.run(hp, "hvp", em, A, s, e, Z=Z, weights=g.astype(np.float64))
+        return (np.asarray(g[:, None, None] * he, dtype=em.dtype), hA.astype(A.dtype),
+                hs.astype(s.dtype), hen.astype(e.dtype), np.asarray(vdot, dtype=g.dtype))
+
+    def spec(*xs):
+        return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs)
+
+    @jax.custom_vjp
+    def weighted_grads(em, A, s, e, g):
+        """(g_b ∇_e value_b, Σ_b g_b ∇_A value_b, ...): the backward of log_z."""
+        return jax.pure_callback(grad_host, spec(em, A, s, e), em, A, s, e, g,
+                                 vmap_method="sequential")
+
+    def wg_fwd(em, A, s, e, g):
+        return weighted_grads(em, A, s, e, g), (em, A, s, e, g)
+
+    def wg_bwd(res, U):
+        # the HVP pass: Σ_b g_b ∇²value_b·U_b, and <∇value_b, U_b> for g
+        em, A, s, e, g = res
+        return jax.pure_callback(hvp_host, spec(em, A, s, e, g), *res[:4], *U, g,
+                                 vmap_method="sequential")
+
+    weighted_grads.defvjp(wg_fwd, wg_bwd)
+
     @jax.custom_vjp
     def log_z(em, A, s, e):
         return jax.pure_callback(value_host, jax.ShapeDtypeStruct((B,), dtype), em, A, s, e,
@@ -50,9 +80,7 @@ def _log_partition_fn(problem, B, dtype):
         return log_z(em, A, s, e), (em, A, s, e)
 
     def bwd(res, g):
-        em, A, s, e = res
-        shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in res)
-        return jax.pure_callback(grad_host, shapes, em, A, s, e, g, vmap_method="sequential")
+        return weighted_grads(*res, g)
 
     log_z.defvjp(fwd, bwd)
     return log_z

@@ -61,6 +61,22 @@ def test_grad_finite_differences(reg):
     check_grads(jax.jit(f), (em, A, s, e), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("reg", ["negentropy", "l2"])
+def test_second_order_reverse_over_reverse(reg):
+    """grad of a function of grad: the HVP pass, against finite differences of the gradient."""
+    em, A, s, e, tags = _inputs()
+    w = jnp.array([1.0, -2.0, 0.5])
+
+    def f(em, A, s, e):
+        return jnp.sum(w * smj.crf_log_partition(em, A, s, e, lengths=L, reg=reg, gamma=0.8))
+
+    check_grads(f, (em, A, s, e), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
+    g = jax.grad(lambda em: jnp.sum(jax.grad(f)(em, A, s, e) ** 2))
+    assert g(em).shape == em.shape
+    with pytest.raises(Exception):  # third order: the HVP callback has no derivative
+        jax.grad(lambda em: jnp.sum(g(em)))(em)
+
+
 def test_grad_matches_pytorch_crf():
     torch = pytest.importorskip("torch")
     torchcrf = pytest.importorskip("torchcrf")
