@@ -413,3 +413,25 @@ def test_torch_crf_hard_and_l2_forward():
             Y[b, t, tags[b, t], tags[b, t - 1]] = 1
     surrogate = sm.viterbi(theta, reg="l2", gamma=0.3) - (Y * theta.nan_to_num(neginf=0)).sum((1, 2, 3))
     torch.testing.assert_close(-l2(em, tags, reduction="none"), surrogate + 0.15)
+
+
+@pytest.mark.parametrize("engine", ["compiled", "reference"])
+def test_engines_never_form_the_full_potentials(engine, rng):
+    """Peak NumPy allocation of a gradient / HVP call stays far below one (B, T, S, S) array."""
+    import tracemalloc
+
+    if engine == "compiled" and K is None:
+        pytest.skip("compiled core not built")
+    E = K if engine == "compiled" else R
+    B, T, S = 4, 64, 64
+    em, A, st, en, L = _problem(rng, B, T, S)
+    Z = (rng.normal(size=em.shape), rng.normal(size=A.shape), rng.normal(size=S), rng.normal(size=S))
+    full = B * T * S * S * 8
+    E.crf_grad(em, A, st, en, L, None, 0, 1.0)  # first call: lazy imports allocate too
+    for reg in (0, 1):
+        tracemalloc.start()
+        E.crf_grad(em, A, st, en, L, None, reg, 1.0)
+        E.crf_hvp(em, A, st, en, *Z, L, None, reg, 1.0)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < full / 2, (reg, peak, full)
