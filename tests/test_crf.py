@@ -435,3 +435,17 @@ def test_engines_never_form_the_full_potentials(engine, rng):
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert peak < full / 2, (reg, peak, full)
+
+
+def test_array_api_strict_runs_the_reference_engine(rng):
+    xs = pytest.importorskip("array_api_strict")
+    em, A, st, en, L = _problem(rng, 3, 5, 4)
+    ref = C.crf_grad(em, A, st, en, lengths=L, reg="l2", gamma=GAMMA)
+    for dt, tol in ((xs.float64, 1e-12), (xs.float32, 1e-5)):
+        args = [xs.asarray(a, dtype=dt) for a in (em, A, st, en)]
+        out = C.crf_grad(*args, lengths=L, reg="l2", gamma=GAMMA)
+        for o, r in zip(out, ref):
+            assert type(o).__module__.startswith("array_api_strict") and o.dtype == dt
+            np.testing.assert_allclose(np.asarray(o), r, atol=tol)
+        _, tags = C.crf_decode(*args, lengths=L)
+        np.testing.assert_array_equal(np.asarray(tags), C.crf_decode(em, A, st, en, lengths=L)[1])
