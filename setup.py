@@ -87,7 +87,7 @@ def _xla_ffi_include():
 def _extensions():
     from Cython.Build import cythonize
 
-    names = ["dtw", "viterbi", "dag", "crf"]
+    names = ["dtw", "dtwf", "viterbi", "dag", "crf"]
     exts = [
         Extension(
             f"smoothmax._core.{name}",
@@ -95,7 +95,8 @@ def _extensions():
             # rebuilt when these change, and shipped in the sdist (which
             # otherwise holds only the generated .c, not the .pyx cythonize needs)
             depends=[f"smoothmax/_core/{name}.pyx", "smoothmax/_core/simd.h",
-                     "smoothmax/_core/operators.pxd", "smoothmax/_core/crf_simd.h"],
+                     "smoothmax/_core/operators.pxd", "smoothmax/_core/crf_simd.h",
+                     "smoothmax/_core/costs.h"],
             include_dirs=["smoothmax/_core", np.get_include()],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         )

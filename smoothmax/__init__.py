@@ -3,7 +3,7 @@
 Smoothed DTW and Viterbi operators -- value, expected path (gradient),
 Hessian-vector product and hard decoding -- for NumPy, PyTorch, JAX and CuPy.
 """
-from .dtw import dtw, dtw_grad, dtw_hvp, dtw_path
+from .dtw import dtw, dtw_features, dtw_features_grad, dtw_grad, dtw_hvp, dtw_path
 from .smooth import smooth_argmax, smooth_max
 from .viterbi import viterbi, viterbi_decode, viterbi_grad, viterbi_hvp
 from .dag import DAG, dag, dag_grad, dag_hvp, dag_path
@@ -19,6 +19,8 @@ __all__ = [
     "dtw_grad",
     "dtw_hvp",
     "dtw_path",
+    "dtw_features",
+    "dtw_features_grad",
     "viterbi",
     "viterbi_grad",
     "viterbi_hvp",

@@ -149,3 +149,36 @@ def run_crf(xp, backend, device, op, arrays, lengths, extra=()):
     if not isinstance(out, tuple):
         out = (out,)
     return tuple(eng.from_engine(y, xp, arrays[0]) for y in out)
+
+
+def features_compiled(backend, device):
+    """Whether DTW between features of (backend, device) runs on the compiled
+    linear-memory kernel (otherwise: the cost-matrix path of ``_reference``)."""
+    return backend in ("numpy", "torch", "jax") and device == "cpu" and _compiled_module("dtwf") is not None
+
+
+def run_features(fp, x, y, grad):
+    """The compiled DTW-on-features kernel on host arrays ``x (B, NA, d)``, ``y (B, NB, d)``.
+
+    Returns NumPy ``(value (B,), grad_x, grad_y)`` in ``x``'s dtype (the
+    gradients ``None`` unless ``grad``). Features are read as float64; for
+    the cosine cost the rows are normalised here and the kernel's sums scaled
+    by ``−1/‖row‖`` (see ``smoothmax/_core/dtwf.pyx``).
+    """
+    from . import _reference
+
+    mod = _compiled_module("dtwf")
+    dtype = x.dtype
+    X = np.ascontiguousarray(x, dtype=np.float64)
+    Y = np.ascontiguousarray(y, dtype=np.float64)
+    if fp.cost == "cosine":
+        X, ix = _reference._unit_rows(np, X)
+        Y, iy = _reference._unit_rows(np, Y)
+    value, gx, gy = mod._run(X, Y, _int_host(fp.la), _int_host(fp.lb), fp.band, mod.COSTS[fp.cost],
+                             fp.reg_code, fp.gamma, fp.rows, bool(grad), fp.progress)
+    if not grad:
+        return value.astype(dtype, copy=False), None, None
+    if fp.cost == "cosine":
+        gx *= -ix[..., None]
+        gy *= -iy[..., None]
+    return value.astype(dtype, copy=False), gx.astype(dtype, copy=False), gy.astype(dtype, copy=False)

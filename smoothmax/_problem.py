@@ -86,3 +86,33 @@ def _unflatten(problem, op, out, theta_shape):
         return xp.reshape(value, bs), xp.reshape(E, theta_shape)
     score, path = out
     return xp.reshape(score, bs), xp.reshape(path, bs + tuple(path.shape[1:]))
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureProblem:
+    """A validated call of DTW_Ω between features (``smoothmax.dtw_features``).
+
+    ``x`` (B, NA, d) and ``y`` (B, NB, d) flat; ``la``/``lb`` host int64 (B,);
+    ``band`` −1 for none; ``rows``: strip height of the compiled kernel for
+    the gradient (rows of R between two checkpoints); ``progress``: a
+    callable ``(rows_done)`` or None.
+    """
+    xp: Any
+    backend: str
+    device: str
+    batch_shape: tuple
+    NA: int
+    NB: int
+    d: int
+    la: Any
+    lb: Any
+    band: int
+    cost: str
+    reg: str
+    gamma: float
+    rows: int
+    progress: Any = None
+
+    @property
+    def reg_code(self):
+        return REG_CODES[self.reg]

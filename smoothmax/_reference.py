@@ -366,3 +366,55 @@ def _namespace(x):
     return aac.array_namespace(x)
 
 from ._reference_dag import dag_grad, dag_hvp, dag_path, dag_value  # noqa: E402,F401  (the "dag" structure)
+
+
+# ---------------------------------------------------------------------------
+# DTW between features through the cost matrix (quadratic memory): the
+# engine of the namespaces without the compiled feature kernel, and the
+# readable definition of the costs and their chain rule.
+
+
+def pairwise_cost(xp, x, y, cost):
+    """``C[..., i, j] = c(x[..., i, :], y[..., j, :])``, shape (..., NA, NB).
+
+    sqeuclidean ``‖x_i − y_j‖²``, euclidean ``‖x_i − y_j‖``, cosine
+    ``1 − <x_i, y_j>/(‖x_i‖‖y_j‖)`` (a zero row counts as orthogonal to all).
+    """
+    if cost == "cosine":
+        xh, yh = _unit_rows(xp, x)[0], _unit_rows(xp, y)[0]
+        return 1.0 - xp.matmul(xh, xp.matrix_transpose(yh))
+    diff = x[..., :, None, :] - y[..., None, :, :]
+    C = xp.sum(diff * diff, axis=-1)
+    return xp.sqrt(C) if cost == "euclidean" else C
+
+
+def _unit_rows(xp, x):
+    """Rows of ``x`` scaled to norm 1, and 1/‖row‖ (both 0 for a zero row)."""
+    n = xp.sqrt(xp.sum(x * x, axis=-1))
+    inv = xp.where(n > 0, 1.0 / xp.where(n > 0, n, 1.0), 0.0)
+    return x * inv[..., None], inv
+
+
+def cost_chain_rule(xp, x, y, E, cost):
+    """``(grad_x, grad_y)`` of ``<E, C(x, y)>`` for a fixed weight matrix ``E`` (..., NA, NB).
+
+    For the Euclidean cost the cells where ``x_i = y_j`` contribute 0.
+    """
+    Et = xp.matrix_transpose(E)
+    if cost == "cosine":
+        xh, ix = _unit_rows(xp, x)
+        yh, iy = _unit_rows(xp, y)
+        ES = E * xp.matmul(xh, xp.matrix_transpose(yh))
+        gx = -(xp.matmul(E, yh) - xp.sum(ES, axis=-1)[..., None] * xh) * ix[..., None]
+        gy = -(xp.matmul(Et, xh) - xp.sum(ES, axis=-2)[..., None] * yh) * iy[..., None]
+        return gx, gy
+    if cost == "euclidean":
+        C = pairwise_cost(xp, x, y, "sqeuclidean")
+        pos = C > 0
+        W = xp.where(pos, E / xp.sqrt(xp.where(pos, C, 1.0)), 0.0)
+    else:
+        W = 2.0 * E
+    Wt = xp.matrix_transpose(W)
+    gx = xp.sum(W, axis=-1)[..., None] * x - xp.matmul(W, y)
+    gy = xp.sum(Wt, axis=-1)[..., None] * y - xp.matmul(Wt, x)
+    return gx, gy

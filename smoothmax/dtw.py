@@ -7,13 +7,16 @@
 (Cuturi & Blondel, 2017) on the cost matrix; ``E = ∇DTW_Ω(θ)`` is the
 expected alignment.
 """
+import math
+
 import numpy as np
 
-from ._problem import evaluate, make_problem
+from ._array_api import dtype_name, device_kind
+from ._problem import FeatureProblem, evaluate, make_problem
 from ._validation import (as_array, check_band, check_direction, check_float, check_gamma,
                           check_lengths, check_rank, check_reg, check_values)
 
-__all__ = ["dtw", "dtw_grad", "dtw_hvp", "dtw_path"]
+__all__ = ["dtw", "dtw_grad", "dtw_hvp", "dtw_path", "dtw_features", "dtw_features_grad", "FEATURE_COSTS"]
 
 _SHARED_DOC = """
     Parameters
@@ -47,6 +50,13 @@ def _prepare(theta, reg, gamma, lengths, band, name="dtw"):
     band = check_band(band)
     check_values(theta, xp, "theta", "-inf")
     batch_shape = tuple(theta.shape[:-2])
+    la, lb = _pair_lengths(lengths, batch_shape, NA, NB)
+    problem = make_problem("dtw", theta, xp, backend, theta.ndim - 2, (la, lb, band), reg, gamma)
+    return theta, problem
+
+
+def _pair_lengths(lengths, batch_shape, NA, NB):
+    """``lengths`` (None, a pair, or an int array (..., 2)) as two flat int64 host arrays."""
     if lengths is None:
         la = check_lengths(None, batch_shape, NA)
         lb = check_lengths(None, batch_shape, NB)
@@ -66,8 +76,7 @@ def _prepare(theta, reg, gamma, lengths, band, name="dtw"):
             len_a, len_b = arr[..., 0], arr[..., 1]
         la = check_lengths(len_a, batch_shape, NA, "lengths[0] (len_a)")
         lb = check_lengths(len_b, batch_shape, NB, "lengths[1] (len_b)")
-    problem = make_problem("dtw", theta, xp, backend, theta.ndim - 2, (la, lb, band), reg, gamma)
-    return theta, problem
+    return la, lb
 
 
 def dtw(theta, *, reg="negentropy", gamma=1.0, lengths=None, band=None):
@@ -129,3 +138,193 @@ def dtw_path(theta, *, lengths=None, band=None):
 
 for _f in (dtw, dtw_grad, dtw_hvp):
     _f.__doc__ = _f.__doc__.replace("{shared}", _SHARED_DOC)
+
+
+# ---------------------------------------------------------------------------
+# DTW between features: the cost of a cell is computed when it is visited
+
+
+FEATURE_COSTS = ("sqeuclidean", "euclidean", "cosine")
+
+# the gradient stores its weights (3 doubles a cell) whole up to this size;
+# above, it keeps a row of R every ``rows`` rows and recomputes between them
+_STORED_BYTES = 64 << 20
+
+
+def checkpoint_rows(NA, NB, band=None):
+    """Rows of R between two checkpoints for the gradient of an NA×NB problem.
+
+    The checkpointed gradient keeps ``ceil(NA / h)`` rows of R (NB + 1
+    doubles each) and the weights of one strip of ``h`` rows (3·h·w doubles,
+    ``w`` the cells of a row: NB, or the band's width); ``h = √(NA·NB / 3w)``
+    minimises their sum, ``≈ 2·√(3·NA)·NB`` doubles without a band. Small
+    problems (weights under 64 MiB) are one strip: the stored backward.
+    """
+    w = NB if band is None or band < 0 else min(NB, 2 * band + 1 + abs(NA - NB))
+    if 24 * NA * w <= _STORED_BYTES:
+        return NA
+    return max(16, min(NA, math.ceil(math.sqrt(NA * (NB + 1) / (3.0 * w)))))
+
+
+def _prepare_features(x, y, cost, reg, gamma, lengths, band, checkpoint, progress):
+    from ._progress import check_progress, check_rows
+
+    x, xp, backend = as_array(x, "x")
+    y, _, ybackend = as_array(y, "y")
+    if ybackend != backend:
+        raise TypeError(f"x and y must be arrays of the same library, got {backend} and {ybackend}")
+    check_float(x, xp, "x")
+    check_float(y, xp, "y")
+    if x.dtype != y.dtype:
+        raise TypeError(f"x and y must have the same dtype, got {dtype_name(xp, x.dtype)} and "
+                        f"{dtype_name(xp, y.dtype)}")
+    check_rank(x, 2, "x", "(..., NA, d)")
+    check_rank(y, 2, "y", "(..., NB, d)")
+    if tuple(x.shape[:-2]) != tuple(y.shape[:-2]) or x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"x and y must have shapes (..., NA, d) and (..., NB, d) with the same batch "
+                         f"shape and d, got {tuple(x.shape)} and {tuple(y.shape)}")
+    NA, NB, d = int(x.shape[-2]), int(y.shape[-2]), int(x.shape[-1])
+    if NA < 1 or NB < 1 or d < 1:
+        raise ValueError(f"x and y must have NA, NB >= 1 frames of d >= 1 features, got shapes "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    if not isinstance(cost, str) or cost not in FEATURE_COSTS:
+        raise ValueError(f"cost must be one of {list(FEATURE_COSTS)}, got {cost!r}")
+    reg = check_reg(reg)
+    gamma = check_gamma(gamma)
+    band = check_band(band)
+    rows = check_rows(checkpoint)
+    progress = check_progress(progress)
+    check_values(x, xp, "x", "inf")
+    check_values(y, xp, "y", "inf")
+    batch_shape = tuple(x.shape[:-2])
+    la, lb = _pair_lengths(lengths, batch_shape, NA, NB)
+    if rows is None:
+        rows = checkpoint_rows(NA, NB, band)
+    fp = FeatureProblem(xp, backend, device_kind(x, backend), batch_shape, NA, NB, d, la, lb,
+                        band, cost, reg, gamma, rows, progress)
+    B = int(np.prod(batch_shape, dtype=np.int64))
+    return xp.reshape(x, (B, NA, d)), xp.reshape(y, (B, NB, d)), fp
+
+
+def evaluate_features(fp, x, y, grad):
+    """Route flat ``x (B, NA, d)``, ``y (B, NB, d)`` to an engine; outputs in the caller's namespace.
+
+    Compiled kernel: NumPy directly, torch and JAX through their autodiff
+    rules (:mod:`smoothmax.torch`, :mod:`smoothmax.jax`); other namespaces
+    and devices: the cost matrix ``C`` (quadratic memory), ``dtw_grad(C)``
+    and the chain rule, in the caller's namespace.
+    """
+    from . import _dispatch, _reference
+
+    if not _dispatch.features_compiled(fp.backend, fp.device):
+        C = _reference.pairwise_cost(fp.xp, x, y, fp.cost)
+        kw = dict(reg=fp.reg, gamma=fp.gamma, lengths=(fp.la, fp.lb), band=None if fp.band < 0 else fp.band)
+        if not grad:
+            return dtw(C, **kw), None, None
+        value, E = dtw_grad(C, **kw)
+        return (value,) + tuple(_reference.cost_chain_rule(fp.xp, x, y, E, fp.cost))
+    if fp.backend == "torch":
+        from . import torch as _framework
+    elif fp.backend == "jax":
+        from . import jax as _framework
+    else:
+        return _dispatch.run_features(fp, x, y, grad)
+    return _framework.apply_features(fp, x, y, grad)
+
+
+def _with_progress(fp, x, y, grad):
+    """Run with the progress hook of ``fp`` (bar or callback) around the kernel."""
+    from ._progress import Progress
+
+    B = len(fp.la)
+    cells = float(np.sum(fp.la.astype(np.float64) * fp.lb)) * (3 if grad else 1)
+    total = int(np.sum(fp.la)) * (2 if grad else 1)
+    bar = Progress(fp.progress, total, cells, "dtw_features" + (" (gradient)" if grad else ""))
+    import dataclasses
+
+    run = dataclasses.replace(fp, progress=bar if bar.active and B > 0 else None)
+    try:
+        out = evaluate_features(run, x, y, grad)
+    finally:
+        bar.close()
+    return out
+
+
+_FEATURES_DOC = """
+    Parameters
+    ----------
+    x : array, shape (..., NA, d)
+    y : array, shape (..., NB, d)
+        Feature sequences (same library, float dtype and batch shape ``...``);
+        NaN and infinities are rejected.
+    cost : {"sqeuclidean", "euclidean", "cosine"}
+        The cost of cell (i, j): ``‖x_i − y_j‖²``, ``‖x_i − y_j‖`` (its
+        gradient is taken as 0 where ``x_i = y_j``) or
+        ``1 − <x_i, y_j>/(‖x_i‖‖y_j‖)`` (a zero row costs 1 against every
+        row and gets gradient 0).
+    reg : {"negentropy", "l2", "hard"}
+    gamma : float > 0
+    lengths : None, tuple (len_a, len_b) or int array of shape (..., 2)
+        Per-item lengths: item ``b`` aligns ``x[b, :len_a[b]]`` with
+        ``y[b, :len_b[b]]``.
+    band : None or int >= 0
+        Sakoe-Chiba radius (as :func:`dtw`).
+    checkpoint : None or int >= 1
+        Gradient only: rows of the DP between two stored rows of R (the
+        weights of that many rows are kept at a time). None picks
+        :func:`checkpoint_rows` (the stored backward for small problems,
+        about ``√(NA/3)`` rows otherwise).
+    progress : None, bool or callable ``(done, total)``
+        Progress of the compiled kernel in rows of the DP: a ``tqdm`` bar
+        (when installed) for large calls that run longer than 3 s (None), always
+        (True), never (False), or a callback.
+
+    The compiled CPU kernel (NumPy, torch and JAX arrays on the CPU) never
+    forms the NA×NB cost matrix: a cell's cost is computed when the cell is
+    visited and the value needs O(NB) memory; other libraries and devices
+    run ``dtw_grad`` on the cost matrix (quadratic memory).
+"""
+
+
+def dtw_features(x, y, *, cost="sqeuclidean", reg="negentropy", gamma=1.0, lengths=None,
+                 band=None, checkpoint=None, progress=None):
+    """DTW_Ω(C(x, y)) between two feature sequences, without forming ``C``.
+    {shared}
+    Returns
+    -------
+    value : array, shape (...)
+        ``+inf`` where the end cell cannot be reached. Differentiable in
+        ``x`` and ``y`` under torch and JAX (first order in linear memory;
+        torch's second order runs the cost-matrix path).
+    """
+    x, y, fp = _prepare_features(x, y, cost, reg, gamma, lengths, band, checkpoint, progress)
+    value = _with_progress(fp, x, y, False)[0]
+    return fp.xp.reshape(value, fp.batch_shape)
+
+
+def dtw_features_grad(x, y, *, cost="sqeuclidean", reg="negentropy", gamma=1.0, lengths=None,
+                      band=None, checkpoint=None, progress=None):
+    """DTW_Ω(C(x, y)) and its gradients with respect to the features, in linear memory.
+
+    ``grad_x[i] = Σ_j E[i, j] ∂C[i, j]/∂x_i`` (and likewise ``grad_y``) with
+    ``E`` the expected alignment; neither ``C`` nor ``E`` is formed. Extra
+    memory with the automatic ``checkpoint``: about ``2·√(3·NA)·NB`` doubles
+    per problem (0.9 GB for 100,000 × 100,000), time about 2.5× the value.
+    {shared}
+    Returns
+    -------
+    value : array, shape (...)
+    grad_x : array, shape (..., NA, d)
+    grad_y : array, shape (..., NB, d)
+        Zero past the lengths, and everywhere for an item whose end cell
+        cannot be reached.
+    """
+    x, y, fp = _prepare_features(x, y, cost, reg, gamma, lengths, band, checkpoint, progress)
+    value, gx, gy = _with_progress(fp, x, y, True)
+    xp = fp.xp
+    return (xp.reshape(value, fp.batch_shape), xp.reshape(gx, fp.batch_shape + (fp.NA, fp.d)),
+            xp.reshape(gy, fp.batch_shape + (fp.NB, fp.d)))
+
+
+for _f in (dtw_features, dtw_features_grad):
+    _f.__doc__ = _f.__doc__.replace("{shared}", _FEATURES_DOC)

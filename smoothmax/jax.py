@@ -559,6 +559,72 @@ def soft_dtw(x, y, *, reg="negentropy", gamma=1.0, band=None, lengths=None, norm
     return value - 0.5 * (sdtw(x, x, la, la) + sdtw(y, y, lb, lb))
 
 
+# ---------------------------------------------------------------------------
+# DTW between features (smoothmax.dtw_features): the compiled linear-memory kernel
+
+_FEATURE_SECOND_ORDER = (
+    "second derivatives of smoothmax.dtw_features are not supported under JAX (its gradient "
+    "kernel has no HVP pass); use smoothmax.jax.soft_dtw on a cost matrix for second order"
+)
+
+
+def _features_host(fp, grad, x, y):
+    """Callback body: ``x (*vmapped, B, NA, d)``; lengths repeated over the vmapped items."""
+    x, y = np.asarray(x), np.asarray(y)
+    lead = x.shape[:x.ndim - 3]
+    reps = int(np.prod(lead, dtype=np.int64))
+    host = dataclasses.replace(fp, la=np.tile(fp.la, reps), lb=np.tile(fp.lb, reps))
+    value, gx, gy = _dispatch.run_features(host, x.reshape((-1,) + x.shape[-2:]),
+                                           y.reshape((-1,) + y.shape[-2:]), grad)
+    if not grad:
+        return (value.reshape(x.shape[:-2]),)
+    return value.reshape(x.shape[:-2]), gx.reshape(x.shape), gy.reshape(y.shape)
+
+
+def _feature_rules(fp, dtype):
+    B = len(fp.la)
+    shapes = [jax.ShapeDtypeStruct((B,), dtype), jax.ShapeDtypeStruct((B, fp.NA, fp.d), dtype),
+              jax.ShapeDtypeStruct((B, fp.NB, fp.d), dtype)]
+
+    def value_cb(x, y):
+        return jax.pure_callback(lambda a, b: _features_host(fp, False, a, b), shapes[:1], x, y,
+                                 vmap_method="broadcast_all")[0]
+
+    @jax.custom_jvp
+    def grads(x, y):
+        return tuple(jax.pure_callback(lambda a, b: _features_host(fp, True, a, b), shapes, x, y,
+                                       vmap_method="broadcast_all"))
+
+    @grads.defjvp
+    def _grads_jvp(primals, tangents):
+        raise NotImplementedError(_FEATURE_SECOND_ORDER)
+
+    @jax.custom_jvp
+    def value(x, y):
+        return value_cb(x, y)
+
+    @value.defjvp
+    def _value_jvp(primals, tangents):
+        (x, y), (dx, dy) = primals, tangents
+        v, gx, gy = grads(x, y)
+        return v, jnp.sum(gx * dx, axis=(1, 2)) + jnp.sum(gy * dy, axis=(1, 2))
+
+    return value, grads
+
+
+def apply_features(fp, x, y, grad):
+    """``(value, grad_x, grad_y)`` of flat JAX arrays (the gradients None unless ``grad``).
+
+    ``value`` has a JVP (so ``jax.grad``, ``jvp``, ``jit``, ``vmap`` work);
+    differentiating the gradients (second order) raises ``NotImplementedError``.
+    """
+    dtype = jnp.result_type(x)
+    value, grads = _feature_rules(fp, dtype)
+    if not grad:
+        return value(x, y), None, None
+    return grads(x, y)
+
+
 from ._jax_crf import crf_decode, crf_log_likelihood, crf_log_partition, crf_marginals  # noqa: E402,F401
 
 __all__ += ["crf_log_likelihood", "crf_log_partition", "crf_decode", "crf_marginals"]

@@ -318,6 +318,89 @@ class Viterbi(nn.Module):
         return viterbi_decode(theta, lengths=lengths)
 
 
+# ---------------------------------------------------------------------------
+# DTW between features (smoothmax.dtw_features): the compiled linear-memory kernel
+
+_FEATURE_GRAD_OUTPUT = (
+    "the gradients returned by smoothmax.dtw_features_grad are not differentiable; for second "
+    "derivatives use torch.autograd.grad(smoothmax.dtw_features(x, y), ..., create_graph=True)"
+)
+
+
+def _feature_kernel(fp, x, y, grad):
+    value, gx, gy = _dispatch.run_features(fp, x.detach().cpu().numpy(), y.detach().cpu().numpy(), grad)
+    wrap = torch.from_numpy
+    return wrap(value), (None if gx is None else wrap(gx)), (None if gy is None else wrap(gy))
+
+
+class DTWFeatures(torch.autograd.Function):
+    """``(x (B, NA, d), y (B, NB, d)) -> DTW_Ω(C(x, y)) (B,)`` by the linear-memory kernel.
+
+    The forward runs the gradient kernel and keeps ``grad_x``, ``grad_y``
+    (O((NA + NB)·d)); the backward scales them. A backward with
+    ``create_graph=True`` (second order) recomputes the value through the
+    cost matrix and the custom DTW Functions above (quadratic memory), so
+    Hessian-vector products are exact but not linear in memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, fp, cached=None):
+        value, gx, gy = cached.tensor if cached is not None else _feature_kernel(fp, x, y, True)
+        ctx.fp = fp
+        ctx.save_for_backward(x, y, gx, gy)
+        return value
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, gx, gy = ctx.saved_tensors
+        fp = ctx.fp
+        if torch.is_grad_enabled():
+            from . import _reference
+            from .dtw import dtw
+
+            wrt = [t for t, need in zip((x, y), ctx.needs_input_grad[:2]) if need]
+            C = _reference.pairwise_cost(fp.xp, x, y, fp.cost)
+            value = dtw(C, reg=fp.reg, gamma=fp.gamma, lengths=(fp.la, fp.lb),
+                        band=None if fp.band < 0 else fp.band)
+            grads = iter(torch.autograd.grad(value, wrt, grad_outputs=g, create_graph=True))
+            return (next(grads) if ctx.needs_input_grad[0] else None,
+                    next(grads) if ctx.needs_input_grad[1] else None, None, None)
+        gg = g[:, None, None]
+        return (gg * gx if ctx.needs_input_grad[0] else None,
+                gg * gy if ctx.needs_input_grad[1] else None, None, None)
+
+
+class _NotDifferentiable(torch.autograd.Function):
+    """Identity whose backward raises (outputs that must not be differentiated)."""
+
+    @staticmethod
+    def forward(ctx, t, anchor):
+        return t
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError(_FEATURE_GRAD_OUTPUT)
+
+
+def apply_features(fp, x, y, grad):
+    """``(value, grad_x, grad_y)`` (the gradients None unless ``grad``) of flat CPU tensors.
+
+    ``value`` is differentiable in ``x`` and ``y`` when autograd records;
+    ``grad_x``/``grad_y`` are not (their backward raises).
+    """
+    dtype = x.dtype
+    recording = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    if not recording:
+        value, gx, gy = _feature_kernel(fp, x, y, grad)
+        return value.to(dtype), gx, gy
+    out = _feature_kernel(fp, x, y, True)
+    value = DTWFeatures.apply(x, y, fp, _Cached(out))
+    if not grad:
+        return value, None, None
+    anchor = x if x.requires_grad else y
+    return value, _NotDifferentiable.apply(out[1], anchor), _NotDifferentiable.apply(out[2], anchor)
+
+
 from ._torch_crf import CRF  # noqa: E402  (the factorised CRF layer; docs/crf.md)
 
 __all__ += ["CRF"]

@@ -1,0 +1,402 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Compiled DTW_Ω between features, in linear memory (SPEC §4, docs/engines.md).
+
+The cost matrix is never formed: the cost ``theta[i, j] = c(x_i, y_j)`` of a
+cell is computed when the cell is visited, and the gradient with respect to
+the features is accumulated in the reverse pass from the cell's expected
+alignment ``E[i, j]``, which is never stored either:
+``grad_x[i] = Σ_j E[i, j] ∂c/∂x_i``, ``grad_y[j] = Σ_i E[i, j] ∂c/∂y_j``.
+
+Design: the problem is cut into horizontal strips of ``h`` rows. A strip is
+swept anti-diagonal by anti-diagonal (at most ``h`` cells each, the rows of x
+of the strip and a window of ``h`` rows of y stay in cache) with the
+per-diagonal operator kernels of ``simd.h`` shared with ``dtw.pyx``
+(``sm_dtw_fwd_d`` / ``sm_dtw_bwd_d``); strips talk through one row of R
+(forward) and one row of ready-made products ebar·q (reverse):
+
+* value: strips in order, two rows of R (O(NB) memory);
+* gradient, checkpointed: a first forward keeps R on the row above every
+  strip (``nS`` rows of NB + 1), then the strips are visited last to first:
+  each is recomputed from its checkpoint row storing its weights q (3 per
+  cell, ``3·h·NB`` doubles) and swept backward. With ``h ≈ √(NA / 3)`` the
+  extra memory is ``≈ 2·√(3·NA)·NB`` doubles, O((NA + NB)·√NA) instead of the
+  ``4·NA·NB`` values of ``theta``, q and ``E``; the work is two forward
+  passes and one reverse pass. ``h = NA`` (one strip) is the stored
+  backward, the special case the tests compare the checkpointed one with.
+
+Costs (``COST_*``): the caller passes ``X``, ``Y`` as float64 and, for the
+cosine cost, the rows already normalised (``xhat``; zero rows stay zero) so
+that ``c = 1 − <xhat_i, yhat_j>``; the kernel accumulates
+``Gx[i] = Σ_j E (yhat_j − s·xhat_i)`` (``s = <xhat_i, yhat_j>``) and the
+caller multiplies by ``−1/‖x_i‖`` (0 for a zero row). For ``euclidean``, the
+cost ``‖x_i − y_j‖`` has no derivative where it is 0: the cell contributes 0
+there (the minimum-norm subgradient).
+
+Cells outside the Sakoe-Chiba band or past the lengths are +inf in R and
+never visited. One thread per problem: a ``prange`` over the batch (the
+anti-diagonals of one strip are too short to share between threads without
+a barrier per diagonal; see docs/decisions.md).
+"""
+from cython.parallel cimport prange, parallel
+from libc.stdlib cimport malloc, free
+from libc.math cimport INFINITY
+
+import numpy as np
+
+from .operators cimport sm_init_isa
+
+
+cdef extern from "simd.h" nogil:
+    void sm_dtw_fwd_d(Py_ssize_t n, const double* theta, const double* up, const double* left, const double* dg,
+                      double* out, double* qu, double* ql, double* qd,
+                      int reg, double gamma)
+    void sm_dtw_bwd_d(Py_ssize_t n, const double* eu, const double* el,
+                      const double* ed, const double* qu, const double* ql,
+                      const double* qd, double* out)
+    int sm_max_threads()
+
+
+cdef extern from "costs.h" nogil:
+    void sm_cost_diag(Py_ssize_t n, int cost, const double* x, const double* y, Py_ssize_t d,
+                      double* out)
+    void sm_cgrad_diag(Py_ssize_t n, int cost, const double* e, const double* x,
+                       const double* y, Py_ssize_t d, double* gx, double* gy)
+
+
+sm_init_isa()
+
+
+cdef enum:
+    COST_SQEUCLIDEAN = 0
+    COST_EUCLIDEAN = 1
+    COST_COSINE = 2
+    QPAD = 4   # zero padding around each weight plane (reads one diagonal past a strip)
+
+
+COSTS = {"sqeuclidean": COST_SQEUCLIDEAN, "euclidean": COST_EUCLIDEAN, "cosine": COST_COSINE}
+
+
+cdef inline Py_ssize_t _floor_half(Py_ssize_t a) noexcept nogil:
+    return (a - (a & 1)) // 2
+
+
+cdef inline void _diag_range(Py_ssize_t D, Py_ssize_t la, Py_ssize_t lb, Py_ssize_t r,
+                             Py_ssize_t* lo, Py_ssize_t* hi) noexcept nogil:
+    """Rows i (1-based) of the cells (i, D - i) of global anti-diagonal D
+    inside the problem and tslearn's Sakoe-Chiba band of radius r (r < 0: none).
+    Both ends are non-decreasing in D by steps of at most 1."""
+    cdef Py_ssize_t a = max(1, D - lb), z = min(la, D - 1)
+    if r >= 0:
+        if la <= lb:
+            a = max(a, _floor_half(D - (lb - la) - r + 1))
+            z = min(z, _floor_half(D + r))
+        else:
+            a = max(a, _floor_half(D - r + 1))
+            z = min(z, _floor_half(D + (la - lb) + r))
+    lo[0] = a
+    hi[0] = z
+
+
+ctypedef struct _Strip:
+    # one problem: features, sizes, band, operator
+    const double* X
+    const double* Y
+    Py_ssize_t d, la, lb, r
+    int cost, reg
+    double gamma
+
+
+cdef Py_ssize_t _strip_ranges(const _Strip* p, Py_ssize_t i0, Py_ssize_t h,
+                              Py_ssize_t* slo, Py_ssize_t* shi, Py_ssize_t* soff) noexcept nogil:
+    """Local rows [slo[dl], shi[dl]] (1-based in the strip) of the cells of local
+    diagonal dl = li + j, dl = 2 .. h + lb, and the offset of their weights in
+    a q plane; dl = h + lb + 1, h + lb + 2 get an empty range (their weights
+    point at the zero pad). Returns the number of cells."""
+    cdef Py_ssize_t dl, a, z, total = 0, Dl = h + p.lb
+    for dl in range(2):
+        slo[dl] = 1
+        shi[dl] = 0
+        soff[dl] = 0
+    for dl in range(2, Dl + 1):
+        _diag_range(dl + i0 - 1, p.la, p.lb, p.r, &a, &z)
+        a = max(max(a - i0 + 1, 1), dl - p.lb)
+        z = min(min(z - i0 + 1, h), dl - 1)
+        slo[dl] = a
+        shi[dl] = z
+        soff[dl] = total
+        if z >= a:
+            total += z - a + 1
+    for dl in range(Dl + 1, Dl + 3):
+        slo[dl] = h + 1
+        shi[dl] = h
+        soff[dl] = total
+    return total
+
+
+cdef inline Py_ssize_t _strip_work(Py_ssize_t h) noexcept nogil:
+    """Doubles of workspace of a strip sweep: 3 rolling diagonals and a cost buffer."""
+    return 4 * (h + 2)
+
+
+cdef void _strip_fwd(const _Strip* p, Py_ssize_t i0, Py_ssize_t h, const double* Rin,
+                     double* Rout, double* q, Py_ssize_t P, double* wd,
+                     const Py_ssize_t* slo, const Py_ssize_t* shi,
+                     const Py_ssize_t* soff) noexcept nogil:
+    """Forward over rows i0 .. i0 + h - 1 (1-based) from Rin = R[i0 - 1, 0 .. lb].
+
+    Writes R[i0 + h - 1, 0 .. lb] into Rout (+inf off the computed cells) and,
+    when q is not NULL, the weights into the planes q, q + P, q + 2P (up,
+    left, diagonal; diagonal dl at offset soff[dl]). Rolling diagonal buffers
+    are indexed by the local row 0 .. h + 1; entry 0 of diagonal dl is the
+    cell (i0 - 1, dl) of Rin, every entry not written for a diagonal is +inf.
+    """
+    cdef Py_ssize_t W = h + 2, lb = p.lb, d = p.d, Dl = h + p.lb
+    cdef Py_ssize_t dl, a, z, n, c, k, li
+    cdef double* R[3]
+    cdef Py_ssize_t wlo[3]
+    cdef Py_ssize_t whi[3]
+    cdef double* cb = wd + 3 * W
+    cdef double* cur
+    cdef double* p1
+    cdef double* p2
+    for c in range(3):
+        R[c] = wd + c * W
+        for k in range(W):
+            R[c][k] = INFINITY
+        wlo[c] = 0
+        whi[c] = -1
+    for k in range(lb + 1):
+        Rout[k] = INFINITY
+    R[0][0] = Rin[0]
+    wlo[0] = 0; whi[0] = 0
+    if lb >= 1:
+        R[1][0] = Rin[1]
+    wlo[1] = 0; whi[1] = 0
+    for dl in range(2, Dl + 1):
+        c = dl % 3
+        cur = R[c]
+        p1 = R[(dl - 1) % 3]
+        p2 = R[(dl - 2) % 3]
+        for k in range(wlo[c], whi[c] + 1):  # forget diagonal dl - 3
+            cur[k] = INFINITY
+        a = slo[dl]
+        z = shi[dl]
+        n = z - a + 1
+        wlo[c] = W
+        whi[c] = -1
+        if n > 0:
+            # x row of local row a, y row of column dl - a; then +1 / -1 row per cell
+            sm_cost_diag(n, p.cost, p.X + (i0 + a - 2) * d, p.Y + (dl - a - 1) * d, d, cb)
+            if q != NULL:
+                sm_dtw_fwd_d(n, cb, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
+                             q + soff[dl], q + P + soff[dl], q + 2 * P + soff[dl], p.reg, p.gamma)
+            else:
+                sm_dtw_fwd_d(n, cb, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
+                             NULL, NULL, NULL, p.reg, p.gamma)
+            wlo[c] = a
+            whi[c] = z
+            if a <= h <= z:  # last row of the strip
+                Rout[dl - h] = cur[h]
+        if dl <= lb:  # cell (i0 - 1, dl) above the strip
+            cur[0] = Rin[dl]
+            wlo[c] = 0
+            whi[c] = max(whi[c], 0)
+
+
+cdef void _strip_bwd(const _Strip* p, Py_ssize_t i0, Py_ssize_t h, const double* Ein,
+                     double* Eout, const double* q, Py_ssize_t P, double* wd,
+                     const Py_ssize_t* slo, const Py_ssize_t* shi, const Py_ssize_t* soff,
+                     double* gx, double* gy) noexcept nogil:
+    """Reverse over the strip of ``_strip_fwd`` (its weights in q), pull form.
+
+    ebar(i, j) = ebar(i+1, j)·q_up(i+1, j) + ebar(i, j+1)·q_left(i, j+1)
+    + ebar(i+1, j+1)·q_diag(i+1, j+1). The children in the row below the strip
+    arrive as Ein[j] (their two products for column j, 0 for the last strip,
+    whose cell (la, lb) gets ebar = 1); the first row sends its products to the
+    row above through Eout (zeroed here). Each cell adds ebar·∇c to gx, gy.
+    """
+    cdef Py_ssize_t W = h + 2, lb = p.lb, d = p.d, Dl = h + p.lb
+    cdef Py_ssize_t dl, a, z, n, c, k, li, j, pos
+    cdef Py_ssize_t offU, offL, offD
+    cdef double* eb[3]
+    cdef Py_ssize_t wlo[3]
+    cdef Py_ssize_t whi[3]
+    cdef double* cur
+    cdef double* p1
+    cdef double* p2
+    cdef const double* qU = q
+    cdef const double* qL = q + P
+    cdef const double* qD = q + 2 * P
+    cdef bint last = i0 + h - 1 == p.la
+    cdef double e
+    for c in range(3):
+        eb[c] = wd + c * W
+        for k in range(W):
+            eb[c][k] = 0.0
+        wlo[c] = 1
+        whi[c] = 0
+    for k in range(lb + 2):
+        Eout[k] = 0.0
+    for dl in range(Dl, 1, -1):
+        c = dl % 3
+        cur = eb[c]
+        p1 = eb[(dl + 1) % 3]
+        p2 = eb[(dl + 2) % 3]
+        for k in range(wlo[c], whi[c] + 1):  # forget diagonal dl + 3
+            cur[k] = 0.0
+        a = slo[dl]
+        z = shi[dl]
+        n = z - a + 1
+        wlo[c] = a
+        whi[c] = z
+        if n <= 0:
+            continue
+        # weights of (li+1, j) [up], (li, j+1) [left], (li+1, j+1) [diag] toward (li, j)
+        offU = soff[dl + 1] + (a + 1 - slo[dl + 1])
+        offL = soff[dl + 1] + (a - slo[dl + 1])
+        offD = soff[dl + 2] + (a + 1 - slo[dl + 2])
+        sm_dtw_bwd_d(n, p1 + a + 1, p1 + a, p2 + a + 1, qU + offU, qL + offL, qD + offD, cur + a)
+        if a <= h <= z:  # last row: children below the strip
+            cur[h] += Ein[dl - h]
+        if last and dl == Dl:  # the end cell
+            cur[h] = 1.0
+        sm_cgrad_diag(n, p.cost, cur + a, p.X + (i0 + a - 2) * d, p.Y + (dl - a - 1) * d, d,
+                      gx + (i0 + a - 2) * d, gy + (dl - a - 1) * d)
+        if a == 1:  # first row: send to the row above
+            j = dl - 1
+            pos = soff[dl]
+            e = cur[1]
+            Eout[j] += e * qU[pos]
+            Eout[j - 1] += e * qD[pos]
+
+
+cdef inline void _report(void* progress, Py_ssize_t rows) noexcept nogil:
+    """Tell the caller's progress hook (a Python callable, or NULL) that ``rows``
+    more rows are done; the hook does its own error handling."""
+    if progress != NULL:
+        with gil:
+            (<object> progress)(rows)
+
+
+cdef double _one(const _Strip* p, Py_ssize_t h, bint grad, double* gx, double* gy,
+                 double* work, Py_ssize_t* iwork, void* progress) noexcept nogil:
+    """One problem; returns R[la, lb] and (grad) accumulates into gx, gy
+    (la·d and lb·d doubles, zero on entry). ``work``/``iwork``: ``_work_len``."""
+    cdef Py_ssize_t la = p.la, lb = p.lb, nS = (la + h - 1) // h, s, i0, hs, k, L = lb + 2
+    cdef Py_ssize_t P = h * lb + 2 * QPAD  # a weight plane: the cells of a strip and pads
+    cdef double* wd = work
+    cdef double* rows = wd + _strip_work(h)      # value: 2 rows; grad: nS checkpoint rows + 1
+    cdef double* q
+    cdef double* Ein
+    cdef double* Eout
+    cdef double* tmp
+    cdef Py_ssize_t* slo = iwork
+    cdef Py_ssize_t* shi = iwork + (h + lb + 3)
+    cdef Py_ssize_t* soff = iwork + 2 * (h + lb + 3)
+    cdef double value
+    rows[0] = 0.0
+    for k in range(1, lb + 1):
+        rows[k] = INFINITY
+    if not grad:
+        for s in range(nS):
+            i0 = s * h + 1
+            hs = min(h, la - i0 + 1)
+            _strip_ranges(p, i0, hs, slo, shi, soff)
+            _strip_fwd(p, i0, hs, rows + (s % 2) * L, rows + ((s + 1) % 2) * L, NULL, 0,
+                       wd, slo, shi, soff)
+            _report(progress, hs)
+        return rows[(nS % 2) * L + lb]
+    # forward keeping the row above every strip (checkpoint s at rows + s·L)
+    for s in range(nS):
+        i0 = s * h + 1
+        hs = min(h, la - i0 + 1)
+        _strip_ranges(p, i0, hs, slo, shi, soff)
+        _strip_fwd(p, i0, hs, rows + s * L, rows + (s + 1) * L, NULL, 0, wd, slo, shi, soff)
+        _report(progress, hs)
+    value = rows[nS * L + lb]
+    if value == INFINITY:
+        return value  # unreachable end cell: E = 0, gradients 0
+    q = rows + (nS + 1) * L + QPAD
+    Ein = q + 3 * P
+    Eout = Ein + L
+    for k in range(L):
+        Ein[k] = 0.0
+    for k in range(-QPAD, 3 * P - QPAD):
+        q[k] = 0.0
+    for s in range(nS - 1, -1, -1):
+        i0 = s * h + 1
+        hs = min(h, la - i0 + 1)
+        _strip_ranges(p, i0, hs, slo, shi, soff)
+        _strip_fwd(p, i0, hs, rows + s * L, rows + nS * L, q, P, wd, slo, shi, soff)
+        _strip_bwd(p, i0, hs, Ein, Eout, q, P, wd, slo, shi, soff, gx, gy)
+        tmp = Ein; Ein = Eout; Eout = tmp
+        _report(progress, hs)
+    return value
+
+
+cdef double _solve(const double* X, const double* Y, Py_ssize_t d, Py_ssize_t la, Py_ssize_t lb,
+                   Py_ssize_t r, int cost, int reg, double gamma, Py_ssize_t h, bint grad,
+                   double* gx, double* gy, double* work, Py_ssize_t* iwork,
+                   void* progress) noexcept nogil:
+    cdef _Strip p
+    p.X = X
+    p.Y = Y
+    p.d = d
+    p.la = la
+    p.lb = lb
+    p.r = r
+    p.cost = cost
+    p.reg = reg
+    p.gamma = gamma
+    return _one(&p, min(h, la), grad, gx, gy, work, iwork, progress)
+
+
+cdef inline Py_ssize_t _work_len(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t h, bint grad) noexcept nogil:
+    cdef Py_ssize_t nS = (NA + h - 1) // h, L = NB + 2, P = h * NB + 2 * QPAD
+    if not grad:
+        return _strip_work(h) + 2 * L
+    return _strip_work(h) + (nS + 1) * L + 3 * P + 2 * L + 2 * QPAD
+
+
+def work_bytes(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t d, Py_ssize_t h, bint grad):
+    """Bytes of workspace one problem of NA×NB with strips of h rows takes
+    (besides the float64 features and, for the gradient, the accumulators)."""
+    return 8 * _work_len(NA, NB, h, grad)
+
+
+def _run(const double[:, :, ::1] X, const double[:, :, ::1] Y,
+         const long long[::1] la, const long long[::1] lb, Py_ssize_t band,
+         int cost, int reg, double gamma, Py_ssize_t h, bint grad, object progress):
+    cdef Py_ssize_t B = X.shape[0], NA = X.shape[1], NB = Y.shape[1], d = X.shape[2]
+    cdef Py_ssize_t b
+    cdef int nthreads = 1 if B < 2 else min(sm_max_threads(), <int> B)
+    value_np = np.empty(B, dtype=np.float64)
+    cdef Py_ssize_t Bg = B if grad else 0
+    gx_np = np.zeros((Bg, NA, d), dtype=np.float64)
+    gy_np = np.zeros((Bg, NB, d), dtype=np.float64)
+    failed_np = np.zeros(B, dtype=np.int8)
+    cdef double[::1] value = value_np
+    cdef double[:, :, ::1] gx = gx_np
+    cdef double[:, :, ::1] gy = gy_np
+    cdef signed char[::1] failed = failed_np
+    cdef double* work = NULL
+    cdef Py_ssize_t* iwork = NULL
+    cdef void* hook = NULL if progress is None else <void*> progress
+    if B == 0 or NA == 0 or NB == 0:
+        return value_np, gx_np, gy_np
+    h = max(1, min(h, NA))
+    with nogil, parallel(num_threads=nthreads):
+        work = <double*> malloc(_work_len(NA, NB, h, grad) * sizeof(double))
+        iwork = <Py_ssize_t*> malloc(3 * (h + NB + 3) * sizeof(Py_ssize_t))
+        for b in prange(B, schedule="dynamic"):
+            if work == NULL or iwork == NULL:
+                failed[b] = 1
+            else:
+                value[b] = _solve(&X[b, 0, 0], &Y[b, 0, 0], d, la[b], lb[b], band, cost, reg,
+                                  gamma, h, grad, &gx[b, 0, 0] if grad else NULL,
+                                  &gy[b, 0, 0] if grad else NULL, work, iwork, hook)
+        free(work)
+        free(iwork)
+    if failed_np.any():
+        raise MemoryError("smoothmax._core.dtwf: could not allocate the workspace")
+    return value_np, gx_np, gy_np
