@@ -187,11 +187,11 @@ def _full_lengths(lengths, B, N):
 class SoftDTW(nn.Module):
     """Soft-DTW loss between batches of time series (Cuturi & Blondel, 2017), DTW_Ω of SPEC §4.
 
-    ``loss(x, y) = DTW_Ω(C(x, y))`` with ``C`` a pairwise cost matrix. The
-    gradient and the Hessian-vector products run the custom passes of
-    :mod:`smoothmax.torch`; the cost is computed with torch operations, so
-    gradients flow to ``x`` and ``y`` (twice). ``gamma`` comes first, as in
-    tslearn's ``SoftDTWLossPyTorch`` and pysdtw's ``SoftDTW``.
+    ``loss(x, y) = DTW_Ω(C(x, y))`` with ``C`` a pairwise cost. Gradients
+    flow to ``x`` and ``y`` (twice): built-in costs through
+    :func:`smoothmax.dtw_features` (linear memory on the CPU), callables
+    through the custom passes of :mod:`smoothmax.torch` on ``C``. ``gamma``
+    comes first, as in tslearn's ``SoftDTWLossPyTorch`` and pysdtw's ``SoftDTW``.
 
     Parameters
     ----------
@@ -204,8 +204,12 @@ class SoftDTW(nn.Module):
         If True, return the soft-DTW divergence
         ``DTW(x, y) − (DTW(x, x) + DTW(y, y)) / 2`` (each self term with its
         own lengths), which is 0 for ``x = y``.
-    cost : callable ``(x (B, N, d), y (B, M, d)) -> (B, N, M)``, optional
-        Defaults to :func:`squared_euclidean`.
+    cost : {"sqeuclidean", "euclidean", "cosine"} or callable, optional
+        A built-in cost (default ``"sqeuclidean"``) runs
+        :func:`smoothmax.dtw_features`: the cost matrix is never formed and
+        memory is linear in the lengths (second derivatives recompute through
+        the cost matrix). A callable ``(x (B, N, d), y (B, M, d)) -> (B, N, M)``
+        builds the cost matrix with torch operations (e.g. :func:`squared_euclidean`).
     reduction : {"mean", "sum", "none"}
         Over the batch: a scalar for ``"mean"`` and ``"sum"``, shape (B,) for ``"none"``.
 
@@ -233,7 +237,12 @@ class SoftDTW(nn.Module):
         self.reg = check_reg(reg)
         self.band = None if band is None else check_band(band)
         self.normalize = bool(normalize)
-        self.cost = squared_euclidean if cost is None else cost
+        from .dtw import FEATURE_COSTS
+
+        cost = "sqeuclidean" if cost is None else cost
+        if isinstance(cost, str) and cost not in FEATURE_COSTS or not (isinstance(cost, str) or callable(cost)):
+            raise ValueError(f"cost must be one of {list(FEATURE_COSTS)} or a callable, got {cost!r}")
+        self.cost = cost
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be one of 'mean', 'sum', 'none', got {reduction!r}")
         self.reduction = reduction
@@ -247,6 +256,11 @@ class SoftDTW(nn.Module):
 
         lengths = None if la is None and lb is None else (
             _full_lengths(la, a.shape[0], a.shape[1]), _full_lengths(lb, b.shape[0], b.shape[1]))
+        if isinstance(self.cost, str):
+            from .dtw import dtw_features
+
+            return dtw_features(a, b, cost=self.cost, reg=self.reg, gamma=self.gamma, lengths=lengths,
+                                band=self.band)
         return dtw(self.cost(a, b), reg=self.reg, gamma=self.gamma, lengths=lengths, band=self.band)
 
     def forward(self, x, y, x_lengths=None, y_lengths=None):

@@ -278,3 +278,24 @@ def test_jax_rules():
                                np.stack([want[0]] * 2), rtol=1e-10)
     with pytest.raises(NotImplementedError, match="second derivatives"):
         jax.grad(lambda a: jax.grad(f)(a, jnp.asarray(y)).sum())(jnp.asarray(x))
+
+
+def test_torch_softdtw_builtin_costs_use_features():
+    """SoftDTW's built-in costs (the feature path) equal a callable cost (the cost-matrix path)."""
+    torch = pytest.importorskip("torch")
+    import smoothmax.torch as smt
+
+    x, y, la, lb, _ = _case(12, B=3, max_len=9, d=2)
+    la, lb = torch.tensor(la), torch.tensor(lb)
+    for name, fn in (("sqeuclidean", smt.squared_euclidean), ("euclidean", lambda a, b: torch.cdist(a, b))):
+        outs = []
+        for cost in (name, fn):
+            X = torch.tensor(x, requires_grad=True)
+            Y = torch.tensor(y, requires_grad=True)
+            loss = smt.SoftDTW(gamma=0.4, band=3, normalize=True, cost=cost)(X, Y, la, lb)
+            gx, gy = torch.autograd.grad(loss.sum(), (X, Y))
+            outs.append((loss.detach(), gx, gy))
+        for a, b in zip(*outs):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="cost must be one of"):
+        smt.SoftDTW(cost="manhattan")
