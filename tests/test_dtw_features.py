@@ -299,3 +299,38 @@ def test_torch_softdtw_builtin_costs_use_features():
             np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="cost must be one of"):
         smt.SoftDTW(cost="manhattan")
+
+
+@pytest.mark.parametrize("cost", COSTS)
+@pytest.mark.parametrize("max_resident", [1, 3])
+def test_cuda_kernels_emulated(cost, max_resident):
+    """The CUDA text of the feature kernels (smx_dtwf.cu), executed by the CPU emulation of
+    smoothmax._cuda, against the oracle: segments of one and two strips, lengths, a band."""
+    from smoothmax._cuda import emulate, engine
+
+    if not emulate.available():
+        pytest.skip("no C++20 compiler for the CUDA emulation")
+    be = emulate.EmulatedBackend(max_resident=max_resident)
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(2, 70, 3))
+    y = rng.normal(size=(2, 9, 3))
+    la, lb = np.array([70, 41]), np.array([9, 6])
+    code = ("sqeuclidean", "euclidean", "cosine").index(cost)
+    X, Y = x, y
+    if cost == "cosine":
+        X = x / np.linalg.norm(x, axis=2, keepdims=True)
+        Y = y / np.linalg.norm(y, axis=2, keepdims=True)
+    for reg, band in (("negentropy", None), ("l2", 4), ("hard", None)):
+        want = _oracle(x, y, cost, reg, 0.6, la, lb, band)
+        for K in (1, 2):
+            rc = ("negentropy", "l2", "hard").index(reg)
+            b = -1 if band is None else band
+            value, gx, gy = engine.dtwf_run(be, X, Y, la, lb, b, rc, 0.6, code, True, K)
+            if cost == "cosine":
+                gx = -gx / np.linalg.norm(x, axis=2, keepdims=True)
+                gy = -gy / np.linalg.norm(y, axis=2, keepdims=True)
+            np.testing.assert_allclose(value, want[0], rtol=1e-12)
+            np.testing.assert_allclose(engine.dtwf_run(be, X, Y, la, lb, b, rc, 0.6, code, False, K),
+                                       want[0], rtol=1e-12)
+            np.testing.assert_allclose(gx, want[1], rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(gy, want[2], rtol=1e-10, atol=1e-10)

@@ -11,7 +11,7 @@ import functools
 import os
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_BODY = ("smx_common.cuh", "smx_dtw.cu", "smx_viterbi.cu", "smx_crf.cu")
+_BODY = ("smx_common.cuh", "smx_dtw.cu", "smx_dtwf.cu", "smx_viterbi.cu", "smx_crf.cu")
 
 CTYPES = {"float32": "float", "float64": "double"}
 REG_CODES = (0, 1, 2)
@@ -47,6 +47,17 @@ def dtw_bwd_name(ctype, reg, mode):
     return f"smx_dtw_bwd<{ctype},{reg},{mode}>"
 
 
+def dtwf_fwd_name(ctype, reg, cost, mode):
+    return f"smx_dtwf_fwd<{ctype},{reg},{cost},{mode}>"
+
+
+def dtwf_bwd_name(ctype, reg, cost):
+    return f"smx_dtwf_bwd<{ctype},{reg},{cost}>"
+
+
+FEATURE_COST_CODES = (0, 1, 2)  # sqeuclidean, euclidean, cosine (smoothmax._core.dtwf.COSTS)
+
+
 def vit_name(ctype, reg, mode):
     return f"smx_vit<{ctype},{reg},{mode}>"
 
@@ -73,6 +84,9 @@ def name_expressions(dtype):
             names.append(dtw_fwd_name(c, reg, mode))
         for mode in (1, 2):
             names.append(dtw_bwd_name(c, reg, mode))
+        for cost in FEATURE_COST_CODES:
+            names += [dtwf_fwd_name(c, reg, cost, 0), dtwf_fwd_name(c, reg, cost, 1),
+                      dtwf_bwd_name(c, reg, cost)]
         for mode in (0, 1, 2):
             names.append(vit_name(c, reg, mode))
         for mode in (0, 1, 2):

@@ -145,6 +145,89 @@ def dtw_run(be, theta, Z, la, lb, band, reg, gamma, mode):
 
 
 # ---------------------------------------------------------------------------
+# DTW between features (smx_dtwf.cu): segments of strips, linear memory
+
+
+def dtwf_segment_strips(NA, NB):
+    """Strips of 32 rows per segment: the stored weights of a segment
+    (3·32·K·(NB + 31) values) and the checkpoint rows (NB per segment) balance
+    at K ≈ √(ceil(NA/32) / 96)·… ; at least 1, at most all strips."""
+    ns = _nstrips(NA)
+    return max(1, min(ns, int(np.ceil(np.sqrt(ns / 96.0))) * 4))
+
+
+def dtwf_run(be, X, Y, la, lb, band, reg, gamma, cost, grad, K=None):
+    """DTW_Ω between features ``X (B, NA, d)``, ``Y (B, NB, d)``; ``cost`` code 0/1/2.
+
+    Returns ``value`` or ``(value, Gx, Gy)`` (the raw kernel sums; for the
+    cosine cost the caller normalises the rows first and scales the sums,
+    as ``smoothmax._dispatch.run_features`` does for the CPU kernel). The
+    forward runs segment by segment (``K`` strips of 32 rows each), keeping
+    the R row above every segment; the gradient recomputes each segment from
+    its row, storing its weights, and runs it backward: memory
+    ``O(B·NB·(NA/(32K) + 96K))`` values instead of ``O(B·NA·NB)``.
+    """
+    xp = be.xp
+    dt = _np_dtype(X.dtype)
+    X = xp.ascontiguousarray(X)
+    Y = xp.ascontiguousarray(Y)
+    B, NA, d = (int(v) for v in X.shape)
+    NB = int(Y.shape[1])
+    value = xp.full((B,), np.inf, dtype=dt)
+    ns = _nstrips(NA)
+    K = dtwf_segment_strips(NA, NB) if K is None else max(1, min(int(K), ns))
+    starts = list(range(0, ns, K))
+    la = _ints(xp, la)
+    lb = _ints(xp, lb)
+    c = _ctype(dt)
+    i32 = np.int32
+    g = _gamma(dt, reg, gamma)
+    dummy = xp.empty((1,), dtype=dt)
+    ebuf = xp.empty((B * (K + 1) * NB,), dtype=dt)
+    sync = xp.zeros((1 + B * (K + 1),), dtype=np.int32)
+
+    def slots(nseg):
+        """The edge buffer as (B, nseg + 1, NB), the layout the kernels index, and its sync."""
+        return ebuf[:B * (nseg + 1) * NB].reshape(B, nseg + 1, NB), sync[:1 + B * (nseg + 1)]
+
+    def forward(s0, mode, qbuf, row_in):
+        nseg = min(K, ns - s0)
+        ev, sv = slots(nseg)
+        ev[:, 0, :] = row_in
+        sv[...] = 0
+        sv[1::nseg + 1] = NB  # slot 0 (the input) of every item is ready
+        be.launch(dt, _source.dtwf_fwd_name(c, int(reg), int(cost), mode), B * nseg, _WARP,
+                  (X, Y, la, lb, i32(B), i32(NA), i32(NB), i32(d), i32(band), g, i32(s0), i32(nseg),
+                   value, qbuf, ev.reshape(-1), sv))
+        return ev[:, nseg, :].copy()  # the row below the segment: the next one's input
+
+    row = xp.full((B, NB), np.inf, dtype=dt)
+    checkpoints = []
+    for s0 in starts:
+        checkpoints.append(row)
+        row = forward(s0, 0, dummy, row)
+    if not grad:
+        return value
+    gx = xp.zeros((B, NA, d), dtype=dt)
+    gy = xp.zeros((B, NB, d), dtype=dt)
+    qbuf = xp.empty((B * K * (NB + 31) * 3 * _WARP,), dtype=dt)
+    carry = xp.zeros((B, NB), dtype=dt)
+    for s0, row in reversed(list(zip(starts, checkpoints))):
+        nseg = min(K, ns - s0)
+        forward(s0, 1, qbuf, row)
+        bv, sv = slots(nseg)
+        bv[...] = 0
+        bv[:, nseg, :] = carry  # products sent up by the segment below
+        sv[...] = 0
+        sv[1 + nseg::nseg + 1] = NB
+        be.launch(dt, _source.dtwf_bwd_name(c, int(reg), int(cost)), B * nseg, _WARP,
+                  (X, Y, la, lb, i32(B), i32(NA), i32(NB), i32(d), i32(s0), i32(nseg), value, qbuf,
+                   gx, gy, bv.reshape(-1), sv))
+        carry = bv[:, 0, :].copy()
+    return value, gx, gy
+
+
+# ---------------------------------------------------------------------------
 # Viterbi
 
 

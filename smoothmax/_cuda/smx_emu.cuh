@@ -49,6 +49,7 @@ template <typename T> inline T smx_shfl_xor(T v, int d) { int l = threadIdx.x % 
 template <typename T> inline T smx_shfl_idx(T v, int src) { return smx_shfl_src(v, src); }
 
 inline int smx_atomic_add_int(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+template <typename T> inline void smx_atomic_add(T* p, T v) { std::atomic_ref<T>(*p).fetch_add(v); }
 inline int smx_ld_acquire(const int* p)
 {
     int v = std::atomic_ref<int>(*const_cast<int*>(p)).load(std::memory_order_acquire);

@@ -15,6 +15,8 @@ template <typename T> SMX_DEVICE T smx_shfl_xor(T v, int d) { return __shfl_xor_
 template <typename T> SMX_DEVICE T smx_shfl_idx(T v, int src) { return __shfl_sync(0xffffffffu, v, src); }
 
 SMX_DEVICE int smx_atomic_add_int(int* p, int v) { return atomicAdd(p, v); }
+// float / double atomic add (double: sm_60+)
+template <typename T> SMX_DEVICE void smx_atomic_add(T* p, T v) { atomicAdd(p, v); }
 // acquire/release at GPU scope (PTX memory model, sm_70+)
 SMX_DEVICE int smx_ld_acquire(const int* p)
 {
