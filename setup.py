@@ -96,6 +96,7 @@ def _extensions():
             # otherwise holds only the generated .c, not the .pyx cythonize needs)
             depends=[f"smoothmax/_core/{name}.pyx", "smoothmax/_core/simd.h",
                      "smoothmax/_core/operators.pxd", "smoothmax/_core/crf_simd.h",
+                     "smoothmax/_core/band.pxd", "smoothmax/_core/dtw_kernels.pxd",
                      "smoothmax/_core/costs.h"],
             include_dirs=["smoothmax/_core", np.get_include()],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

@@ -29,8 +29,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -70,14 +68,6 @@ def _inputs(N, d, seed=0):
     return x, y
 
 
-def _vm(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _call(method, grad, x, y):
     import smoothmax as sm
 
@@ -109,20 +99,13 @@ def _call(method, grad, x, y):
 
 
 def worker(method, grad, N, d):
+    from _memory import fix_mmap_threshold, measured
+
+    fix_mmap_threshold()
     x, y = _inputs(N, d)
     xs, ys = _inputs(50, d, seed=1)
     _call(method, grad, xs, ys)  # warm-up (imports, numba)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
-        reset = True
-    except OSError:
-        reset = False
-    base = _vm("VmRSS")
-    t = time.perf_counter()
-    value, gx = _call(method, grad, x, y)
-    seconds = time.perf_counter() - t
-    peak = _vm("VmHWM") - base
+    (value, gx), seconds, peak, reset = measured(lambda: _call(method, grad, x, y))
     print("RESULT " + json.dumps({"method": method, "grad": grad, "N": N, "d": d, "seconds": seconds,
                                   "peak_bytes": peak, "hwm_reset": reset, "value": value,
                                   "gx_norm": None if gx is None else float(np.linalg.norm(gx))}))

@@ -35,10 +35,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
 import numpy as np  # noqa: E402
 from _common import figure_path, limit_threads, markdown_table, write_results  # noqa: E402
 from _data import _package_file, read_musicxml_notes  # noqa: E402
+from _memory import fix_mmap_threshold, measured  # noqa: E402  (bench/_memory.py)
 
 limit_threads(1)
 
@@ -81,44 +83,12 @@ def performance(notes, seed):
     return chroma(aa.synthesize(perf, rng=rng)), beat_to_s, end_beat
 
 
-def _fixed_mmap_threshold():
-    """Make glibc serve every large allocation by mmap and give it back when freed (no
-    dynamic threshold), so that the resident set's growth during a call is what it allocates."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def _vm(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def measured(fn):
-    """``fn()``, its wall time and the growth of the resident set's high-water mark during it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set (Linux)
-    except OSError:
-        pass
-    base = _vm("VmRSS")
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t, max(0, _vm("VmHWM") - base)
-
-
 def aligned_frames(x, y, reg, gamma):
     """Value, the expected frame of y for every frame of x, wall time and peak bytes of the gradient call."""
     NB = len(y)
     xa = np.concatenate([x, np.zeros((len(x), 2))], axis=1)
     ya = np.concatenate([y, AUX * np.stack([np.arange(NB, dtype=float), np.ones(NB)], axis=1)], axis=1)
-    (value, gx, _), seconds, peak = measured(lambda: sm.dtw_features_grad(xa, ya, reg=reg, gamma=gamma))
+    (value, gx, _), seconds, peak, _ = measured(lambda: sm.dtw_features_grad(xa, ya, reg=reg, gamma=gamma))
     return float(value), gx[:, -2] / gx[:, -1], seconds, peak
 
 
@@ -128,7 +98,7 @@ def main():
     p.add_argument("--gamma", type=float, default=0.05)
     args = p.parse_args()
     mode = "quick" if args.quick else "full"
-    _fixed_mmap_threshold()
+    fix_mmap_threshold()
     notes = read_musicxml_notes(_package_file("music21", "corpus", *PIECE))
     if args.quick:
         notes = [n for n in notes if n[0] < 200]
@@ -145,8 +115,7 @@ def main():
     t_x = np.arange(NA) / FPS
     true_t_y = to_s_y(np.interp(t_x, to_s_x(beats), beats))
 
-    value, seconds_value, peak_value = None, None, None
-    (value, seconds_value, peak_value) = measured(lambda: float(sm.dtw_features(x, y, gamma=args.gamma)))
+    value, seconds_value, peak_value, _ = measured(lambda: float(sm.dtw_features(x, y, gamma=args.gamma)))
     rows, payload = [], {"NA": NA, "NB": NB, "fps": FPS, "gamma": args.gamma, "piece": "/".join(PIECE),
                          "value_seconds": seconds_value, "value_peak_bytes": peak_value, "runs": []}
     curves = {}

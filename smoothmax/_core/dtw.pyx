@@ -45,46 +45,13 @@ from .._buffers import pass_outputs as _pass_outputs
 
 from cython cimport floating
 
+from .band cimport _diag_range, _in_band
 from .operators cimport max_omega, max_omega_hvp, sm_init_isa, sm_isa_name
 
 
-cdef extern from "simd.h" nogil:
-    void sm_dtw_fwd_d(Py_ssize_t n, const double* theta, const double* up, const double* left, const double* dg,
-                      double* out, double* qu, double* ql, double* qd,
-                      int reg, double gamma)
-    void sm_dtw_fwd_f(Py_ssize_t n, const double* theta, const double* up, const double* left, const double* dg,
-                      double* out, float* qu, float* ql, float* qd,
-                      int reg, double gamma)
-    void sm_dtw_bwd_d(Py_ssize_t n, const double* eu, const double* el,
-                      const double* ed, const double* qu, const double* ql,
-                      const double* qd, double* out)
-    void sm_dtw_bwd_f(Py_ssize_t n, const double* eu, const double* el,
-                      const double* ed, const float* qu, const float* ql,
-                      const float* qd, double* out)
-    void sm_dtw_fwd_hvp_d(Py_ssize_t n, const double* theta, const double* z, const double* up,
-                          const double* left, const double* dg, double* out, const double* dup,
-                          const double* dleft, const double* ddg, double* dout,
-                          double* qu, double* ql, double* qd, double* qdu, double* qdl, double* qdd,
-                          int reg, double gamma)
-    void sm_dtw_fwd_hvp_f(Py_ssize_t n, const double* theta, const double* z, const double* up,
-                          const double* left, const double* dg, double* out, const double* dup,
-                          const double* dleft, const double* ddg, double* dout,
-                          float* qu, float* ql, float* qd, float* qdu, float* qdl, float* qdd,
-                          int reg, double gamma)
-    void sm_dtw_bwd_hvp_d(Py_ssize_t n, const double* eu, const double* el, const double* ed,
-                          const double* fu, const double* fl, const double* fd,
-                          const double* qu, const double* ql, const double* qd,
-                          const double* qdu, const double* qdl, const double* qdd,
-                          double* out, double* dout)
-    void sm_dtw_bwd_hvp_f(Py_ssize_t n, const double* eu, const double* el, const double* ed,
-                          const double* fu, const double* fl, const double* fd,
-                          const float* qu, const float* ql, const float* qd,
-                          const float* qdu, const float* qdl, const float* qdd,
-                          double* out, double* dout)
-    int sm_max_threads()
-    ctypedef void (*sm_tile_fn)(void* ctx, Py_ssize_t I, Py_ssize_t J, int thread) noexcept nogil
-    void sm_wavefront(Py_ssize_t nI, Py_ssize_t nJ, int reverse, sm_tile_fn fn, void* ctx,
-                      int* done)
+from .dtw_kernels cimport (sm_dtw_bwd_d, sm_dtw_bwd_f, sm_dtw_bwd_hvp_d, sm_dtw_bwd_hvp_f,
+                          sm_dtw_fwd_d, sm_dtw_fwd_f, sm_dtw_fwd_hvp_d, sm_dtw_fwd_hvp_f,
+                          sm_max_threads, sm_tile_fn, sm_wavefront)
 
 
 sm_init_isa()
@@ -99,16 +66,6 @@ cdef enum:
     MODE_VALUE = 0
     MODE_GRAD = 1
     MODE_HVP = 2
-
-
-cdef inline bint _in_band(Py_ssize_t i, Py_ssize_t j, Py_ssize_t n, Py_ssize_t m,
-                          Py_ssize_t r) noexcept nogil:
-    """0-based cell (i, j) of an n×m problem inside tslearn's Sakoe-Chiba mask."""
-    if r < 0:
-        return True
-    if n <= m:
-        return i - r <= j and j <= i + (m - n) + r
-    return j - r <= i and i <= j + (n - m) + r
 
 
 cdef inline Py_ssize_t _rows_work(Py_ssize_t NA, Py_ssize_t NB, int mode) noexcept nogil:
@@ -231,30 +188,6 @@ cdef enum:
     QPAD = 4   # zero padding around each stored-q plane of a tile
     BLOCK = 8  # diagonals of theta / E moved at a time between rows and diagonals
     NEDGE = 4  # edge arrays of each kind (see _Grid)
-
-
-cdef inline Py_ssize_t _floor_half(Py_ssize_t a) noexcept nogil:
-    return (a - (a & 1)) // 2
-
-
-cdef inline void _diag_range(Py_ssize_t d, Py_ssize_t la, Py_ssize_t lb, Py_ssize_t r,
-                             Py_ssize_t* lo, Py_ssize_t* hi) noexcept nogil:
-    """Rows i (1-based) of the cells (i, d - i) of anti-diagonal d to compute.
-
-    The cells of the problem, 1 <= i <= la, 1 <= d - i <= lb, intersected with
-    the band (_in_band with i - 1, d - i - 1). Both ends are non-decreasing in
-    d by steps of at most 1, which the buffer logic below relies on.
-    """
-    cdef Py_ssize_t a = max(1, d - lb), z = min(la, d - 1)
-    if r >= 0:
-        if la <= lb:  # -r <= d - 2i <= (lb - la) + r
-            a = max(a, _floor_half(d - (lb - la) - r + 1))
-            z = min(z, _floor_half(d + r))
-        else:         # -r <= 2i - d <= (la - lb) + r
-            a = max(a, _floor_half(d - r + 1))
-            z = min(z, _floor_half(d + (la - lb) + r))
-    lo[0] = a
-    hi[0] = z
 
 
 ctypedef struct _Grid:

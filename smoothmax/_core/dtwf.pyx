@@ -43,17 +43,9 @@ from libc.math cimport INFINITY
 
 import numpy as np
 
+from .band cimport _diag_range
+from .dtw_kernels cimport sm_dtw_bwd_d, sm_dtw_fwd_d, sm_max_threads
 from .operators cimport sm_init_isa
-
-
-cdef extern from "simd.h" nogil:
-    void sm_dtw_fwd_d(Py_ssize_t n, const double* theta, const double* up, const double* left, const double* dg,
-                      double* out, double* qu, double* ql, double* qd,
-                      int reg, double gamma)
-    void sm_dtw_bwd_d(Py_ssize_t n, const double* eu, const double* el,
-                      const double* ed, const double* qu, const double* ql,
-                      const double* qd, double* out)
-    int sm_max_threads()
 
 
 cdef extern from "costs.h" nogil:
@@ -74,27 +66,6 @@ cdef enum:
 
 
 COSTS = {"sqeuclidean": COST_SQEUCLIDEAN, "euclidean": COST_EUCLIDEAN, "cosine": COST_COSINE}
-
-
-cdef inline Py_ssize_t _floor_half(Py_ssize_t a) noexcept nogil:
-    return (a - (a & 1)) // 2
-
-
-cdef inline void _diag_range(Py_ssize_t D, Py_ssize_t la, Py_ssize_t lb, Py_ssize_t r,
-                             Py_ssize_t* lo, Py_ssize_t* hi) noexcept nogil:
-    """Rows i (1-based) of the cells (i, D - i) of global anti-diagonal D
-    inside the problem and tslearn's Sakoe-Chiba band of radius r (r < 0: none).
-    Both ends are non-decreasing in D by steps of at most 1."""
-    cdef Py_ssize_t a = max(1, D - lb), z = min(la, D - 1)
-    if r >= 0:
-        if la <= lb:
-            a = max(a, _floor_half(D - (lb - la) - r + 1))
-            z = min(z, _floor_half(D + r))
-        else:
-            a = max(a, _floor_half(D - r + 1))
-            z = min(z, _floor_half(D + (la - lb) + r))
-    lo[0] = a
-    hi[0] = z
 
 
 ctypedef struct _Strip:
@@ -338,16 +309,7 @@ cdef double _solve(const double* X, const double* Y, Py_ssize_t d, Py_ssize_t la
                    Py_ssize_t r, int cost, int reg, double gamma, Py_ssize_t h, bint grad,
                    double* gx, double* gy, double* work, Py_ssize_t* iwork,
                    void* progress) noexcept nogil:
-    cdef _Strip p
-    p.X = X
-    p.Y = Y
-    p.d = d
-    p.la = la
-    p.lb = lb
-    p.r = r
-    p.cost = cost
-    p.reg = reg
-    p.gamma = gamma
+    cdef _Strip p = _Strip(X=X, Y=Y, d=d, la=la, lb=lb, r=r, cost=cost, reg=reg, gamma=gamma)
     return _one(&p, min(h, la), grad, gx, gy, work, iwork, progress)
 
 

@@ -29,6 +29,14 @@ SMX_DEVICE bool smx_in_band(int i, int j, int n, int m, int band)
     return i >= j - band && i <= j + (n - m) + band;
 }
 
+// The strip a warp takes: tickets in the order warps start, the same on every lane.
+SMX_DEVICE int smx_strip_ticket(int* sync)
+{
+    int ticket = 0;
+    if (threadIdx.x == 0) ticket = smx_atomic_add_int(sync, 1);
+    return smx_shfl_idx(ticket, 0);
+}
+
 template <typename T, int REG, int MODE>
 SMX_GLOBAL void smx_dtw_fwd(const T* __restrict__ theta, const T* __restrict__ Z,
                             const long long* __restrict__ la, const long long* __restrict__ lb,
@@ -39,9 +47,7 @@ SMX_GLOBAL void smx_dtw_fwd(const T* __restrict__ theta, const T* __restrict__ Z
     const T inf = smx_inf<T>();
     const T inv_gamma = T(1) / gamma;
     const int lane = threadIdx.x;
-    int ticket = 0;
-    if (lane == 0) ticket = smx_atomic_add_int(sync, 1);
-    ticket = smx_shfl_idx(ticket, 0);
+    const int ticket = smx_strip_ticket(sync);
     const int s = ticket / B, b = ticket - (ticket / B) * B;
     const int n = (int)la[b], m = (int)lb[b];
     if (32 * s >= n) return;                       // uniform over the warp
@@ -137,9 +143,7 @@ SMX_GLOBAL void smx_dtw_bwd(const long long* __restrict__ la, const long long* _
                             T* edge, T* edged, int* sync)
 {
     const int lane = threadIdx.x;
-    int ticket = 0;
-    if (lane == 0) ticket = smx_atomic_add_int(sync, 1);
-    ticket = smx_shfl_idx(ticket, 0);
+    const int ticket = smx_strip_ticket(sync);
     const int s = nstrips - 1 - ticket / B, b = ticket - (ticket / B) * B;
     const int n = (int)la[b], m = (int)lb[b];
     const int i = 32 * s + lane;

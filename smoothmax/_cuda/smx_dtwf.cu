@@ -64,9 +64,7 @@ SMX_GLOBAL void smx_dtwf_fwd(const T* __restrict__ X, const T* __restrict__ Y,
     const T inf = smx_inf<T>();
     const T inv_gamma = T(1) / gamma;
     const int lane = threadIdx.x;
-    int ticket = 0;
-    if (lane == 0) ticket = smx_atomic_add_int(sync, 1);
-    ticket = smx_shfl_idx(ticket, 0);
+    const int ticket = smx_strip_ticket(sync);
     const int ls = ticket / B, b = ticket - (ticket / B) * B;
     const int s = s0 + ls;
     const int n = (int)la[b], m = (int)lb[b];
@@ -136,9 +134,7 @@ SMX_GLOBAL void smx_dtwf_bwd(const T* __restrict__ X, const T* __restrict__ Y,
                              T* __restrict__ gx, T* gy, T* edge, int* sync)
 {
     const int lane = threadIdx.x;
-    int ticket = 0;
-    if (lane == 0) ticket = smx_atomic_add_int(sync, 1);
-    ticket = smx_shfl_idx(ticket, 0);
+    const int ticket = smx_strip_ticket(sync);
     const int ls = nseg - 1 - ticket / B, b = ticket - (ticket / B) * B;
     const int s = s0 + ls;
     const int n = (int)la[b], m = (int)lb[b];
