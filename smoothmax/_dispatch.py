@@ -174,6 +174,8 @@ def run_features(fp, x, y, grad):
     if fp.cost == "cosine":
         X, ix = _reference._unit_rows(np, X)
         Y, iy = _reference._unit_rows(np, Y)
+    if fp.progress is not None:
+        fp.progress.expect(int(np.sum(fp.la)) * (2 if grad else 1))
     value, gx, gy = mod._run(X, Y, _int_host(fp.la), _int_host(fp.lb), fp.band, mod.COSTS[fp.cost],
                              fp.reg_code, fp.gamma, fp.rows, bool(grad), fp.progress)
     if not grad:

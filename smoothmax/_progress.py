@@ -34,6 +34,14 @@ class Progress:
                 self.bar = tqdm(total=self.total, desc=desc, unit="row", delay=0 if progress else 3,
                                 leave=False)
 
+    def expect(self, total):
+        """The kernel about to run will report ``total`` more rows (a value pass: the
+        rows; a gradient: twice the rows, forward and reverse)."""
+        self.total = self.done + int(total)
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
+
     @property
     def active(self):
         return self.bar is not None or self.callback is not None

@@ -573,7 +573,7 @@ def _features_host(fp, grad, x, y):
     x, y = np.asarray(x), np.asarray(y)
     lead = x.shape[:x.ndim - 3]
     reps = int(np.prod(lead, dtype=np.int64))
-    host = dataclasses.replace(fp, la=np.tile(fp.la, reps), lb=np.tile(fp.lb, reps))
+    host = dataclasses.replace(fp, la=np.tile(fp.la, reps), lb=np.tile(fp.lb, reps))  # vmapped items
     value, gx, gy = _dispatch.run_features(host, x.reshape((-1,) + x.shape[-2:]),
                                            y.reshape((-1,) + y.shape[-2:]), grad)
     if not grad:

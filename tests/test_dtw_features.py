@@ -176,6 +176,12 @@ def test_progress_callback():
     assert seen and all(t == 2 * 2 * 50 for _, t in seen)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1][0] == 200
 
+    torch = pytest.importorskip("torch")
+    seen = []
+    X = torch.tensor(x, requires_grad=True)
+    sm.dtw_features(X, torch.tensor(y), progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (200, 200)  # the value of a tensor that requires grad runs the gradient kernel
+
     def boom(done, total):
         raise KeyboardInterrupt("stop")
 
