@@ -6,6 +6,7 @@ given back when freed), so memory freed earlier in the process is not
 silently reused and hidden from the measurement.
 """
 import ctypes
+import resource
 import time
 
 
@@ -22,6 +23,13 @@ def _vm(key):
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def cpu_seconds():
+    """User + system CPU time of this process so far (less sensitive than wall time to other
+    jobs on a shared machine)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def measured(fn):

@@ -99,15 +99,17 @@ def _call(method, grad, x, y):
 
 
 def worker(method, grad, N, d):
-    from _memory import fix_mmap_threshold, measured
+    from _memory import cpu_seconds, fix_mmap_threshold, measured
 
     fix_mmap_threshold()
     x, y = _inputs(N, d)
     xs, ys = _inputs(50, d, seed=1)
     _call(method, grad, xs, ys)  # warm-up (imports, numba)
+    cpu0 = cpu_seconds()
     (value, gx), seconds, peak, reset = measured(lambda: _call(method, grad, x, y))
+    cpu = cpu_seconds() - cpu0
     print("RESULT " + json.dumps({"method": method, "grad": grad, "N": N, "d": d, "seconds": seconds,
-                                  "peak_bytes": peak, "hwm_reset": reset, "value": value,
+                                  "cpu_seconds": cpu, "loadavg_after": list(os.getloadavg()), "peak_bytes": peak, "hwm_reset": reset, "value": value,
                                   "gx_norm": None if gx is None else float(np.linalg.norm(gx))}))
 
 
@@ -125,6 +127,9 @@ def main():
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     p.add_argument("--dims", type=int, nargs="+", default=list(DIMS))
     p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--grads", type=int, nargs="+", default=[0, 1], help="0: value, 1: value + gradient")
+    p.add_argument("--update", action="store_true",
+                   help="re-measure the selected entries of --out and keep the others")
     p.add_argument("--worker", nargs=4, metavar=("METHOD", "GRAD", "N", "D"))
     args = p.parse_args()
     if args.worker:
@@ -135,7 +140,11 @@ def main():
     from tqdm import tqdm
 
     machine = _machine.describe()
-    plan = [(N, d, m, g) for N in args.sizes for d in args.dims for m in args.methods for g in (False, True)]
+    plan = [(N, d, m, bool(g)) for N in args.sizes for d in args.dims for m in args.methods for g in args.grads]
+    old = None
+    if args.update:
+        with open(args.out) as f:
+            old = json.load(f)
     entries = []
     for N, d, m, g in tqdm(plan, desc="bench_long"):
         e = {"method": m, "grad": g, "N": N, "d": d}
@@ -151,7 +160,14 @@ def main():
         else:
             entries.append(dict(json.loads(lines[0][7:]), status="ok"))
         tqdm.write(str(entries[-1])[:200])
-    result = {"benchmark": "long", "command": "python " + " ".join(["bench/bench_long.py"] + sys.argv[1:]),
+    command = "python " + " ".join(["bench/bench_long.py"] + sys.argv[1:])
+    if old is not None:  # the re-measured entries replace theirs; the machine of both runs is kept
+        key = lambda e: (e["method"], e["grad"], e["N"], e["d"])  # noqa: E731
+        new = {key(e): e for e in entries}
+        entries = [new.pop(key(e), e) for e in old["entries"]] + list(new.values())
+        machine = dict(old["machine"], update=machine)
+        command = old["command"] + "; then " + command
+    result = {"benchmark": "long", "command": command,
               "machine": machine, "loadavg_at_end": list(os.getloadavg()), "threads": 1,
               "dtype": "float64", "gamma": 1.0, "entries": entries}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -171,8 +187,11 @@ def markdown(result):
     m = result["machine"]
     ok = {(e["method"], e["grad"], e["N"], e["d"]): e for e in result["entries"] if e["status"] == "ok"}
     lines = ["# Long sequences: soft-DTW between features", "",
-             f"Machine: {_machine.one_line(m)}; shared with other jobs: load average "
-             f"{m['loadavg_at_start']} at start, {result['loadavg_at_end']} at end.", "",
+             f"Machine: {_machine.one_line(m)}; shared with other jobs (two cores, five other "
+             f"sessions): load average {m['loadavg_at_start']} at start, {result['loadavg_at_end']} at end"
+             + (f"; re-measured entries: load {m['update']['loadavg_at_start']} at their start" if "update" in m
+                else "") + ". Entries with a CPU time give it in brackets (user + system time of the "
+             "process during the call; less sensitive to the other jobs than the wall time).", "",
              f"Command: `{result['command']}`", "",
              "One thread (OMP/BLAS/numba threads = 1), float64, negentropy, γ = 1, squared-Euclidean "
              "cost, two random walks of N frames and d features; one timed call per entry after a "
@@ -193,7 +212,8 @@ def markdown(result):
             if f is None:
                 lines.append(f"| {N}² | {d} | {e['status']} | | | | | |")
                 continue
-            row = [f"{N}²", str(d), f"{f['seconds']:.3g}", _fmt_bytes(f["peak_bytes"])]
+            cpu = f" (cpu {f['cpu_seconds']:.3g})" if "cpu_seconds" in f else ""
+            row = [f"{N}²", str(d), f"{f['seconds']:.3g}{cpu}", _fmt_bytes(f["peak_bytes"])]
             for m2 in ("cost-matrix", "tslearn"):
                 o = ok.get((m2, grad, N, d))
                 if o is None:
@@ -212,10 +232,13 @@ def markdown(result):
     vals = [(f, ok.get(("features", True, f["N"], f["d"]))) for f in ok.values()
             if f["method"] == "features" and not f["grad"]]
     lines += ["## Gradient time over value time (features)", "",
-              "| N×N | d | value s | value + gradient s | ratio |", "|---|---|---|---|---|"]
+              "| N×N | d | value s | value + gradient s | ratio (wall) | ratio (CPU time) |",
+              "|---|---|---|---|---|---|"]
     for f, g in sorted(((f, g) for f, g in vals if g), key=lambda t: (t[0]["N"], t[0]["d"])):
+        cpu = (f"{g['cpu_seconds'] / f['cpu_seconds']:.2f}" if "cpu_seconds" in f and "cpu_seconds" in g
+               else "—")
         lines.append(f"| {f['N']}² | {f['d']} | {f['seconds']:.3g} | {g['seconds']:.3g} | "
-                     f"{g['seconds'] / f['seconds']:.2f} |")
+                     f"{g['seconds'] / f['seconds']:.2f} | {cpu} |")
     lines += ["", "Values agree across methods (relative difference of the value, max over cases): "
               f"{_agreement(ok):.1e}.", ""]
     return "\n".join(lines)

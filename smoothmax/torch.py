@@ -24,7 +24,7 @@ from torch import nn
 
 from . import _dispatch
 
-__all__ = ["apply", "DPValue", "DPGrad", "DPHvp", "SoftDTW", "Viterbi", "squared_euclidean"]
+__all__ = ["apply", "DPValue", "DPGrad", "DPHvp", "DTWFeatures", "SoftDTW", "Viterbi", "squared_euclidean"]
 
 _THIRD_ORDER = (
     "third-order derivatives are not supported by smoothmax: the derivative of a "
