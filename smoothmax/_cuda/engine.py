@@ -149,9 +149,14 @@ def dtw_run(be, theta, Z, la, lb, band, reg, gamma, mode):
 
 
 def dtwf_segment_strips(NA, NB):
-    """Strips of 32 rows per segment: the stored weights of a segment
-    (3·32·K·(NB + 31) values) and the checkpoint rows (NB per segment) balance
-    at K ≈ √(ceil(NA/32) / 96)·… ; at least 1, at most all strips."""
+    """Strips of 32 rows per segment, ``K``.
+
+    The weights of a segment take ``96·K·(NB + 31)`` values and the checkpoint
+    rows ``⌈ns/K⌉·NB`` (``ns = ⌈NA/32⌉`` strips), which balance at
+    ``K = √(ns/96)``; four times that keeps more SMs busy (the strips of a
+    segment run concurrently) for four times the weights. At least 1, at most
+    all strips.
+    """
     ns = _nstrips(NA)
     return max(1, min(ns, int(np.ceil(np.sqrt(ns / 96.0))) * 4))
 
