@@ -37,11 +37,13 @@ never visited. One thread per problem: a ``prange`` over the batch (the
 anti-diagonals of one strip are too short to share between threads without
 a barrier per diagonal; see docs/decisions.md).
 """
-from cython.parallel cimport prange, parallel
+from cython.parallel cimport prange, parallel, threadid
 from libc.stdlib cimport malloc, free
 from libc.math cimport INFINITY
 
 import numpy as np
+
+from .dtw import _give_qwork, _take_qwork
 
 from .band cimport _diag_range
 from .dtw_kernels cimport sm_dtw_bwd_d, sm_dtw_fwd_d, sm_max_threads
@@ -64,6 +66,9 @@ cdef enum:
     COST_COSINE = 2
     QPAD = 4   # zero padding around each weight plane (reads one diagonal past a strip)
 
+
+# workspaces up to this size are kept for the next call (smoothmax._core.dtw's cache)
+_KEEP_BYTES = 64 << 20
 
 COSTS = {"sqeuclidean": COST_SQEUCLIDEAN, "euclidean": COST_EUCLIDEAN, "cosine": COST_COSINE}
 
@@ -343,22 +348,30 @@ def _run(const double[:, :, ::1] X, const double[:, :, ::1] Y,
     cdef signed char[::1] failed = failed_np
     cdef double* work = NULL
     cdef Py_ssize_t* iwork = NULL
+    cdef Py_ssize_t wlen
+    cdef double[::1] work_all
     cdef void* hook = NULL if progress is None else <void*> progress
     if B == 0 or NA == 0 or NB == 0:
         return value_np, gx_np, gy_np
     h = max(1, min(h, NA))
+    # one workspace per thread, from the DTW engine's cache of one kept block
+    # (fresh pages cost a third of a 1000² gradient); kept again only if small
+    wlen = _work_len(NA, NB, h, grad)
+    work_np = _take_qwork(np.float64, nthreads * wlen)
+    work_all = work_np
     with nogil, parallel(num_threads=nthreads):
-        work = <double*> malloc(_work_len(NA, NB, h, grad) * sizeof(double))
+        work = &work_all[0] + threadid() * wlen
         iwork = <Py_ssize_t*> malloc(3 * (h + NB + 3) * sizeof(Py_ssize_t))
         for b in prange(B, schedule="dynamic"):
-            if work == NULL or iwork == NULL:
+            if iwork == NULL:
                 failed[b] = 1
             else:
                 value[b] = _solve(&X[b, 0, 0], &Y[b, 0, 0], d, la[b], lb[b], band, cost, reg,
                                   gamma, h, grad, &gx[b, 0, 0] if grad else NULL,
                                   &gy[b, 0, 0] if grad else NULL, work, iwork, hook)
-        free(work)
         free(iwork)
+    if work_np.nbytes <= _KEEP_BYTES:
+        _give_qwork(work_np)
     if failed_np.any():
         raise MemoryError("smoothmax._core.dtwf: could not allocate the workspace")
     return value_np, gx_np, gy_np
