@@ -192,26 +192,50 @@ def loss_fn(model, emissions, tags, lengths, loss, own=False):
 
 # ---------------------------------------------------------------- metrics
 
+# The role of a tag's scheme letter (BIO / IOB2, BIOES = BIOSE, BILOU, BMES, IOE); the letter may
+# come before or after the type ("B-PER", "PER-B", "B_PER"), in either case.
+_ROLES = {"B": "begin", "I": "inside", "M": "inside", "E": "end", "L": "end", "S": "single", "U": "single",
+          "O": "outside"}
+
+
+def tag_role(tag):
+    """``(role, type)`` of one tag: role in begin | inside | end | single | outside.
+
+    ``"O"`` (and any tag without a type) is outside: an entity needs a type.
+    """
+    for head, _, tail in (tag.partition("-"), tag.partition("_")):
+        if tail and head.upper() in _ROLES:
+            return _ROLES[head.upper()], tail
+    for tail, _, head in (tag.rpartition("-"), tag.rpartition("_")):
+        if tail and head.upper() in _ROLES:
+            return _ROLES[head.upper()], tail
+    return "outside", None
+
+
 def spans(tags):
-    """Entity spans ``(start, end, type)`` of a BIO / BIOES / BILOU tag sequence."""
+    """Entity spans ``{(start, end, type)}`` (inclusive ends) of a tag sequence in any scheme.
+
+    The scheme's letters only give each tag a role (``tag_role``); the chunking
+    rule is conlleval's, as ``seqeval``'s default mode applies it: a chunk
+    ends before a begin, single or outside tag, after an end or single tag,
+    and where the type changes; any typed tag outside a chunk opens one (so
+    ``I-X`` after ``O`` starts an entity, as in BIO/IOB1 reading).
+    """
     out, start, kind = set(), None, None
-    for i, tag in enumerate(list(tags) + ["O"]):
-        prefix, _, typ = tag.partition("-")
-        if not typ:
-            prefix, typ = tag, None
-        if start is not None and (prefix in ("O", "B", "S", "U") or typ != kind or tag == "O"):
+    for i, tag in enumerate(tags):
+        role, typ = tag_role(tag)
+        if start is not None and (role in ("begin", "single", "outside") or typ != kind):
             out.add((start, i - 1, kind))
             start = None
-        if prefix in ("B", "I") and start is None and typ:
+        if role == "outside":
+            continue
+        if start is None:
             start, kind = i, typ
-        elif prefix in ("S", "U") and typ:
-            out.add((i, i, typ))
-        elif prefix in ("E", "L") and typ:
-            if start is not None and kind == typ:
-                out.add((start, i, typ))
-                start = None
-            elif start is None:
-                out.add((i, i, typ))
+        if role in ("end", "single"):
+            out.add((start, i, kind))
+            start = None
+    if start is not None:
+        out.add((start, len(tags) - 1, kind))
     return out
 
 
@@ -342,7 +366,7 @@ def render(payload, mode):
                        else float("nan") for lab in columns])
     md = [f"## Tagging with Vit_Ω (test set, mode {mode})", "",
           markdown_table(["Ω, loss"] + columns, rows), "",
-          "Span F1 (exact match of BIOSE entities) for NER, token accuracy for POS; hard Viterbi "
+          "Span F1 (exact match of entities, any BIO / BIOSE / BILOU scheme) for NER, token accuracy for POS; hard Viterbi "
           "decoding at test time; the dev set picks the epoch. Sentences (train / dev / test; "
           "training sentences cut at 60 tokens) and epochs: "
           + "; ".join(f"{lab}: {z['train']} / {z['dev']} / {z['test']}, {z['epochs']} epochs"
@@ -404,7 +428,9 @@ def load_task(name, args, quick):
         is_ner, label = args.column == "ner", os.path.basename(name[7:]) + f" ({args.column})"
     elif name.startswith("tsv:"):
         sents = read_tsv(name[4:])
-        is_ner = any(t[:2] in ("B-", "S-", "I-") for s in sents[:200] for t in s[1])
+        # NER when every tag is O or carries a scheme letter and a type (any scheme)
+        tags = {t for s in sents for t in s[1]}
+        is_ner = tags != {"O"} and all(t.upper() == "O" or tag_role(t)[1] for t in tags)
         label = os.path.basename(name[4:])
     else:
         raise ValueError(f"unknown task {name!r}")
