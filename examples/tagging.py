@@ -59,24 +59,34 @@ ROW_NAMES = {("surrogate", "negentropy"): "Negentropy, surrogate (CRF)",
              ("relaxed", "l2"): "ℓ2², relaxed (squared ℓ2)",
              ("surrogate", "hard"): "Structured perceptron (Ω = 0)"}
 
-# Per-row training settings (the paper tunes each loss: "with proper parameter
-# selections", §4.2). Every row uses Adam, lr 1e-2 and γ = 1 except the relaxed
-# ℓ2 loss; see RELAXED_L2_NOTE and docs/examples.md for why and how it was chosen.
-DEFAULT_HPARAMS = {"optimizer": "adam", "lr": 1e-2, "gamma": 1.0}
-ROW_HPARAMS = {("relaxed", "l2"): {"optimizer": "sgd", "lr": 30.0, "gamma": 10.0}}
-RELAXED_L2_NOTE = (
-    "The relaxed ℓ2 loss is trained with plain SGD (lr 30 on the token-averaged loss, gradient norm "
-    "clipped at 5 as for every row) and γ = 10, instead of Adam, lr 1e-2, γ = 1. With Adam the score "
-    "range grows from 0.5 to about 20 within ten steps (Adam moves every weight by about lr whatever "
-    "the gradient's size), the ℓ2 marginals of every token collapse onto the majority tag O (92% of "
-    "NEMO tokens) and the gradient of the relaxed loss is then exactly zero (∇Vit_Ω is locally "
-    "constant where the marginals are one-hot, and a tag outside the support gets no gradient): "
-    "training stops with a model that predicts only O. SGD steps shrink with the gradient, and "
-    "γ = 10 keeps several tags in the support (γ = 3 still collapses). Picked on the quick NER "
-    "dev F1 (1200 sentences): Adam with (γ, lr) = (1, 1e-2), (1, 1e-3), (1, 1e-4), (10, 1e-2), "
-    "(10, 1e-3), (100, 1e-2), (100, 1e-3) and SGD with (1, 0.16), (1, 1), (3, 10), (10, 0.16), "
-    "(10, 1), (30, 3) all stay at F1 0 for 2 to 10 epochs; SGD (10, 10) reaches 5.9 and (10, 30) "
-    "22.4 after 4 epochs. The paper's code also trains with SGD.")
+# Parameter selection on the development set (the paper: "with proper parameter
+# selections", §4.2). Each row has a small grid of (optimizer, lr, γ, warm); every
+# point trains SELECT_EPOCHS epochs from the same seed, the best dev F1 (NER) /
+# accuracy (POS) wins and goes on training to the full epoch count; further seeds
+# reuse the winner. The same grids for every corpus: no per-corpus constant.
+# ``warm``: epochs of the row's surrogate loss (same Ω, γ) before its relaxed
+# loss, the warm start that keeps the relaxed ℓ2 gradient alive (docs/examples.md).
+# γ only matters through the optimisation: Vit_γΩ(θ) = γ Vit_Ω(θ/γ), and the
+# network can rescale θ; with Ω = 0 (perceptron) γ is unused.
+SELECT_GRID = {
+    ("surrogate", "negentropy"): [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0},
+                                  {"optimizer": "adam", "lr": 3e-3, "gamma": 1.0}],
+    ("relaxed", "negentropy"): [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0},
+                                {"optimizer": "adam", "lr": 3e-3, "gamma": 1.0}],
+    ("surrogate", "l2"): [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0},
+                          {"optimizer": "adam", "lr": 1e-2, "gamma": 10.0}],
+    ("relaxed", "l2"): [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0, "warm": 1},
+                        {"optimizer": "adam", "lr": 1e-2, "gamma": 10.0, "warm": 1}],
+    ("surrogate", "hard"): [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0},
+                            {"optimizer": "adam", "lr": 1e-3, "gamma": 1.0}],
+}
+SELECT_EPOCHS = {"quick": 1, "full": 2}
+SELECT_NOTE = (
+    "Parameters picked on the dev set for each row (first seed; the other seeds reuse them): every "
+    "point of the row's grid trains {k} epoch(s) from the same seed and the best dev score goes on "
+    "training. `warm` = epochs of the row's surrogate loss (same Ω, γ) before the relaxed loss: "
+    "without it the relaxed ℓ2 marginals collapse onto O, where its gradient is exactly zero "
+    "(docs/examples.md).")
 
 
 # ---------------------------------------------------------------- data
@@ -262,44 +272,64 @@ def evaluate(model, data, itos, batch_size=64):
             "n_entities": n_gold}
 
 
-def row_hparams(loss, reg, args):
-    """Optimizer, learning rate and γ of one row: ROW_HPARAMS, then the command line (if given)."""
-    hp = dict(DEFAULT_HPARAMS, **ROW_HPARAMS.get((loss, reg), {}))
-    for key in ("optimizer", "lr", "gamma"):
-        if getattr(args, key) is not None:
-            hp[key] = getattr(args, key)
-    return hp
+def row_grid(loss, reg, args):
+    """The candidate settings of one row: SELECT_GRID, or one point fixed by the command line."""
+    grid = SELECT_GRID.get((loss, reg), [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0}])
+    fixed = {k: getattr(args, k) for k in ("optimizer", "lr", "gamma", "warm") if getattr(args, k) is not None}
+    if fixed or args.no_select:
+        return [dict({"warm": 0}, **grid[0], **fixed)]
+    return [dict({"warm": 0}, **hp) for hp in grid]
 
 
-def train_one(data, vocabs, loss, reg, gamma, epochs, seed, batch_size, lr, bar, own=False, optimizer="adam"):
+def new_run(data, vocabs, reg, hp, seed):
+    """A model, its optimizer and its record, from ``seed``."""
     torch.manual_seed(seed)
     words, chars, tags = vocabs
-    model = Tagger(len(words), len(chars), len(tags), reg=reg, gamma=gamma)
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-    rng = np.random.default_rng(seed)
-    best, best_state, history = -1.0, None, []
+    model = Tagger(len(words), len(chars), len(tags), reg=reg, gamma=hp["gamma"])
+    cls = torch.optim.SGD if hp["optimizer"] == "sgd" else torch.optim.Adam
+    return {"model": model, "opt": cls(model.parameters(), lr=hp["lr"]), "hp": hp,
+            "rng": np.random.default_rng(seed), "history": [], "best": -1.0, "best_state": None}
+
+
+def train_epochs(run, data, loss, n_epochs, batch_size, bar, own=False):
+    """``n_epochs`` more epochs of ``run``; keeps the state of the best dev epoch."""
+    model, opt, itos = run["model"], run["opt"], data["tags"].itos
     metric = "f1" if data["is_ner"] else "accuracy"
-    for epoch in range(epochs):
+    for _ in range(n_epochs):
+        epoch = len(run["history"])
+        row_loss = "surrogate" if epoch < run["hp"].get("warm", 0) else loss  # warm start
         model.train()
         total, n = 0.0, 0
-        for w, c, t, lengths, _ in batches(data["train"], batch_size, rng):
-            value = loss_fn(model, model(w, c, lengths), t, lengths, loss, own)
+        for w, c, t, lengths, _ in batches(data["train"], batch_size, run["rng"]):
+            value = loss_fn(model, model(w, c, lengths), t, lengths, row_loss, own)
             opt.zero_grad()
             value.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             total, n = total + float(value), n + 1
             bar.update(1)
-        dev = evaluate(model, data["dev"], tags.itos)
-        history.append({"epoch": epoch + 1, "train_loss": total / max(n, 1), **dev})
-        if dev[metric] > best:
-            best = dev[metric]
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    return model, history
+        dev = evaluate(model, data["dev"], itos)
+        run["history"].append({"epoch": epoch + 1, "loss": row_loss, "train_loss": total / max(n, 1), **dev})
+        if dev[metric] > run["best"]:
+            run["best"] = dev[metric]
+            run["best_state"] = {k: v.clone() for k, v in model.state_dict().items()}
+    return run
+
+
+def select_and_train(data, vocabs, loss, reg, grid, epochs, select_epochs, seed, batch_size, bar, own=False):
+    """Train every grid point ``select_epochs`` epochs, continue the best on dev to ``epochs``.
+
+    Returns the model at its best dev epoch, its history and the selection
+    record ``[{"hp": ..., "dev": best dev score}, ...]``.
+    """
+    runs = [new_run(data, vocabs, reg, hp, seed) for hp in grid]
+    if len(runs) > 1:
+        for run in runs:
+            train_epochs(run, data, loss, min(select_epochs, epochs), batch_size, bar, own)
+    winner = max(runs, key=lambda r: r["best"])  # the first of equals
+    train_epochs(winner, data, loss, epochs - len(winner["history"]), batch_size, bar, own)
+    winner["model"].load_state_dict(winner["best_state"])
+    return winner["model"], winner, [{"hp": r["hp"], "dev": r["best"]} for r in runs]
 
 
 # ---------------------------------------------------------------- sparse marginals
@@ -352,36 +382,60 @@ def plot_marginals(example_marg, vocabs, path, tokens):
     plt.close(fig)
 
 
+def seed_stats(values):
+    """``(mean, spread)`` over seeds: the sample standard deviation (0 for one seed)."""
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def fmt_seeds(values):
+    mean, spread = seed_stats(values)
+    return f"{mean:.2f} ± {spread:.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def fmt_hp(hp):
+    return f"{hp['optimizer']} {hp['lr']:g}, γ {hp['gamma']:g}" + (f", warm {hp['warm']}" if hp.get("warm") else "")
+
+
 def render(payload, mode):
-    """The markdown of a results payload (one or several corpora)."""
+    """The markdown of a results payload (one or several corpora): mean ± std over seeds."""
     columns, sizes, examples, args = (payload["columns"], payload["sizes"], payload["sparse_examples"],
                                       payload["args"])
-    results = {(r["task"], r["loss"], r["reg"]): r for r in payload["results"]}
+    groups = {}
+    for r in payload["results"]:
+        groups.setdefault((r["task"], r["loss"], r["reg"]), []).append(r)
     configs = list(dict.fromkeys((r["loss"], r["reg"]) for r in payload["results"]))
-    metric = {lab: ("f1" if "NER" in lab or "ner" in lab else "accuracy") for lab in columns}
-    rows = []
-    for loss, reg in configs:
-        rows.append([ROW_NAMES.get((loss, reg), f"{reg}, {loss}")]
-                    + [results[(lab, loss, reg)]["test"][metric[lab]] if (lab, loss, reg) in results
-                       else float("nan") for lab in columns])
+    metric = {lab: sizes[lab].get("metric", "f1" if "NER" in lab else "accuracy") for lab in columns}
+    n_seeds = sorted({len(g) for g in groups.values()})
+    rows = [[ROW_NAMES.get((loss, reg), f"{reg}, {loss}")]
+            + [fmt_seeds([r["test"][metric[lab]] for r in groups[(lab, loss, reg)]])
+               if (lab, loss, reg) in groups else "—" for lab in columns]
+            for loss, reg in configs]
+    detail = []
+    for (lab, loss, reg), g in groups.items():
+        keys = ["f1", "precision", "recall"] if metric[lab] == "f1" else []  # no spans in POS
+        sel = g[0].get("selection") or []
+        detail.append([lab, ROW_NAMES.get((loss, reg))] + [fmt_seeds([r["test"][k] for r in g]) for k in keys]
+                      + ["—"] * (3 - len(keys))
+                      + [fmt_seeds([r["test"]["accuracy"] for r in g]), fmt_hp(g[0]),
+                         "; ".join(f"{fmt_hp(x['hp'])}: {x['dev']:.1f}" for x in sel) if len(sel) > 1 else "fixed",
+                         len(g), float(np.mean([r["seconds"] for r in g]))])
     md = [f"## Tagging with Vit_Ω (test set, mode {mode})", "",
           markdown_table(["Ω, loss"] + columns, rows), "",
-          "Span F1 (exact match of entities, any BIO / BIOSE / BILOU scheme) for NER, token accuracy for POS; hard Viterbi "
-          "decoding at test time; the dev set picks the epoch. Sentences (train / dev / test; "
-          "training sentences cut at 60 tokens) and epochs: "
+          "Span F1 (exact match of entities, any BIO / BIOSE / BILOU scheme) for NER, token accuracy for "
+          "POS; mean ± standard deviation over "
+          + "/".join(map(str, n_seeds)) + " seed(s) (seeds "
+          + ", ".join(map(str, sorted({r["seed"] for r in payload["results"]}))) + "); hard Viterbi "
+          "decoding at test time; the dev set picks the parameters and the epoch. Sentences (train / dev / "
+          "test; training sentences cut at 60 tokens) and epochs: "
           + "; ".join(f"{lab}: {z['train']} / {z['dev']} / {z['test']}, {z['epochs']} epochs"
                       for lab, z in sizes.items()) + ". Batches of "
-          f"{args['batch_size']} sentences, one thread. Secondary metrics and the per-row settings:", "",
-          markdown_table(["task", "Ω, loss", "F1", "precision", "recall", "token acc.", "optimizer, lr, γ",
-                          "train s"],
-                         [[r["task"], ROW_NAMES.get((r["loss"], r["reg"]))]
-                          + ([r["test"]["f1"], r["test"]["precision"], r["test"]["recall"]]
-                             if metric.get(r["task"]) == "f1" else ["—"] * 3)  # no spans in POS
-                          + [r["test"]["accuracy"],
-                           f"{r['optimizer']}, {r['lr']:g}, {r['gamma']:g}", r["seconds"]]
-                          for r in results.values()])]
-    if ("relaxed", "l2") in configs and all(args.get(x) is None for x in ("optimizer", "lr", "gamma")):
-        md += ["", RELAXED_L2_NOTE]
+          f"{args['batch_size']} sentences, one thread. Secondary metrics, the selected settings and the "
+          "dev score of every grid point (first seed):", "",
+          markdown_table(["task", "Ω, loss", "F1", "precision", "recall", "token acc.", "selected",
+                          "grid: dev score", "seeds", "train s / seed"], detail)]
+    if any(len(r.get("selection") or []) > 1 for r in payload["results"]):
+        md += ["", SELECT_NOTE.format(k=args.get("select_epochs") or SELECT_EPOCHS[mode])]
     if payload.get("sources"):
         md += ["", "Combined (`--combine`) from the runs: " + "; ".join(
             f"`python examples/{m['command']}` ({m['date']})" for m in payload["sources"]) + "."]
@@ -459,10 +513,22 @@ def main(argv=None):
                         help="default 4 (--quick), else 10 for NEMO, 6 for PetroGold, 8 for other corpora")
     parser.add_argument("--max-train", type=int, default=None,
                         help="cap on training sentences in full mode (default: all)")
-    parser.add_argument("--gamma", type=float, default=None, help="γ of every row (default: ROW_HPARAMS)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate of every row (default: ROW_HPARAMS)")
-    parser.add_argument("--optimizer", choices=("adam", "sgd"), default=None,
-                        help="optimizer of every row (default: ROW_HPARAMS)")
+    parser.add_argument("--gamma", type=float, default=None,
+                        help="γ of every row (fixes it: no dev selection of γ; default: SELECT_GRID)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate of every row (fixes it)")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="optimizer of every row (fixes it)")
+    parser.add_argument("--warm", type=int, default=None,
+                        help="epochs of the surrogate loss before a relaxed loss (fixes it)")
+    parser.add_argument("--no-select", action="store_true",
+                        help="no dev selection: the first point of each row's grid (SELECT_GRID)")
+    parser.add_argument("--select-epochs", type=int, default=None,
+                        help="epochs per grid point in the dev selection (default 1 --quick, 2 full). "
+                             "Budget: a row costs (grid points - 1) x select-epochs + epochs epochs for its "
+                             "first seed, epochs for each other seed; 2 points per row, 5 rows: 50 epochs "
+                             "(first seed) + 40 per other seed at 8 epochs")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per row, reported as mean ± std (default 1 --quick, 3 full); seeds "
+                             "--seed, --seed+1, ...")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--quick-train", type=int, default=None,
                         help="training sentences in --quick mode (default 1200 for NER, 500 for POS)")
@@ -492,24 +558,32 @@ def main(argv=None):
         max_len = 60
         data = {"train": encode(split["train"], words, chars, tags, max_len),
                 "dev": encode(split["dev"], words, chars, tags),
-                "test": encode(split["test"], words, chars, tags), "is_ner": is_ner}
+                "test": encode(split["test"], words, chars, tags), "is_ner": is_ner, "tags": tags}
         n_batches = -(-len(data["train"]) // args.batch_size)
         epochs = args.epochs or (4 if args.quick else FULL_EPOCHS.get(task, 8))
+        select_epochs = min(args.select_epochs or SELECT_EPOCHS[mode], epochs)
+        n_seeds = args.seeds or (1 if args.quick else 3)
         sizes[label] = {"train": len(data["train"]), "dev": len(data["dev"]), "test": len(data["test"]),
-                        "epochs": epochs}
-        bar = tqdm(total=n_batches * epochs * len(configs), desc=f"{task}: {len(tags)} tags")
+                        "epochs": epochs, "metric": "f1" if is_ner else "accuracy"}
+        grids = {c: row_grid(*c, args) for c in configs}
+        total = sum((len(g) - 1) * select_epochs * (len(g) > 1) + epochs * n_seeds for g in grids.values())
+        bar = tqdm(total=n_batches * total, desc=f"{task}: {len(tags)} tags")
         models = {}
         for loss, reg in configs:
             bar.set_postfix(loss=loss, reg=reg)
-            t0 = time.perf_counter()
-            hp = row_hparams(loss, reg, args)
-            model, history = train_one(data, vocabs, loss, reg, hp["gamma"], epochs, args.seed,
-                                       args.batch_size, hp["lr"], bar, args.own_losses, hp["optimizer"])
-            test = evaluate(model, data["test"], tags.itos)
-            results[(label, loss, reg)] = {"task": label, "loss": loss, "reg": reg, **hp, "epochs": epochs,
-                                           "test": test, "history": history,
-                                           "seconds": time.perf_counter() - t0}
-            models[(loss, reg)] = model
+            grid = grids[(loss, reg)]
+            for k in range(n_seeds):
+                seed = args.seed + k
+                t0 = time.perf_counter()
+                model, run, selection = select_and_train(data, vocabs, loss, reg, grid, epochs, select_epochs,
+                                                         seed, args.batch_size, bar, args.own_losses)
+                grid = [run["hp"]]  # further seeds reuse the first seed's choice
+                test = evaluate(model, data["test"], tags.itos)
+                results[(label, loss, reg, seed)] = {
+                    "task": label, "loss": loss, "reg": reg, "seed": seed, **run["hp"], "epochs": epochs,
+                    "selection": selection, "test": test, "history": run["history"],
+                    "seconds": time.perf_counter() - t0}
+                models.setdefault((loss, reg), model)  # the first seed's model for the figure
         bar.close()
         # sparse l2 marginals vs dense negentropy ones on one test sentence
         if ("surrogate", "l2") in models:
