@@ -90,3 +90,77 @@ def test_any_sequence_matches_seqeval_default_mode():
     for _ in range(2000):
         seq = [rng.choice(tags) for _ in range(rng.randint(5, 30))]
         assert tagging.spans(seq) == {(s, e, k) for k, s, e in seqeval.get_entities(seq)}, seq
+
+
+def test_seed_stats_mean_and_sample_std():
+    import statistics
+    values = [57.3, 55.1, 58.0]
+    mean, spread = tagging.seed_stats(values)
+    assert mean == pytest.approx(statistics.mean(values))
+    assert spread == pytest.approx(statistics.stdev(values))
+    assert tagging.seed_stats([3.0]) == (3.0, 0.0)
+
+
+def test_relaxed_l2_gradient_vanishes_where_marginals_are_one_hot():
+    """Why the relaxed ℓ2 loss needs a warm start: with one-hot ℓ2 marginals the gradient is exactly 0.
+
+    ∇Vit_Ω is locally constant where the marginals are one-hot (the ℓ2 max is a
+    projection onto the simplex, constant on an open set around a vertex), so
+    Δ(Y, ∇Vit_Ω(θ)) has zero gradient there even when the target tag is wrong;
+    the surrogate's gradient ∇Vit_Ω(θ) − Y is not zero. A larger γ opens the support.
+    """
+    import torch
+    import smoothmax.torch as smt
+
+    torch.manual_seed(0)
+    S, T = 4, 5
+    emissions = torch.zeros(1, T, S, dtype=torch.float64)
+    emissions[..., 0] = 3.0  # every token: tag 0 by a margin of 3
+    target = torch.full((1, T), 2)  # the gold tag is another one
+    onehot = torch.nn.functional.one_hot(target, S).to(emissions.dtype)
+    grads = {}
+    for gamma in (1.0, 10.0):
+        crf = smt.CRF(S, batch_first=True, reg="l2", gamma=gamma).double()
+        for p in crf.parameters():
+            torch.nn.init.zeros_(p)
+        x = emissions.clone().requires_grad_(True)
+        marg = crf.marginals(x)
+        ((marg - onehot) ** 2).sum().backward()
+        grads[gamma] = (marg.detach(), x.grad.clone())
+        x.grad = None
+        (-crf(x, target, reduction="sum")).backward()
+        assert x.grad.abs().max() > 0.1  # the surrogate still pushes towards the target
+    marg, grad = grads[1.0]
+    assert torch.equal(marg[..., 0], torch.ones_like(marg[..., 0]))  # one-hot on tag 0
+    assert torch.equal(grad, torch.zeros_like(grad))  # exactly zero: training stops
+    marg, grad = grads[10.0]
+    assert (marg[..., 2] > 0).all()  # γ = 10: the target is in the support
+    assert grad[..., 2].max() < 0  # and the gradient raises its score
+
+
+def test_selection_continues_the_best_grid_point_and_restores_its_best_epoch():
+    rng = random.Random(0)
+    sents = []
+    for _ in range(40):
+        toks = [rng.choice(["a", "b", "c", "x", "y"]) for _ in range(rng.randint(2, 6))]
+        labels = ["B-X" if t == "x" else "I-X" if t == "y" and i and toks[i - 1] == "x" else "O"
+                  for i, t in enumerate(toks)]
+        sents.append((toks, labels))
+    words = tagging.Vocab(w for s in sents for w in s[0])
+    chars = tagging.Vocab(c for s in sents for w in s[0] for c in w)
+    tags = tagging.Vocab((t for s in sents for t in s[1]), specials=())
+    enc = tagging.encode(sents, words, chars, tags)
+    data = {"train": enc[:30], "dev": enc[30:], "test": enc[30:], "is_ner": True, "tags": tags}
+    grid = [{"optimizer": "adam", "lr": 1e-4, "gamma": 1.0, "warm": 0},
+            {"optimizer": "adam", "lr": 3e-2, "gamma": 1.0, "warm": 0},
+            {"optimizer": "sgd", "lr": 1e-3, "gamma": 1.0, "warm": 0}]
+    bar = tagging.tqdm(total=0, disable=True)
+    model, run, selection = tagging.select_and_train(data, (words, chars, tags), "surrogate", "negentropy",
+                                                     grid, epochs=4, select_epochs=2, seed=0, batch_size=8,
+                                                     bar=bar)
+    scores = [x["dev"] for x in selection]
+    assert [x["hp"] for x in selection] == grid
+    assert run["hp"] == grid[scores.index(max(scores))]
+    assert len(run["history"]) == 4
+    best = max(h["f1"] for h in run["history"])
+    assert tagging.evaluate(model, data["dev"], tags.itos)["f1"] == pytest.approx(best)
