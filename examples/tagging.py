@@ -297,13 +297,15 @@ def new_run(data, vocabs, reg, hp, seed):
     model = Tagger(len(words), len(chars), len(tags), reg=reg, gamma=hp["gamma"])
     cls = torch.optim.SGD if hp["optimizer"] == "sgd" else torch.optim.Adam
     return {"model": model, "opt": cls(model.parameters(), lr=hp["lr"]), "hp": hp,
-            "rng": np.random.default_rng(seed), "history": [], "best": -1.0, "best_state": None}
+            "rng": np.random.default_rng(seed), "torch_rng": torch.get_rng_state(),  # its own dropout stream
+            "history": [], "best": -1.0, "best_state": None}
 
 
 def train_epochs(run, data, loss, n_epochs, batch_size, bar, own=False):
     """``n_epochs`` more epochs of ``run``; keeps the state of the best dev epoch."""
     model, opt, itos = run["model"], run["opt"], data["tags"].itos
     metric = "f1" if data["is_ner"] else "accuracy"
+    torch.set_rng_state(run["torch_rng"])  # interleaved runs: each as if trained alone
     for _ in range(n_epochs):
         epoch = len(run["history"])
         row_loss = "surrogate" if epoch < run["hp"].get("warm", 0) else loss  # warm start
@@ -322,6 +324,7 @@ def train_epochs(run, data, loss, n_epochs, batch_size, bar, own=False):
         if dev[metric] > run["best"]:
             run["best"] = dev[metric]
             run["best_state"] = {k: v.clone() for k, v in model.state_dict().items()}
+    run["torch_rng"] = torch.get_rng_state()
     return run
 
 

@@ -164,3 +164,7 @@ def test_selection_continues_the_best_grid_point_and_restores_its_best_epoch():
     assert len(run["history"]) == 4
     best = max(h["f1"] for h in run["history"])
     assert tagging.evaluate(model, data["dev"], tags.itos)["f1"] == pytest.approx(best)
+    # the selected point trains as if alone (its own dropout and batch-order streams)
+    alone = tagging.train_epochs(tagging.new_run(data, (words, chars, tags), "negentropy", run["hp"], 0), data,
+                                 "surrogate", 4, 8, bar)
+    assert [h["train_loss"] for h in alone["history"]] == [h["train_loss"] for h in run["history"]]
