@@ -441,7 +441,7 @@ def render(payload, mode):
           "Span F1 (exact match of entities, any BIO / BIOSE / BILOU scheme) for NER, token accuracy for "
           "POS; mean ± standard deviation over "
           + "/".join(map(str, n_seeds)) + " seed(s) (seeds "
-          + ", ".join(map(str, sorted({r["seed"] for r in payload["results"]}))) + "); hard Viterbi "
+          + ", ".join(map(str, sorted({r.get("seed", 0) for r in payload["results"]}))) + "); hard Viterbi "
           "decoding at test time; the dev set picks the parameters and the epoch. Sentences (train / dev / "
           "test; training sentences cut at 60 tokens) and epochs: "
           + "; ".join(f"{lab}: {z['train']} / {z['dev']} / {z['test']}, {z['epochs']} epochs"

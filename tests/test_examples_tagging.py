@@ -168,3 +168,19 @@ def test_selection_continues_the_best_grid_point_and_restores_its_best_epoch():
     alone = tagging.train_epochs(tagging.new_run(data, (words, chars, tags), "negentropy", run["hp"], 0), data,
                                  "surrogate", 4, 8, bar)
     assert [h["train_loss"] for h in alone["history"]] == [h["train_loss"] for h in run["history"]]
+
+
+def test_render_reports_mean_and_std_over_seeds():
+    import statistics
+    f1 = [50.0, 53.0, 47.5]
+    hp = {"optimizer": "adam", "lr": 1e-2, "gamma": 1.0, "warm": 0}
+    results = [{"task": "tweets.tsv", "loss": "surrogate", "reg": "negentropy", "seed": k, **hp, "seconds": 1.0,
+                "selection": [{"hp": hp, "dev": 60.0}, {"hp": dict(hp, lr=3e-3), "dev": 55.0}] if k == 0 else
+                [{"hp": hp, "dev": 61.0}],
+                "test": {"f1": v, "precision": v, "recall": v, "accuracy": 90.0}} for k, v in enumerate(f1)]
+    payload = {"columns": ["tweets.tsv"], "results": results, "sparse_examples": {}, "args": {"batch_size": 16},
+               "sizes": {"tweets.tsv": {"train": 10, "dev": 5, "test": 5, "epochs": 4, "metric": "f1"}}}
+    md = tagging.render(payload, "full")
+    cell = f"{statistics.mean(f1):.2f} ± {statistics.stdev(f1):.2f}"
+    assert f"| Negentropy, surrogate (CRF) | {cell} |" in md  # F1 of a NER file whatever its name
+    assert "adam 0.003, γ 1: 55.0" in md
