@@ -1,0 +1,275 @@
+"""Native framework integration: graph breaks, compiled vs eager step time, per-call overhead.
+
+Three measurements, on the CPU, written to ``bench/results/native_<tag>.md`` and ``.json``:
+
+* **graph breaks**: ``torch._dynamo.explain`` on a forward with ``smoothmax.torch.SoftDTW``,
+  ``smoothmax.torch.Viterbi``, ``smoothmax.losses.viterbi_surrogate`` (a CRF loss) and
+  ``StructuredAttention`` (graphs, breaks, the first break reasons);
+* **training step**: one step (forward, loss, backward, SGD update) of a small model with a
+  SoftDTW loss and of a small CRF tagger (``viterbi_surrogate``), batch 16 and 64, eager and
+  under ``torch.compile`` (inductor; ``fullgraph=True`` when ``--fullgraph``); median over
+  rounds after warm-up (the warm-up also compiles);
+* **per-call overhead**: ``dtw_grad`` (value and E) of a 1x2x2 and a 32x128x128 problem
+  through NumPy and torch (no autograd), and torch value + backward; best of rounds.
+
+The JAX columns are measured by the JAX helper's script (not here).
+
+Usage::
+
+    python bench/bench_native.py --tag before   # writes bench/results/native_before.{md,json}
+    python bench/bench_native.py --tag after --fullgraph
+    python bench/bench_native.py --quick        # a smoke run, nothing written
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+sys.path.insert(0, os.path.dirname(_HERE))  # this checkout's smoothmax
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import smoothmax as sm  # noqa: E402
+from smoothmax import losses  # noqa: E402
+from smoothmax.attention import StructuredAttention  # noqa: E402
+from smoothmax.torch import SoftDTW, Viterbi  # noqa: E402
+
+import _machine  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------
+# models
+
+
+class DTWModel(torch.nn.Module):
+    """A linear map of the input series, soft-DTW loss to the target series."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d)
+        self.loss = SoftDTW(gamma=0.1)
+
+    def forward(self, x, y):
+        return self.loss(self.lin(x), y).mean()
+
+
+class CRFModel(torch.nn.Module):
+    """A linear emission layer and a transition matrix; CRF loss (viterbi_surrogate)."""
+
+    def __init__(self, d=8, S=5):
+        super().__init__()
+        self.emit = torch.nn.Linear(d, S)
+        self.trans = torch.nn.Parameter(torch.zeros(S, S))
+
+    def forward(self, x, tags):
+        theta = self.emit(x)[..., :, None] + self.trans
+        return losses.viterbi_surrogate(theta, tags).mean()
+
+
+class ViterbiModel(torch.nn.Module):
+    def __init__(self, d=8, S=5):
+        super().__init__()
+        self.emit = torch.nn.Linear(d, S)
+        self.trans = torch.nn.Parameter(torch.zeros(S, S))
+        self.vit = Viterbi()
+
+    def forward(self, x):
+        return self.vit(self.emit(x)[..., :, None] + self.trans).mean()
+
+
+class AttentionModel(torch.nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.score = torch.nn.Linear(d, 1)
+        self.att = StructuredAttention()
+
+    def forward(self, x):
+        ctx, _ = self.att(self.score(x)[..., 0], x)
+        return ctx.sum()
+
+
+def dtw_batch(B, N=32, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, N, d, generator=g), torch.randn(B, N, d, generator=g)
+
+
+def crf_batch(B, T=20, d=8, S=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, d, generator=g), torch.randint(0, S, (B, T), generator=g)
+
+
+# ---------------------------------------------------------------------------
+# measurements
+
+
+def graph_breaks():
+    torch.manual_seed(0)
+    cases = {
+        "SoftDTW": (DTWModel(), dtw_batch(4)),
+        "Viterbi": (ViterbiModel(), crf_batch(4)[:1]),
+        "viterbi_surrogate": (CRFModel(), crf_batch(4)),
+        "StructuredAttention": (AttentionModel(), crf_batch(4)[:1]),
+    }
+    out = {}
+    for name, (model, args) in cases.items():
+        torch._dynamo.reset()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ex = torch._dynamo.explain(model)(*args)
+        reasons = []
+        for r in ex.break_reasons:
+            line = str(getattr(r, "reason", r)).strip().splitlines()[0][:120]
+            if line not in reasons:
+                reasons.append(line)
+        out[name] = {"graphs": ex.graph_count, "breaks": ex.graph_break_count,
+                     "warnings": len(caught), "reasons": reasons[:4]}
+        print(f"  {name}: {ex.graph_count} graphs, {ex.graph_break_count} breaks, "
+              f"{len(caught)} warnings", flush=True)
+    return out
+
+
+def _median_step(step, args, rounds, warm):
+    for _ in range(warm):
+        step(*args)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        step(*args)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def train_steps(batches, rounds, fullgraph):
+    out = {}
+    for name, make, data in (("SoftDTW", DTWModel, dtw_batch), ("CRF", CRFModel, crf_batch)):
+        for B in batches:
+            args = data(B)
+            row = {}
+            for mode in ("eager", "compiled"):
+                torch.manual_seed(0)
+                model = make()
+                opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+                fwd = model
+                if mode == "compiled":
+                    torch._dynamo.reset()
+                    fwd = torch.compile(model, fullgraph=fullgraph)
+
+                def step(*a, fwd=fwd, opt=opt):
+                    opt.zero_grad()
+                    loss = fwd(*a)
+                    loss.backward()
+                    opt.step()
+                    return loss
+
+                t0 = time.perf_counter()
+                step(*args)
+                first = time.perf_counter() - t0
+                row[mode] = _median_step(step, args, rounds, warm=2)
+                row[mode + "_first_call_s"] = first
+            row["ratio"] = row["compiled"] / row["eager"]
+            out[f"{name} B={B}"] = row
+            print(f"  {name} B={B}: eager {row['eager'] * 1e3:.3f} ms, compiled "
+                  f"{row['compiled'] * 1e3:.3f} ms (x{row['ratio']:.2f}), first compiled call "
+                  f"{row['compiled_first_call_s']:.1f} s", flush=True)
+    return out
+
+
+def _best(fn, rounds, inner):
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return best
+
+
+def overhead(rounds):
+    out = {}
+    rng = np.random.default_rng(0)
+    for shape, inner in (((1, 2, 2), 2000), ((32, 128, 128), 5)):
+        th = rng.random(shape)
+        tt = torch.from_numpy(th.copy())
+        tg = tt.clone().requires_grad_(True)
+
+        def autograd_step():
+            sm.dtw(tg).sum().backward()
+
+        row = {
+            "numpy dtw_grad": _best(lambda: sm.dtw_grad(th), rounds, inner),
+            "torch dtw_grad": _best(lambda: sm.dtw_grad(tt), rounds, inner),
+            "torch dtw + backward": _best(autograd_step, rounds, inner),
+        }
+        key = "x".join(map(str, shape))
+        out[key] = row
+        print("  " + key + ": " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in row.items()),
+              flush=True)
+    return out
+
+
+def write(tag, res):
+    base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"native_{tag}")
+    with open(base + ".json", "w") as f:
+        json.dump(res, f, indent=2)
+    m = res["machine"]
+    lines = [f"# Native framework integration ({tag})", "",
+             f"Machine: {_machine.one_line(m)}; torch {m['versions']['torch']}; one thread.",
+             f"Load average at start {m['loadavg_at_start']}, at end {res['loadavg_at_end']} "
+             "(a shared 2-core machine: other jobs ran at the same time).",
+             f"Command: `{res['command']}`", "",
+             "## Graph breaks (`torch._dynamo.explain` of one forward)", "",
+             "| model | graphs | graph breaks | warnings | first break reasons |",
+             "|---|---|---|---|---|"]
+    for k, v in res["graph_breaks"].items():
+        lines.append(f"| {k} | {v['graphs']} | {v['breaks']} | {v['warnings']} | "
+                     f"{'; '.join(v['reasons']).replace('|', '/') or '-'} |")
+    lines += ["", f"## Training step (forward + backward + SGD), inductor, "
+              f"fullgraph={res['fullgraph']}, median of {res['rounds']} steps", "",
+              "| model | eager (ms) | compiled (ms) | compiled / eager | first compiled call (s) |",
+              "|---|---|---|---|---|"]
+    for k, v in res["train"].items():
+        lines.append(f"| {k} | {v['eager'] * 1e3:.3f} | {v['compiled'] * 1e3:.3f} | "
+                     f"{v['ratio']:.2f} | {v['compiled_first_call_s']:.1f} |")
+    lines += ["", "## Per-call time of value + gradient (best of rounds, µs)", "",
+              "| shape | " + " | ".join(next(iter(res["overhead"].values()))) + " |",
+              "|---|" + "---|" * len(next(iter(res["overhead"].values())))]
+    for k, v in res["overhead"].items():
+        lines.append(f"| {k} | " + " | ".join(f"{t * 1e6:.1f}" for t in v.values()) + " |")
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("wrote", base + ".md")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tag", default=None)
+    p.add_argument("--fullgraph", action="store_true")
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    machine = _machine.describe()
+    rounds = 3 if a.quick else 20
+    print("graph breaks:", flush=True)
+    res = {"machine": machine, "command": " ".join(["python"] + sys.argv),
+           "fullgraph": a.fullgraph, "rounds": rounds}
+    res["graph_breaks"] = graph_breaks()
+    print("training steps:", flush=True)
+    res["train"] = train_steps((16,) if a.quick else (16, 64), rounds, a.fullgraph)
+    print("per-call overhead:", flush=True)
+    res["overhead"] = overhead(3 if a.quick else 7)
+    res["loadavg_at_end"] = list(os.getloadavg())
+    if a.tag and not a.quick:
+        write(a.tag, res)
+
+
+if __name__ == "__main__":
+    main()
