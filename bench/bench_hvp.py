@@ -156,9 +156,9 @@ def make_impls(struct, theta_np, Z_np):
 
     # the engine directly (flat arrays already in the engine's layout)
     B = theta_np.shape[0]
-    aux = ((np.full(B, theta_np.shape[1]), np.full(B, theta_np.shape[2]), -1) if struct == "dtw"
-           else (np.full(B, theta_np.shape[1]),))
-    problem = make_problem(struct, theta_np, np, "numpy", 1, aux, "negentropy", 1.0)
+    fields = (dict(len_a=np.full(B, theta_np.shape[1]), len_b=np.full(B, theta_np.shape[2]), band=-1)
+              if struct == "dtw" else dict(lengths=np.full(B, theta_np.shape[1])))
+    problem = make_problem(struct, theta_np, np, "numpy", 1, "negentropy", 1.0, **fields)
 
     def engine():
         return _dispatch.run(problem, "hvp", theta_np, Z_np)

@@ -9,6 +9,21 @@ from .viterbi import viterbi, viterbi_decode, viterbi_grad, viterbi_hvp
 from .dag import DAG, dag, dag_grad, dag_hvp, dag_path
 from .sampling import dag_sample, dag_support, dtw_sample, viterbi_sample
 from . import attention, crf, losses
+from . import _problem
+
+
+def _load_torch():
+    from . import torch  # noqa: F401  (registers itself with the dispatcher)
+
+
+def _load_jax():
+    from . import jax  # noqa: F401  (registers itself with the dispatcher)
+
+
+# The framework adapters are imported the first time a tensor of theirs arrives.
+_problem.register_adapter_loader("torch", _load_torch)
+_problem.register_adapter_loader("jax", _load_jax)
+del _load_torch, _load_jax
 
 __version__ = "0.1.0"
 

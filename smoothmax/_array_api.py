@@ -8,12 +8,26 @@ import numpy as np
 import array_api_compat as aac
 
 
+# (array type, namespace, backend) registered by framework adapters: checked
+# first, by isinstance, which tracers such as torch.compile's follow without
+# reading data or caches.
+_REGISTERED = []
+
+
+def register_array_type(cls, xp, backend):
+    """Recognise arrays of type ``cls`` (and subclasses) as ``(xp, backend)``."""
+    _REGISTERED.append((cls, xp, backend))
+
+
 def namespace_of(x):
     """Return ``(xp, backend)``: the array namespace and a short backend name.
 
     ``backend`` is one of ``"numpy"``, ``"torch"``, ``"jax"``, ``"cupy"`` or
     ``"generic"`` (any other array-API library, e.g. array_api_strict).
     """
+    for cls, xp, backend in _REGISTERED:
+        if isinstance(x, cls):
+            return xp, backend
     if aac.is_numpy_array(x):
         return aac.array_namespace(x), "numpy"
     if aac.is_torch_array(x):
@@ -23,6 +37,14 @@ def namespace_of(x):
     if aac.is_cupy_array(x):
         return aac.array_namespace(x), "cupy"
     return aac.array_namespace(x), "generic"
+
+
+def device_of(x):
+    """The array-API device of ``x`` (registered array types first, see :func:`namespace_of`)."""
+    for cls, _, _ in _REGISTERED:
+        if isinstance(x, cls):
+            return x.device
+    return aac.device(x)
 
 
 def device_kind(x, backend):

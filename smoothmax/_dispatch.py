@@ -7,7 +7,8 @@ NumPy arrays; torch CUDA tensors as CuPy arrays through DLPack), calls the
 engine and converts the results back to the caller's namespace and device.
 
 The capability registry ``CAPABILITIES`` is the single source for the
-capability table of the docs and for the backend fixtures of the tests.
+engine choice of :func:`engine_for`, the capability table of the docs and the
+backend fixtures of the tests. Nothing here imports a framework adapter.
 """
 import functools
 import importlib
@@ -16,14 +17,26 @@ import numpy as np
 
 from ._array_api import to_host
 
-# backend, device -> (engine, differentiable orders in the caller's framework)
+# backend, device -> the engine that runs them and what the caller's framework gets.
+# ``engine`` is the one thing :func:`engine_for` reads: "compiled" (the Cython
+# core on the host; the reference passes where the core is not built), "cuda"
+# (the CUDA kernels through CuPy; the reference passes where CuPy or a device
+# is missing) or "reference" (the pure array-API passes). A (backend, device)
+# pair missing here raises instead of falling back. ``via`` says how a
+# framework reaches the engine (docs only). "generic" is any other array-API
+# library (tested with array_api_strict).
 CAPABILITIES = {
     ("numpy", "cpu"): {"engine": "compiled", "autodiff": 0, "dtypes": ("float32", "float64")},
-    ("array_api_strict", "cpu"): {"engine": "reference", "autodiff": 0, "dtypes": ("float32", "float64")},
-    ("torch", "cpu"): {"engine": "compiled", "autodiff": 2, "dtypes": ("float32", "float64")},
-    ("torch", "cuda"): {"engine": "cuda", "autodiff": 2, "dtypes": ("float32", "float64")},
-    ("jax", "cpu"): {"engine": "compiled", "autodiff": 2, "dtypes": ("float32", "float64")},
-    ("jax", "cuda"): {"engine": "compiled (host callback)", "autodiff": 2, "dtypes": ("float32", "float64")},
+    ("generic", "cpu"): {"engine": "reference", "autodiff": 0, "dtypes": ("float32", "float64"),
+                         "tested_with": "array_api_strict"},
+    ("torch", "cpu"): {"engine": "compiled", "autodiff": 2, "dtypes": ("float32", "float64"),
+                       "via": "torch.library custom ops"},
+    ("torch", "cuda"): {"engine": "cuda", "autodiff": 2, "dtypes": ("float32", "float64"),
+                        "via": "torch.library custom ops"},
+    ("jax", "cpu"): {"engine": "compiled", "autodiff": 2, "dtypes": ("float32", "float64"),
+                     "via": "host callback"},
+    ("jax", "cuda"): {"engine": "compiled", "autodiff": 2, "dtypes": ("float32", "float64"),
+                      "via": "host callback"},
     ("cupy", "cuda"): {"engine": "cuda", "autodiff": 0, "dtypes": ("float32", "float64")},
 }
 
@@ -86,16 +99,25 @@ def _cuda_usable():
 
 @functools.lru_cache(maxsize=None)
 def engine_for(backend, device):
-    """The engine for arrays of ``backend`` (numpy, torch, jax, cupy, generic) on ``device``."""
+    """The engine for arrays of ``backend`` (numpy, torch, jax, cupy, generic) on ``device``.
+
+    Read from :data:`CAPABILITIES`; a pair it does not list raises ``ValueError``.
+    """
+    cap = CAPABILITIES.get((backend, device))
+    if cap is None:
+        listed = ", ".join(f"{b}/{d}" for b, d in CAPABILITIES)
+        raise ValueError(f"smoothmax has no engine for {backend} arrays on a {device} device; "
+                         f"supported (library/device): {listed}")
     from . import _reference
 
-    if backend in ("numpy", "torch", "jax") and device == "cpu":
+    kind = cap["engine"]
+    if kind == "compiled":
         def back(y, xp, like):
             return xp.asarray(y) if backend != "numpy" else y
 
         name = "compiled" if compiled_available() else "reference (compiled core not built)"
         return Engine(name, _Compiled(), _numpy_in, back, _int_host)
-    if backend in ("cupy", "torch") and device == "cuda" and _cuda_usable():
+    if kind == "cuda" and _cuda_usable():
         from . import _cuda
 
         return Engine("cuda", _cuda.engine, _cuda.to_cupy, _cuda.from_cupy, _cuda.int_to_cupy)
@@ -103,7 +125,19 @@ def engine_for(backend, device):
     def same(y, xp, like):
         return y
 
-    return Engine("reference", _reference, lambda x: x, same, _int_host)
+    name = "reference" if kind == "reference" else "reference (CUDA engine unavailable)"
+    return Engine(name, _reference, lambda x: x, same, _int_host)
+
+
+@functools.lru_cache(maxsize=None)
+def _engine_function(backend, device, struct, op):
+    eng = engine_for(backend, device)
+    fn = getattr(eng.module, f"{struct}_{op}", None)
+    if fn is None:  # a structure this engine has no kernel for (the DAG on GPUs): reference passes
+        from . import _reference
+
+        fn = getattr(_reference, f"{struct}_{op}")
+    return eng, fn
 
 
 def run(problem, op, theta, Z=None):
@@ -112,16 +146,11 @@ def run(problem, op, theta, Z=None):
     ``theta`` (and ``Z``) are the flat arrays in the caller's namespace
     (detached for autodiff frameworks); returns a tuple of arrays in that namespace.
     """
-    eng = engine_for(problem.backend, problem.device)
-    fn = getattr(eng.module, f"{problem.struct}_{op}", None)
-    if fn is None:  # a structure this engine has no kernel for (the DAG on GPUs): reference passes
-        from . import _reference
-
-        fn = getattr(_reference, f"{problem.struct}_{op}")
+    eng, fn = _engine_function(problem.backend, problem.device, problem.struct, op)
     args = [eng.to_engine(theta)]
     if op == "hvp":
         args.append(eng.to_engine(Z))
-    args.extend(eng.to_engine_int(a) if isinstance(a, np.ndarray) else a for a in problem.aux)
+    args.extend(eng.to_engine_int(a) if isinstance(a, np.ndarray) else a for a in problem.engine_args)
     if op not in ("decode", "path"):
         args.extend([problem.reg_code, problem.gamma])
     out = fn(*args)

@@ -1,51 +1,131 @@
 """A validated, flattened call of a structured operator, and its evaluation.
 
-Public functions build a :class:`Problem` (validation happens here, once, at
-the entry), then :func:`evaluate` routes it: torch tensors and JAX arrays go
-through the autodiff rules of :mod:`smoothmax.torch` / :mod:`smoothmax.jax`
-(which call the engines through :mod:`smoothmax._dispatch`), every other array
-goes straight to its engine.
-"""
-from dataclasses import dataclass
-from typing import Any
+Public functions build a :class:`Problem` (validation happens at the entry),
+then :func:`evaluate` routes it: arrays of a framework with a registered
+adapter (PyTorch, JAX: their modules register themselves with
+:func:`register_adapter` when imported) go through that adapter's autodiff
+rules, every other array goes straight to its engine
+(:mod:`smoothmax._dispatch`). This module imports no framework module: the
+package's ``__init__`` registers loaders (:func:`register_adapter_loader`)
+that import an adapter the first time an array of its framework arrives.
 
-import numpy as np
+An adapter is any object with
+
+* ``apply(problem, op, flat_theta, flat_Z)`` -> the outputs of ``op`` on the
+  flat arrays (see :func:`evaluate`);
+* optionally ``check_values(x, xp, name, forbid)`` and
+  ``check_lengths(lengths, batch_shape, maximum, name)``, replacing the host
+  checks of :mod:`smoothmax._validation` when the adapter runs them inside its
+  operators (PyTorch: so that tracing never branches on data).
+"""
+from dataclasses import dataclass, replace
+from typing import Any
 
 from . import _dispatch
 from ._array_api import device_kind
 from .operators import REG_CODES
 
-
-# Entries of ``Problem.aux`` that hold one value per batch item (host arrays of
-# shape (B,), e.g. lengths), by structure; the others (a band, a graph's
-# structure) are shared by the whole batch. Used where a batch is re-shaped
-# (the JAX callbacks flatten vmapped dimensions into the batch).
-PER_ITEM_AUX = {"dtw": (0, 1), "viterbi": (0,), "dag": ()}
+# The structure-specific engine arguments, as named fields of Problem, in the
+# order of the engines' signatures; those holding one entry per batch item
+# (shape (B,): lengths), which follow the batch when it is re-shaped.
+STRUCT_FIELDS = {"dtw": ("len_a", "len_b", "band"), "viterbi": ("lengths",),
+                 "dag": ("indptr", "parents")}
+PER_ITEM_FIELDS = {"dtw": ("len_a", "len_b"), "viterbi": ("lengths",), "dag": ()}
 
 
 @dataclass(frozen=True, eq=False)
 class Problem:
+    """One validated call.
+
+    The structure's arguments are fields: ``len_a``, ``len_b`` (B,) and
+    ``band`` (int, -1 for none) for DTW; ``lengths`` (B,) for Viterbi;
+    ``indptr``, ``parents`` (the graph) for a DAG. Lengths are flat int64
+    arrays: host NumPy arrays, or int64 tensors of the caller's framework
+    when its adapter checks them inside its operators.
+    """
     struct: str          # "dtw", "viterbi" or "dag"
     xp: Any              # the caller's namespace
     backend: str         # numpy, torch, jax, cupy, generic
     device: str          # cpu or cuda
     batch_shape: tuple   # leading dims of theta
     flat_shape: tuple    # (B, ...) shape given to engines
-    aux: tuple           # structure-specific engine arguments (host int64 arrays, ints)
     reg: str
     gamma: float
+    len_a: Any = None
+    len_b: Any = None
+    band: int = -1
+    lengths: Any = None
+    indptr: Any = None
+    parents: Any = None
 
     @property
     def reg_code(self):
         return REG_CODES[self.reg]
 
+    @property
+    def engine_args(self):
+        """The structure's arguments in the order of the engine functions."""
+        return tuple(getattr(self, f) for f in STRUCT_FIELDS[self.struct])
 
-def make_problem(struct, theta, xp, backend, batch_ndim, aux, reg, gamma):
+    def repeat_batch(self, reps, **changes):
+        """This problem with its batch repeated ``reps`` times (per-item fields tiled)."""
+        import numpy as np
+
+        B = self.flat_shape[0]
+        tiled = {f: np.tile(getattr(self, f), reps) for f in PER_ITEM_FIELDS[self.struct]}
+        return replace(self, batch_shape=(reps * B,), flat_shape=(reps * B,) + tuple(self.flat_shape[1:]),
+                       **tiled, **changes)
+
+
+def _batch_size(batch_shape):
+    B = 1
+    for s in batch_shape:  # (a loop: math.prod over a generator stops torch.compile's tracer)
+        B *= int(s)
+    return B
+
+
+def make_problem(struct, theta, xp, backend, batch_ndim, reg, gamma, **fields):
+    """A :class:`Problem` for ``theta`` whose first ``batch_ndim`` axes are the batch."""
     batch_shape = tuple(theta.shape[:batch_ndim])
-    B = int(np.prod(batch_shape, dtype=np.int64))
+    B = _batch_size(batch_shape)
     flat_shape = (B,) + tuple(theta.shape[batch_ndim:])
     return Problem(struct, xp, backend, device_kind(theta, backend), batch_shape, flat_shape,
-                   aux, reg, gamma)
+                   reg, gamma, **fields)
+
+
+# ---------------------------------------------------------------------------
+# framework adapters
+
+_ADAPTERS = {}
+_LOADERS = {}
+
+
+def register_adapter(backend, adapter):
+    """Route the arrays of ``backend`` (e.g. ``"torch"``) through ``adapter`` (see the module doc)."""
+    _ADAPTERS[backend] = adapter
+
+
+def register_adapter_loader(backend, loader):
+    """``loader()`` is called the first time an array of ``backend`` arrives; it must register."""
+    _LOADERS[backend] = loader
+
+
+def adapter_for(backend):
+    """The adapter of ``backend``, loading it on first use; None for arrays without one."""
+    adapter = _ADAPTERS.get(backend)
+    if adapter is None and backend in _LOADERS:
+        _LOADERS.pop(backend)()
+        adapter = _ADAPTERS.get(backend)
+    return adapter
+
+
+def checks_for(backend):
+    """``(check_values, check_lengths)`` for arrays of ``backend``: the adapter's or the host ones."""
+    from . import _validation
+
+    adapter = adapter_for(backend)
+    return (getattr(adapter, "check_values", _validation.check_values),
+            getattr(adapter, "check_lengths", _validation.check_lengths))
 
 
 def evaluate(problem, op, theta, Z=None):
@@ -57,14 +137,9 @@ def evaluate(problem, op, theta, Z=None):
     xp = problem.xp
     flat = xp.reshape(theta, problem.flat_shape)
     flatZ = None if Z is None else xp.reshape(Z, problem.flat_shape)
-    if problem.backend == "torch":
-        from . import torch as _framework
-    elif problem.backend == "jax":
-        from . import jax as _framework
-    else:
-        _framework = None
-    if _framework is not None:
-        out = _framework.apply(problem, op, flat, flatZ)
+    adapter = adapter_for(problem.backend)
+    if adapter is not None:
+        out = adapter.apply(problem, op, flat, flatZ)
     else:
         out = _dispatch.run(problem, op, flat, flatZ)
         if op == "value":

@@ -26,7 +26,7 @@ def check_gamma(gamma):
             value = None
     if value is None:
         raise TypeError(f"gamma must be a positive finite real number, got {gamma!r}")
-    if not np.isfinite(value) or value <= 0:
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"gamma must be a positive finite real number, got {gamma!r}")
     return value
 
@@ -98,15 +98,19 @@ def check_values(x, xp, name, forbid):
             raise ValueError(f"{name} must not contain {sign}" + (hint[sign] if forbid == sign else ""))
 
 
-def check_direction(Z, theta, xp, backend):
-    """Validate the HVP direction ``Z`` against ``theta``; cast to theta's dtype."""
+def check_direction(Z, theta, xp, backend, values=None):
+    """Validate the HVP direction ``Z`` against ``theta``; cast to theta's dtype.
+
+    ``values`` replaces :func:`check_values` (a framework adapter that checks
+    inside its operators).
+    """
     Z, zxp, zbackend = as_array(Z, "Z")
     if zbackend != backend:
         raise TypeError(f"Z must be an array of the same library as theta ({backend}), got {zbackend}")
     check_float(Z, zxp, "Z")
     if tuple(Z.shape) != tuple(theta.shape):
         raise ValueError(f"Z must have the shape of theta {tuple(theta.shape)}, got {tuple(Z.shape)}")
-    check_values(Z, xp, "Z", "inf")
+    (check_values if values is None else values)(Z, xp, "Z", "inf")
     if Z.dtype != theta.dtype:
         Z = xp.astype(Z, theta.dtype)
     return Z

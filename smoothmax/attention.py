@@ -23,16 +23,11 @@ so that importing this module never imports torch.
 """
 import numpy as np
 
+from ._array_api import device_of
 from ._validation import as_array, check_float, check_rank, is_traced
 from .viterbi import viterbi_grad
 
 __all__ = ["structured_attention", "StructuredAttention"]
-
-
-def _device(x):
-    import array_api_compat as aac
-
-    return aac.device(x)
 
 
 def structured_attention(scores, transition, *, reg="negentropy", gamma=1.0, lengths=None):
@@ -86,7 +81,7 @@ def structured_attention(scores, transition, *, reg="negentropy", gamma=1.0, len
         first = first.astype(theta.dtype)
     else:
         try:
-            first = xp.asarray(first, dtype=theta.dtype, device=_device(theta))
+            first = xp.asarray(first, dtype=theta.dtype, device=device_of(theta))
         except TypeError:
             first = xp.asarray(first, dtype=theta.dtype)
     theta = theta + first

@@ -12,9 +12,9 @@ occupancy of the path distribution of SPEC §2.
 import numpy as np
 
 from ._array_api import to_host
-from ._problem import evaluate, make_problem
+from ._problem import checks_for, evaluate, make_problem
 from ._validation import (as_array, check_direction, check_float, check_gamma, check_rank,
-                          check_reg, check_values)
+                          check_reg)
 
 __all__ = ["DAG", "dag", "dag_grad", "dag_hvp", "dag_path"]
 
@@ -220,9 +220,9 @@ def _prepare(weights, graph, reg, gamma):
         )
     reg = check_reg(reg)
     gamma = check_gamma(gamma)
-    check_values(weights, xp, "weights", "+inf")
-    problem = make_problem("dag", weights, xp, backend, weights.ndim - 1,
-                           (graph.indptr, graph.parents), reg, gamma)
+    checks_for(backend)[0](weights, xp, "weights", "+inf")
+    problem = make_problem("dag", weights, xp, backend, weights.ndim - 1, reg, gamma,
+                           indptr=graph.indptr, parents=graph.parents)
     return weights, problem
 
 
@@ -265,7 +265,7 @@ def dag_hvp(weights, Z, graph, *, reg="negentropy", gamma=1.0):
     Edot : array, shape (..., n_edges)
     """
     weights, problem = _prepare(weights, graph, reg, gamma)
-    Z = check_direction(Z, weights, problem.xp, problem.backend)
+    Z = check_direction(Z, weights, problem.xp, problem.backend, checks_for(problem.backend)[0])
     return evaluate(problem, "hvp", weights, Z)
 
 

@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from ._array_api import dtype_name, device_kind
-from ._problem import FeatureProblem, evaluate, make_problem
+from ._problem import FeatureProblem, checks_for, evaluate, make_problem
 from ._validation import (as_array, check_band, check_direction, check_float, check_gamma,
                           check_lengths, check_rank, check_reg, check_values)
 
@@ -38,7 +38,14 @@ _SHARED_DOC = """
 """
 
 
-def _prepare(theta, reg, gamma, lengths, band, name="dtw"):
+def _prepare(theta, reg, gamma, lengths, band, host_checks=False):
+    """Validate and describe the problem.
+
+    The data checks (values, lengths in range) are the host ones of
+    :mod:`smoothmax._validation`, or those of the caller's framework adapter
+    when it runs them inside its operators (PyTorch), unless ``host_checks``
+    (callers that work on the host: sampling).
+    """
     theta, xp, backend = as_array(theta, "theta")
     check_float(theta, xp, "theta")
     check_rank(theta, 2, "theta", "(..., NA, NB)")
@@ -48,34 +55,33 @@ def _prepare(theta, reg, gamma, lengths, band, name="dtw"):
     reg = check_reg(reg)
     gamma = check_gamma(gamma)
     band = check_band(band)
-    check_values(theta, xp, "theta", "-inf")
+    values, check_len = (check_values, check_lengths) if host_checks else checks_for(backend)
+    values(theta, xp, "theta", "-inf")
     batch_shape = tuple(theta.shape[:-2])
-    la, lb = _pair_lengths(lengths, batch_shape, NA, NB)
-    problem = make_problem("dtw", theta, xp, backend, theta.ndim - 2, (la, lb, band), reg, gamma)
+    la, lb = _pair_lengths(lengths, batch_shape, NA, NB, check_len)
+    problem = make_problem("dtw", theta, xp, backend, theta.ndim - 2, reg, gamma,
+                           len_a=la, len_b=lb, band=band)
     return theta, problem
 
 
-def _pair_lengths(lengths, batch_shape, NA, NB):
-    """``lengths`` (None, a pair, or an int array (..., 2)) as two flat int64 host arrays."""
+def _pair_lengths(lengths, batch_shape, NA, NB, check_len=check_lengths):
+    """``lengths`` (None, a pair, or an int array (..., 2)) as two flat int64 arrays, checked by
+    ``check_len`` (host arrays by default; a framework adapter's checker keeps its tensors)."""
     if lengths is None:
-        la = check_lengths(None, batch_shape, NA)
-        lb = check_lengths(None, batch_shape, NB)
+        len_a = len_b = None
+    elif isinstance(lengths, (tuple, list)):
+        if len(lengths) != 2:
+            raise ValueError(f"lengths must be a pair (len_a, len_b), got {len(lengths)} entries")
+        len_a, len_b = lengths
     else:
-        if isinstance(lengths, (tuple, list)):
-            if len(lengths) != 2:
-                raise ValueError(f"lengths must be a pair (len_a, len_b), got {len(lengths)} entries")
-            len_a, len_b = lengths
-        else:
-            from ._array_api import to_host
-
-            arr = np.asarray(to_host(lengths))
-            if arr.ndim < 1 or arr.shape[-1] != 2:
-                raise ValueError(
-                    f"lengths must be a pair (len_a, len_b) or an array of shape (..., 2), got shape {arr.shape}"
-                )
-            len_a, len_b = arr[..., 0], arr[..., 1]
-        la = check_lengths(len_a, batch_shape, NA, "lengths[0] (len_a)")
-        lb = check_lengths(len_b, batch_shape, NB, "lengths[1] (len_b)")
+        arr = lengths if hasattr(lengths, "shape") else np.asarray(lengths)
+        if arr.ndim < 1 or arr.shape[-1] != 2:
+            raise ValueError(
+                f"lengths must be a pair (len_a, len_b) or an array of shape (..., 2), got shape {tuple(arr.shape)}"
+            )
+        len_a, len_b = arr[..., 0], arr[..., 1]
+    la = check_len(len_a, batch_shape, NA, "lengths[0] (len_a)")
+    lb = check_len(len_b, batch_shape, NB, "lengths[1] (len_b)")
     return la, lb
 
 
@@ -115,7 +121,7 @@ def dtw_hvp(theta, Z, *, reg="negentropy", gamma=1.0, lengths=None, band=None):
     Edot : array, shape (..., NA, NB)
     """
     theta, problem = _prepare(theta, reg, gamma, lengths, band)
-    Z = check_direction(Z, theta, problem.xp, problem.backend)
+    Z = check_direction(Z, theta, problem.xp, problem.backend, checks_for(problem.backend)[0])
     return evaluate(problem, "hvp", theta, Z)
 
 

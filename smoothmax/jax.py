@@ -44,6 +44,7 @@ traced arguments.
 import dataclasses
 import functools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import _dispatch
-from ._problem import PER_ITEM_AUX
+from ._problem import PER_ITEM_FIELDS, STRUCT_FIELDS, register_adapter
 
 __all__ = ["apply", "cpu_path", "gpu_path", "soft_dtw", "squared_euclidean"]
 
@@ -123,13 +124,14 @@ def _engine_operands(problem):
     sharded with the batch), shared integer arrays (a graph's structure,
     replicated) and scalar attributes (the DTW band).
     """
-    per_item = PER_ITEM_AUX[problem.struct]
+    per_item = PER_ITEM_FIELDS[problem.struct]
     int_dtype = jax.dtypes.canonicalize_dtype(np.int64)  # int32 unless x64 is on
     items, shared, scalars = [], [], []
-    for k, a in enumerate(problem.aux):
+    for f in STRUCT_FIELDS[problem.struct]:
+        a = getattr(problem, f)
         if not isinstance(a, np.ndarray):
             scalars.append(np.int64(a))
-        elif k in per_item:
+        elif f in per_item:
             items.append(np.asarray(a, dtype=int_dtype))
         else:
             shared.append(np.asarray(a, dtype=int_dtype))
@@ -293,17 +295,10 @@ def _ffi_call(problem, op, out_specs, theta, Z=None):
 def _host_problem(problem, reps):
     """``problem`` for NumPy arrays on the host, its batch repeated ``reps`` times.
 
-    Per-item auxiliary arrays (``PER_ITEM_AUX``: lengths) are tiled; the
-    others (band, a graph's structure) are shared and kept.
+    Per-item fields (``PER_ITEM_FIELDS``: lengths) are tiled; the others
+    (band, a graph's structure) are shared and kept.
     """
-    B = problem.flat_shape[0]
-    aux = problem.aux
-    if reps != 1:
-        per_item = PER_ITEM_AUX[problem.struct]
-        aux = tuple(np.tile(a, reps) if k in per_item else a for k, a in enumerate(aux))
-    flat_shape = (reps * B,) + tuple(problem.flat_shape[1:])
-    return dataclasses.replace(problem, xp=np, backend="numpy", device="cpu",
-                               batch_shape=(reps * B,), flat_shape=flat_shape, aux=aux)
+    return problem.repeat_batch(reps, xp=np, backend="numpy", device="cpu")
 
 
 def _host_run(problem, op, picks, theta, Z=None):
@@ -331,10 +326,10 @@ class _HostCall:
 
     def __init__(self, problem, op, picks):
         self.problem, self.op, self.picks = problem, op, tuple(picks)
-        aux = tuple((a.shape, a.dtype.str, a.tobytes()) if isinstance(a, np.ndarray) else a
-                    for a in problem.aux)
+        fields = tuple((a.shape, a.dtype.str, a.tobytes()) if isinstance(a, np.ndarray) else a
+                    for a in problem.engine_args)
         self._key = (problem.struct, op, self.picks, problem.reg, problem.gamma,
-                     tuple(problem.flat_shape), aux)
+                     tuple(problem.flat_shape), fields)
 
     def __eq__(self, other):
         return isinstance(other, _HostCall) and self._key == other._key
@@ -415,8 +410,7 @@ def _decode_spec(problem, op, dtype):
     """Trailing shapes and dtypes of the decode/path outputs, from an empty batch."""
     empty = dataclasses.replace(_host_problem(problem, 1), batch_shape=(0,),
                                 flat_shape=(0,) + tuple(problem.flat_shape[1:]),
-                                aux=tuple(a[:0] if k in PER_ITEM_AUX[problem.struct] else a
-                                          for k, a in enumerate(problem.aux)))
+                                **{f: getattr(problem, f)[:0] for f in PER_ITEM_FIELDS[problem.struct]})
     out = _dispatch.run(empty, op, np.zeros(empty.flat_shape, dtype=dtype))
     return [(tuple(np.asarray(y).shape[1:]), jax.dtypes.canonicalize_dtype(np.asarray(y).dtype))
             for y in out]
@@ -628,3 +622,6 @@ def apply_features(fp, x, y, grad):
 from ._jax_crf import crf_decode, crf_log_likelihood, crf_log_partition, crf_marginals  # noqa: E402,F401
 
 __all__ += ["crf_log_likelihood", "crf_log_partition", "crf_decode", "crf_marginals"]
+
+
+register_adapter("jax", sys.modules[__name__])

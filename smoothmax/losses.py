@@ -38,7 +38,8 @@ Conventions (``docs/dag.md`` derives them):
 
 import numpy as np
 
-from ._array_api import to_host
+from ._array_api import device_of, to_host
+from ._problem import adapter_for
 from ._validation import as_array, is_traced
 from .dtw import _prepare as _dtw_prepare
 from .dtw import dtw, dtw_grad, dtw_hvp
@@ -49,18 +50,12 @@ __all__ = ["viterbi_surrogate", "viterbi_relaxed", "dtw_surrogate", "dtw_relaxed
            "tags_to_path"]
 
 
-def _device(x):
-    import array_api_compat as aac
-
-    return aac.device(x)
-
-
 def _const(arr, problem, like):
     """A host NumPy constant as an array of the caller's namespace, on ``like``'s device."""
     if problem.backend == "numpy":
         return arr
     try:
-        return problem.xp.asarray(arr, device=_device(like))
+        return problem.xp.asarray(arr, device=device_of(like))
     except TypeError:
         return problem.xp.asarray(arr)
 
@@ -76,17 +71,31 @@ def _like(x, problem, like, name):
 
 
 def _batch_mask(problem, L, T, like):
-    """``t < L`` as a boolean array (..., T) in the caller's namespace."""
+    """``t < L`` as a boolean array (..., T) in the caller's namespace.
+
+    ``L`` (B,) is a host array, or an integer array of the caller's framework
+    (None for full lengths) when its adapter checks lengths inside its
+    operators (the mask is computed in that framework, so that tracing never
+    reads it).
+    """
+    if isinstance(L, np.ndarray):
+        m = np.arange(T)[None, :] < L[:, None]
+        return _const(m.reshape(problem.batch_shape + (T,)), problem, like)
     xp = problem.xp
-    m = np.arange(T)[None, :] < L[:, None]
-    return _const(m.reshape(problem.batch_shape + (T,)), problem, like)
+    if L is None:  # full lengths (a framework adapter keeps None)
+        return xp.ones(problem.batch_shape + (T,), dtype=xp.bool, device=device_of(like))
+    m = xp.arange(T, device=device_of(L))[None, :] < L[:, None]
+    return xp.reshape(_const(m, problem, like), problem.batch_shape + (T,))
 
 
 def _tags(theta, tags, problem):
     """Validated tags as an integer array of theta's namespace, shape (..., T)."""
     xp = problem.xp
     T, S = int(theta.shape[-3]), int(theta.shape[-2])
-    (L,) = problem.aux
+    L = problem.lengths
+    in_op = getattr(adapter_for(problem.backend), "check_tags", None)
+    if in_op is not None and not isinstance(tags, (list, tuple, np.ndarray)):
+        return in_op(tags, L, S, problem.batch_shape + (T,))
     if not is_traced(tags):
         host = np.asarray(to_host(tags)) if not isinstance(tags, (list, tuple)) else np.asarray(tags)
         if host.dtype.kind not in "iu":
@@ -94,13 +103,19 @@ def _tags(theta, tags, problem):
         if tuple(host.shape) != problem.batch_shape + (T,):
             raise ValueError(f"tags must have shape {problem.batch_shape + (T,)} (theta's batch shape + (T,)), "
                              f"got {tuple(host.shape)}")
-        valid = np.arange(T)[None, :] < L[:, None]
+        Lh = np.full(host.size // T if T else 0, T) if L is None else np.asarray(to_host(L))
+        valid = np.arange(T)[None, :] < Lh[:, None]
         flat = host.reshape(-1, T)
         bad = valid & ((flat < 0) | (flat >= S))
         if bad.any():
             raise ValueError(f"tags must be integers in [0, {S}) before each length, got {int(flat[bad][0])}")
         return _const(host.astype(np.int64), problem, theta)
     return tags
+
+
+def _shaped(L, batch_shape):
+    """Flat lengths (B,) back to the batch shape; None (full lengths) stays None."""
+    return None if L is None else L.reshape(batch_shape)
 
 
 def _onehot_tags(xp, tags, S, mask, dtype, dev):
@@ -123,9 +138,8 @@ def tags_to_path(theta, tags, *, lengths=None):
 def _path_tensor(theta, tags, problem):
     xp = problem.xp
     T, S = int(theta.shape[-3]), int(theta.shape[-2])
-    (L,) = problem.aux
-    mask = _batch_mask(problem, L, T, theta)
-    dev = _device(theta)
+    mask = _batch_mask(problem, problem.lengths, T, theta)
+    dev = device_of(theta)
     cur = _onehot_tags(xp, tags, S, mask, theta.dtype, dev)  # (..., T, S)
     first = xp.astype(xp.arange(S, device=dev) == 0, theta.dtype)
     first = xp.broadcast_to(first, cur.shape[:-2] + (1, S))
@@ -194,7 +208,7 @@ def viterbi_surrogate(theta, tags, *, reg="negentropy", gamma=1.0, lengths=None,
         aug = theta + C
     else:
         aug = theta + _cost_array(cost, theta, problem)
-    kw = dict(reg=reg, gamma=gamma, lengths=problem.aux[0].reshape(problem.batch_shape))
+    kw = dict(reg=reg, gamma=gamma, lengths=_shaped(problem.lengths, problem.batch_shape))
     score = _inner(xp, Y, theta, 3)
     if return_grad:
         value, E = viterbi_grad(aug, **kw)
@@ -245,7 +259,7 @@ def viterbi_relaxed(theta, tags, *, reg="negentropy", gamma=1.0, lengths=None, d
     divergence = _check_divergence(divergence, reg)
     tags = _tags(theta, tags, problem)
     _, P, mask = _path_tensor(theta, tags, problem)
-    kw = dict(reg=reg, gamma=gamma, lengths=problem.aux[0].reshape(problem.batch_shape))
+    kw = dict(reg=reg, gamma=gamma, lengths=_shaped(problem.lengths, problem.batch_shape))
     _, E = viterbi_grad(theta, **kw)
     M = xp.sum(E, axis=-1)
     if divergence == "l2":
@@ -267,7 +281,10 @@ def _alignment(theta, Y, problem, name="Y"):
     Y = _like(Y, problem, theta, name)
     if tuple(Y.shape) != tuple(theta.shape):
         raise ValueError(f"{name} must have theta's shape {tuple(theta.shape)}, got {tuple(Y.shape)}")
-    if not is_traced(Y):
+    in_op = getattr(adapter_for(problem.backend), "check_binary", None)
+    if in_op is not None:
+        Y = in_op(Y, name)
+    elif not is_traced(Y):
         h = np.asarray(to_host(Y))
         if h.size and not np.all((h == 0) | (h == 1)):
             raise ValueError(f"{name} must be a 0/1 alignment matrix, got values other than 0 and 1")
@@ -279,7 +296,7 @@ def _alignment(theta, Y, problem, name="Y"):
 def _area_cost(xp, Y):
     """``C[a, b]`` = distance from column ``b`` to the columns aligned with row ``a`` in ``Y``."""
     NB = int(Y.shape[-1])
-    col = xp.astype(xp.arange(NB, device=_device(Y)), Y.dtype)
+    col = xp.astype(xp.arange(NB, device=device_of(Y)), Y.dtype)
     big = float(NB)
     on = Y > 0
     first = xp.min(xp.where(on, col, xp.full_like(Y, big)), axis=-1, keepdims=True)
@@ -291,10 +308,11 @@ def _area_cost(xp, Y):
 
 
 def _dtw_kw(problem):
-    la, lb, band = problem.aux
     bs = problem.batch_shape
     return dict(reg=problem.reg, gamma=problem.gamma,
-                lengths=(la.reshape(bs), lb.reshape(bs)), band=None if band < 0 else band)
+                lengths=(None if problem.len_a is None and problem.len_b is None else
+                         (_shaped(problem.len_a, bs), _shaped(problem.len_b, bs))),
+                band=None if problem.band < 0 else problem.band)
 
 
 def dtw_surrogate(theta, Y, *, reg="negentropy", gamma=1.0, cost="area", lengths=None, band=None,
@@ -373,10 +391,9 @@ def dtw_relaxed(theta, Y, *, reg="negentropy", gamma=1.0, lengths=None, band=Non
     Y = _alignment(theta, Y, problem)
     kw = _dtw_kw(problem)
     _, E = dtw_grad(theta, **kw)
-    la, lb, _ = problem.aux
     NB = int(theta.shape[-1])
-    colmask = (np.arange(NB)[None, :] < lb[:, None]).reshape(problem.batch_shape + (1, NB))
-    colmask = xp.astype(_const(colmask, problem, theta), theta.dtype)
+    colmask = xp.reshape(_batch_mask(problem, problem.len_b, NB, theta), problem.batch_shape + (1, NB))
+    colmask = xp.astype(colmask, theta.dtype)
     D = xp.cumulative_sum(E - Y, axis=-1) * colmask
     loss = xp.sum(D * D, axis=(-2, -1))
     if not return_grad:

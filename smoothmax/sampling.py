@@ -217,10 +217,10 @@ def viterbi_sample(theta, n, *, reg="negentropy", gamma=1.0, lengths=None, seed=
     Runs on the host in float64 with NumPy's generator (a device-to-host copy
     for GPU arrays).
     """
-    theta, problem = _viterbi_prepare(theta, reg, gamma, lengths)
+    theta, problem = _viterbi_prepare(theta, reg, gamma, lengths, host_checks=True)
     n = _check_n(n)
     rng = _rng(seed)
-    (L,) = problem.aux
+    L = problem.lengths
     th = _host64(theta, "theta").reshape(problem.flat_shape)
     B, T, S, _ = th.shape
     _, E = viterbi_grad(th, reg=problem.reg, gamma=problem.gamma, lengths=L)
@@ -281,10 +281,10 @@ def dtw_sample(theta, n, *, reg="negentropy", gamma=1.0, lengths=None, band=None
     Runs on the host in float64 with NumPy's generator (a device-to-host copy
     for GPU arrays).
     """
-    theta, problem = _dtw_prepare(theta, reg, gamma, lengths, band)
+    theta, problem = _dtw_prepare(theta, reg, gamma, lengths, band, host_checks=True)
     n = _check_n(n)
     rng = _rng(seed)
-    la, lb, band_i = problem.aux
+    la, lb, band_i = problem.len_a, problem.len_b, problem.band
     th = _host64(theta, "theta").reshape(problem.flat_shape)
     B, NA, NB = th.shape
     Y = np.zeros((n, B, NA, NB), dtype=_np_dtype(theta, problem))

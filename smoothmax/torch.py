@@ -1,30 +1,49 @@
-"""PyTorch autodiff for the structured operators, and ``torch.nn`` layers.
+"""PyTorch operators for the structured passes, their autodiff, and ``torch.nn`` layers.
 
-Design (the two-Function pattern of the paper's own code, written once for
-every structure: ``problem.struct`` selects the engine functions)::
+Every structured pass is a ``torch.library.custom_op`` in the ``smoothmax``
+namespace, one per structure and pass (``torch.ops.smoothmax.<struct>_<op>``,
+struct in dtw, viterbi, dag; op in value, grad, hvp and decode (Viterbi) or
+path (DTW, DAG)). Each has
 
-    value = DPValue(theta)   backward: g ↦ g·E,   E = DPGrad(theta)
-    E     = DPGrad(theta)    backward: G ↦ DPHvp(theta, G) = ∇²DP_Ω(θ)·G
-    Edot  = DPHvp(theta, Z)  backward: W ↦ DPHvp(theta, W) w.r.t. Z (the Hessian is
-                             symmetric); w.r.t. theta it raises (third order)
+* a fake (meta) implementation giving the output shapes and dtypes, so that
+  ``torch.compile``, ``torch.export`` and meta tensors trace it as one node;
+* the data checks inside the operator (NaN / ±inf in ``theta``, a non-finite
+  direction ``Z``, lengths out of range), so that tracing never branches on
+  data: an invalid input raises ``ValueError`` when the operator runs;
+* a vmap rule (``torch.func.vmap``: the vmapped axis joins the flat batch);
+* for value, grad and hvp, autograd (``register_autograd``), the chain of
+  SPEC §2 written once for every structure::
 
-so that ``autograd.grad(value, theta, create_graph=True)`` followed by a second
-``autograd.grad`` runs the custom HVP pass of SPEC §2 (one forward and one
-reverse pass over the DP), never autograd through the recursion: the graph
-of one call is one custom node. ``DPValue.forward`` computes ``(value, E)`` in
-one engine call when ``theta`` requires grad and keeps ``E`` for its backward,
-so a first-order backward does not run the DP again.
+    value      = value(θ)           backward: g ↦ g·E, E from grad(θ)
+    (value, E) = grad(θ)            backward: (g, G) ↦ g·E + hvp(θ, G)
+    Edot       = hvp(θ, Z)          backward: W ↦ hvp(θ, W) w.r.t. Z (the Hessian is
+                                    symmetric); w.r.t. θ it raises (third order)
+
+so that ``autograd.grad(value, θ, create_graph=True)`` followed by a second
+``autograd.grad`` runs the HVP pass (one forward and one reverse pass over the
+DP), never autograd through the recursion. When ``θ`` requires grad,
+:func:`apply` computes a value through ``grad`` (one engine call giving
+``(value, E)``), whose saved ``E`` serves the backward; ``E`` being an output
+of that node, its own derivative (second order) is the HVP branch.
 
 Engines: CPU tensors go to the compiled core as zero-copy NumPy views; CUDA
 tensors go to the GPU engine through DLPack (``smoothmax._dispatch``). Every
-output has the input's dtype and device.
+output has the input's dtype and device. Importing this module registers it
+with the dispatcher (:func:`smoothmax._problem.register_adapter`) as the
+adapter of torch tensors.
 """
+import sys
+
+import array_api_compat.torch as _xp
+import numpy as np
 import torch
 from torch import nn
 
-from . import _dispatch
+from . import _dispatch, _validation
+from ._array_api import register_array_type
+from ._problem import PER_ITEM_FIELDS, STRUCT_FIELDS, _batch_size, make_problem, register_adapter
 
-__all__ = ["apply", "DPValue", "DPGrad", "DPHvp", "DTWFeatures", "SoftDTW", "Viterbi", "squared_euclidean"]
+__all__ = ["apply", "DTWFeatures", "SoftDTW", "Viterbi", "squared_euclidean"]
 
 _THIRD_ORDER = (
     "third-order derivatives are not supported by smoothmax: the derivative of a "
@@ -32,18 +51,94 @@ _THIRD_ORDER = (
     "(theta.detach()) if you only need the derivative with respect to the direction."
 )
 
+# the schema of each structure's own arguments (after theta, and Z for hvp)
+_STRUCT_SCHEMA = {"dtw": "Tensor? len_a, Tensor? len_b, int band",
+                  "viterbi": "Tensor? lengths",
+                  "dag": "Tensor indptr, Tensor parents"}
+# NaN and which infinity each structure rejects in theta (SPEC: costs / scores)
+_FORBID = {"dtw": "-inf", "viterbi": "+inf", "dag": "+inf"}
+_DECODE = {"dtw": "path", "viterbi": "decode", "dag": "path"}
+_OPS = {}  # (struct, op) -> torch.ops.smoothmax.<struct>_<op>
+_IMPLS = {}  # (struct, op) -> its real implementation, called directly by eager calls
+_AUTOGRAD = {}  # (struct, op) -> (setup_context, backward) registered for it
 
-class _Cached:
-    """Carries an engine output into ``Function.apply`` without making it an autograd input."""
 
-    __slots__ = ("tensor",)
-
-    def __init__(self, tensor):
-        self.tensor = tensor
+# ---------------------------------------------------------------------------
+# the operators' real implementation: host checks, then the engine
 
 
-def _detached(x):
-    return x.detach()
+_LENGTH_AXIS = {"len_a": (1, "lengths[0] (len_a)"), "len_b": (2, "lengths[1] (len_b)"),
+                "lengths": (1, "lengths")}
+
+
+def _host_field(struct, field, value, theta):
+    """A structure argument of an operator as the engine takes it (lengths checked).
+
+    Lengths are None (full) or a (B,) integer tensor."""
+    if field in PER_ITEM_FIELDS[struct]:
+        axis, name = _LENGTH_AXIS[field]
+        B = int(theta.shape[0])
+        if value is None:
+            return np.full(B, int(theta.shape[axis]), dtype=np.int64)
+        host = value.detach().cpu().numpy()
+        if host.shape != (B,):
+            raise ValueError(f"{name} must have shape ({B},) (one per batch item), got {host.shape}")
+        return _validation.check_lengths(host, (B,), int(theta.shape[axis]), name)
+    if not isinstance(value, torch.Tensor):
+        return value
+    return np.ascontiguousarray(value.detach().cpu().numpy(), dtype=np.int64)
+
+
+def _run(struct, op, theta, Z, fields, reg, gamma):
+    if op not in ("decode", "path") and not (struct == "viterbi" and theta.device.type == "cpu"
+                                              and _dispatch.compiled_available()):
+        # (the compiled Viterbi kernels reject NaN/+inf scores on their one read of theta)
+        _validation.check_values(theta.detach().cpu().numpy() if theta.device.type == "cpu" else theta,
+                                 np if theta.device.type == "cpu" else _xp, "theta", _FORBID[struct])
+    if Z is not None:
+        _validation.check_values(Z.detach().cpu().numpy() if Z.device.type == "cpu" else Z,
+                                 np if Z.device.type == "cpu" else _xp, "Z", "inf")
+    named = {f: _host_field(struct, f, v, theta) for f, v in zip(STRUCT_FIELDS[struct], fields)}
+    problem = make_problem(struct, theta, _xp, "torch", 1, reg, gamma, **named)
+    return _dispatch.run(problem, op, theta.detach(), None if Z is None else Z.detach())
+
+
+def _real(struct, op):
+    n = len(STRUCT_FIELDS[struct])
+
+    def impl(theta, *args):
+        Z = None
+        if op == "hvp":
+            Z, args = args[0], args[1:]
+        fields, rest = args[:n], args[n:]
+        reg, gamma = rest if rest else ("hard", 1.0)
+        out = _run(struct, op, theta, Z, fields, reg, gamma)
+        if op == "value":
+            return out[0]
+        if op == "hvp":
+            return out[2]
+        return tuple(out)
+
+    return impl
+
+
+def _fake(struct, op):
+    def fake(theta, *args):
+        B = theta.shape[0]
+        value = theta.new_empty((B,))
+        if op == "value":
+            return value
+        if op in ("grad", "path"):
+            return value, theta.new_empty(theta.shape)
+        if op == "hvp":
+            return theta.new_empty(theta.shape)
+        return value, theta.new_empty((B, theta.shape[1]), dtype=torch.int64)  # decode
+
+    return fake
+
+
+# ---------------------------------------------------------------------------
+# autograd
 
 
 def _batch_expand(g, like):
@@ -51,67 +146,243 @@ def _batch_expand(g, like):
     return g.reshape(tuple(g.shape) + (1,) * (like.ndim - g.ndim))
 
 
-class DPValue(torch.autograd.Function):
-    """``theta (B, ...) -> DP_Ω(θ) (B,)``; backward ``g·E`` with ``E`` from :class:`DPGrad`."""
+def _autograd(struct, op):
+    n_extra = len(STRUCT_FIELDS[struct]) + 2  # the structure's arguments, reg, gamma
+
+    if op == "value":
+        def setup(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+            ctx.extra = inputs[1:]
+
+        def backward(ctx, g):
+            (theta,) = ctx.saved_tensors
+            E = _call(struct, "grad", theta, *ctx.extra)[1]
+            return (_batch_expand(g, E) * E,) + (None,) * n_extra
+
+    elif op == "grad":
+        def setup(ctx, inputs, output):
+            ctx.set_materialize_grads(False)
+            ctx.save_for_backward(inputs[0], output[1])
+            ctx.extra = inputs[1:]
+
+        def backward(ctx, g, G):
+            theta, E = ctx.saved_tensors
+            out = None if g is None else _batch_expand(g, E) * E
+            if G is not None:
+                h = _call(struct, "hvp", theta, G.to(theta.dtype), *ctx.extra)
+                out = h if out is None else out + h
+            return (out,) + (None,) * n_extra
+
+    else:  # hvp
+        def setup(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+            ctx.extra = inputs[2:]
+
+        def backward(ctx, W):
+            if ctx.needs_input_grad[0]:
+                raise RuntimeError(_THIRD_ORDER)
+            (theta,) = ctx.saved_tensors
+            gZ = _call(struct, "hvp", theta, W, *ctx.extra) if ctx.needs_input_grad[1] else None
+            return (None, gZ) + (None,) * n_extra
+
+    return setup, backward
+
+
+# ---------------------------------------------------------------------------
+# vmap: the vmapped axis joins the flat batch axis
+
+
+def _vmap_rule(struct, op):
+    per_item = {0} | ({1} if op == "hvp" else set())
+    offset = 2 if op == "hvp" else 1
+    per_item |= {offset + k for k, f in enumerate(STRUCT_FIELDS[struct]) if f in PER_ITEM_FIELDS[struct]}
+
+    def rule(info, in_dims, *args):
+        V = info.batch_size
+        flat = list(args)
+        for k, (a, d) in enumerate(zip(args, in_dims)):
+            if not isinstance(a, torch.Tensor):
+                continue
+            if d is None:
+                if k in per_item:
+                    flat[k] = a.expand((V,) + tuple(a.shape)).reshape((-1,) + tuple(a.shape[1:]))
+                continue
+            if k not in per_item:
+                raise ValueError(f"torch.func.vmap over a graph's structure is not supported ({struct}_{op})")
+            a = a.movedim(d, 0)
+            flat[k] = a.reshape((-1,) + tuple(a.shape[2:]))
+        out = _OPS[struct, op](*flat)
+        outs = out if isinstance(out, tuple) else (out,)
+        outs = tuple(y.reshape((V, -1) + tuple(y.shape[1:])) for y in outs)
+        if isinstance(out, tuple):
+            return outs, (0,) * len(outs)
+        return outs[0], 0
+
+    return rule
+
+
+def _define(struct, op):
+    own = _STRUCT_SCHEMA[struct]
+    if op in ("decode", "path"):
+        args, ret = f"Tensor theta, {own}", "(Tensor, Tensor)"
+    elif op == "hvp":
+        args, ret = f"Tensor theta, Tensor Z, {own}, str reg, float gamma", "Tensor"
+    else:
+        args, ret = f"Tensor theta, {own}, str reg, float gamma", "Tensor" if op == "value" else "(Tensor, Tensor)"
+    name = f"smoothmax::{struct}_{op}"
+    custom = torch.library.custom_op(name, _real(struct, op), mutates_args=(), schema=f"({args}) -> {ret}")
+    custom.register_fake(_fake(struct, op))
+    if op in ("value", "grad", "hvp"):
+        setup, backward = _autograd(struct, op)
+        custom.register_autograd(backward, setup_context=setup)
+    custom.register_vmap(_vmap_rule(struct, op))
+    _OPS[struct, op] = getattr(torch.ops.smoothmax, f"{struct}_{op}").default
+    _IMPLS[struct, op] = _real(struct, op)
+    if op in ("value", "grad", "hvp"):
+        _AUTOGRAD[struct, op] = setup, backward
+
+
+class _EagerAutograd(torch.autograd.Function):
+    """The autograd registered for an operator, entered without the dispatcher.
+
+    Eager calls on plain tensors take this path (the same implementation,
+    checks and backward as the operator; about 20 µs less per call than a
+    trip through the dispatcher); traced calls (compile, export, functorch
+    transforms, fake or meta tensors, dispatch modes) take the operator.
+    """
 
     @staticmethod
-    def forward(ctx, theta, problem, cached_value=None, cached_E=None):
-        if cached_value is None:
-            value, E = _dispatch.run(problem, "grad", _detached(theta))
-        else:
-            value, E = cached_value.tensor, cached_E.tensor
-        ctx.problem = problem
-        ctx.save_for_backward(theta, E)
-        return value
+    def forward(ctx, key, *args):
+        # (the combined forward: a separate setup_context costs an inspect.signature per call)
+        output = _IMPLS[key](*args)
+        ctx.key = key
+        _AUTOGRAD[key][0](ctx, args, output)
+        return output
 
     @staticmethod
-    def backward(ctx, g):
-        theta, E = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # create_graph=True: E must itself be differentiable (its backward is the HVP).
-            E = DPGrad.apply(theta, ctx.problem, _Cached(E))
-        return _batch_expand(g, E) * E, None, None, None
+    def backward(ctx, *grads):
+        needs = ctx.needs_input_grad
+        try:
+            ctx.needs_input_grad = needs[1:]
+            return (None,) + tuple(_AUTOGRAD[ctx.key][1](ctx, *grads))
+        finally:
+            ctx.needs_input_grad = needs
 
 
-class DPGrad(torch.autograd.Function):
-    """``theta (B, ...) -> E = ∇DP_Ω(θ)``; backward ``G ↦ ∇²DP_Ω(θ)·G`` by the HVP pass."""
-
-    @staticmethod
-    def forward(ctx, theta, problem, cached_E=None):
-        if cached_E is None:
-            E = _dispatch.run(problem, "grad", _detached(theta))[1]
-        else:
-            # a new tensor object sharing storage (and the version counter) with the cache
-            E = cached_E.tensor.detach()
-        ctx.problem = problem
-        ctx.save_for_backward(theta)
-        return E
-
-    @staticmethod
-    def backward(ctx, G):
-        (theta,) = ctx.saved_tensors
-        return DPHvp.apply(theta, G, ctx.problem), None, None
+def _plain_eager(theta):
+    """True for an eager call on a plain tensor, with nothing tracing or intercepting it."""
+    return (type(theta) is torch.Tensor and not torch.compiler.is_compiling()
+            and theta.device.type != "meta"
+            and not torch._C._functorch.is_functorch_wrapped_tensor(theta)
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled())
 
 
-class DPHvp(torch.autograd.Function):
-    """``(theta, Z) -> ∇²DP_Ω(θ)·Z``: linear in ``Z``; not differentiable in ``theta``."""
+def _call(struct, op, theta, *args):
+    """``torch.ops.smoothmax.<struct>_<op>(theta, *args)``, without the dispatcher in eager mode."""
+    if not _plain_eager(theta):
+        return _OPS[struct, op](theta, *args)
+    if (struct, op) in _AUTOGRAD and torch.is_grad_enabled() and (
+            theta.requires_grad or (op == "hvp" and args[0].requires_grad)):
+        return _EagerAutograd.apply((struct, op), theta, *args)
+    return _IMPLS[struct, op](theta, *args)
 
-    @staticmethod
-    def forward(ctx, theta, Z, problem):
-        ctx.problem = problem
-        ctx.save_for_backward(theta)
-        Z = _detached(Z)
-        if Z.dtype != theta.dtype:
-            Z = Z.to(theta.dtype)
-        return _dispatch.run(problem, "hvp", _detached(theta), Z)[2]
 
-    @staticmethod
-    def backward(ctx, W):
-        if ctx.needs_input_grad[0]:
-            raise RuntimeError(_THIRD_ORDER)
-        (theta,) = ctx.saved_tensors
-        gZ = DPHvp.apply(theta, W, ctx.problem) if ctx.needs_input_grad[1] else None
-        return None, gZ, None
+for _struct in STRUCT_FIELDS:
+    for _op in ("value", "grad", "hvp", _DECODE[_struct]):
+        _define(_struct, _op)
+
+
+# ---------------------------------------------------------------------------
+# checks of the public functions' inputs that need data, as operators
+
+
+def _check_tags_real(tags, lengths, S):
+    T = int(tags.shape[-1]) if tags.ndim else 1
+    host = tags.detach().cpu().numpy().reshape(-1, T)
+    L = np.full(host.shape[0], T) if lengths is None else lengths.detach().cpu().numpy()
+    valid = np.arange(host.shape[1])[None, :] < L[:, None]
+    bad = valid & ((host < 0) | (host >= S))
+    if bad.any():
+        raise ValueError(f"tags must be integers in [0, {S}) before each length, got {int(host[bad][0])}")
+    return tags.to(torch.int64, copy=True)
+
+
+torch.library.custom_op("smoothmax::check_tags", _check_tags_real, mutates_args=(),
+                        schema="(Tensor tags, Tensor? lengths, int S) -> Tensor")
+torch.library.register_fake("smoothmax::check_tags")(
+    lambda tags, lengths, S: tags.new_empty(tags.shape, dtype=torch.int64))
+
+
+def _check_binary_real(Y, name):
+    h = Y.detach().cpu().numpy()
+    if h.size and not np.all((h == 0) | (h == 1)):
+        raise ValueError(f"{name} must be a 0/1 alignment matrix, got values other than 0 and 1")
+    return Y.clone()
+
+
+_check_binary_op = torch.library.custom_op("smoothmax::check_binary", _check_binary_real, mutates_args=(),
+                                           schema="(Tensor Y, str name) -> Tensor")
+_check_binary_op.register_fake(lambda Y, name: torch.empty_like(Y))
+_check_binary_op.register_autograd(lambda ctx, g: (g, None))
+
+
+def check_tags(tags, lengths, S, shape):
+    """Tags (..., T) as int64, checked in range before each length inside an operator."""
+    if not isinstance(tags, torch.Tensor):
+        raise TypeError(f"tags must be an integer array, got {type(tags).__name__}")
+    if tags.dtype.is_floating_point or tags.dtype.is_complex or tags.dtype == torch.bool:
+        raise TypeError(f"tags must be an integer array, got dtype {tags.dtype}")
+    if tuple(tags.shape) != tuple(shape):
+        raise ValueError(f"tags must have shape {tuple(shape)} (theta's batch shape + (T,)), "
+                         f"got {tuple(tags.shape)}")
+    return torch.ops.smoothmax.check_tags(tags, lengths, S)
+
+
+def check_binary(Y, name):
+    """``Y`` checked to hold only 0 and 1, inside an operator (differentiable: the identity)."""
+    return torch.ops.smoothmax.check_binary(Y, name)
+
+
+def check_values(x, xp, name, forbid):
+    """The value checks run inside the operators (see the module docstring)."""
+
+
+def check_lengths(lengths, batch_shape, maximum, name="lengths"):
+    """``lengths`` broadcast to ``batch_shape`` as a flat int64 CPU tensor (range checked in the ops).
+
+    None (full lengths) stays None. Python ints, lists and NumPy arrays are
+    checked here, on the host; tensors inside the operators.
+    """
+    if lengths is None:
+        return None
+    B = _batch_size(batch_shape)
+    if not isinstance(lengths, torch.Tensor):
+        return torch.tensor(_validation.check_lengths(lengths, batch_shape, maximum, name))
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"{name} must contain integers, got dtype {lengths.dtype}")
+    if not _broadcastable(tuple(lengths.shape), tuple(batch_shape)):
+        raise ValueError(f"{name} must have the batch shape {tuple(batch_shape)} (or broadcast to it), "
+                         f"got shape {tuple(lengths.shape)}")
+    return lengths.to(device="cpu", dtype=torch.int64).broadcast_to(batch_shape).reshape(B)
+
+
+def _broadcastable(shape, target):
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(shape[::-1], target[::-1]))
+
+
+# ---------------------------------------------------------------------------
+# the adapter
+
+
+def _op_args(problem):
+    args = []
+    for f in STRUCT_FIELDS[problem.struct]:
+        v = getattr(problem, f)
+        args.append(torch.tensor(v) if isinstance(v, np.ndarray) else v)
+    return args
 
 
 def apply(problem, op, theta, Z=None):
@@ -119,27 +390,21 @@ def apply(problem, op, theta, Z=None):
 
     Returns ``value (B,)`` for ``"value"``, ``(value, E)`` for ``"grad"``,
     ``Edot`` for ``"hvp"``, ``(score, path)`` for ``"decode"``/``"path"``
-    (not differentiable). Outputs are differentiable as described in the
-    module docstring when autograd records (``torch.is_grad_enabled()`` and an
-    input requires grad); otherwise the engine is called directly.
+    (not differentiable), by the operators ``torch.ops.smoothmax.*``.
     """
-    recording = torch.is_grad_enabled()
+    fields = _op_args(problem)
+    struct = problem.struct
     if op in ("decode", "path"):
-        return _dispatch.run(problem, op, _detached(theta))
+        return _call(struct, op, theta.detach(), *fields)
+    args = (*fields, problem.reg, problem.gamma)
     if op == "value":
-        if not (recording and theta.requires_grad):
-            return _dispatch.run(problem, "value", _detached(theta))[0]
-        return DPValue.apply(theta, problem)
+        if torch.is_grad_enabled() and theta.requires_grad:
+            return _call(struct, "grad", theta, *args)[0]
+        return _call(struct, "value", theta, *args)
     if op == "grad":
-        value, E = _dispatch.run(problem, "grad", _detached(theta))
-        if not (recording and theta.requires_grad):
-            return value, E
-        return (DPValue.apply(theta, problem, _Cached(value), _Cached(E)),
-                DPGrad.apply(theta, problem, _Cached(E)))
+        return _call(struct, "grad", theta, *args)
     if op == "hvp":
-        if not (recording and (theta.requires_grad or Z.requires_grad)):
-            return _dispatch.run(problem, "hvp", _detached(theta), _detached(Z))[2]
-        return DPHvp.apply(theta, Z, problem)
+        return _call(struct, "hvp", theta, Z.to(theta.dtype), *args)
     raise ValueError(f"op must be one of 'value', 'grad', 'hvp', 'decode', 'path', got {op!r}")
 
 
@@ -335,6 +600,15 @@ class Viterbi(nn.Module):
 # ---------------------------------------------------------------------------
 # DTW between features (smoothmax.dtw_features): the compiled linear-memory kernel
 
+
+class _Cached:
+    """Carries an engine output into ``Function.apply`` without making it an autograd input."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
 _FEATURE_GRAD_OUTPUT = (
     "the gradients returned by smoothmax.dtw_features_grad are not differentiable; for second "
     "derivatives use torch.autograd.grad(smoothmax.dtw_features(x, y), ..., create_graph=True)"
@@ -418,3 +692,7 @@ def apply_features(fp, x, y, grad):
 from ._torch_crf import CRF  # noqa: E402  (the factorised CRF layer; docs/crf.md)
 
 __all__ += ["CRF"]
+
+
+register_array_type(torch.Tensor, _xp, "torch")
+register_adapter("torch", sys.modules[__name__])

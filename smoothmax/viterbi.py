@@ -8,7 +8,7 @@ the CRF log-partition and ``E = ∇Vit_Ω`` holds the pairwise marginals
 ``E[t, i, j] = p(y_t = i, y_{t-1} = j)``.
 """
 from ._dispatch import compiled_available
-from ._problem import evaluate, make_problem
+from ._problem import checks_for, evaluate, make_problem
 from ._validation import (as_array, check_direction, check_float, check_gamma, check_lengths,
                           check_rank, check_reg, check_values)
 
@@ -29,12 +29,14 @@ _SHARED_DOC = """
 """
 
 
-def _prepare(theta, reg, gamma, lengths, kernel_checks=False):
+def _prepare(theta, reg, gamma, lengths, kernel_checks=False, host_checks=False):
     """Validate and describe the problem.
 
     ``kernel_checks=True`` (the four public operators): with NumPy input and
     the compiled core, the kernels reject NaN / +inf scores on their one read
-    of theta, so the separate pass over theta is skipped.
+    of theta, so the separate pass over theta is skipped. The data checks are
+    those of the caller's framework adapter when it runs them inside its
+    operators (PyTorch), unless ``host_checks`` (callers working on the host).
     """
     theta, xp, backend = as_array(theta, "theta")
     check_float(theta, xp, "theta")
@@ -44,10 +46,11 @@ def _prepare(theta, reg, gamma, lengths, kernel_checks=False):
         raise ValueError(f"theta must have shape (..., T, S, S) with T, S >= 1, got {tuple(theta.shape)}")
     reg = check_reg(reg)
     gamma = check_gamma(gamma)
+    values, check_len = (check_values, check_lengths) if host_checks else checks_for(backend)
     if not (kernel_checks and backend == "numpy" and compiled_available()):
-        check_values(theta, xp, "theta", "+inf")
-    L = check_lengths(lengths, tuple(theta.shape[:-3]), T)
-    problem = make_problem("viterbi", theta, xp, backend, theta.ndim - 3, (L,), reg, gamma)
+        values(theta, xp, "theta", "+inf")
+    L = check_len(lengths, tuple(theta.shape[:-3]), T, "lengths")
+    problem = make_problem("viterbi", theta, xp, backend, theta.ndim - 3, reg, gamma, lengths=L)
     return theta, problem
 
 
@@ -87,7 +90,7 @@ def viterbi_hvp(theta, Z, *, reg="negentropy", gamma=1.0, lengths=None):
     Edot : array, shape (..., T, S, S)
     """
     theta, problem = _prepare(theta, reg, gamma, lengths, kernel_checks=True)
-    Z = check_direction(Z, theta, problem.xp, problem.backend)
+    Z = check_direction(Z, theta, problem.xp, problem.backend, checks_for(problem.backend)[0])
     return evaluate(problem, "hvp", theta, Z)
 
 

@@ -151,7 +151,8 @@ def _skip_reason(library, device):
 
 def _backend_params():
     params = []
-    for library, device in CAPABILITIES:
+    for (backend, device), cap in CAPABILITIES.items():
+        library = cap.get("tested_with", backend)  # "generic": any other array-API library
         reason = _skip_reason(library, device)
         marks = [pytest.mark.skip(reason=f"backend {library}-{device}: {reason}")] if reason else []
         if device == "cuda":

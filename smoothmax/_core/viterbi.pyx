@@ -244,10 +244,12 @@ def _run(theta, Z, lengths, int reg, double gamma, int mode, out=None):
 
 
 def _reject(theta):
-    """Raise the validation error for scores the kernels found NaN or +inf."""
-    from .._validation import check_values
-
-    check_values(theta, np, "theta", "+inf")
+    """Raise the validation error for scores the kernels found NaN or +inf (the
+    messages of ``smoothmax._validation.check_values``; engines import nothing above them)."""
+    if np.isnan(theta).any():
+        raise ValueError("theta must not contain NaN")
+    if np.isposinf(theta).any():
+        raise ValueError("theta must not contain +inf (scores are maximised; use -inf to forbid an entry)")
     raise ValueError("theta must not contain NaN or +inf")
 
 
