@@ -34,7 +34,9 @@ adapter of torch tensors.
 """
 import sys
 
-import array_api_compat.torch as _xp
+import types
+
+import array_api_compat.torch as _compat
 import numpy as np
 import torch
 from torch import nn
@@ -44,6 +46,19 @@ from ._array_api import register_array_type
 from ._problem import PER_ITEM_FIELDS, STRUCT_FIELDS, _batch_size, make_problem, register_adapter
 
 __all__ = ["apply", "DTWFeatures", "SoftDTW", "Viterbi", "squared_euclidean"]
+
+
+def _cumulative_sum(x, /, *, axis=None, dtype=None, include_initial=False):
+    if axis is None or include_initial:
+        return _compat.cumulative_sum(x, axis=axis, dtype=dtype, include_initial=include_initial)
+    return torch.cumsum(x, dim=axis, dtype=dtype)
+
+
+# The array namespace of torch tensors: array_api_compat's, with the wrappers
+# that look the namespace up again on every call (through a cache that
+# torch.compile warns about) replaced by the torch function.
+_xp = types.SimpleNamespace(**{k: getattr(_compat, k) for k in dir(_compat) if not k.startswith("__")})
+_xp.cumulative_sum = _cumulative_sum
 
 _THIRD_ORDER = (
     "third-order derivatives are not supported by smoothmax: the derivative of a "
@@ -269,17 +284,40 @@ class _EagerAutograd(torch.autograd.Function):
             ctx.needs_input_grad = needs
 
 
+class _FunctorchAutograd(torch.autograd.Function):
+    """The same autograd for ``torch.func`` transforms, which need a separate
+    ``setup_context`` (custom ops' own autograd does not support them); the
+    forward calls the operator, so ``vmap`` uses the operator's vmap rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(key, *args):
+        return _OPS[key](*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.key = inputs[0]
+        _AUTOGRAD[ctx.key][0](ctx, inputs[1:], output)
+
+    backward = _EagerAutograd.backward
+
+
 def _plain_eager(theta):
     """True for an eager call on a plain tensor, with nothing tracing or intercepting it."""
     return (type(theta) is torch.Tensor and not torch.compiler.is_compiling()
             and theta.device.type != "meta"
-            and not torch._C._functorch.is_functorch_wrapped_tensor(theta)
+            and torch._C._functorch.peek_interpreter_stack() is None
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._is_torch_function_mode_enabled())
 
 
 def _call(struct, op, theta, *args):
     """``torch.ops.smoothmax.<struct>_<op>(theta, *args)``, without the dispatcher in eager mode."""
+    if torch.compiler.is_compiling():
+        return _OPS[struct, op](theta, *args)
+    if torch._C._functorch.peek_interpreter_stack() is not None and (struct, op) in _AUTOGRAD:
+        return _FunctorchAutograd.apply((struct, op), theta, *args)
     if not _plain_eager(theta):
         return _OPS[struct, op](theta, *args)
     if (struct, op) in _AUTOGRAD and torch.is_grad_enabled() and (
@@ -349,7 +387,7 @@ def check_values(x, xp, name, forbid):
 
 
 def check_lengths(lengths, batch_shape, maximum, name="lengths"):
-    """``lengths`` broadcast to ``batch_shape`` as a flat int64 CPU tensor (range checked in the ops).
+    """``lengths`` broadcast to ``batch_shape`` as a flat int64 tensor (range checked in the ops).
 
     None (full lengths) stays None. Python ints, lists and NumPy arrays are
     checked here, on the host; tensors inside the operators.
@@ -364,7 +402,7 @@ def check_lengths(lengths, batch_shape, maximum, name="lengths"):
     if not _broadcastable(tuple(lengths.shape), tuple(batch_shape)):
         raise ValueError(f"{name} must have the batch shape {tuple(batch_shape)} (or broadcast to it), "
                          f"got shape {tuple(lengths.shape)}")
-    return lengths.to(device="cpu", dtype=torch.int64).broadcast_to(batch_shape).reshape(B)
+    return lengths.to(dtype=torch.int64).broadcast_to(batch_shape).reshape(B)
 
 
 def _broadcastable(shape, target):
