@@ -275,3 +275,19 @@ def pytest_report_header(config):
     except Exception as exc:  # pragma: no cover
         lines.append(f"  compiled engine: {exc!r}")
     return ["smoothmax backends:"] + lines
+
+
+@pytest.fixture
+def engine_calls(monkeypatch):
+    """The ops (value, grad, hvp, ...) of every engine call made during the test, in order."""
+    from smoothmax import _dispatch
+
+    calls = []
+    real = _dispatch.run
+
+    def counting(problem, op, theta, Z=None):
+        calls.append(op)
+        return real(problem, op, theta, Z)
+
+    monkeypatch.setattr(_dispatch, "run", counting)
+    return calls

@@ -182,16 +182,9 @@ def test_compile_fullgraph_matches_eager(name, backend):
     assert not caught, [str(w.message)[:200] for w in caught]
 
 
-def test_compiled_step_runs_one_engine_pass_per_call(monkeypatch):
+def test_compiled_step_runs_one_engine_pass_per_call(engine_calls):
     """A compiled SoftDTW training step: one grad pass forward, no HVP pass in backward."""
-    calls = []
-    real = _dispatch.run
-
-    def counting(problem, op, theta, Z=None):
-        calls.append(op)
-        return real(problem, op, theta, Z)
-
-    monkeypatch.setattr(_dispatch, "run", counting)
+    calls = engine_calls
     model, args = CASES["SoftDTW"](_gen())
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
