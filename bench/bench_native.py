@@ -10,14 +10,17 @@ Three measurements, on the CPU, written to ``bench/results/native_<tag>.md`` and
   under ``torch.compile`` (inductor; ``fullgraph=True`` when ``--fullgraph``); median over
   rounds after warm-up (the warm-up also compiles);
 * **per-call overhead**: ``dtw_grad`` (value and E) of a 1x2x2 and a 32x128x128 problem
-  through NumPy and torch (no autograd), and torch value + backward; best of rounds.
+  through NumPy and torch (no autograd), and torch value + backward; best of rounds. With
+  ``--against DIR`` (a checkout of an earlier commit, its core built), the same
+  measurement alternates between fresh processes importing this checkout and ``DIR``
+  (5 each) and keeps each one's best: on a shared machine, a fair before/after ratio.
 
 The JAX columns are measured by the JAX helper's script (not here).
 
 Usage::
 
     python bench/bench_native.py --tag before   # writes bench/results/native_before.{md,json}
-    python bench/bench_native.py --tag after --fullgraph
+    python bench/bench_native.py --tag after --fullgraph --against /path/to/base/checkout
     python bench/bench_native.py --quick        # a smoke run, nothing written
 """
 import argparse
@@ -30,7 +33,10 @@ import warnings
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
-sys.path.insert(0, os.path.dirname(_HERE))  # this checkout's smoothmax
+# this checkout's smoothmax, or the tree given to a --overhead-child process
+_ROOT = (sys.argv[sys.argv.index("--overhead-child") + 1] if "--overhead-child" in sys.argv
+         else os.path.dirname(_HERE))
+sys.path.insert(0, _ROOT)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
@@ -217,6 +223,38 @@ def overhead(rounds):
     return out
 
 
+def _overhead_in_process(root, rounds):
+    import subprocess
+
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--overhead-child", root,
+                          "--rounds", str(rounds)], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def overhead_against(other, rounds, repeats=5):
+    """Best per-call times of this checkout and of ``other``, from alternating fresh processes."""
+    import subprocess
+
+    mine = os.path.dirname(_HERE)
+    best = {}
+    for _ in range(repeats):
+        for label, root in (("this", mine), ("base", other)):
+            res = _overhead_in_process(root, rounds)
+            for shape, row in res.items():
+                for k, v in row.items():
+                    key = (label, shape, k)
+                    best[key] = min(best.get(key, float("inf")), v)
+    commit = subprocess.run(["git", "-C", other, "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    out = {"base_dir": other, "base_commit": commit, "repeats": repeats, "rows": {}}
+    for (label, shape, k), v in best.items():
+        out["rows"].setdefault(shape, {}).setdefault(k, {})[label] = v
+    for shape, row in out["rows"].items():
+        print("  " + shape + ": " + ", ".join(
+            f"{k} {v['base'] * 1e6:.1f} -> {v['this'] * 1e6:.1f} us" for k, v in row.items()), flush=True)
+    return out
+
+
 def write(tag, res):
     base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"native_{tag}")
     with open(base + ".json", "w") as f:
@@ -245,6 +283,15 @@ def write(tag, res):
               "|---|" + "---|" * len(next(iter(res["overhead"].values())))]
     for k, v in res["overhead"].items():
         lines.append(f"| {k} | " + " | ".join(f"{t * 1e6:.1f}" for t in v.values()) + " |")
+    if "overhead_against" in res:
+        oa = res["overhead_against"]
+        lines += ["", f"## Per-call time, before (`{oa['base_commit'][:7]}`) and after, alternating "
+                  f"fresh processes ({oa['repeats']} each, best, µs)", "",
+                  "| shape | call | before | after | after / before |", "|---|---|---|---|---|"]
+        for shape, row in oa["rows"].items():
+            for k, v in row.items():
+                lines.append(f"| {shape} | {k} | {v['base'] * 1e6:.1f} | {v['this'] * 1e6:.1f} | "
+                             f"{v['this'] / v['base']:.2f} |")
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("wrote", base + ".md")
@@ -255,7 +302,18 @@ def main():
     p.add_argument("--tag", default=None)
     p.add_argument("--fullgraph", action="store_true")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--against", default=None, help="a checkout to compare the per-call times with")
+    p.add_argument("--overhead-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=7, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.overhead_child:
+        import contextlib
+
+        with contextlib.redirect_stdout(sys.stderr):
+            assert os.path.dirname(os.path.dirname(os.path.abspath(sm.__file__))) == os.path.abspath(_ROOT), sm.__file__
+            res = overhead(a.rounds)
+        print(json.dumps(res))
+        return
     machine = _machine.describe()
     rounds = 3 if a.quick else 20
     print("graph breaks:", flush=True)
@@ -266,6 +324,9 @@ def main():
     res["train"] = train_steps((16,) if a.quick else (16, 64), rounds, a.fullgraph)
     print("per-call overhead:", flush=True)
     res["overhead"] = overhead(3 if a.quick else 7)
+    if a.against:
+        print(f"per-call overhead against {a.against}:", flush=True)
+        res["overhead_against"] = overhead_against(a.against, 3 if a.quick else 7, 2 if a.quick else 5)
     res["loadavg_at_end"] = list(os.getloadavg())
     if a.tag and not a.quick:
         write(a.tag, res)
