@@ -105,8 +105,7 @@ def _host_field(struct, field, value, theta):
 
 
 def _run(struct, op, theta, Z, fields, reg, gamma):
-    if op not in ("decode", "path") and not (struct == "viterbi" and theta.device.type == "cpu"
-                                              and _dispatch.compiled_available()):
+    if not (struct == "viterbi" and theta.device.type == "cpu" and _dispatch.compiled_available()):
         # (the compiled Viterbi kernels reject NaN/+inf scores on their one read of theta)
         _validation.check_values(theta.detach().cpu().numpy() if theta.device.type == "cpu" else theta,
                                  np if theta.device.type == "cpu" else _xp, "theta", _FORBID[struct])
