@@ -19,6 +19,7 @@ An adapter is any object with
   operators (PyTorch: so that tracing never branches on data).
 """
 from dataclasses import dataclass, replace
+from operator import attrgetter
 from typing import Any
 
 from . import _dispatch
@@ -31,6 +32,9 @@ from .operators import REG_CODES
 STRUCT_FIELDS = {"dtw": ("len_a", "len_b", "band"), "viterbi": ("lengths",),
                  "dag": ("indptr", "parents")}
 PER_ITEM_FIELDS = {"dtw": ("len_a", "len_b"), "viterbi": ("lengths",), "dag": ()}
+# tuple of the fields, by structure (the per-call path: one C call)
+_GETTERS = {s: (lambda g: (lambda p: (g(p),)))(attrgetter(*f)) if len(f) == 1 else attrgetter(*f)
+            for s, f in STRUCT_FIELDS.items()}
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,7 +69,7 @@ class Problem:
     @property
     def engine_args(self):
         """The structure's arguments in the order of the engine functions."""
-        return tuple(getattr(self, f) for f in STRUCT_FIELDS[self.struct])
+        return _GETTERS[self.struct](self)
 
     def repeat_batch(self, reps, **changes):
         """This problem with its batch repeated ``reps`` times (per-item fields tiled)."""

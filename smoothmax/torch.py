@@ -43,7 +43,7 @@ from torch import nn
 
 from . import _dispatch, _validation
 from ._array_api import register_array_type
-from ._problem import PER_ITEM_FIELDS, STRUCT_FIELDS, _batch_size, make_problem, register_adapter
+from ._problem import PER_ITEM_FIELDS, STRUCT_FIELDS, Problem, _batch_size, register_adapter
 
 __all__ = ["apply", "DTWFeatures", "SoftDTW", "Viterbi", "squared_euclidean"]
 
@@ -113,7 +113,9 @@ def _run(struct, op, theta, Z, fields, reg, gamma):
         _validation.check_values(Z.detach().cpu().numpy() if Z.device.type == "cpu" else Z,
                                  np if Z.device.type == "cpu" else _xp, "Z", "inf")
     named = {f: _host_field(struct, f, v, theta) for f, v in zip(STRUCT_FIELDS[struct], fields)}
-    problem = make_problem(struct, theta, _xp, "torch", 1, reg, gamma, **named)
+    shape = tuple(theta.shape)
+    problem = Problem(struct, _xp, "torch", "cuda" if theta.device.type == "cuda" else "cpu", shape[:1],
+                      shape, reg, gamma, **named)
     return _dispatch.run(problem, op, theta.detach(), None if Z is None else Z.detach())
 
 
@@ -193,10 +195,11 @@ def _autograd(struct, op):
             ctx.extra = inputs[2:]
 
         def backward(ctx, W):
-            if ctx.needs_input_grad[0]:
+            needs = ctx.needs_input_grad[getattr(ctx, "offset", 0):]  # (see _EagerAutograd)
+            if needs[0]:
                 raise RuntimeError(_THIRD_ORDER)
             (theta,) = ctx.saved_tensors
-            gZ = _call(struct, "hvp", theta, W, *ctx.extra) if ctx.needs_input_grad[1] else None
+            gZ = _call(struct, "hvp", theta, W, *ctx.extra) if needs[1] else None
             return (None, gZ) + (None,) * n_extra
 
     return setup, backward
@@ -261,26 +264,28 @@ class _EagerAutograd(torch.autograd.Function):
 
     Eager calls on plain tensors take this path (the same implementation,
     checks and backward as the operator; about 20 µs less per call than a
-    trip through the dispatcher); traced calls (compile, export, functorch
-    transforms, fake or meta tensors, dispatch modes) take the operator.
+    trip through the dispatcher); traced calls (compile, export, transforms
+    of torch.func, fake or meta tensors, dispatch modes) take the operator.
+    ``apply(key, theta, Z, rest)``: ``Z`` the HVP direction (None otherwise),
+    ``rest`` the operator's other arguments as one tuple (fewer arguments for
+    ``Function.apply`` to inspect).
     """
 
     @staticmethod
-    def forward(ctx, key, *args):
+    def forward(ctx, key, theta, Z, rest):
         # (the combined forward: a separate setup_context costs an inspect.signature per call)
-        output = _IMPLS[key](*args)
-        ctx.key = key
-        _AUTOGRAD[key][0](ctx, args, output)
+        inputs = (theta, *rest) if Z is None else (theta, Z, *rest)
+        output = _IMPLS[key](*inputs)
+        ctx.key, ctx.offset = key, 1  # offset: the backward's inputs start after ``key``
+        _AUTOGRAD[key][0](ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, *grads):
-        needs = ctx.needs_input_grad
-        try:
-            ctx.needs_input_grad = needs[1:]
-            return (None,) + tuple(_AUTOGRAD[ctx.key][1](ctx, *grads))
-        finally:
-            ctx.needs_input_grad = needs
+        out = _AUTOGRAD[ctx.key][1](ctx, *grads)
+        if ctx.key[1] == "hvp":  # (theta, Z, *rest) -> (key, theta, Z, rest)
+            return None, out[0], out[1], None
+        return None, out[0], None, None
 
 
 class _FunctorchAutograd(torch.autograd.Function):
@@ -296,10 +301,12 @@ class _FunctorchAutograd(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.key = inputs[0]
+        ctx.key, ctx.offset = inputs[0], 1
         _AUTOGRAD[ctx.key][0](ctx, inputs[1:], output)
 
-    backward = _EagerAutograd.backward
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None,) + _AUTOGRAD[ctx.key][1](ctx, *grads)
 
 
 def _plain_eager(theta):
@@ -313,15 +320,16 @@ def _plain_eager(theta):
 
 def _call(struct, op, theta, *args):
     """``torch.ops.smoothmax.<struct>_<op>(theta, *args)``, without the dispatcher in eager mode."""
-    if torch.compiler.is_compiling():
-        return _OPS[struct, op](theta, *args)
-    if torch._C._functorch.peek_interpreter_stack() is not None and (struct, op) in _AUTOGRAD:
+    if torch._C._functorch.peek_interpreter_stack() is not None and (struct, op) in _AUTOGRAD \
+            and not torch.compiler.is_compiling():
         return _FunctorchAutograd.apply((struct, op), theta, *args)
     if not _plain_eager(theta):
         return _OPS[struct, op](theta, *args)
     if (struct, op) in _AUTOGRAD and torch.is_grad_enabled() and (
             theta.requires_grad or (op == "hvp" and args[0].requires_grad)):
-        return _EagerAutograd.apply((struct, op), theta, *args)
+        if op == "hvp":
+            return _EagerAutograd.apply((struct, op), theta, args[0], args[1:])
+        return _EagerAutograd.apply((struct, op), theta, None, args)
     return _IMPLS[struct, op](theta, *args)
 
 
