@@ -13,7 +13,7 @@ Three measurements, on the CPU, written to ``bench/results/native_<tag>.md`` and
   through NumPy and torch (no autograd), and torch value + backward; best of rounds. With
   ``--against DIR`` (a checkout of an earlier commit, its core built), the same
   measurement alternates between fresh processes importing this checkout and ``DIR``
-  (5 each) and keeps each one's best: on a shared machine, a fair before/after ratio.
+  (10 each) and keeps each one's best: on a shared machine, a fair before/after ratio.
 
 The JAX columns are measured by the JAX helper's script (not here).
 
@@ -326,7 +326,7 @@ def main():
     res["overhead"] = overhead(3 if a.quick else 7)
     if a.against:
         print(f"per-call overhead against {a.against}:", flush=True)
-        res["overhead_against"] = overhead_against(a.against, 3 if a.quick else 7, 2 if a.quick else 5)
+        res["overhead_against"] = overhead_against(a.against, 3 if a.quick else 7, 2 if a.quick else 10)
     res["loadavg_at_end"] = list(os.getloadavg())
     if a.tag and not a.quick:
         write(a.tag, res)

@@ -37,7 +37,7 @@ _GETTERS = {s: (lambda g: (lambda p: (g(p),)))(attrgetter(*f)) if len(f) == 1 el
             for s, f in STRUCT_FIELDS.items()}
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class Problem:
     """One validated call.
 
