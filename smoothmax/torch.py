@@ -426,7 +426,7 @@ def _op_args(problem):
     args = []
     for f in STRUCT_FIELDS[problem.struct]:
         v = getattr(problem, f)
-        args.append(torch.tensor(v) if isinstance(v, np.ndarray) else v)
+        args.append(torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v)
     return args
 
 
