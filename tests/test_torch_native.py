@@ -165,8 +165,7 @@ def test_no_graph_break(name):
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
-@pytest.mark.parametrize("name", ["SoftDTW", "Viterbi", "viterbi_surrogate", "StructuredAttention",
-                                  "dtw_relaxed", "Viterbi.marginals"])
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_compile_fullgraph_matches_eager(name, backend):
     model, args, loss_ref, grads_ref = _eager_reference(name)
     torch._dynamo.reset()
