@@ -220,9 +220,12 @@ def capability_table():
     order_name = {0: "— (values and explicit grad/HVP functions)", 1: "first order", 2: "second order (grad of grad, HVP)"}
     lines = ["| backend | device | engine | dtypes | autodiff in the framework |", "|---|---|---|---|---|"]
     for (backend, device), cap in CAPABILITIES.items():
-        lines.append(f"| {backend} | {device} | {cap.get('engine', '?')} | {', '.join(cap.get('dtypes', ()))} | "
+        engine = cap.get("engine", "?") + (f" ({cap['via']})" if "via" in cap else "")
+        backend = backend + (f" (tested with {cap['tested_with']})" if "tested_with" in cap else "")
+        lines.append(f"| {backend} | {device} | {engine} | {', '.join(cap.get('dtypes', ()))} | "
                      f"{order_name.get(cap.get('autodiff'), cap.get('autodiff'))} |")
-    extra = sorted({k for cap in CAPABILITIES.values() for k in cap} - {"engine", "dtypes", "autodiff"})
+    extra = sorted({k for cap in CAPABILITIES.values() for k in cap}
+                   - {"engine", "dtypes", "autodiff", "via", "tested_with"})
     note = (f"\n\nOther registry fields: {', '.join(extra)}." if extra else "")
     return ("# Capabilities\n\nGenerated from `smoothmax._dispatch.CAPABILITIES`, the registry that the "
             "dispatcher and the test fixtures read. Every backend gets the value, the expected path "
