@@ -20,10 +20,15 @@ def _load_jax():
     from . import jax  # noqa: F401  (registers itself with the dispatcher)
 
 
-# The framework adapters are imported the first time a tensor of theirs arrives.
+# The framework adapters are imported the first time a tensor of theirs arrives,
+# except that smoothmax.torch is imported now when torch already is: a first
+# call traced by torch.compile must find its operators registered (an import
+# inside the traced code would break the graph).
 _problem.register_adapter_loader("torch", _load_torch)
 _problem.register_adapter_loader("jax", _load_jax)
 del _load_torch, _load_jax
+if "torch" in __import__("sys").modules:
+    _problem.adapter_for("torch")
 
 __version__ = "0.1.0"
 

@@ -181,6 +181,21 @@ def test_compile_fullgraph_matches_eager(name, backend):
     assert not caught, [str(w.message)[:200] for w in caught]
 
 
+def test_first_call_may_be_a_compiled_one():
+    """In a fresh process (torch imported first), the first smoothmax call traced by
+    torch.compile(fullgraph=True) finds the operators registered."""
+    import subprocess
+    import sys
+
+    code = ("import torch, smoothmax as sm\n"
+            "f = torch.compile(lambda t: sm.dtw(t).sum(), fullgraph=True, backend='eager')\n"
+            "t = torch.rand(2, 3, 4, dtype=torch.float64)\n"
+            "assert torch.allclose(f(t), sm.dtw(t).sum())\n")
+    env = dict(__import__("os").environ, PYTHONPATH=str(ROOT.parent))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
 def test_compiled_step_runs_one_engine_pass_per_call(engine_calls):
     """A compiled SoftDTW training step: one grad pass forward, no HVP pass in backward."""
     calls = engine_calls
