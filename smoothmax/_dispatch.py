@@ -34,9 +34,10 @@ CAPABILITIES = {
     ("torch", "cuda"): {"engine": "cuda", "autodiff": 2, "dtypes": ("float32", "float64"),
                         "via": "torch.library custom ops"},
     ("jax", "cpu"): {"engine": "compiled", "autodiff": 2, "dtypes": ("float32", "float64"),
-                     "via": "host callback"},
+                     "via": "XLA FFI custom call; a host callback where the handlers are not built"},
     ("jax", "cuda"): {"engine": "compiled", "autodiff": 2, "dtypes": ("float32", "float64"),
-                      "via": "host callback"},
+                      "via": "host callback; the CUDA kernels through an XLA FFI handler where CuPy "
+                             "sees a GPU (smoothmax.jax.gpu_path())"},
     ("cupy", "cuda"): {"engine": "cuda", "autodiff": 0, "dtypes": ("float32", "float64")},
 }
 
