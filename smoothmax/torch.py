@@ -566,12 +566,19 @@ class SoftDTW(nn.Module):
 
         lengths = None if la is None and lb is None else (
             _full_lengths(la, a.shape[0], a.shape[1]), _full_lengths(lb, b.shape[0], b.shape[1]))
-        if isinstance(self.cost, str):
-            from .dtw import dtw_features
+        cost = self.cost
+        if isinstance(cost, str):
+            if not torch.compiler.is_compiling() and a.device.type != "meta":
+                from .dtw import dtw_features
 
-            return dtw_features(a, b, cost=self.cost, reg=self.reg, gamma=self.gamma, lengths=lengths,
-                                band=self.band)
-        return dtw(self.cost(a, b), reg=self.reg, gamma=self.gamma, lengths=lengths, band=self.band)
+                return dtw_features(a, b, cost=cost, reg=self.reg, gamma=self.gamma, lengths=lengths,
+                                    band=self.band)
+            # Traced (torch.compile, torch.export) or meta: the same value through the cost matrix and
+            # the dtw operators, which are graph nodes (the feature kernel is not an operator yet).
+            from ._reference import pairwise_cost
+
+            cost = squared_euclidean if cost == "sqeuclidean" else (lambda u, v: pairwise_cost(_xp, u, v, self.cost))
+        return dtw(cost(a, b), reg=self.reg, gamma=self.gamma, lengths=lengths, band=self.band)
 
     def forward(self, x, y, x_lengths=None, y_lengths=None):
         """DTW_Ω between ``x[b, :x_lengths[b]]`` and ``y[b, :y_lengths[b]]``, reduced over b."""
