@@ -4,7 +4,7 @@ One timed call computes ``DP_Ω(θ)``, ``∇DP_Ω(θ)`` and ``∇²DP_Ω(θ)·Z`
 γ = 1), from arrays already in memory:
 
 * ``smoothmax engine``: one ``hvp`` call of the compiled engine (it returns
-  value, E and Edot from one forward and one reverse pass, SPEC §2);
+  value, E and Edot from one forward and one reverse pass, docs/spec.md §2);
 * ``smoothmax torch``: ``sm.dtw``/``sm.viterbi`` on a tensor, then
   ``autograd.grad(create_graph=True)`` and a second ``autograd.grad`` -- what a
   torch user writes; the custom Functions run the grad and HVP passes;

@@ -1,4 +1,4 @@
-"""Reference engine: the DP_Ω passes of SPEC §2-4 in plain array-API code.
+"""Reference engine: the DP_Ω passes of docs/spec.md §2-4 in plain array-API code.
 
 This is the executable specification. It runs on any array-API namespace
 (NumPy, array_api_strict, torch, JAX, CuPy), is vectorised over the batch and

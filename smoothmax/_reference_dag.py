@@ -1,4 +1,4 @@
-"""Reference engine for the general DAG operator DP_Ω (SPEC §2), array-API code.
+"""Reference engine for the general DAG operator DP_Ω (docs/spec.md §2), array-API code.
 
 The graph is given in compressed form (``docs/engines.md``, "DAG"): nodes
 ``0..N-1`` in topological order, node 0 the start and node ``N-1`` the end;

@@ -13,7 +13,7 @@ attention weights are the normalised marginals of state 1,
 ``w_t ∝ p_{θ,Ω}(y_t = 1) = Σ_j E[t, 1, j]`` with ``E = ∇Vit_Ω(θ)``. With
 ``reg="negentropy"`` this is the segmentation attention of Kim et al.; with
 ``reg="l2"`` the weights are sparse. Gradients flow through the
-Hessian-vector product of Vit_Ω (SPEC §2).
+Hessian-vector product of Vit_Ω (docs/spec.md §2).
 
 ``structured_attention`` works with any array library (under JAX it is the
 JAX function, usable under ``jax.grad``/``jax.jit`` as far as

@@ -1,4 +1,4 @@
-"""The general operator DP_Ω on a directed acyclic graph (SPEC §2, paper §2).
+"""The general operator DP_Ω on a directed acyclic graph (docs/spec.md §2, paper §2).
 
 Nodes ``0..N-1`` are numbered in topological order; node ``0`` is the start
 and node ``N-1`` the end. The edges entering node ``i`` are the positions
@@ -7,7 +7,7 @@ child-by-parent adjacency); ``parents[k] < i`` is the parent of edge ``k`` and
 ``weights[..., k]`` its weight (max convention: scores). Parallel edges are
 allowed. ``v_0 = 0``, ``v_i = max_Ω_{k into i} (weights[k] + v_{parents[k]})``
 and ``DP_Ω(weights) = v_{N-1}``; ``E = ∇DP_Ω`` is the expected edge
-occupancy of the path distribution of SPEC §2.
+occupancy of the path distribution of docs/spec.md §2.
 """
 import numpy as np
 
@@ -113,7 +113,7 @@ class DAG:
 
     @classmethod
     def for_viterbi(cls, T, S):
-        """The Viterbi trellis of SPEC §3 as a DAG.
+        """The Viterbi trellis of docs/spec.md §3 as a DAG.
 
         Node 0 is the start, node ``1 + t·S + i`` is state ``i`` at step ``t``
         and node ``1 + T·S`` the end. State ``(0, i)`` has ``S`` parallel
@@ -141,7 +141,7 @@ class DAG:
 
     @classmethod
     def for_dtw(cls, NA, NB, band=None):
-        """The DTW grid of SPEC §4 as a DAG (weights are negated costs).
+        """The DTW grid of docs/spec.md §4 as a DAG (weights are negated costs).
 
         Node 0 is the start, node ``1 + i·NB + j`` is cell ``(i, j)``; the end
         is cell ``(NA-1, NB-1)``. Cell ``(i, j)`` has edges from its
@@ -247,7 +247,7 @@ def dag_grad(weights, graph, *, reg="negentropy", gamma=1.0):
     value : array, shape (...)
     E : array, shape (..., n_edges)
         ``E[k]`` is the probability that a path drawn from ``p_{θ,Ω}`` uses
-        edge ``k`` (SPEC §2); ``0`` on ``-inf`` edges and where the end is
+        edge ``k`` (docs/spec.md §2); ``0`` on ``-inf`` edges and where the end is
         unreachable.
     """
     weights, problem = _prepare(weights, graph, reg, gamma)

@@ -1,4 +1,4 @@
-"""Smoothed dynamic time warping DTW_Ω (SPEC §4).
+"""Smoothed dynamic time warping DTW_Ω (docs/spec.md §4).
 
 ``theta`` holds pairwise costs (min convention, as soft-DTW):
 ``R[0,0] = 0``, ``R[i,0] = R[0,j] = +inf``,

@@ -35,7 +35,7 @@ raises ``NotImplementedError`` instead of being silently zero.
 
 With these rules ``jax.jit``, ``jax.vmap``, ``jax.grad``, grad-of-grad,
 ``jax.jvp`` of ``jax.grad`` and ``jax.hessian`` all run the custom passes of
-SPEC §2 and never differentiate through the recursion.
+docs/spec.md §2 and never differentiate through the recursion.
 
 Lengths and bands are host data fixed at trace time: under ``jax.jit`` they
 must be concrete (Python ints, NumPy arrays, or closed-over values), not

@@ -23,7 +23,7 @@ Conventions (``docs/dag.md`` derives them):
 
 * Viterbi: ``tags[..., t]`` is the state at step ``t``. Vit_Ω starts from a
   virtual state before ``t = 0`` whose value is 0 for every state
-  (SPEC §3); the target path takes it to be state 0 (the paper's ``y_0 = 1``),
+  (docs/spec.md §3); the target path takes it to be state 0 (the paper's ``y_0 = 1``),
   so ``Y[0, tags[0], 0] = 1`` and ``Y[t, tags[t], tags[t−1]] = 1``. For the
   textbook CRF, whose first step has no predecessor, set
   ``theta[..., 0, :, 1:] = -inf`` (then the CRF loss is exactly
@@ -125,7 +125,7 @@ def _onehot_tags(xp, tags, S, mask, dtype, dev):
 
 
 def tags_to_path(theta, tags, *, lengths=None):
-    """The binary path tensor ``Y`` (..., T, S, S) of a tag sequence (SPEC §3 layout).
+    """The binary path tensor ``Y`` (..., T, S, S) of a tag sequence (docs/spec.md §3 layout).
 
     ``Y[t, tags[t], tags[t-1]] = 1`` for ``1 <= t < L`` and
     ``Y[0, tags[0], 0] = 1`` (the virtual state before ``t = 0`` is state 0);

@@ -1,4 +1,4 @@
-"""The smoothed max operators max_Ω (SPEC §1): a registry shared by every engine.
+"""The smoothed max operators max_Ω (docs/spec.md §1): a registry shared by every engine.
 
 Each operator maps a vector ``x`` to ``(value, q)`` with ``q = ∇max_Ω(x)`` a
 probability vector, and offers the Hessian-vector product ``H(x)·z``:

@@ -1,4 +1,4 @@
-"""Exact sampling from the path distribution p_{θ,Ω} (SPEC §2, paper §2.3).
+"""Exact sampling from the path distribution p_{θ,Ω} (docs/spec.md §2, paper §2.3).
 
 ``Q`` (the local gradients ``q_i = ∇max_Ω(θ_i + v)``) is a Markov chain on
 the graph: a random walk that starts at the end node and, at node ``i``, hops
@@ -134,7 +134,7 @@ def _rng(seed):
 
 
 def dag_sample(weights, graph, n, *, reg="negentropy", gamma=1.0, seed=None):
-    """Draw ``n`` paths exactly from ``p_{θ,Ω}`` on a DAG (SPEC §2).
+    """Draw ``n`` paths exactly from ``p_{θ,Ω}`` on a DAG (docs/spec.md §2).
 
     Parameters
     ----------
@@ -190,7 +190,7 @@ def _categorical(P, rng):
 
 
 def viterbi_sample(theta, n, *, reg="negentropy", gamma=1.0, lengths=None, seed=None):
-    """Draw ``n`` tag sequences exactly from ``p_{θ,Ω}`` of Vit_Ω (SPEC §3).
+    """Draw ``n`` tag sequences exactly from ``p_{θ,Ω}`` of Vit_Ω (docs/spec.md §3).
 
     The walk starts from the end: ``y_{L-1} ~ Σ_j E[L-1, :, j]`` and, going
     back, ``y_{t-1} ~ E[t, y_t, :] / Σ_j E[t, y_t, j]`` (the conditional hop
@@ -254,7 +254,7 @@ def _dtw_groups(la, lb):
 
 
 def dtw_sample(theta, n, *, reg="negentropy", gamma=1.0, lengths=None, band=None, seed=None):
-    """Draw ``n`` alignments exactly from ``p_{θ,Ω}`` of DTW_Ω (SPEC §4).
+    """Draw ``n`` alignments exactly from ``p_{θ,Ω}`` of DTW_Ω (docs/spec.md §4).
 
     The dense expected alignment holds cell occupancies only, not the flows
     along the three moves, so each distinct ``(len_a, len_b)`` is run as a DAG

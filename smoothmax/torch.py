@@ -12,7 +12,7 @@ path (DTW, DAG)). Each has
   data: an invalid input raises ``ValueError`` when the operator runs;
 * a vmap rule (``torch.func.vmap``: the vmapped axis joins the flat batch);
 * for value, grad and hvp, autograd (``register_autograd``), the chain of
-  SPEC §2 written once for every structure::
+  docs/spec.md §2 written once for every structure::
 
     value      = value(θ)           backward: g ↦ g·E, E from grad(θ)
     (value, E) = grad(θ)            backward: (g, G) ↦ g·E + hvp(θ, G)
@@ -495,7 +495,7 @@ def _full_lengths(lengths, B, N):
 
 
 class SoftDTW(nn.Module):
-    """Soft-DTW loss between batches of time series (Cuturi & Blondel, 2017), DTW_Ω of SPEC §4.
+    """Soft-DTW loss between batches of time series (Cuturi & Blondel, 2017), DTW_Ω of docs/spec.md §4.
 
     ``loss(x, y) = DTW_Ω(C(x, y))`` with ``C`` a pairwise cost. Gradients
     flow to ``x`` and ``y`` (twice): built-in costs through
@@ -598,7 +598,7 @@ class SoftDTW(nn.Module):
 
 
 class Viterbi(nn.Module):
-    """Smoothed Viterbi / linear-chain CRF layer, Vit_Ω of SPEC §3.
+    """Smoothed Viterbi / linear-chain CRF layer, Vit_Ω of docs/spec.md §3.
 
     ``theta[b, t, i, j]`` scores state ``i`` at step ``t`` coming from state
     ``j`` at step ``t − 1`` (emission plus transition scores). With

@@ -1,4 +1,4 @@
-"""Smoothed Viterbi Vit_Ω (SPEC §3): sequence labelling, a linear-chain CRF with negentropy.
+"""Smoothed Viterbi Vit_Ω (docs/spec.md §3): sequence labelling, a linear-chain CRF with negentropy.
 
 ``theta[..., t, i, j]`` scores state ``i`` at step ``t`` coming from state
 ``j`` at step ``t-1`` (max convention). ``V_{-1} = 0`` for every state,

@@ -1,4 +1,4 @@
-"""Brute-force oracles for the reference test suite (SPEC §7).
+"""Brute-force oracles for the reference test suite (docs/spec.md §7).
 
 Everything here is written from the mathematics, in plain NumPy / itertools
 scalar loops, and shares no code with ``smoothmax``:
@@ -14,7 +14,7 @@ scalar loops, and shares no code with ``smoothmax``:
   convention) over all paths, and the Gibbs covariance for the HVP;
 * the Sakoe–Chiba mask, written from tslearn's documented semantics.
 
-Conventions are those of SPEC §3-4: Viterbi has the virtual start state
+Conventions are those of docs/spec.md §3-4: Viterbi has the virtual start state
 ``y_{-1}`` (``V_{-1} = 0`` for every state); DTW uses the operator on all
 three predecessors everywhere (``+inf`` predecessors get weight 0).
 """
@@ -72,7 +72,7 @@ def op_value_grad(x, reg, gamma):
 
 
 def op_hvp(q, z, reg, gamma):
-    """``H·z`` of max_Ω at the point whose gradient is ``q`` (SPEC §1 table)."""
+    """``H·z`` of max_Ω at the point whose gradient is ``q`` (docs/spec.md §1 table)."""
     q = np.asarray(q, dtype=np.float64)
     z = np.where(q > 0, np.asarray(z, dtype=np.float64), 0.0)
     if reg == "hard":

@@ -1,4 +1,4 @@
-"""The general DAG operator DP_Ω (SPEC §2): brute force, dense forms, FD, engines, backends, bad input."""
+"""The general DAG operator DP_Ω (docs/spec.md §2): brute force, dense forms, FD, engines, backends, bad input."""
 import itertools
 import math
 
@@ -401,7 +401,7 @@ def test_bad_weights():
 
 
 # ---------------------------------------------------------------------------
-# property-based (SPEC §6): no crash, no NaN, values within the Lemma 1 bounds summed over nodes
+# property-based (docs/spec.md §6): no crash, no NaN, values within the Lemma 1 bounds summed over nodes
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402

@@ -1,4 +1,4 @@
-"""DTW_Ω (SPEC §4) against brute-force enumeration, finite differences and Prop. 2.
+"""DTW_Ω (docs/spec.md §4) against brute-force enumeration, finite differences and Prop. 2.
 
 Every test that goes through ``backend`` runs on every installed backend and
 checks namespace, dtype, shape and device of each output (``Backend.check``).

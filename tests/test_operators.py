@@ -1,4 +1,4 @@
-"""smooth_max / smooth_argmax (SPEC §1, paper Lemma 1) on every backend and dtype."""
+"""smooth_max / smooth_argmax (docs/spec.md §1, paper Lemma 1) on every backend and dtype."""
 import math
 
 import numpy as np

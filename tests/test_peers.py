@@ -1,4 +1,4 @@
-"""Agreement with the peers a user would compare against (SPEC §7).
+"""Agreement with the peers a user would compare against (docs/spec.md §7).
 
 * tslearn soft-DTW (``SoftDTW`` on a cost matrix: value and gradient; the
   banded ``soft_dtw_alignment``), hard ``dtw_path``;
@@ -136,7 +136,7 @@ def _crf_to_theta(start, end, trans, emissions, lengths):
 
     pytorch-crf scores ``start[y_0] + Σ_t em[t, y_t] + Σ_{t>=1} trans[y_{t-1}, y_t] + end[y_{L-1}]``
     (``trans[from, to]``). We fix the virtual start state to 0 by putting
-    ``-inf`` in ``theta[:, 0, :, j != 0]`` (SPEC §3), transpose the transitions
+    ``-inf`` in ``theta[:, 0, :, j != 0]`` (docs/spec.md §3), transpose the transitions
     (``theta[t, i, j]`` goes *to* ``i`` *from* ``j``) and add ``end`` at each
     item's last step.
     """

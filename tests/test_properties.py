@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis, SPEC §6): every public function over
+"""Property-based tests (hypothesis, docs/spec.md §6): every public function over
 shapes, lengths, bands, masks, γ in [1e-4, 1e4], magnitudes up to 1e6 and
 both dtypes, on both engines (NumPy -> compiled, array_api_strict ->
 reference): no crash, no NaN, values within the bounds of Lemma 1 summed

@@ -1,4 +1,4 @@
-"""Exact path sampling (SPEC §2) and the l2 support listing (paper §4.2)."""
+"""Exact path sampling (docs/spec.md §2) and the l2 support listing (paper §4.2)."""
 import collections
 import itertools
 

@@ -1,4 +1,4 @@
-"""Bad input (SPEC §6): the exception type, a message naming the argument and
+"""Bad input (docs/spec.md §6): the exception type, a message naming the argument and
 what was received, and inputs left untouched -- for every public function."""
 import re
 
@@ -171,7 +171,7 @@ def test_gamma_message_names_received_value(name):
 @pytest.mark.parametrize("bad", ["1.0", [1.0]], ids=repr)
 @pytest.mark.parametrize("name", ["dtw", "viterbi", "smooth_max"])
 def test_gamma_non_real_rejected(name, bad):
-    """A string or a list is not a real number (SPEC §6: gamma a positive finite real)."""
+    """A string or a list is not a real number (docs/spec.md §6: gamma a positive finite real)."""
     f, theta = ALL[name]
     check_raises((TypeError, ValueError), lambda: f(theta(), gamma=bad), "gamma", repr(bad))
 

@@ -1,4 +1,4 @@
-"""Vit_Ω (SPEC §3) against brute-force enumeration, finite differences and Prop. 2.
+"""Vit_Ω (docs/spec.md §3) against brute-force enumeration, finite differences and Prop. 2.
 
 Paths include the virtual start state ``y_{-1}`` (``V_{-1} = 0`` for every
 state, the authors' convention): a sequence of length ``L`` has ``S^(L+1)``

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Compiled DP_Ω engine on a general DAG (SPEC §2, docs/engines.md "DAG").
+"""Compiled DP_Ω engine on a general DAG (docs/spec.md §2, docs/engines.md "DAG").
 
 Design: the graph is in compressed form, shared by the whole batch: the edges
 entering node ``i`` are ``indptr[i]:indptr[i+1]`` with parents
@@ -161,7 +161,7 @@ def dag_grad(weights, indptr, parents, int reg, double gamma, out=None):
 
 
 def dag_hvp(weights, Z, indptr, parents, int reg, double gamma, out=None):
-    """``(value, E, Edot)`` with Edot = ∇²DP_Ω(weights)·Z (SPEC §2)."""
+    """``(value, E, Edot)`` with Edot = ∇²DP_Ω(weights)·Z (docs/spec.md §2)."""
     return _run(weights, Z, indptr, parents, reg, gamma, MODE_HVP, out=out)
 
 

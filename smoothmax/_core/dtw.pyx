@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Compiled DTW_Ω engine (SPEC §4, docs/engines.md).
+"""Compiled DTW_Ω engine (docs/spec.md §4, docs/engines.md).
 
 R[0, 0] = 0, R[i, 0] = R[0, j] = +inf and
 R[i, j] = theta[i-1, j-1] + min_Ω(R[i-1, j], R[i, j-1], R[i-1, j-1]) with
@@ -976,7 +976,7 @@ def dtw_grad(theta, la, lb, Py_ssize_t band, int reg, double gamma, out=None):
 
 
 def dtw_hvp(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, out=None):
-    """``(value, E, Edot)`` with Edot = ∇²DTW_Ω(theta)·Z (SPEC §2)."""
+    """``(value, E, Edot)`` with Edot = ∇²DTW_Ω(theta)·Z (docs/spec.md §2)."""
     return _run(theta, Z, la, lb, band, reg, gamma, MODE_HVP, out=out)
 
 

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Smoothed max operators max_Ω for the compiled engine (SPEC §1).
+"""Smoothed max operators max_Ω for the compiled engine (docs/spec.md §1).
 
 Small ``nogil`` inline functions shared by ``dtw.pyx`` and ``viterbi.pyx``:
 

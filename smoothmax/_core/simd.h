@@ -249,7 +249,7 @@ ATTR static void sm_dtw_bwd_##SUF(                                             \
 }
 
 /*
- * HVP (SPEC section 2) over one diagonal. Forward, per cell, with u the
+ * HVP (docs/spec.md §2) over one diagonal. Forward, per cell, with u the
  * tangents Rdot of the predecessors (up, left, diagonal):
  *   out = theta + min_Omega(r),  dout = z + <q, u>,
  *   qdot = -H(-r) u:  negentropy  -q (u - <q, u>) / gamma,

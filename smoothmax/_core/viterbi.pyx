@@ -1,9 +1,9 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Compiled Vit_Ω engine (SPEC §3, docs/engines.md).
+"""Compiled Vit_Ω engine (docs/spec.md §3, docs/engines.md).
 
 Design: one kernel per batch item, ``_viterbi_one``, runs the forward pass
 (V_t(i) = max_Ω_j(theta[t, i, j] + V_{t-1}(j)), V_{-1} = 0) and, for the
-gradient, the reverse pass of SPEC §2; the HVP adds the tangent forward pass
+gradient, the reverse pass of docs/spec.md §2; the HVP adds the tangent forward pass
 (Vdot, qdot) and the tangent reverse pass. The local gradients q_t(i, :) are
 written straight into ``E`` during the forward pass and scaled in place by the
 reverse pass (E[t, i, j] = ebar_t(i)·q_t(i, j)); likewise qdot goes into
@@ -265,7 +265,7 @@ def viterbi_grad(theta, lengths, int reg, double gamma, out=None):
 
 
 def viterbi_hvp(theta, Z, lengths, int reg, double gamma, out=None):
-    """``(value, E, Edot)`` with Edot = ∇²Vit_Ω(theta)·Z (SPEC §2)."""
+    """``(value, E, Edot)`` with Edot = ∇²Vit_Ω(theta)·Z (docs/spec.md §2)."""
     return _run(theta, Z, lengths, reg, gamma, MODE_HVP, out=out)
 
 
