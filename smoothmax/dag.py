@@ -13,6 +13,7 @@ import numpy as np
 
 from ._array_api import to_host
 from ._problem import checks_for, evaluate, make_problem
+from ._typing import Array, Reg
 from ._validation import (as_array, check_direction, check_float, check_gamma, check_rank,
                           check_reg)
 
@@ -58,9 +59,24 @@ class DAG:
     indptr, parents : int64 NumPy arrays (read-only copies)
     n_nodes, n_edges : int
     child : int64 array, shape (n_edges,), the node each edge enters.
+
+    Examples
+    --------
+    >>> import smoothmax as sm
+    >>> graph = sm.DAG(indptr=[0, 0, 1, 2, 4], parents=[0, 0, 1, 2])  # 0 -> 1, 0 -> 2, {1, 2} -> 3
+    >>> graph
+    DAG(n_nodes=4, n_edges=4)
+    >>> graph.child
+    array([1, 2, 3, 3])
     """
 
-    def __init__(self, indptr, parents):
+    indptr: np.ndarray
+    parents: np.ndarray
+    child: np.ndarray
+    n_nodes: int
+    n_edges: int
+
+    def __init__(self, indptr: Array, parents: Array) -> None:
         indptr = _int_vector(indptr, "indptr")
         parents = _int_vector(parents, "parents")
         if indptr.shape[0] < 3:
@@ -94,7 +110,7 @@ class DAG:
         self.n_edges = int(parents.shape[0])
 
     @classmethod
-    def from_edges(cls, edges, n_nodes):
+    def from_edges(cls, edges: Array, n_nodes: int) -> "tuple[DAG, np.ndarray]":
         """Build a DAG from ``(parent, child)`` pairs; edge ``k`` of the result is
         the ``k``-th pair after a stable sort by child.
 
@@ -102,6 +118,13 @@ class DAG:
         -------
         graph : DAG
         order : int64 array, the position in ``edges`` of each edge of ``graph``.
+
+        Examples
+        --------
+        >>> import smoothmax as sm
+        >>> graph, order = sm.DAG.from_edges([(1, 2), (0, 1), (0, 2)], n_nodes=3)
+        >>> graph.parents, order  # the edges entering node 1, then those entering node 2
+        (array([0, 1, 0]), array([1, 0, 2]))
         """
         e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
         order = np.argsort(e[:, 1], kind="stable")
@@ -112,7 +135,7 @@ class DAG:
         return cls(indptr, e[order, 0]), order
 
     @classmethod
-    def for_viterbi(cls, T, S):
+    def for_viterbi(cls, T: int, S: int) -> "tuple[DAG, np.ndarray]":
         """The Viterbi trellis of docs/spec.md §3 as a DAG.
 
         Node 0 is the start, node ``1 + t·S + i`` is state ``i`` at step ``t``
@@ -127,6 +150,16 @@ class DAG:
         index : int64 array, shape (n_edges,)
             Edge ``k`` carries ``theta.reshape(-1)[index[k]]`` (flat index
             ``t·S·S + i·S + j``), or the weight 0 where ``index[k] = -1``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import smoothmax as sm
+        >>> theta = np.random.default_rng(0).normal(size=(3, 2, 2))
+        >>> graph, index = sm.DAG.for_viterbi(3, 2)
+        >>> weights = np.where(index >= 0, theta.reshape(-1)[index], 0.0)
+        >>> bool(np.isclose(sm.dag(weights, graph), sm.viterbi(theta)))
+        True
         """
         T, S = int(T), int(S)
         if T < 1 or S < 1:
@@ -140,7 +173,7 @@ class DAG:
         return cls(indptr, parents), index
 
     @classmethod
-    def for_dtw(cls, NA, NB, band=None):
+    def for_dtw(cls, NA: int, NB: int, band: "int | None" = None) -> "tuple[DAG, np.ndarray]":
         """The DTW grid of docs/spec.md §4 as a DAG (weights are negated costs).
 
         Node 0 is the start, node ``1 + i·NB + j`` is cell ``(i, j)``; the end
@@ -158,6 +191,15 @@ class DAG:
         graph : DAG
         index : int64 array, shape (n_edges,)
             Edge ``k`` enters cell ``index[k]`` (flat index ``i·NB + j``).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import smoothmax as sm
+        >>> theta = np.random.default_rng(0).random((3, 4))
+        >>> graph, index = sm.DAG.for_dtw(3, 4)
+        >>> bool(np.isclose(-sm.dag(-theta.reshape(-1)[index], graph), sm.dtw(theta)))
+        True
         """
         NA, NB = int(NA), int(NB)
         if NA < 1 or NB < 1:
@@ -189,7 +231,7 @@ class DAG:
         indptr = np.concatenate([[0], np.cumsum(counts)])
         return cls(indptr, np.asarray(parents, dtype=np.int64)), np.asarray(index, dtype=np.int64)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"DAG(n_nodes={self.n_nodes}, n_edges={self.n_edges})"
 
 
@@ -226,7 +268,7 @@ def _prepare(weights, graph, reg, gamma):
     return weights, problem
 
 
-def dag(weights, graph, *, reg="negentropy", gamma=1.0):
+def dag(weights: Array, graph: DAG, *, reg: Reg = "negentropy", gamma: float = 1.0) -> Array:
     """DP_Ω(weights), the smoothed highest path score from node 0 to node N-1.
     {shared}
     Returns
@@ -234,12 +276,24 @@ def dag(weights, graph, *, reg="negentropy", gamma=1.0):
     value : array, shape (...)
         ``-inf`` where no path reaches the end node. With ``"negentropy"``
         this is ``γ·log Σ_Y exp(<Y, weights>/γ)`` over all paths ``Y``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> graph, _ = sm.DAG.from_edges([(0, 1), (0, 2), (1, 3), (2, 3)], n_nodes=4)  # a diamond
+    >>> weights = np.array([1.0, 2.0, 0.0, 0.0])  # paths 0-1-3 (score 1) and 0-2-3 (score 2)
+    >>> float(sm.dag(weights, graph, reg="hard"))
+    2.0
+    >>> float(sm.dag(weights, graph))  # log(e^1 + e^2)
+    2.31326
     """
     weights, problem = _prepare(weights, graph, reg, gamma)
     return evaluate(problem, "value", weights)
 
 
-def dag_grad(weights, graph, *, reg="negentropy", gamma=1.0):
+def dag_grad(weights: Array, graph: DAG, *, reg: Reg = "negentropy",
+             gamma: float = 1.0) -> "tuple[Array, Array]":
     """DP_Ω(weights) and its gradient ``E``, the expected edge occupancy.
     {shared}
     Returns
@@ -249,12 +303,23 @@ def dag_grad(weights, graph, *, reg="negentropy", gamma=1.0):
         ``E[k]`` is the probability that a path drawn from ``p_{θ,Ω}`` uses
         edge ``k`` (docs/spec.md §2); ``0`` on ``-inf`` edges and where the end is
         unreachable.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> graph, _ = sm.DAG.from_edges([(0, 1), (0, 2), (1, 3), (2, 3)], n_nodes=4)  # a diamond
+    >>> weights = np.array([1.0, 2.0, 0.0, 0.0])  # paths 0-1-3 (score 1) and 0-2-3 (score 2)
+    >>> value, E = sm.dag_grad(weights, graph)
+    >>> E  # the two paths have probabilities 1/(1+e) and e/(1+e)
+    array([0.26894, 0.73106, 0.26894, 0.73106])
     """
     weights, problem = _prepare(weights, graph, reg, gamma)
     return evaluate(problem, "grad", weights)
 
 
-def dag_hvp(weights, Z, graph, *, reg="negentropy", gamma=1.0):
+def dag_hvp(weights: Array, Z: Array, graph: DAG, *, reg: Reg = "negentropy",
+            gamma: float = 1.0) -> Array:
     """The Hessian-vector product ``∇²DP_Ω(weights)·Z``, by one forward and one reverse pass.
     {shared}
     Z : array, shape (..., n_edges)
@@ -263,13 +328,25 @@ def dag_hvp(weights, Z, graph, *, reg="negentropy", gamma=1.0):
     Returns
     -------
     Edot : array, shape (..., n_edges)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> graph, _ = sm.DAG.from_edges([(0, 1), (0, 2), (1, 3), (2, 3)], n_nodes=4)  # a diamond
+    >>> weights = np.array([1.0, 2.0, 0.0, 0.0])  # paths 0-1-3 (score 1) and 0-2-3 (score 2)
+    >>> Z = np.array([1.0, 0.0, 0.0, 0.0])
+    >>> eps = 1e-6  # the directional derivative of E, by central differences
+    >>> fd = (sm.dag_grad(weights + eps * Z, graph)[1] - sm.dag_grad(weights - eps * Z, graph)[1]) / (2 * eps)
+    >>> bool(np.allclose(sm.dag_hvp(weights, Z, graph), fd, atol=1e-6))
+    True
     """
     weights, problem = _prepare(weights, graph, reg, gamma)
     Z = check_direction(Z, weights, problem.xp, problem.backend, checks_for(problem.backend)[0])
     return evaluate(problem, "hvp", weights, Z)
 
 
-def dag_path(weights, graph):
+def dag_path(weights: Array, graph: DAG) -> "tuple[Array, Array]":
     """The highest-scoring path (hard DP).
 
     Parameters
@@ -283,6 +360,15 @@ def dag_path(weights, graph):
     Y : array, shape (..., n_edges)
         0/1 edge indicator of the best path in weights' dtype (ties: the first
         entering edge in ``graph`` order); all 0 where no path exists.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> graph, _ = sm.DAG.from_edges([(0, 1), (0, 2), (1, 3), (2, 3)], n_nodes=4)  # a diamond
+    >>> weights = np.array([1.0, 2.0, 0.0, 0.0])  # paths 0-1-3 (score 1) and 0-2-3 (score 2)
+    >>> sm.dag_path(weights, graph)
+    (array(2.), array([0., 1., 0., 1.]))
     """
     weights, problem = _prepare(weights, graph, "hard", 1.0)
     return evaluate(problem, "path", weights)

@@ -13,6 +13,7 @@ import numpy as np
 
 from ._array_api import dtype_name, device_kind
 from ._problem import FeatureProblem, checks_for, evaluate, make_problem
+from ._typing import Array, DTWLengths, Reg
 from ._validation import (as_array, check_band, check_direction, check_float, check_gamma,
                           check_lengths, check_rank, check_reg, check_values)
 
@@ -85,19 +86,38 @@ def _pair_lengths(lengths, batch_shape, NA, NB, check_len=check_lengths):
     return la, lb
 
 
-def dtw(theta, *, reg="negentropy", gamma=1.0, lengths=None, band=None):
+def dtw(
+        theta: Array, *, reg: Reg = "negentropy", gamma: float = 1.0, lengths: DTWLengths = None,
+        band: "int | None" = None) -> Array:
     """DTW_Ω(θ), the smoothed DTW value.
     {shared}
     Returns
     -------
     value : array, shape (...)
         ``+inf`` where the end cell cannot be reached (all paths forbidden).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> a, b = np.array([0.0, 2.0, 3.0]), np.array([0.0, 2.0, 3.0])
+    >>> theta = np.abs(a[:, None] - b[None, :])  # costs of aligning a_i with b_j
+    >>> float(sm.dtw(theta, reg="hard"))  # the diagonal costs nothing
+    0.0
+    >>> float(sm.dtw(theta))  # soft-DTW: below the hard value, by at most γ·log(#paths)
+    -0.83729
+    >>> sm.dtw(np.stack([theta, theta + 1.0]), reg="hard")  # a batch
+    array([0., 3.])
+    >>> float(sm.dtw(theta, reg="hard", lengths=(2, 3)))  # a[:2] against b: 0 + 0 + |2 - 3|
+    1.0
     """
     theta, problem = _prepare(theta, reg, gamma, lengths, band)
     return evaluate(problem, "value", theta)
 
 
-def dtw_grad(theta, *, reg="negentropy", gamma=1.0, lengths=None, band=None):
+def dtw_grad(
+        theta: Array, *, reg: Reg = "negentropy", gamma: float = 1.0, lengths: DTWLengths = None,
+        band: "int | None" = None) -> "tuple[Array, Array]":
     """DTW_Ω(θ) and its gradient ``E``, the expected alignment.
     {shared}
     Returns
@@ -105,12 +125,29 @@ def dtw_grad(theta, *, reg="negentropy", gamma=1.0, lengths=None, band=None):
     value : array, shape (...)
     E : array, shape (..., NA, NB)
         Entries in [0, 1]; exactly 0 on forbidden cells and past the lengths.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> a, b = np.array([0.0, 2.0, 3.0]), np.array([0.0, 2.0, 3.0])
+    >>> theta = np.abs(a[:, None] - b[None, :])  # costs of aligning a_i with b_j
+    >>> value, E = sm.dtw_grad(theta, gamma=0.1)
+    >>> E.round(3)  # the expected alignment: almost surely the diagonal
+    array([[1., 0., 0.],
+           [0., 1., 0.],
+           [0., 0., 1.]])
+    >>> value, E = sm.dtw_grad(theta, gamma=10.0)  # more smoothing spreads it
+    >>> bool(E[0, 1] > 0.1), float(E[0, 0]), float(E[-1, -1])  # every path starts and ends in the corners
+    (True, 1.0, 1.0)
     """
     theta, problem = _prepare(theta, reg, gamma, lengths, band)
     return evaluate(problem, "grad", theta)
 
 
-def dtw_hvp(theta, Z, *, reg="negentropy", gamma=1.0, lengths=None, band=None):
+def dtw_hvp(
+        theta: Array, Z: Array, *, reg: Reg = "negentropy", gamma: float = 1.0,
+        lengths: DTWLengths = None, band: "int | None" = None) -> Array:
     """The Hessian-vector product ``∇²DTW_Ω(θ)·Z``, by one forward and one reverse pass.
     {shared}
     Z : array, shape (..., NA, NB)
@@ -119,13 +156,26 @@ def dtw_hvp(theta, Z, *, reg="negentropy", gamma=1.0, lengths=None, band=None):
     Returns
     -------
     Edot : array, shape (..., NA, NB)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> a, b = np.array([0.0, 2.0, 3.0]), np.array([0.0, 2.0, 3.0])
+    >>> theta = np.abs(a[:, None] - b[None, :])  # costs of aligning a_i with b_j
+    >>> Z = np.ones_like(theta)
+    >>> Edot = sm.dtw_hvp(theta, Z)
+    >>> eps = 1e-6  # the directional derivative of E, by central differences
+    >>> fd = (sm.dtw_grad(theta + eps * Z)[1] - sm.dtw_grad(theta - eps * Z)[1]) / (2 * eps)
+    >>> bool(np.allclose(Edot, fd, atol=1e-6))
+    True
     """
     theta, problem = _prepare(theta, reg, gamma, lengths, band)
     Z = check_direction(Z, theta, problem.xp, problem.backend, checks_for(problem.backend)[0])
     return evaluate(problem, "hvp", theta, Z)
 
 
-def dtw_path(theta, *, lengths=None, band=None):
+def dtw_path(theta: Array, *, lengths: DTWLengths = None, band: "int | None" = None) -> "tuple[Array, Array]":
     """Hard DTW: the minimal cost and the optimal alignment.
 
     Parameters
@@ -137,6 +187,20 @@ def dtw_path(theta, *, lengths=None, band=None):
     cost : array, shape (...)
     Y : array, shape (..., NA, NB)
         0/1 alignment matrix in theta's dtype (ties: first of up, left, diagonal).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> a, b = np.array([0.0, 1.0, 1.0, 2.0]), np.array([0.0, 1.0, 2.0])
+    >>> cost, Y = sm.dtw_path((a[:, None] - b[None, :]) ** 2)
+    >>> float(cost)
+    0.0
+    >>> Y  # both 1.0 of a are aligned with the 1.0 of b
+    array([[1., 0., 0.],
+           [0., 1., 0.],
+           [0., 1., 0.],
+           [0., 0., 1.]])
     """
     theta, problem = _prepare(theta, "hard", 1.0, lengths, band)
     return evaluate(problem, "path", theta)

@@ -3,6 +3,7 @@
 These are written with array-API operations only, so they are differentiable
 (and twice differentiable) natively in PyTorch and JAX.
 """
+from ._typing import Array, Reg
 from ._validation import as_array, check_float, check_gamma, check_reg, check_values
 from .operators import max_value_grad
 
@@ -24,7 +25,7 @@ def _prepare(x, reg, gamma, axis):
     return xp, xp.moveaxis(x, axis, -1), reg, gamma
 
 
-def smooth_max(x, *, reg="negentropy", gamma=1.0, axis=-1):
+def smooth_max(x: Array, *, reg: Reg = "negentropy", gamma: float = 1.0, axis: int = -1) -> Array:
     """``max_Ω(x) = max_{q ∈ simplex} <q, x> − γ·ω(q)`` along ``axis``.
 
     Parameters
@@ -39,17 +40,47 @@ def smooth_max(x, *, reg="negentropy", gamma=1.0, axis=-1):
     Returns
     -------
     value : array, the shape of ``x`` without ``axis``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> x = np.array([1.0, 2.0, 3.0])
+    >>> float(sm.smooth_max(x, reg="hard"))
+    3.0
+    >>> float(sm.smooth_max(x))  # log(e + e^2 + e^3)
+    3.4076
+    >>> float(sm.smooth_max(x, reg="l2"))  # sparsemax puts all the mass on 3: 3 - γ/2
+    2.5
+    >>> sm.smooth_max(np.array([[0.0, -np.inf], [1.0, 1.0]]), gamma=0.5)  # -inf is a mask
+    array([0.     , 1.34657])
     """
     xp, x, reg, gamma = _prepare(x, reg, gamma, axis)
     return max_value_grad(xp, x, reg, gamma)[0]
 
 
-def smooth_argmax(x, *, reg="negentropy", gamma=1.0, axis=-1):
+def smooth_argmax(x: Array, *, reg: Reg = "negentropy", gamma: float = 1.0, axis: int = -1) -> Array:
     """``∇max_Ω(x)``: softmax(x/γ), sparsemax(x/γ) or the one-hot first argmax, along ``axis``.
+
+    Parameters
+    ----------
+    x, reg, gamma, axis : as for :func:`smooth_max`.
 
     Returns
     -------
     q : array, the shape of ``x``; non-negative, sums to 1 along ``axis``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> x = np.array([1.0, 2.0, 3.0])
+    >>> sm.smooth_argmax(x)  # softmax
+    array([0.09003, 0.24473, 0.66524])
+    >>> sm.smooth_argmax(x, reg="l2", gamma=2.0)  # sparsemax of x / 2: exact zeros
+    array([0.  , 0.25, 0.75])
+    >>> sm.smooth_argmax(x, reg="hard")
+    array([0., 0., 1.])
     """
     xp, xm, reg, gamma = _prepare(x, reg, gamma, axis)
     q = max_value_grad(xp, xm, reg, gamma)[1]

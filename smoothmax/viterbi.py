@@ -9,6 +9,7 @@ the CRF log-partition and ``E = ∇Vit_Ω`` holds the pairwise marginals
 """
 from ._dispatch import compiled_available
 from ._problem import checks_for, evaluate, make_problem
+from ._typing import Array, Lengths, Reg
 from ._validation import (as_array, check_direction, check_float, check_gamma, check_lengths,
                           check_rank, check_reg, check_values)
 
@@ -54,18 +55,37 @@ def _prepare(theta, reg, gamma, lengths, kernel_checks=False, host_checks=False)
     return theta, problem
 
 
-def viterbi(theta, *, reg="negentropy", gamma=1.0, lengths=None):
+def viterbi(
+        theta: Array, *, reg: Reg = "negentropy", gamma: float = 1.0,
+        lengths: Lengths = None) -> Array:
     """Vit_Ω(θ), the smoothed Viterbi value (the CRF log-partition for negentropy, γ = 1).
     {shared}
     Returns
     -------
     value : array, shape (...)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> theta = np.random.default_rng(0).normal(size=(3, 2, 2))  # T = 3 steps, S = 2 states
+    >>> import itertools  # every path (y_-1, y_0, y_1, y_2) and its score
+    >>> paths = list(itertools.product(range(2), repeat=4))
+    >>> scores = [sum(theta[t, y[t + 1], y[t]] for t in range(3)) for y in paths]
+    >>> bool(np.isclose(sm.viterbi(theta), np.log(np.sum(np.exp(scores)))))  # log-partition
+    True
+    >>> bool(np.isclose(sm.viterbi(theta, reg="hard"), max(scores)))
+    True
+    >>> sm.viterbi(np.stack([theta, theta]), lengths=np.array([3, 1])).shape  # a batch
+    (2,)
     """
     theta, problem = _prepare(theta, reg, gamma, lengths, kernel_checks=True)
     return evaluate(problem, "value", theta)
 
 
-def viterbi_grad(theta, *, reg="negentropy", gamma=1.0, lengths=None):
+def viterbi_grad(
+        theta: Array, *, reg: Reg = "negentropy", gamma: float = 1.0,
+        lengths: Lengths = None) -> "tuple[Array, Array]":
     """Vit_Ω(θ) and its gradient ``E``, the pairwise marginals.
     {shared}
     Returns
@@ -74,12 +94,26 @@ def viterbi_grad(theta, *, reg="negentropy", gamma=1.0, lengths=None):
     E : array, shape (..., T, S, S)
         ``E[t, i, j] = p(y_t = i, y_{t-1} = j)``; ``E.sum(-1)`` are the unary
         marginals; zero past the lengths.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> theta = np.random.default_rng(0).normal(size=(3, 2, 2))  # T = 3 steps, S = 2 states
+    >>> value, E = sm.viterbi_grad(theta)
+    >>> E.sum(axis=(1, 2))  # one transition per step
+    array([1., 1., 1.])
+    >>> value, E = sm.viterbi_grad(np.stack([theta, theta]), lengths=np.array([3, 1]))
+    >>> E[1].sum(axis=(1, 2))  # the second sequence ends after one step
+    array([1., 0., 0.])
     """
     theta, problem = _prepare(theta, reg, gamma, lengths, kernel_checks=True)
     return evaluate(problem, "grad", theta)
 
 
-def viterbi_hvp(theta, Z, *, reg="negentropy", gamma=1.0, lengths=None):
+def viterbi_hvp(
+        theta: Array, Z: Array, *, reg: Reg = "negentropy", gamma: float = 1.0,
+        lengths: Lengths = None) -> Array:
     """The Hessian-vector product ``∇²Vit_Ω(θ)·Z``, by one forward and one reverse pass.
     {shared}
     Z : array, shape (..., T, S, S)
@@ -88,13 +122,24 @@ def viterbi_hvp(theta, Z, *, reg="negentropy", gamma=1.0, lengths=None):
     Returns
     -------
     Edot : array, shape (..., T, S, S)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> theta = np.random.default_rng(0).normal(size=(3, 2, 2))  # T = 3 steps, S = 2 states
+    >>> Z = np.random.default_rng(1).normal(size=theta.shape)
+    >>> eps = 1e-6  # the directional derivative of E, by central differences
+    >>> fd = (sm.viterbi_grad(theta + eps * Z)[1] - sm.viterbi_grad(theta - eps * Z)[1]) / (2 * eps)
+    >>> bool(np.allclose(sm.viterbi_hvp(theta, Z), fd, atol=1e-6))
+    True
     """
     theta, problem = _prepare(theta, reg, gamma, lengths, kernel_checks=True)
     Z = check_direction(Z, theta, problem.xp, problem.backend, checks_for(problem.backend)[0])
     return evaluate(problem, "hvp", theta, Z)
 
 
-def viterbi_decode(theta, *, lengths=None):
+def viterbi_decode(theta: Array, *, lengths: Lengths = None) -> "tuple[Array, Array]":
     """Hard Viterbi decoding: the best score and its tag sequence.
 
     Parameters
@@ -106,6 +151,19 @@ def viterbi_decode(theta, *, lengths=None):
     score : array, shape (...)
     tags : int64 array, shape (..., T)
         The best states (ties: first argmax); ``-1`` past a length.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> theta = np.zeros((4, 3, 3))
+    >>> theta[:, 2, :] = 1.0  # state 2 scores 1 at every step, from any state
+    >>> score, tags = sm.viterbi_decode(np.stack([theta, theta]), lengths=np.array([4, 2]))
+    >>> score
+    array([4., 2.])
+    >>> tags
+    array([[ 2,  2,  2,  2],
+           [ 2,  2, -1, -1]])
     """
     theta, problem = _prepare(theta, "hard", 1.0, lengths, kernel_checks=True)
     return evaluate(problem, "decode", theta)
