@@ -23,6 +23,7 @@ import numbers
 import numpy as np
 
 from ._array_api import to_host
+from ._typing import Array, DTWLengths, Lengths, Reg, Seed
 from ._validation import is_traced
 from .dag import DAG, dag_grad
 from .dag import _prepare as _dag_prepare
@@ -133,7 +134,8 @@ def _rng(seed):
         raise ValueError(f"seed must be None, an int or a numpy.random.Generator, got {seed!r}") from None
 
 
-def dag_sample(weights, graph, n, *, reg="negentropy", gamma=1.0, seed=None):
+def dag_sample(weights: Array, graph: DAG, n: int, *, reg: Reg = "negentropy", gamma: float = 1.0,
+               seed: Seed = None) -> Array:
     """Draw ``n`` paths exactly from ``p_{θ,Ω}`` on a DAG (docs/spec.md §2).
 
     Parameters
@@ -159,6 +161,18 @@ def dag_sample(weights, graph, n, *, reg="negentropy", gamma=1.0, seed=None):
     for GPU arrays). For ``reg="negentropy"`` the samples follow the Gibbs
     distribution ``∝ exp(<Y, weights>/γ)``; for ``"hard"`` they are the best
     path.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> graph, _ = sm.DAG.from_edges([(0, 1), (0, 2), (1, 3), (2, 3)], n_nodes=4)  # a diamond
+    >>> weights = np.array([1.0, 2.0, 0.0, 0.0])  # paths 0-1-3 (score 1) and 0-2-3 (score 2)
+    >>> Y = sm.dag_sample(weights, graph, 20000, seed=0)
+    >>> Y.shape
+    (20000, 4)
+    >>> bool(np.allclose(Y.mean(0), sm.dag_grad(weights, graph)[1], atol=0.02))
+    True
     """
     weights, problem = _dag_prepare(weights, graph, reg, gamma)
     n = _check_n(n)
@@ -189,7 +203,8 @@ def _categorical(P, rng):
     return np.where(total > 0, idx, -1)
 
 
-def viterbi_sample(theta, n, *, reg="negentropy", gamma=1.0, lengths=None, seed=None):
+def viterbi_sample(theta: Array, n: int, *, reg: Reg = "negentropy", gamma: float = 1.0,
+                   lengths: Lengths = None, seed: Seed = None) -> Array:
     """Draw ``n`` tag sequences exactly from ``p_{θ,Ω}`` of Vit_Ω (docs/spec.md §3).
 
     The walk starts from the end: ``y_{L-1} ~ Σ_j E[L-1, :, j]`` and, going
@@ -216,6 +231,18 @@ def viterbi_sample(theta, n, *, reg="negentropy", gamma=1.0, lengths=None, seed=
     -----
     Runs on the host in float64 with NumPy's generator (a device-to-host copy
     for GPU arrays).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> theta = np.random.default_rng(0).normal(size=(5, 3, 3))
+    >>> tags = sm.viterbi_sample(theta, 20000, seed=0)
+    >>> tags.shape
+    (20000, 5)
+    >>> freq = np.stack([(tags == i).mean(0) for i in range(3)], axis=-1)  # (T, S)
+    >>> bool(np.allclose(freq, sm.viterbi_grad(theta)[1].sum(-1), atol=0.02))  # the unary marginals
+    True
     """
     theta, problem = _viterbi_prepare(theta, reg, gamma, lengths, host_checks=True)
     n = _check_n(n)
@@ -253,7 +280,8 @@ def _dtw_groups(la, lb):
     return keys
 
 
-def dtw_sample(theta, n, *, reg="negentropy", gamma=1.0, lengths=None, band=None, seed=None):
+def dtw_sample(theta: Array, n: int, *, reg: Reg = "negentropy", gamma: float = 1.0,
+               lengths: DTWLengths = None, band: "int | None" = None, seed: Seed = None) -> Array:
     """Draw ``n`` alignments exactly from ``p_{θ,Ω}`` of DTW_Ω (docs/spec.md §4).
 
     The dense expected alignment holds cell occupancies only, not the flows
@@ -280,6 +308,17 @@ def dtw_sample(theta, n, *, reg="negentropy", gamma=1.0, lengths=None, band=None
     -----
     Runs on the host in float64 with NumPy's generator (a device-to-host copy
     for GPU arrays).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> theta = np.random.default_rng(0).random((4, 5))
+    >>> Y = sm.dtw_sample(theta, 20000, seed=0)
+    >>> Y.shape
+    (20000, 4, 5)
+    >>> bool(np.allclose(Y.mean(0), sm.dtw_grad(theta)[1], atol=0.02))
+    True
     """
     theta, problem = _dtw_prepare(theta, reg, gamma, lengths, band, host_checks=True)
     n = _check_n(n)
@@ -301,7 +340,8 @@ def dtw_sample(theta, n, *, reg="negentropy", gamma=1.0, lengths=None, band=None
     return _back(Y, problem, theta)
 
 
-def dag_support(weights, graph, *, reg="l2", gamma=1.0, max_paths=1000):
+def dag_support(weights: Array, graph: DAG, *, reg: Reg = "l2", gamma: float = 1.0,
+                max_paths: int = 1000) -> "tuple[Array, Array]":
     """Every path of non-zero probability under ``p_{θ,Ω}``, with its probability (paper §4.2).
 
     With ``reg="l2"`` the distribution is typically sparse, so its support can
@@ -325,6 +365,19 @@ def dag_support(weights, graph, *, reg="l2", gamma=1.0, max_paths=1000):
     probs : array, shape (K,)
         Their probabilities (the product of ``q`` along the path); they sum
         to 1 and ``probs @ paths = E``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> graph, _ = sm.DAG.from_edges([(0, 1), (0, 2), (1, 3), (2, 3)], n_nodes=4)  # a diamond
+    >>> weights = np.array([1.0, 2.0, 0.0, 0.0])  # paths 0-1-3 (score 1) and 0-2-3 (score 2)
+    >>> sm.dag_support(weights, graph, gamma=1.0)  # sparsemax keeps the best path only
+    (array([[0., 1., 0., 1.]]), array([1.]))
+    >>> paths, probs = sm.dag_support(weights, graph, gamma=4.0)  # more smoothing: both paths
+    >>> paths, probs
+    (array([[0., 1., 0., 1.],
+           [1., 0., 1., 0.]]), array([0.625, 0.375]))
     """
     weights, problem = _dag_prepare(weights, graph, reg, gamma)
     if weights.ndim != 1:
