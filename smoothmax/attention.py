@@ -21,16 +21,21 @@ JAX function, usable under ``jax.grad``/``jax.jit`` as far as
 ``torch.nn.Module`` holding ``A`` as a parameter, is created on first access
 so that importing this module never imports torch.
 """
+import importlib.util
+from typing import Any
+
 import numpy as np
 
 from ._array_api import device_of
+from ._typing import Array, Lengths, Reg
 from ._validation import as_array, check_float, check_rank, is_traced
 from .viterbi import viterbi_grad
 
 __all__ = ["structured_attention", "StructuredAttention"]
 
 
-def structured_attention(scores, transition, *, reg="negentropy", gamma=1.0, lengths=None):
+def structured_attention(scores: Array, transition: Array, *, reg: Reg = "negentropy",
+                         gamma: float = 1.0, lengths: Lengths = None) -> Array:
     """Attention weights from the marginals of a two-state chain (paper §5).
 
     Parameters
@@ -49,6 +54,18 @@ def structured_attention(scores, transition, *, reg="negentropy", gamma=1.0, len
     w : array, shape (..., T)
         Non-negative, summing to 1 over the positions; all 0 in the rare case
         where no position has a positive marginal (possible with ``"l2"``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> scores = np.array([0.0, 3.0, 2.5, -1.0, 0.0])
+    >>> transition = np.array([[0.0, 0.0], [-2.0, 0.0]])  # entering the attended state costs 2
+    >>> w = sm.attention.structured_attention(scores, transition, reg="l2")
+    >>> w  # sparse: exact zeros after the high scores
+    array([0.2, 0.4, 0.4, 0. , 0. ])
+    >>> float(sm.attention.structured_attention(scores, transition).sum())
+    1.0
     """
     scores, xp, backend = as_array(scores, "scores")
     check_float(scores, xp, "scores")
@@ -104,26 +121,47 @@ def _make_module():
         when ``values (..., T, D)`` is given.
         """
 
-        def __init__(self, reg="negentropy", gamma=1.0, *, device=None, dtype=None):
+        def __init__(self, reg: Reg = "negentropy", gamma: float = 1.0, *,
+                     device: Any = None, dtype: Any = None) -> None:
             super().__init__()
             self.reg = reg
             self.gamma = gamma
             self.transition = torch.nn.Parameter(torch.zeros(2, 2, device=device, dtype=dtype))
 
-        def forward(self, scores, values=None, lengths=None):
+        def forward(self, scores: Any, values: Any = None, lengths: Lengths = None) -> Any:
             w = structured_attention(scores, self.transition.to(scores.dtype), reg=self.reg,
                                      gamma=self.gamma, lengths=lengths)
             if values is None:
                 return w
             return torch.einsum("...t,...td->...d", w, values), w
 
-        def extra_repr(self):
+        def extra_repr(self) -> str:
             return f"reg={self.reg!r}, gamma={self.gamma}"
 
+    StructuredAttention.__doc__ = (StructuredAttention.__doc__ or "") + _LAYER_EXAMPLES
     return StructuredAttention
 
 
-def __getattr__(name):
+# the layer's Examples: in its docstring, and run by ``pytest --doctest-modules``
+# (through ``__test__``: the class only exists once torch is imported) when torch is installed
+_LAYER_EXAMPLES = """
+        Examples
+        --------
+        >>> import torch
+        >>> from smoothmax.attention import StructuredAttention
+        >>> att = StructuredAttention(reg="l2", dtype=torch.float64)
+        >>> scores = torch.tensor([[0.0, 3.0, 2.5, -1.0]], dtype=torch.float64)
+        >>> context, w = att(scores, values=torch.eye(4, dtype=torch.float64)[None])
+        >>> w.shape, w.sum().item()
+        (torch.Size([1, 4]), 1.0)
+        >>> bool(torch.allclose(context, w))  # the identity values give back the weights
+        True
+        """
+if importlib.util.find_spec("torch") is not None:
+    __test__ = {"StructuredAttention": _LAYER_EXAMPLES}
+
+
+def __getattr__(name: str) -> Any:
     if name == "StructuredAttention":
         cls = _make_module()
         globals()[name] = cls

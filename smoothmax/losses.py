@@ -40,6 +40,7 @@ import numpy as np
 
 from ._array_api import device_of, to_host
 from ._problem import adapter_for
+from ._typing import Array, DTWLengths, Lengths, Reg
 from ._validation import as_array, is_traced
 from .dtw import _prepare as _dtw_prepare
 from .dtw import dtw, dtw_grad, dtw_hvp
@@ -124,12 +125,30 @@ def _onehot_tags(xp, tags, S, mask, dtype, dev):
     return cur * xp.astype(mask[..., None], dtype)
 
 
-def tags_to_path(theta, tags, *, lengths=None):
+def tags_to_path(theta: Array, tags: Array, *, lengths: Lengths = None) -> Array:
     """The binary path tensor ``Y`` (..., T, S, S) of a tag sequence (docs/spec.md §3 layout).
 
     ``Y[t, tags[t], tags[t-1]] = 1`` for ``1 <= t < L`` and
     ``Y[0, tags[0], 0] = 1`` (the virtual state before ``t = 0`` is state 0);
     zero past a length. ``theta`` only gives the shape, namespace and dtype.
+
+    Parameters
+    ----------
+    theta : array, shape (..., T, S, S)
+    tags : int array, shape (..., T)
+    lengths : None or int array of shape (...)
+
+    Returns
+    -------
+    Y : array, shape (..., T, S, S), theta's dtype and namespace.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> Y = sm.losses.tags_to_path(np.zeros((3, 2, 2)), np.array([1, 0, 1]))
+    >>> [tuple(int(k) for k in idx) for idx in np.argwhere(Y)]  # (t, tags[t], tags[t-1])
+    [(0, 1, 0), (1, 0, 1), (2, 1, 0)]
     """
     theta, problem = _viterbi_prepare(theta, "hard", 1.0, lengths)
     return _path_tensor(theta, _tags(theta, tags, problem), problem)[0]
@@ -164,8 +183,9 @@ def _cost_array(cost, theta, problem, name="cost"):
     return C
 
 
-def viterbi_surrogate(theta, tags, *, reg="negentropy", gamma=1.0, lengths=None, cost=None,
-                      return_grad=False):
+def viterbi_surrogate(theta: Array, tags: Array, *, reg: Reg = "negentropy", gamma: float = 1.0,
+                      lengths: Lengths = None, cost: "str | Array | None" = None,
+                      return_grad: bool = False) -> "Array | tuple[Array, Array]":
     """The surrogate loss ``l_{C,Ω}(Y; θ) = Vit_Ω(θ + C_Y) − <Y, θ>`` (paper §4.1).
 
     ``reg="negentropy"``, ``cost=None``: the CRF negative log-likelihood
@@ -194,6 +214,22 @@ def viterbi_surrogate(theta, tags, *, reg="negentropy", gamma=1.0, lengths=None,
     -------
     loss : array, shape (...)
     grad : array, shape (..., T, S, S), if ``return_grad``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> theta = np.random.default_rng(0).normal(size=(4, 3, 3))  # T = 4, S = 3
+    >>> _, best = sm.viterbi_decode(theta)
+    >>> float(sm.losses.viterbi_surrogate(theta, best, reg="hard"))  # perceptron: 0 at the best path
+    0.0
+    >>> Y = sm.losses.tags_to_path(theta, best)
+    >>> nll = sm.losses.viterbi_surrogate(theta, best)  # CRF: log Z - <Y, theta> = -log p(best)
+    >>> bool(np.isclose(nll, sm.viterbi(theta) - np.sum(Y * theta)))
+    True
+    >>> loss, grad = sm.losses.viterbi_surrogate(theta, best, return_grad=True)
+    >>> bool(np.allclose(grad, sm.viterbi_grad(theta)[1] - Y))  # E - Y
+    True
     """
     theta, problem = _viterbi_prepare(theta, reg, gamma, lengths)
     xp = problem.xp
@@ -227,8 +263,9 @@ def _check_divergence(divergence, reg):
     return divergence
 
 
-def viterbi_relaxed(theta, tags, *, reg="negentropy", gamma=1.0, lengths=None, divergence=None,
-                    return_grad=False):
+def viterbi_relaxed(theta: Array, tags: Array, *, reg: Reg = "negentropy", gamma: float = 1.0,
+                    lengths: Lengths = None, divergence: "str | None" = None,
+                    return_grad: bool = False) -> "Array | tuple[Array, Array]":
     """The relaxed loss ``Δ(Y, ∇Vit_Ω(θ))`` on tag marginals (paper §4.1-4.2).
 
     With ``M[t] = E[t].sum(-1)`` the predicted marginals and ``P[t]`` the
@@ -253,6 +290,16 @@ def viterbi_relaxed(theta, tags, *, reg="negentropy", gamma=1.0, lengths=None, d
     -------
     loss : array, shape (...)
     grad : array, shape (..., T, S, S), if ``return_grad``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> theta = np.random.default_rng(0).normal(size=(4, 3, 3))  # T = 4, S = 3
+    >>> tags = np.array([0, 2, 2, 1])
+    >>> M = sm.viterbi_grad(theta)[1].sum(-1)  # the tag marginals, (T, S)
+    >>> bool(np.isclose(sm.losses.viterbi_relaxed(theta, tags), -np.log(M[np.arange(4), tags]).sum()))
+    True
     """
     theta, problem = _viterbi_prepare(theta, reg, gamma, lengths)
     xp = problem.xp
@@ -315,8 +362,9 @@ def _dtw_kw(problem):
                 band=None if problem.band < 0 else problem.band)
 
 
-def dtw_surrogate(theta, Y, *, reg="negentropy", gamma=1.0, cost="area", lengths=None, band=None,
-                  return_grad=False):
+def dtw_surrogate(theta: Array, Y: Array, *, reg: Reg = "negentropy", gamma: float = 1.0,
+                  cost: "str | Array | None" = "area", lengths: DTWLengths = None,
+                  band: "int | None" = None, return_grad: bool = False) -> "Array | tuple[Array, Array]":
     """The surrogate loss for alignments, in DTW's cost convention (paper §4.1).
 
     With scores ``−θ``, ``l_{C,Ω}(Y; θ) = DP_Ω(−θ + C_Y) − <Y, −θ>``, that is
@@ -347,6 +395,19 @@ def dtw_surrogate(theta, Y, *, reg="negentropy", gamma=1.0, cost="area", lengths
     -------
     loss : array, shape (...)
     grad : array, shape (..., NA, NB), if ``return_grad``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> a, b = np.array([0.0, 1.0, 1.0, 2.0]), np.array([0.0, 1.0, 2.0])
+    >>> theta = (a[:, None] - b[None, :]) ** 2
+    >>> _, Y = sm.dtw_path(theta)  # the target: the best alignment
+    >>> float(sm.losses.dtw_surrogate(theta, Y, reg="hard"))  # no alignment beats the target
+    0.0
+    >>> nll = sm.losses.dtw_surrogate(theta, Y, cost=None)  # -log p(Y) under soft-DTW
+    >>> bool(np.isclose(nll, np.sum(Y * theta) - sm.dtw(theta)))
+    True
     """
     theta, problem = _dtw_prepare(theta, reg, gamma, lengths, band)
     xp = problem.xp
@@ -367,7 +428,9 @@ def dtw_surrogate(theta, Y, *, reg="negentropy", gamma=1.0, cost="area", lengths
     return score - dtw(aug, **kw)
 
 
-def dtw_relaxed(theta, Y, *, reg="negentropy", gamma=1.0, lengths=None, band=None, return_grad=False):
+def dtw_relaxed(theta: Array, Y: Array, *, reg: Reg = "negentropy", gamma: float = 1.0,
+                lengths: DTWLengths = None, band: "int | None" = None,
+                return_grad: bool = False) -> "Array | tuple[Array, Array]":
     """The relaxed area loss ``‖L (E − Y)^T‖_F²``, ``E = ∇DTW_Ω(θ)`` (paper §4.3).
 
     ``L`` is the lower-triangular matrix of ones, so ``L (E − Y)^T`` holds
@@ -385,6 +448,20 @@ def dtw_relaxed(theta, Y, *, reg="negentropy", gamma=1.0, lengths=None, band=Non
     -------
     loss : array, shape (...)
     grad : array, shape (..., NA, NB), if ``return_grad``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> a, b = np.array([0.0, 1.0, 1.0, 2.0]), np.array([0.0, 1.0, 2.0])
+    >>> theta = (a[:, None] - b[None, :]) ** 2
+    >>> _, Y = sm.dtw_path(theta)  # the target: the best alignment
+    >>> E = sm.dtw_grad(theta, gamma=0.1)[1]
+    >>> loss = sm.losses.dtw_relaxed(theta, Y, gamma=0.1)  # ‖cumsum(E - Y, axis=-1)‖²
+    >>> bool(np.isclose(loss, np.sum(np.cumsum(E - Y, axis=-1) ** 2)))
+    True
+    >>> bool(loss < 1e-6)  # little smoothing: E is almost the target
+    True
     """
     theta, problem = _dtw_prepare(theta, reg, gamma, lengths, band)
     xp = problem.xp
