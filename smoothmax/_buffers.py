@@ -28,7 +28,7 @@ import numpy as np
 
 MIN_BYTES = 1 << 24
 _lock = threading.Lock()
-_blocks = []  # least recently used first
+_blocks: list = []  # least recently used first
 
 
 def _limit():

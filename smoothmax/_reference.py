@@ -111,7 +111,7 @@ def _dtw_forward(xp, theta, la, lb, band, reg, gamma, Z=None):
         R.append(xp.where(v, skew[:, d, :] - val, inf_row))
         q = xp.where(v[..., None], q, xp.zeros_like(q))
         Q.append(q)
-        if Z is not None:
+        if Zskew is not None:
             p1 = Rdot[d - 1]
             p2 = Rdot[d - 2] if d >= 2 else zero_row
             u = xp.stack([_shift_right(xp, p1, 0.0), p1, _shift_right(xp, p2, 0.0)], axis=-1)

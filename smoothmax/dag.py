@@ -375,4 +375,4 @@ def dag_path(weights: Array, graph: DAG) -> "tuple[Array, Array]":
 
 
 for _f in (dag, dag_grad, dag_hvp):
-    _f.__doc__ = _f.__doc__.replace("{shared}", _SHARED_DOC)
+    _f.__doc__ = (_f.__doc__ or "").replace("{shared}", _SHARED_DOC)

@@ -207,7 +207,7 @@ def dtw_path(theta: Array, *, lengths: DTWLengths = None, band: "int | None" = N
 
 
 for _f in (dtw, dtw_grad, dtw_hvp):
-    _f.__doc__ = _f.__doc__.replace("{shared}", _SHARED_DOC)
+    _f.__doc__ = (_f.__doc__ or "").replace("{shared}", _SHARED_DOC)
 
 
 # ---------------------------------------------------------------------------
@@ -397,4 +397,4 @@ def dtw_features_grad(x, y, *, cost="sqeuclidean", reg="negentropy", gamma=1.0, 
 
 
 for _f in (dtw_features, dtw_features_grad):
-    _f.__doc__ = _f.__doc__.replace("{shared}", _FEATURES_DOC)
+    _f.__doc__ = (_f.__doc__ or "").replace("{shared}", _FEATURES_DOC)

@@ -43,8 +43,10 @@ traced arguments.
 """
 import dataclasses
 import functools
+import importlib
 import os
 import sys
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +75,7 @@ def _ffi_platforms():
     """Register the XLA FFI handlers once: ``{"cpu"}`` (and ``"cuda"`` when CuPy
     sees a GPU), or nothing when the optional handler module was not built."""
     try:
-        from ._core import xla_ffi
+        xla_ffi = importlib.import_module("smoothmax._core.xla_ffi")
     except ImportError:
         return frozenset()
     if not hasattr(jax, "ffi"):  # a JAX older than its FFI module
@@ -234,7 +236,7 @@ def _ffi_sharded(struct, op, n_batched, in_trailing, out_specs, attrs):
     sharded = custom_partitioning(call)
     sharded.def_partition(partition=partition, infer_sharding_from_operands=infer,
                           sharding_rule=rule, need_replication_factors=others)
-    run = _folding_vmap(sharded, n_batched, lambda reps: run)
+    run: Callable[..., Any] = _folding_vmap(sharded, n_batched, lambda reps: run)
     return run
 
 
@@ -385,7 +387,7 @@ def _engine(problem, op, theta, Z=None, decode_spec=None):
         picks = list(range(len(decode_spec)))
     else:
         out_specs = [{0: ((), dtype), 1: (trailing, dtype), 2: (trailing, dtype)}[k] for k in _PICKS[op]]
-        picks = _PICKS[op]
+        picks = list(_PICKS[op])
     B = problem.flat_shape[0]
     args = (theta,) if Z is None else (theta, Z)
 

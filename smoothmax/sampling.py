@@ -274,7 +274,7 @@ def viterbi_sample(theta: Array, n: int, *, reg: Reg = "negentropy", gamma: floa
 
 
 def _dtw_groups(la, lb):
-    keys = {}
+    keys: dict = {}
     for b, key in enumerate(zip(la.tolist(), lb.tolist())):
         keys.setdefault(key, []).append(b)
     return keys

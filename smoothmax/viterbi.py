@@ -170,4 +170,4 @@ def viterbi_decode(theta: Array, *, lengths: Lengths = None) -> "tuple[Array, Ar
 
 
 for _f in (viterbi, viterbi_grad, viterbi_hvp):
-    _f.__doc__ = _f.__doc__.replace("{shared}", _SHARED_DOC)
+    _f.__doc__ = (_f.__doc__ or "").replace("{shared}", _SHARED_DOC)

@@ -80,7 +80,7 @@ def available():
         return False
 
 
-_SCALARS = {
+_SCALARS: dict = {
     np.dtype(np.int32): ctypes.c_int32,
     np.dtype(np.int64): ctypes.c_int64,
     np.dtype(np.float32): ctypes.c_float,
