@@ -430,7 +430,7 @@ def _op_args(problem):
     return args
 
 
-def apply(problem, op, theta, Z=None):
+def apply(problem: Problem, op: str, theta: Tensor, Z: Optional[Tensor] = None) -> Any:
     """Run ``op`` of ``problem`` on flat tensors ``theta`` (and ``Z``), (B, ...).
 
     Returns ``value (B,)`` for ``"value"``, ``(value, E)`` for ``"grad"``,
@@ -457,7 +457,7 @@ def apply(problem, op, theta, Z=None):
 # Layers
 
 
-def squared_euclidean(x, y):
+def squared_euclidean(x: Tensor, y: Tensor) -> Tensor:
     """Pairwise squared Euclidean costs ``C[b, i, j] = ‖x[b, i] − y[b, j]‖²``.
 
     Parameters
@@ -468,6 +468,16 @@ def squared_euclidean(x, y):
     Returns
     -------
     C : Tensor, shape (B, N, M), non-negative; differentiable (twice) in ``x`` and ``y``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from smoothmax.torch import squared_euclidean
+    >>> x = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])
+    >>> y = torch.tensor([[[1.0, 0.0]]])
+    >>> squared_euclidean(x, y)
+    tensor([[[1.],
+             [1.]]])
     """
     xx = (x * x).sum(-1)[:, :, None]
     yy = (y * y).sum(-1)[:, None, :]
@@ -523,20 +533,38 @@ class SoftDTW(nn.Module):
     reduction : {"mean", "sum", "none"}
         Over the batch: a scalar for ``"mean"`` and ``"sum"``, shape (B,) for ``"none"``.
 
-    Shapes
-    ------
-    x : (B, N, d); y : (B, M, d); x_lengths, y_lengths : (B,) ints, optional.
-    A 2-D input raises: use ``x[None]`` for one multivariate pair and
-    ``x[..., None]`` for a batch of univariate series.
+    Notes
+    -----
+    Shapes: ``x`` (B, N, d); ``y`` (B, M, d); ``x_lengths``, ``y_lengths`` (B,)
+    ints, optional. A 2-D input raises: use ``x[None]`` for one multivariate
+    pair and ``x[..., None]`` for a batch of univariate series.
 
     Examples
     --------
+    >>> import torch
+    >>> from smoothmax.torch import SoftDTW
+    >>> x = torch.randn(4, 20, 3, dtype=torch.float64, requires_grad=True)
+    >>> y = torch.randn(4, 30, 3, dtype=torch.float64)
     >>> loss = SoftDTW(0.1, normalize=True)
-    >>> loss(x, y).backward()  # doctest: +SKIP
+    >>> loss(x, y).backward()  # the mean over the batch; gradients flow to x
+    >>> x.grad.shape
+    torch.Size([4, 20, 3])
+    >>> SoftDTW(0.1, reduction="none")(x, y).shape
+    torch.Size([4])
+    >>> loss(y, y).item()  # the divergence vanishes on identical series
+    0.0
     """
 
-    def __init__(self, gamma=1.0, *, reg="negentropy", band=None, normalize=False, cost=None,
-                 reduction="mean"):
+    reg: Reg
+    gamma: float
+    band: Optional[int]
+    normalize: bool
+    cost: Callable[[Tensor, Tensor], Tensor]
+    reduction: str
+
+    def __init__(self, gamma: float = 1.0, *, reg: Reg = "negentropy", band: Optional[int] = None,
+                 normalize: bool = False, cost: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                 reduction: str = "mean") -> None:
         super().__init__()
         from ._validation import check_band, check_gamma, check_reg
 
@@ -557,7 +585,7 @@ class SoftDTW(nn.Module):
             raise ValueError(f"reduction must be one of 'mean', 'sum', 'none', got {reduction!r}")
         self.reduction = reduction
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"gamma={self.gamma}, reg={self.reg!r}, band={self.band}, "
                 f"normalize={self.normalize}, reduction={self.reduction!r}")
 
@@ -580,7 +608,8 @@ class SoftDTW(nn.Module):
             cost = squared_euclidean if cost == "sqeuclidean" else (lambda u, v: pairwise_cost(_xp, u, v, self.cost))
         return dtw(cost(a, b), reg=self.reg, gamma=self.gamma, lengths=lengths, band=self.band)
 
-    def forward(self, x, y, x_lengths=None, y_lengths=None):
+    def forward(self, x: Tensor, y: Tensor, x_lengths: Optional[Tensor] = None,
+                y_lengths: Optional[Tensor] = None) -> Tensor:
         """DTW_Ω between ``x[b, :x_lengths[b]]`` and ``y[b, :y_lengths[b]]``, reduced over b."""
         x, y = _series(x, "x"), _series(y, "y")
         if x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
@@ -610,28 +639,47 @@ class Viterbi(nn.Module):
     reg : {"negentropy", "l2", "hard"}
     gamma : float > 0
 
-    Shapes
-    ------
-    theta : (B, T, S, S); lengths : (B,) ints in 1..T, optional.
+    Notes
+    -----
+    Shapes: ``theta`` (B, T, S, S); ``lengths`` (B,) ints in 1..T, optional.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from smoothmax.torch import Viterbi
+    >>> crf = Viterbi()
+    >>> theta = torch.randn(2, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    >>> lengths = torch.tensor([5, 3])
+    >>> crf(theta, lengths).shape  # the log-partition per sequence
+    torch.Size([2])
+    >>> crf.marginals(theta, lengths).sum(-1)  # p(y_t = i) sums to 1, 0 past the length
+    tensor([[1., 1., 1., 1., 1.],
+            [1., 1., 1., 0., 0.]], dtype=torch.float64, grad_fn=<SumBackward1>)
+    >>> score, tags = crf.decode(theta, lengths)
+    >>> tags[1, 3:]
+    tensor([-1, -1])
     """
 
-    def __init__(self, reg="negentropy", gamma=1.0):
+    reg: Reg
+    gamma: float
+
+    def __init__(self, reg: Reg = "negentropy", gamma: float = 1.0) -> None:
         super().__init__()
         from ._validation import check_gamma, check_reg
 
         self.reg = check_reg(reg)
         self.gamma = check_gamma(gamma)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"reg={self.reg!r}, gamma={self.gamma}"
 
-    def forward(self, theta, lengths=None):
+    def forward(self, theta: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         """Vit_Ω(θ): the log-partition for negentropy, γ = 1. Returns shape (B,)."""
         from .viterbi import viterbi
 
         return viterbi(theta, reg=self.reg, gamma=self.gamma, lengths=lengths)
 
-    def marginals(self, theta, lengths=None, pairwise=False):
+    def marginals(self, theta: Tensor, lengths: Optional[Tensor] = None, pairwise: bool = False) -> Tensor:
         """Unary marginals ``p(y_t = i)`` (B, T, S), or pairwise ``E`` (B, T, S, S).
 
         Differentiable in ``theta`` (their backward is the HVP pass); zero
@@ -642,7 +690,7 @@ class Viterbi(nn.Module):
         E = viterbi_grad(theta, reg=self.reg, gamma=self.gamma, lengths=lengths)[1]
         return E if pairwise else E.sum(-1)
 
-    def decode(self, theta, lengths=None):
+    def decode(self, theta: Tensor, lengths: Optional[Tensor] = None) -> "tuple[Tensor, Tensor]":
         """Best score (B,) and tags (B, T) int64, ``-1`` past a length (not differentiable)."""
         from .viterbi import viterbi_decode
 
