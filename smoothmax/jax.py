@@ -56,6 +56,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import _dispatch
 from ._problem import PER_ITEM_FIELDS, STRUCT_FIELDS, register_adapter
+from ._typing import DTWLengths, Reg
 
 __all__ = ["apply", "cpu_path", "gpu_path", "soft_dtw", "squared_euclidean"]
 
@@ -96,24 +97,46 @@ def _ffi_platforms():
 _CUDA_STRUCTS = ("dtw", "viterbi")
 
 
-def cpu_path():
+def cpu_path() -> str:
     """How JAX arrays on the CPU reach the compiled core: ``"ffi"`` or ``"pure_callback"``.
 
     ``"ffi"`` when the optional XLA FFI handlers (``smoothmax._core.xla_ffi``)
     were built and ``SMOOTHMAX_JAX_FFI`` is not ``0``; see ``docs/engines.md``.
+
+    Returns
+    -------
+    path : {"ffi", "pure_callback"}
+
+    Examples
+    --------
+    >>> from smoothmax.jax import cpu_path
+    >>> cpu_path() in ("ffi", "pure_callback")
+    True
     """
     return _path("cpu")
 
 
-def gpu_path():
-    """How JAX arrays on a GPU reach an engine: ``"ffi"`` (the CUDA kernels, on
-    XLA's stream, for DTW and Viterbi) or ``"pure_callback"`` (a host round
-    trip through the CPU core). ``"ffi"`` needs the handlers built and CuPy
-    seeing a GPU."""
+def gpu_path() -> str:
+    """How JAX arrays on a GPU reach an engine: ``"ffi"`` or ``"pure_callback"``.
+
+    ``"ffi"``: the CUDA kernels, on XLA's stream, for DTW and Viterbi;
+    ``"pure_callback"``: a host round trip through the CPU core. ``"ffi"``
+    needs the handlers built and CuPy seeing a GPU.
+
+    Returns
+    -------
+    path : {"ffi", "pure_callback"}
+
+    Examples
+    --------
+    >>> from smoothmax.jax import gpu_path
+    >>> gpu_path() in ("ffi", "pure_callback")  # "pure_callback" without CuPy or a GPU
+    True
+    """
     return _path("cuda")
 
 
-def _path(platform):
+def _path(platform: str) -> str:
     if os.environ.get("SMOOTHMAX_JAX_FFI", "1") != "0" and platform in _ffi_platforms():
         return "ffi"
     return "pure_callback"
@@ -472,13 +495,41 @@ def _rules(problem, dtype):
     return value, value_and_grad, hvp
 
 
-def apply(problem, op, theta, Z=None):
+def apply(problem: Any, op: str, theta: jax.Array, Z: Any = None) -> Any:
     """Run ``op`` of ``problem`` on flat JAX arrays ``theta`` (and ``Z``), (B, ...).
 
     Returns ``value (B,)`` for ``"value"``, ``(value, E)`` for ``"grad"``,
     ``Edot`` for ``"hvp"`` and ``(score, path)`` for ``"decode"``/``"path"``
     (not differentiable: their inputs pass through ``stop_gradient``).
     Works on concrete arrays and under ``jit``/``vmap``/``grad``/``jvp``.
+    The public functions call it (through ``smoothmax._problem.evaluate``)
+    for JAX arrays; a user calls those.
+
+    Parameters
+    ----------
+    problem : smoothmax._problem.Problem
+        The validated problem (structure, operator, batch shape, lengths).
+    op : {"value", "grad", "hvp", "decode", "path"}
+    theta : jax.Array, shape (B, ...)
+    Z : jax.Array, shape (B, ...), for ``"hvp"``
+
+    Returns
+    -------
+    jax.Array or tuple of jax.Array
+
+    Examples
+    --------
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import smoothmax as sm
+    >>> theta = jax.random.uniform(jax.random.key(0), (3, 4))
+    >>> E = jax.grad(sm.dtw)(theta)  # sm.dtw calls apply(problem, "value", ...)
+    >>> bool(jnp.allclose(E, sm.dtw_grad(theta)[1]))
+    True
+    >>> Z = jnp.ones_like(theta)  # the second derivative is the HVP pass
+    >>> Edot = jax.jvp(jax.grad(sm.dtw), (theta,), (Z,))[1]
+    >>> bool(jnp.allclose(Edot, sm.dtw_hvp(theta, Z), atol=1e-5))
+    True
     """
     dtype = jnp.result_type(theta)
     if op in ("decode", "path"):
@@ -498,7 +549,7 @@ def apply(problem, op, theta, Z=None):
 # conveniences
 
 
-def squared_euclidean(x, y):
+def squared_euclidean(x: jax.Array, y: jax.Array) -> jax.Array:
     """Pairwise squared Euclidean costs ``C[..., i, j] = ‖x[..., i, :] − y[..., j, :]‖²``.
 
     Parameters
@@ -509,14 +560,23 @@ def squared_euclidean(x, y):
     Returns
     -------
     C : array, shape (..., N, M), non-negative.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from smoothmax.jax import squared_euclidean
+    >>> squared_euclidean(jnp.array([[0.0, 0.0], [1.0, 1.0]]), jnp.array([[1.0, 0.0]]))
+    Array([[1.],
+           [1.]], dtype=float32)
     """
     xx = jnp.sum(x * x, axis=-1)[..., :, None]
     yy = jnp.sum(y * y, axis=-1)[..., None, :]
     return jnp.maximum(xx + yy - 2.0 * jnp.einsum("...id,...jd->...ij", x, y), 0.0)
 
 
-def soft_dtw(x, y, *, reg="negentropy", gamma=1.0, band=None, lengths=None, normalize=False,
-             cost=None):
+def soft_dtw(x: jax.Array, y: jax.Array, *, reg: Reg = "negentropy", gamma: float = 1.0,
+             band: "int | None" = None, lengths: DTWLengths = None, normalize: bool = False,
+             cost: "Callable[[jax.Array, jax.Array], jax.Array] | None" = None) -> jax.Array:
     """Soft-DTW between time series ``x`` and ``y`` under a pairwise ``cost``.
 
     Parameters
@@ -534,6 +594,20 @@ def soft_dtw(x, y, *, reg="negentropy", gamma=1.0, band=None, lengths=None, norm
     Returns
     -------
     value : array, shape (...)
+
+    Examples
+    --------
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from smoothmax.jax import soft_dtw
+    >>> x = jax.random.normal(jax.random.key(0), (4, 20, 3))
+    >>> y = jax.random.normal(jax.random.key(1), (4, 30, 3))
+    >>> loss = jax.jit(lambda x, y: soft_dtw(x, y, gamma=0.1, normalize=True).mean())
+    >>> g = jax.grad(loss)(x, y)  # gradients flow to x through the custom passes
+    >>> g.shape
+    (4, 20, 3)
+    >>> float(jnp.abs(soft_dtw(y, y, normalize=True)).max())  # the divergence vanishes on identical series
+    0.0
     """
     from .dtw import dtw
 
