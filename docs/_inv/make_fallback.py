@@ -33,6 +33,9 @@ ENTRIES = {
     "torch": ("2", [
         ("torch.Tensor", "py:class", "tensors.html#$"),
         ("torch.nn.Module", "py:class", "generated/torch.nn.Module.html#$"),
+        # the path autodoc writes for the base class of our layers ("Bases: ...")
+        ("torch.nn.modules.module.Module", "py:class", "generated/torch.nn.Module.html#torch.nn.Module"),
+        ("torch.autograd.function.Function", "py:class", "autograd.html#torch.autograd.Function"),
         ("torch.autograd.Function", "py:class", "autograd.html#$"),
         ("torch.compile", "py:function", "generated/torch.compile.html#$"),
     ]),
