@@ -5,6 +5,6 @@ import importlib.util
 
 collect_ignore = [
     f"smoothmax/{module}.py"
-    for module, needs in (("torch", "torch"), ("jax", "jax"))
+    for module, needs in (("torch", "torch"), ("_torch_crf", "torch"), ("jax", "jax"), ("_jax_crf", "jax"))
     if importlib.util.find_spec(needs) is None
 ]

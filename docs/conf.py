@@ -105,7 +105,8 @@ sphinx_gallery_conf = {
 GENERATED = os.path.join(DOCS, "_generated")
 # the public modules; a framework module that cannot be imported here is left out
 # (said on the page) rather than failing the build
-PUBLIC = ["smoothmax", "smoothmax.losses", "smoothmax.attention", "smoothmax.torch", "smoothmax.jax"]
+PUBLIC = ["smoothmax", "smoothmax.losses", "smoothmax.attention", "smoothmax.crf", "smoothmax.torch",
+          "smoothmax.jax"]
 
 
 def _write(name, text):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import crf as _crf
+from ._typing import Array, Lengths, Reg
 
 __all__ = ["crf_log_likelihood", "crf_log_partition", "crf_decode", "crf_marginals"]
 
@@ -95,8 +96,8 @@ def _prepare(emissions, transitions, start, end, lengths, reg, gamma):
     return _crf.prepare(emissions, transitions, start, end, lengths, reg, gamma)
 
 
-def crf_log_partition(emissions, transitions, start=None, end=None, *, lengths=None,
-                      reg="negentropy", gamma=1.0):
+def crf_log_partition(emissions: Array, transitions: Array, start: Array = None, end: Array = None, *,
+                      lengths: Lengths = None, reg: Reg = "negentropy", gamma: float = 1.0) -> jax.Array:
     """The smoothed value (the CRF log-partition for negentropy, γ = 1), differentiable.
 
     Parameters
@@ -111,6 +112,17 @@ def crf_log_partition(emissions, transitions, start=None, end=None, *, lengths=N
     Returns
     -------
     value : array, shape (...)
+
+    Examples
+    --------
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from smoothmax.jax import crf_log_likelihood, crf_log_partition, crf_marginals
+    >>> emissions = jax.random.normal(jax.random.key(0), (2, 5, 3))  # (batch, T, S)
+    >>> transitions = jnp.zeros((3, 3))
+    >>> g = jax.grad(lambda em: crf_log_partition(em, transitions).sum())(emissions)
+    >>> bool(jnp.allclose(g, crf_marginals(emissions, transitions), atol=1e-5))  # ∇ = the marginals
+    True
     """
     em, A, s, e, problem = _prepare(emissions, transitions, start, end, lengths, reg, gamma)
     value = _log_partition_fn(problem, em.shape[0], em.dtype)(em, A, s, e)
@@ -131,8 +143,9 @@ def _score(emissions, tags, transitions, start, end, lengths):
     return s + end[last]
 
 
-def crf_log_likelihood(emissions, tags, transitions, start=None, end=None, *, lengths=None,
-                       reg="negentropy", gamma=1.0):
+def crf_log_likelihood(emissions: Array, tags: Array, transitions: Array, start: Array = None,
+                       end: Array = None, *, lengths: Lengths = None, reg: Reg = "negentropy",
+                       gamma: float = 1.0) -> jax.Array:
     """``score(tags) − value``: the CRF log-likelihood for negentropy, γ = 1 (per sequence).
 
     Parameters
@@ -145,6 +158,20 @@ def crf_log_likelihood(emissions, tags, transitions, start=None, end=None, *, le
     -------
     llh : array, shape (...); differentiable in emissions and the parameters
     (``jax.grad``), under ``jax.jit`` and ``jax.vmap``.
+
+    Examples
+    --------
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from smoothmax.jax import crf_log_likelihood, crf_log_partition, crf_marginals
+    >>> emissions = jax.random.normal(jax.random.key(0), (2, 5, 3))  # (batch, T, S)
+    >>> transitions = jnp.zeros((3, 3))
+    >>> tags = jnp.array([[0, 1, 2, 1, 0], [2, 2, 1, 0, 0]])
+    >>> llh = jax.jit(lambda em, A: crf_log_likelihood(em, tags, A))(emissions, transitions)
+    >>> bool((llh < 0).all())  # log-probabilities
+    True
+    >>> jax.grad(lambda A: crf_log_likelihood(emissions, tags, A).sum())(transitions).shape
+    (3, 3)
     """
     em = jnp.asarray(emissions)
     S = em.shape[-1]
@@ -159,8 +186,8 @@ def crf_log_likelihood(emissions, tags, transitions, start=None, end=None, *, le
     return _score(em, tags, A, s, e, lengths) - value
 
 
-def crf_marginals(emissions, transitions, start=None, end=None, *, lengths=None,
-                  reg="negentropy", gamma=1.0):
+def crf_marginals(emissions: Array, transitions: Array, start: Array = None, end: Array = None, *,
+                  lengths: Lengths = None, reg: Reg = "negentropy", gamma: float = 1.0) -> jax.Array:
     """Unary marginals ``p(y_t = i)`` (the gradient of the value in the emissions).
 
     Sparse for ``"l2"``, one-hot for ``"hard"``; zero past the lengths. Not
@@ -169,6 +196,17 @@ def crf_marginals(emissions, transitions, start=None, end=None, *, lengths=None,
     Returns
     -------
     marginals : array, shape (..., T, S)
+
+    Examples
+    --------
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from smoothmax.jax import crf_log_likelihood, crf_log_partition, crf_marginals
+    >>> emissions = jax.random.normal(jax.random.key(0), (2, 5, 3))  # (batch, T, S)
+    >>> transitions = jnp.zeros((3, 3))
+    >>> crf_marginals(emissions, transitions, lengths=jnp.array([5, 3])).sum(-1).round(4)
+    Array([[1., 1., 1., 1., 1.],
+           [1., 1., 1., 0., 0.]], dtype=float32)
     """
     em, A, s, e, problem = _prepare(emissions, transitions, start, end, lengths, reg, gamma)
     hp = _host(problem)
@@ -182,13 +220,23 @@ def crf_marginals(emissions, transitions, start=None, end=None, *, lengths=None,
     return jnp.reshape(out, problem.batch_shape + tuple(em.shape[1:]))
 
 
-def crf_decode(emissions, transitions, start=None, end=None, *, lengths=None):
+def crf_decode(emissions: Array, transitions: Array, start: Array = None, end: Array = None, *,
+               lengths: Lengths = None) -> "tuple[jax.Array, jax.Array]":
     """Best tag sequences (hard Viterbi; ties: first argmax).
 
     Returns
     -------
     score : array, shape (...)
     tags : int array, shape (..., T) (int64 with x64 enabled, else int32), ``-1`` past a length.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from smoothmax.jax import crf_decode
+    >>> emissions = jnp.zeros((1, 4, 3)).at[0, :, 2].set(1.0)  # tag 2 scores 1 at every step
+    >>> score, tags = crf_decode(emissions, jnp.zeros((3, 3)), lengths=jnp.array([3]))
+    >>> score, tags
+    (Array([3.], dtype=float32), Array([[ 2,  2,  2, -1]], dtype=int32))
     """
     em, A, s, e, problem = _prepare(emissions, transitions, start, end, lengths, "hard", 1.0)
     hp = _host(problem)

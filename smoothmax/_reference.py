@@ -14,6 +14,8 @@ diagonals, so no scatter is needed:
 up ``(i-1, j)`` is ``D[d-1][i-1]``, left ``(i, j-1)`` is ``D[d-1][i]`` and
 diagonal ``(i-1, j-1)`` is ``D[d-2][i-1]``.
 """
+from typing import Any
+
 import numpy as np
 
 from ._array_api import to_host
@@ -293,7 +295,7 @@ def _crf_passes(emissions, transitions, start, end, lengths, weights, reg, gamma
         Ze, ZA, Zs, Zen = (xp.asarray(z, dtype=dt, device=dev) for z in Z)
         ZAt = xp.permute_dims(ZA, (1, 0))
     V = start[None, :] + emissions[:, 0, :]
-    Vd = (Zs[None, :] + Ze[:, 0, :]) if hvp else None
+    Vd: Any = (Zs[None, :] + Ze[:, 0, :]) if hvp else None
     hist, hist_d = [V], [Vd]
     for t in range(1, T):
         active = (L > t)[:, None]
@@ -310,7 +312,8 @@ def _crf_passes(emissions, transitions, start, end, lengths, weights, reg, gamma
     w = xp.ones((B,), dtype=dt, device=dev) if weights is None else xp.asarray(
         to_host(weights), dtype=dt, device=dev)
     wcol = w[:, None]
-    vdot = ebd = None
+    vdot: Any = None
+    ebd: Any = None
     if hvp:
         u = xp.where(eb > 0, Vd + Zen[None, :], xp.zeros_like(Vd))
         vdot = xp.sum(eb * u, axis=-1)

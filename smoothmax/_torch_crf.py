@@ -15,10 +15,15 @@ unit weights when an input requires grad; the backward reuses them when
 ``g`` is uniform (the ``"sum"``/``"mean"``/``"token_mean"`` reductions) and
 runs the kernel again with weights ``g`` otherwise.
 """
+from typing import Any, Optional
+
 import torch
 from torch import nn
 
 from . import crf as _crf
+from ._typing import Reg, Seed
+
+Tensor = torch.Tensor
 
 __all__ = ["CRF", "CRFValue", "CRFGrad", "CRFHvp"]
 
@@ -38,7 +43,8 @@ def _like(y, x):
 
 def _weighted(problem, inputs, g):
     """Gradients of ``Σ_b g_b value_b``: ``(g_b·ge_b, gA, gs, gend)``."""
-    _, ge, gA, gs, gen = _crf.run(problem, "grad", *inputs, weights=_host(g))
+    em, A, s, e = inputs
+    _, ge, gA, gs, gen = _crf.run(problem, "grad", em, A, s, e, weights=_host(g))
     return (g.to(ge.dtype)[:, None, None] * ge,) + tuple(_like(y, x) for y, x in zip((gA, gs, gen), inputs[1:]))
 
 
@@ -94,7 +100,8 @@ class CRFHvp(torch.autograd.Function):
     def forward(ctx, emissions, transitions, start, end, Ue, UA, Us, Uen, g, problem):
         inputs = [x.detach() for x in (emissions, transitions, start, end)]
         Z = [u.detach().to(emissions.dtype) for u in (Ue, UA, Us, Uen)]
-        vdot, he, hA, hs, hen = _crf.run(problem, "hvp", *inputs, Z=Z, weights=_host(g))
+        em, A, s, e = inputs
+        vdot, he, hA, hs, hen = _crf.run(problem, "hvp", em, A, s, e, Z=Z, weights=_host(g))
         return ((g.detach().to(he.dtype)[:, None, None] * he,)
                 + tuple(_like(y, x) for y, x in zip((hA, hs, hen), inputs[1:])) + (vdot,))
 
@@ -136,15 +143,39 @@ class CRF(nn.Module):
     gamma : float > 0
         Smoothing strength (ignored by ``"hard"``).
 
-    Shapes
-    ------
-    emissions : (T, B, S), or (B, T, S) with ``batch_first``;
-    tags, mask : (T, B), or (B, T). ``mask`` must be on at the first step and
-    left-aligned (ones then zeros), as pytorch-crf assumes; ``lengths`` (B,)
-    may be given instead.
+    Notes
+    -----
+    Shapes: ``emissions`` (T, B, S), or (B, T, S) with ``batch_first``;
+    ``tags``, ``mask`` (T, B), or (B, T). ``mask`` must be on at the first
+    step and left-aligned (ones then zeros), as pytorch-crf assumes;
+    ``lengths`` (B,) may be given instead.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from smoothmax.torch import CRF
+    >>> crf = CRF(3, batch_first=True).double()
+    >>> emissions = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    >>> tags = torch.tensor([[0, 1, 2, 1, 0], [2, 2, 1, 0, 0]])
+    >>> mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    >>> llh = crf(emissions, tags, mask)  # the summed log-likelihood, as pytorch-crf
+    >>> llh.backward()  # gradients to the emissions and the three parameters
+    >>> bool(llh < 0), crf.transitions.grad.shape
+    (True, torch.Size([3, 3]))
+    >>> [len(y) for y in crf.decode(emissions, mask)]
+    [5, 3]
+    >>> crf.marginals(emissions, mask).sum(-1)  # p(y_t = i) sums to 1, 0 past the length
+    tensor([[1., 1., 1., 1., 1.],
+            [1., 1., 1., 0., 0.]], dtype=torch.float64, grad_fn=<SumBackward1>)
     """
 
-    def __init__(self, num_tags, batch_first=False, *, reg="negentropy", gamma=1.0):
+    num_tags: int
+    batch_first: bool
+    reg: Reg
+    gamma: float
+
+    def __init__(self, num_tags: int, batch_first: bool = False, *, reg: Reg = "negentropy",
+                 gamma: float = 1.0) -> None:
         if num_tags <= 0:
             raise ValueError(f"invalid number of tags: {num_tags}")
         super().__init__()
@@ -159,13 +190,13 @@ class CRF(nn.Module):
         self.transitions = nn.Parameter(torch.empty(num_tags, num_tags))
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         """Draw the parameters uniformly from ``[-0.1, 0.1]`` (as pytorch-crf)."""
         nn.init.uniform_(self.start_transitions, -0.1, 0.1)
         nn.init.uniform_(self.end_transitions, -0.1, 0.1)
         nn.init.uniform_(self.transitions, -0.1, 0.1)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{self.__class__.__name__}(num_tags={self.num_tags})"
 
     # -- inputs ---------------------------------------------------------------
@@ -211,7 +242,8 @@ class CRF(nn.Module):
 
     # -- pytorch-crf's surface ------------------------------------------------
 
-    def forward(self, emissions, tags, mask=None, reduction="sum", *, lengths=None):
+    def forward(self, emissions: Tensor, tags: Tensor, mask: Optional[Tensor] = None, reduction: str = "sum",
+                *, lengths: Optional[Tensor] = None) -> Tensor:
         """Log-likelihood of ``tags`` (for ``"negentropy"``, γ = 1; see the class notes).
 
         Parameters
@@ -256,7 +288,8 @@ class CRF(nn.Module):
         last = tags.gather(1, (Lt - 1)[:, None])[:, 0]
         return s + self.end_transitions[last]
 
-    def decode(self, emissions, mask=None, *, lengths=None):
+    def decode(self, emissions: Tensor, mask: Optional[Tensor] = None, *,
+               lengths: Optional[Tensor] = None) -> "list[list[int]]":
         """The best tag sequences (hard Viterbi), as pytorch-crf: a list of lists of ints.
 
         Parameters
@@ -280,7 +313,8 @@ class CRF(nn.Module):
 
     # -- beyond pytorch-crf ---------------------------------------------------
 
-    def full_potentials(self, emissions, mask=None, *, lengths=None):
+    def full_potentials(self, emissions: Tensor, mask: Optional[Tensor] = None, *,
+                        lengths: Optional[Tensor] = None) -> "tuple[Tensor, Any]":
         """The Vit_Ω potentials ``theta (B, T, S, S)`` of this CRF and the lengths (B,).
 
         ``theta[b, t, i, j] = emissions[b, t, i] + transitions[j, i]``, the
@@ -296,7 +330,8 @@ class CRF(nn.Module):
         return _crf.full_potentials(em, self.transitions, self.start_transitions,
                                     self.end_transitions, L)
 
-    def marginals(self, emissions, mask=None, *, lengths=None, pairwise=False):
+    def marginals(self, emissions: Tensor, mask: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
+                  pairwise: bool = False) -> Any:
         """Unary marginals ``p(y_t = i)`` (B, T, S) (batch-first), or also the pairwise ones.
 
         For ``"l2"`` these are the sparse marginals (many exact zeros), for
@@ -328,7 +363,8 @@ class CRF(nn.Module):
         E = torch.cat([torch.zeros_like(E[:, :1]), E[:, 1:]], dim=1)
         return unary, E
 
-    def sample(self, emissions, mask=None, n=1, *, lengths=None, seed=None):
+    def sample(self, emissions: Tensor, mask: Optional[Tensor] = None, n: int = 1, *,
+               lengths: Optional[Tensor] = None, seed: Seed = None) -> Tensor:
         """``n`` tag sequences drawn exactly from the CRF's distribution (``"negentropy"``:
         the Gibbs distribution; ``"l2"``: the sparse one).
 

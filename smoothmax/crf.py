@@ -35,6 +35,7 @@ import numpy as np
 
 from . import _dispatch
 from ._array_api import device_kind
+from ._typing import Array, Lengths, Reg
 from ._validation import (as_array, check_float, check_gamma, check_lengths, check_reg,
                           check_values)
 from .operators import REG_CODES
@@ -149,20 +150,34 @@ def _unflat(problem, y, tail=()):
     return problem.xp.reshape(y, problem.batch_shape + tuple(tail))
 
 
-def crf_log_partition(emissions, transitions, start=None, end=None, *, lengths=None,
-                      reg="negentropy", gamma=1.0):
+def crf_log_partition(emissions: Array, transitions: Array, start: Array = None, end: Array = None, *,
+                      lengths: Lengths = None, reg: Reg = "negentropy", gamma: float = 1.0) -> Array:
     """The smoothed value: the CRF log-partition for negentropy and γ = 1.
     {shared}
     Returns
     -------
     value : array, shape (...)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> rng = np.random.default_rng(0)
+    >>> emissions = rng.normal(size=(2, 4, 3))  # (batch, T, S)
+    >>> transitions = rng.normal(size=(3, 3))   # [from, to]
+    >>> import itertools  # log Σ_y exp score(y) over the 3^4 tag sequences of the first item
+    >>> score = lambda y: emissions[0, range(4), y].sum() + sum(transitions[a, b] for a, b in zip(y, y[1:]))
+    >>> logZ = np.log(sum(np.exp(score(y)) for y in itertools.product(range(3), repeat=4)))
+    >>> bool(np.isclose(sm.crf.crf_log_partition(emissions, transitions)[0], logZ))
+    True
     """
     em, A, s, e, problem = prepare(emissions, transitions, start, end, lengths, reg, gamma)
     return _unflat(problem, run(problem, "value", em, A, s, e)[0])
 
 
-def crf_grad(emissions, transitions, start=None, end=None, *, lengths=None, reg="negentropy",
-             gamma=1.0):
+def crf_grad(emissions: Array, transitions: Array, start: Array = None, end: Array = None, *,
+             lengths: Lengths = None, reg: Reg = "negentropy",
+             gamma: float = 1.0) -> "tuple[Array, Array, Array, Array, Array]":
     """The value and its gradients; for negentropy, γ = 1, the CRF marginals.
     {shared}
     Returns
@@ -174,13 +189,29 @@ def crf_grad(emissions, transitions, start=None, end=None, *, lengths=None, reg=
         Summed over the batch: the expected number of moves ``j -> i`` at ``[j, i]``.
     g_start, g_end : array, shape (S,)
         Summed over the batch: ``p(y_0 = i)`` and ``p(y_{L-1} = i)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> rng = np.random.default_rng(0)
+    >>> emissions = rng.normal(size=(2, 4, 3))  # (batch, T, S)
+    >>> transitions = rng.normal(size=(3, 3))   # [from, to]
+    >>> value, g_em, g_A, g_start, g_end = sm.crf.crf_grad(emissions, transitions, lengths=np.array([4, 2]))
+    >>> g_em.sum(-1)  # p(y_t = i) sums to 1 over the tags, 0 past the length
+    array([[1., 1., 1., 1.],
+           [1., 1., 0., 0.]])
+    >>> float(g_A.sum())  # expected number of moves: 3 + 1
+    4.0
     """
     em, A, s, e, problem = prepare(emissions, transitions, start, end, lengths, reg, gamma)
     value, ge, gA, gs, gen = run(problem, "grad", em, A, s, e)
     return _unflat(problem, value), _unflat(problem, ge, em.shape[1:]), gA, gs, gen
 
 
-def crf_hvp(emissions, transitions, start, end, Z, *, lengths=None, reg="negentropy", gamma=1.0):
+def crf_hvp(emissions: Array, transitions: Array, start: Array, end: Array, Z: "tuple[Array, ...]", *,
+            lengths: Lengths = None, reg: Reg = "negentropy",
+            gamma: float = 1.0) -> "tuple[Array, Array, Array, Array]":
     """Hessian-vector product of the batch sum of values, by one forward and one reverse pass.
     {shared}
     Z : tuple ``(Z_emissions (..., T, S), Z_transitions (S, S), Z_start (S,), Z_end (S,))``
@@ -190,6 +221,21 @@ def crf_hvp(emissions, transitions, start, end, Z, *, lengths=None, reg="negentr
     -------
     h_emissions, h_transitions, h_start, h_end
         ``∇²(Σ_b value_b)·Z`` in the layout of the parameters.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> rng = np.random.default_rng(0)
+    >>> emissions = rng.normal(size=(2, 4, 3))  # (batch, T, S)
+    >>> transitions = rng.normal(size=(3, 3))   # [from, to]
+    >>> start, end = np.zeros(3), np.zeros(3)
+    >>> Z = (np.ones_like(emissions), np.zeros((3, 3)), np.zeros(3), np.zeros(3))
+    >>> h_em = sm.crf.crf_hvp(emissions, transitions, start, end, Z)[0]
+    >>> eps = 1e-6  # the directional derivative of the marginals, by central differences
+    >>> g = lambda em: sm.crf.crf_grad(em, transitions, start, end)[1]
+    >>> bool(np.allclose(h_em, (g(emissions + eps) - g(emissions - eps)) / (2 * eps), atol=1e-6))
+    True
     """
     em, A, s, e, problem = prepare(emissions, transitions, start, end, lengths, reg, gamma)
     if len(Z) != 4:
@@ -207,7 +253,8 @@ def crf_hvp(emissions, transitions, start, end, Z, *, lengths=None, reg="negentr
     return _unflat(problem, he, em.shape[1:]), hA, hs, hen
 
 
-def crf_decode(emissions, transitions, start=None, end=None, *, lengths=None):
+def crf_decode(emissions: Array, transitions: Array, start: Array = None, end: Array = None, *,
+               lengths: Lengths = None) -> "tuple[Array, Array]":
     """Best tag sequences (hard Viterbi; ties: first argmax).
 
     Parameters
@@ -218,13 +265,23 @@ def crf_decode(emissions, transitions, start=None, end=None, *, lengths=None):
     -------
     score : array, shape (...)
     tags : int64 array, shape (..., T), ``-1`` past a length.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> emissions = np.zeros((1, 4, 3))
+    >>> emissions[0, :, 2] = 1.0  # tag 2 scores 1 at every step
+    >>> sm.crf.crf_decode(emissions, np.zeros((3, 3)), lengths=np.array([3]))
+    (array([3.]), array([[ 2,  2,  2, -1]]))
     """
     em, A, s, e, problem = prepare(emissions, transitions, start, end, lengths, "hard", 1.0)
     score, tags = run(problem, "decode", em, A, s, e)
     return _unflat(problem, score), _unflat(problem, tags, (em.shape[1],))
 
 
-def full_potentials(emissions, transitions, start, end, lengths=None):
+def full_potentials(emissions: Array, transitions: Array, start: Array, end: Array,
+                    lengths: Lengths = None) -> "tuple[Array, np.ndarray]":
     """The full Vit_Ω potentials of a factorised CRF (this materialises S times the emissions).
 
     Parameters
@@ -241,6 +298,19 @@ def full_potentials(emissions, transitions, start, end, lengths=None):
         item's last step. :func:`smoothmax.viterbi` of it equals
         :func:`crf_log_partition` (minus ``γ/2`` for ``"l2"``).
     lengths : int64 NumPy array, shape (B,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> rng = np.random.default_rng(0)
+    >>> emissions = rng.normal(size=(2, 4, 3))  # (batch, T, S)
+    >>> transitions = rng.normal(size=(3, 3))   # [from, to]
+    >>> theta, L = sm.crf.full_potentials(emissions, transitions, np.zeros(3), np.zeros(3))
+    >>> theta.shape, L
+    ((2, 4, 3, 3), array([4, 4]))
+    >>> bool(np.allclose(sm.viterbi(theta), sm.crf.crf_log_partition(emissions, transitions)))
+    True
     """
     emissions, A, s, e, problem = prepare(emissions, transitions, start, end, lengths)
     xp = problem.xp
@@ -261,4 +331,4 @@ def full_potentials(emissions, transitions, start, end, lengths=None):
 
 
 for _f in (crf_log_partition, crf_grad, crf_hvp):
-    _f.__doc__ = _f.__doc__.replace("{shared}", _SHARED)
+    _f.__doc__ = (_f.__doc__ or "").replace("{shared}", _SHARED)

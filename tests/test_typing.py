@@ -10,7 +10,8 @@ import inspect
 
 import pytest
 
-MODULES = ["smoothmax", "smoothmax.losses", "smoothmax.attention", "smoothmax.torch", "smoothmax.jax"]
+MODULES = ["smoothmax", "smoothmax.losses", "smoothmax.attention", "smoothmax.crf", "smoothmax.torch",
+           "smoothmax.jax"]
 NEEDS = {"smoothmax.torch": "torch", "smoothmax.jax": "jax", "smoothmax.attention": None}
 
 

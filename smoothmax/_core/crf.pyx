@@ -10,7 +10,7 @@ with ``transitions[j, i]`` the score of the move j -> i (pytorch-crf's
     value  = max_Ω_i (V_{L-1}(i) + end[i])
 
 (``max_Ω(x + c) = max_Ω(x) + c`` takes the emission out of the max.) This is
-Vit_Ω of SPEC §3 on ``theta[t, i, j] = emissions[t, i] + transitions[j, i]``
+Vit_Ω of docs/spec.md §3 on ``theta[t, i, j] = emissions[t, i] + transitions[j, i]``
 with the start and end scores added at the first and last step, except that
 the first step has no operator: with ``"l2"`` the full-potential form with a
 fixed start state adds ``-γ/2``, a constant.
