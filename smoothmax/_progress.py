@@ -4,6 +4,7 @@ The compiled kernel reports rows of the DP as it finishes strips of them;
 :class:`Progress` turns that into a ``tqdm`` bar or the user's callback.
 """
 import numbers
+from typing import Any
 
 # below this many cells a call takes well under a second: no automatic bar
 AUTO_MIN_CELLS = 2e8
@@ -21,7 +22,7 @@ class Progress:
         self.done = 0
         self.error = None
         self.bar = None
-        self.callback = None
+        self.callback: Any = None
         if callable(progress):
             self.callback = progress
         elif progress is True or (progress is None and cells >= AUTO_MIN_CELLS):

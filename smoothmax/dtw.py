@@ -8,6 +8,7 @@
 expected alignment.
 """
 import math
+from typing import Any
 
 import numpy as np
 
@@ -293,6 +294,7 @@ def evaluate_features(fp, x, y, grad):
             return dtw(C, **kw), None, None
         value, E = dtw_grad(C, **kw)
         return (value,) + tuple(_reference.cost_chain_rule(fp.xp, x, y, E, fp.cost))
+    _framework: Any = None
     if fp.backend == "torch":
         from . import torch as _framework
     elif fp.backend == "jax":
@@ -356,8 +358,9 @@ _FEATURES_DOC = """
 """
 
 
-def dtw_features(x, y, *, cost="sqeuclidean", reg="negentropy", gamma=1.0, lengths=None,
-                 band=None, checkpoint=None, progress=None):
+def dtw_features(x: Array, y: Array, *, cost: str = "sqeuclidean", reg: Reg = "negentropy",
+                 gamma: float = 1.0, lengths: DTWLengths = None, band: "int | None" = None,
+                 checkpoint: "int | None" = None, progress: Any = None) -> Array:
     """DTW_Ω(C(x, y)) between two feature sequences, without forming ``C``.
     {shared}
     Returns
@@ -366,14 +369,26 @@ def dtw_features(x, y, *, cost="sqeuclidean", reg="negentropy", gamma=1.0, lengt
         ``+inf`` where the end cell cannot be reached. Differentiable in
         ``x`` and ``y`` under torch and JAX (first order in linear memory;
         torch's second order runs the cost-matrix path).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> rng = np.random.default_rng(0)
+    >>> x, y = rng.normal(size=(2, 50, 3)), rng.normal(size=(2, 60, 3))  # (batch, N, d)
+    >>> C = ((x[:, :, None, :] - y[:, None, :, :]) ** 2).sum(-1)  # the matrix it never forms
+    >>> bool(np.allclose(sm.dtw_features(x, y), sm.dtw(C)))
+    True
     """
     x, y, fp = _prepare_features(x, y, cost, reg, gamma, lengths, band, checkpoint, progress)
     value = _with_progress(fp, x, y, False)[0]
     return fp.xp.reshape(value, fp.batch_shape)
 
 
-def dtw_features_grad(x, y, *, cost="sqeuclidean", reg="negentropy", gamma=1.0, lengths=None,
-                      band=None, checkpoint=None, progress=None):
+def dtw_features_grad(x: Array, y: Array, *, cost: str = "sqeuclidean", reg: Reg = "negentropy",
+                      gamma: float = 1.0, lengths: DTWLengths = None, band: "int | None" = None,
+                      checkpoint: "int | None" = None,
+                      progress: Any = None) -> "tuple[Array, Array, Array]":
     """DTW_Ω(C(x, y)) and its gradients with respect to the features, in linear memory.
 
     ``grad_x[i] = Σ_j E[i, j] ∂C[i, j]/∂x_i`` (and likewise ``grad_y``) with
@@ -388,6 +403,17 @@ def dtw_features_grad(x, y, *, cost="sqeuclidean", reg="negentropy", gamma=1.0, 
     grad_y : array, shape (..., NB, d)
         Zero past the lengths, and everywhere for an item whose end cell
         cannot be reached.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import smoothmax as sm
+    >>> rng = np.random.default_rng(0)
+    >>> x, y = rng.normal(size=(50, 3)), rng.normal(size=(60, 3))
+    >>> value, gx, gy = sm.dtw_features_grad(x, y, checkpoint=8)  # 8 DP rows per stored row of R
+    >>> _, E = sm.dtw_grad(((x[:, None] - y[None]) ** 2).sum(-1))  # the same through E
+    >>> bool(np.allclose(gx, 2 * (E.sum(1)[:, None] * x - E @ y)))  # Σ_j E_ij ∂‖x_i − y_j‖²/∂x_i
+    True
     """
     x, y, fp = _prepare_features(x, y, cost, reg, gamma, lengths, band, checkpoint, progress)
     value, gx, gy = _with_progress(fp, x, y, True)
@@ -396,5 +422,5 @@ def dtw_features_grad(x, y, *, cost="sqeuclidean", reg="negentropy", gamma=1.0, 
             xp.reshape(gy, fp.batch_shape + (fp.NB, fp.d)))
 
 
-for _f in (dtw_features, dtw_features_grad):
-    _f.__doc__ = (_f.__doc__ or "").replace("{shared}", _FEATURES_DOC)
+for _g in (dtw_features, dtw_features_grad):
+    _g.__doc__ = (_g.__doc__ or "").replace("{shared}", _FEATURES_DOC)

@@ -559,11 +559,11 @@ class SoftDTW(nn.Module):
     gamma: float
     band: Optional[int]
     normalize: bool
-    cost: Callable[[Tensor, Tensor], Tensor]
+    cost: "str | Callable[[Tensor, Tensor], Tensor]"
     reduction: str
 
     def __init__(self, gamma: float = 1.0, *, reg: Reg = "negentropy", band: Optional[int] = None,
-                 normalize: bool = False, cost: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                 normalize: bool = False, cost: "str | Callable[[Tensor, Tensor], Tensor] | None" = None,
                  reduction: str = "mean") -> None:
         super().__init__()
         from ._validation import check_band, check_gamma, check_reg
@@ -729,17 +729,28 @@ class DTWFeatures(torch.autograd.Function):
     ``create_graph=True`` (second order) recomputes the value through the
     cost matrix and the custom DTW Functions above (quadratic memory), so
     Hessian-vector products are exact but not linear in memory.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import smoothmax as sm
+    >>> x = torch.randn(2, 30, 3, dtype=torch.float64, requires_grad=True)
+    >>> y = torch.randn(2, 40, 3, dtype=torch.float64)
+    >>> value = sm.dtw_features(x, y)  # DTWFeatures.apply(x, y, ...) on the CPU
+    >>> (gx,) = torch.autograd.grad(value.sum(), x)
+    >>> bool(torch.allclose(gx, sm.dtw_features_grad(x.detach(), y)[1]))
+    True
     """
 
     @staticmethod
-    def forward(ctx, x, y, fp, cached=None):
+    def forward(ctx: Any, x: Tensor, y: Tensor, fp: Any, cached: Optional[_Cached] = None) -> Tensor:
         value, gx, gy = cached.tensor if cached is not None else _feature_kernel(fp, x, y, True)
         ctx.fp = fp
         ctx.save_for_backward(x, y, gx, gy)
         return value
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: Tensor) -> "tuple[Optional[Tensor], Optional[Tensor], None, None]":
         x, y, gx, gy = ctx.saved_tensors
         fp = ctx.fp
         if torch.is_grad_enabled():

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Compiled DTW_Ω between features, in linear memory (SPEC §4, docs/engines.md).
+"""Compiled DTW_Ω between features, in linear memory (docs/spec.md §4, docs/engines.md).
 
 The cost matrix is never formed: the cost ``theta[i, j] = c(x_i, y_j)`` of a
 cell is computed when the cell is visited, and the gradient with respect to
