@@ -11,7 +11,7 @@ import array_api_compat as aac
 # (array type, namespace, backend) registered by framework adapters: checked
 # first, by isinstance, which tracers such as torch.compile's follow without
 # reading data or caches.
-_REGISTERED = []
+_REGISTERED: list = []
 
 
 def register_array_type(cls, xp, backend):

@@ -76,7 +76,7 @@ class Problem:
         import numpy as np
 
         B = self.flat_shape[0]
-        tiled = {f: np.tile(getattr(self, f), reps) for f in PER_ITEM_FIELDS[self.struct]}
+        tiled: dict = {f: np.tile(getattr(self, f), reps) for f in PER_ITEM_FIELDS[self.struct]}
         return replace(self, batch_shape=(reps * B,), flat_shape=(reps * B,) + tuple(self.flat_shape[1:]),
                        **tiled, **changes)
 
@@ -100,8 +100,8 @@ def make_problem(struct, theta, xp, backend, batch_ndim, reg, gamma, **fields):
 # ---------------------------------------------------------------------------
 # framework adapters
 
-_ADAPTERS = {}
-_LOADERS = {}
+_ADAPTERS: dict = {}
+_LOADERS: dict = {}
 
 
 def register_adapter(backend, adapter):

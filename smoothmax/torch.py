@@ -33,6 +33,7 @@ with the dispatcher (:func:`smoothmax._problem.register_adapter`) as the
 adapter of torch tensors.
 """
 import sys
+from typing import Any, Callable, Optional
 
 import types
 
@@ -41,9 +42,12 @@ import numpy as np
 import torch
 from torch import nn
 
+Tensor = torch.Tensor
+
 from . import _dispatch, _validation
 from ._array_api import register_array_type
 from ._problem import PER_ITEM_FIELDS, STRUCT_FIELDS, Problem, _batch_size, register_adapter
+from ._typing import Reg
 
 __all__ = ["apply", "DTWFeatures", "SoftDTW", "Viterbi", "squared_euclidean"]
 
@@ -73,9 +77,9 @@ _STRUCT_SCHEMA = {"dtw": "Tensor? len_a, Tensor? len_b, int band",
 # NaN and which infinity each structure rejects in theta (SPEC: costs / scores)
 _FORBID = {"dtw": "-inf", "viterbi": "+inf", "dag": "+inf"}
 _DECODE = {"dtw": "path", "viterbi": "decode", "dag": "path"}
-_OPS = {}  # (struct, op) -> torch.ops.smoothmax.<struct>_<op>
-_IMPLS = {}  # (struct, op) -> its real implementation, called directly by eager calls
-_AUTOGRAD = {}  # (struct, op) -> (setup_context, backward) registered for it
+_OPS: dict = {}  # (struct, op) -> torch.ops.smoothmax.<struct>_<op>
+_IMPLS: dict = {}  # (struct, op) -> its real implementation, called directly by eager calls
+_AUTOGRAD: dict = {}  # (struct, op) -> (setup_context, backward) registered for it
 
 
 # ---------------------------------------------------------------------------
@@ -164,16 +168,19 @@ def _batch_expand(g, like):
 
 def _autograd(struct, op):
     n_extra = len(STRUCT_FIELDS[struct]) + 2  # the structure's arguments, reg, gamma
+    backward: Callable[..., Any]
 
     if op == "value":
         def setup(ctx, inputs, output):
             ctx.save_for_backward(inputs[0])
             ctx.extra = inputs[1:]
 
-        def backward(ctx, g):
+        def backward_value(ctx, g):
             (theta,) = ctx.saved_tensors
             E = _call(struct, "grad", theta, *ctx.extra)[1]
             return (_batch_expand(g, E) * E,) + (None,) * n_extra
+
+        backward = backward_value
 
     elif op == "grad":
         def setup(ctx, inputs, output):
@@ -181,7 +188,7 @@ def _autograd(struct, op):
             ctx.save_for_backward(inputs[0], output[1])
             ctx.extra = inputs[1:]
 
-        def backward(ctx, g, G):
+        def backward_grad(ctx, g, G):
             theta, E = ctx.saved_tensors
             out = None if g is None else _batch_expand(g, E) * E
             if G is not None:
@@ -189,18 +196,21 @@ def _autograd(struct, op):
                 out = h if out is None else out + h
             return (out,) + (None,) * n_extra
 
+        backward = backward_grad
+
     else:  # hvp
         def setup(ctx, inputs, output):
             ctx.save_for_backward(inputs[0])
             ctx.extra = inputs[2:]
 
-        def backward(ctx, W):
+        def backward_hvp(ctx, W):
             needs = ctx.needs_input_grad[getattr(ctx, "offset", 0):]  # (see _EagerAutograd)
             if needs[0]:
                 raise RuntimeError(_THIRD_ORDER)
             (theta,) = ctx.saved_tensors
             gZ = _call(struct, "hvp", theta, W, *ctx.extra) if needs[1] else None
             return (None, gZ) + (None,) * n_extra
+        backward = backward_hvp
 
     return setup, backward
 
@@ -436,6 +446,22 @@ def apply(problem: Problem, op: str, theta: Tensor, Z: Optional[Tensor] = None) 
     Returns ``value (B,)`` for ``"value"``, ``(value, E)`` for ``"grad"``,
     ``Edot`` for ``"hvp"``, ``(score, path)`` for ``"decode"``/``"path"``
     (not differentiable), by the operators ``torch.ops.smoothmax.*``.
+    The public functions call it (through ``smoothmax._problem.evaluate``)
+    for torch tensors; a user calls those.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import smoothmax as sm
+    >>> theta = torch.rand(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    >>> value = sm.dtw(theta)  # apply(problem, "value", theta) with the custom ops
+    >>> (E,) = torch.autograd.grad(value.sum(), theta, create_graph=True)
+    >>> bool(torch.allclose(E, sm.dtw_grad(theta.detach())[1]))
+    True
+    >>> Z = torch.rand(2, 3, 4, dtype=torch.float64)  # the second derivative is the HVP pass
+    >>> (Edot,) = torch.autograd.grad(E, theta, grad_outputs=Z)
+    >>> bool(torch.allclose(Edot, sm.dtw_hvp(theta.detach(), Z)))
+    True
     """
     fields = _op_args(problem)
     struct = problem.struct
@@ -449,6 +475,8 @@ def apply(problem: Problem, op: str, theta: Tensor, Z: Optional[Tensor] = None) 
     if op == "grad":
         return _call(struct, "grad", theta, *args)
     if op == "hvp":
+        if Z is None:
+            raise ValueError("Z (the direction) is required for op='hvp'")
         return _call(struct, "hvp", theta, Z.to(theta.dtype), *args)
     raise ValueError(f"op must be one of 'value', 'grad', 'hvp', 'decode', 'path', got {op!r}")
 
