@@ -15,6 +15,7 @@ import importlib
 
 import numpy as np
 
+from . import _extremes
 from ._array_api import to_host
 
 # backend, device -> the engine that runs them and what the caller's framework gets.
@@ -157,6 +158,7 @@ def run(problem, op, theta, Z=None):
     out = fn(*args)
     if not isinstance(out, tuple):
         out = (out,)
+    out = _extremes.rescue_overflow(problem.struct, op, fn, args, out, problem.engine_args)  # beyond the dtype's range
     return tuple(eng.from_engine(y, problem.xp, theta) for y in out)
 
 
@@ -175,9 +177,11 @@ def run_crf(xp, backend, device, op, arrays, lengths, extra=()):
         from . import _reference
 
         fn = getattr(_reference, f"crf_{op}")
-    out = fn(*[eng.to_engine(a) for a in arrays], lengths, *extra)
+    engine_arrays = [eng.to_engine(a) for a in arrays]
+    out = fn(*engine_arrays, lengths, *extra)
     if not isinstance(out, tuple):
         out = (out,)
+    out = _extremes.rescue_crf_overflow(op, fn, engine_arrays, lengths, extra, out)  # beyond the range
     return tuple(eng.from_engine(y, xp, arrays[0]) for y in out)
 
 

@@ -1,10 +1,12 @@
 """Argument checks. Every error names the argument, the expected and the received value."""
 import math
 import numbers
+import operator
 
 import numpy as np
 
 from ._array_api import dtype_name, is_float_dtype, namespace_of, to_host
+from ._extremes import GAMMA_MIN
 from .operators import REGS
 
 
@@ -14,8 +16,12 @@ def check_reg(reg):
     return reg
 
 
-def check_gamma(gamma):
-    """A positive finite real: a Python/NumPy real scalar or a 0-d real array."""
+def check_gamma(gamma, dtype=None, reg=None):
+    """A positive finite real: a Python/NumPy real scalar or a 0-d real array.
+
+    With ``dtype`` (``"float32"``/``"float64"``, the input's) and a smoothed
+    ``reg``, gamma must also be at least ``GAMMA_MIN[dtype]``.
+    """
     value = None
     if isinstance(gamma, numbers.Real) and not isinstance(gamma, bool):
         value = float(gamma)
@@ -28,11 +34,58 @@ def check_gamma(gamma):
         raise TypeError(f"gamma must be a positive finite real number, got {gamma!r}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"gamma must be a positive finite real number, got {gamma!r}")
+    if dtype in GAMMA_MIN and reg != "hard" and value < GAMMA_MIN[dtype]:
+        raise ValueError(f"gamma must be in [{GAMMA_MIN[dtype]:g}, max float] for {dtype} input "
+                         f"(1/gamma must be finite), got {gamma!r}")
     return value
+
+
+def _as_index(v):
+    """``v`` as a Python int if it is of an integer type (not a bool), else None."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
+def check_count(v, name, minimum):
+    """A Python int >= ``minimum`` from any integer type."""
+    n = _as_index(v)
+    if n is None:
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    if n < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {n}")
+    return n
+
+
+def check_axis(axis, ndim, name="axis"):
+    """An integer (Python or NumPy) in ``[-ndim, ndim)``, returned as a Python int."""
+    a = _as_index(axis)
+    if a is None or not -ndim <= a < ndim:
+        raise ValueError(f"{name} must be an int in [{-ndim}, {ndim - 1}], got {axis!r}")
+    return a
+
+
+def check_dense(x, name):
+    """Reject sparse (and other non-strided) torch tensors, which no engine reads."""
+    layout = getattr(x, "layout", None)
+    if layout is not None and str(layout) != "torch.strided":
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a tensor with layout {layout} "
+                        f"(convert it with .to_dense())")
 
 
 def as_array(x, name):
     """Return ``(x, xp, backend)``; array-likes (lists, scalars) become NumPy arrays."""
+    check_dense(x, name)
+    if isinstance(x, np.ndarray):
+        if isinstance(x, np.ma.MaskedArray):
+            raise TypeError(f"{name} must be a plain array, got a numpy masked array (fill the masked "
+                            f"entries with the mask value, e.g. {name}.filled(np.inf) for DTW costs)")
+        x = np.asarray(x)  # np.matrix, memmap and other subclasses: the plain array
+        if x.dtype.kind == "f" and not x.dtype.isnative:
+            x = x.astype(x.dtype.newbyteorder("="))  # big-endian data: native byte order
     try:
         xp, backend = namespace_of(x)
     except TypeError:
@@ -108,15 +161,30 @@ def check_direction(Z, theta, xp, backend, values=None):
     if zbackend != backend:
         raise TypeError(f"Z must be an array of the same library as theta ({backend}), got {zbackend}")
     check_float(Z, zxp, "Z")
+    zdtype = Z.dtype
     if tuple(Z.shape) != tuple(theta.shape):
         raise ValueError(f"Z must have the shape of theta {tuple(theta.shape)}, got {tuple(Z.shape)}")
     (check_values if values is None else values)(Z, xp, "Z", "inf")
     if Z.dtype != theta.dtype:
         Z = xp.astype(Z, theta.dtype)
+        try:
+            check_values(Z, xp, "Z", "inf")
+        except ValueError:
+            raise ValueError(f"Z must be finite in theta's dtype {dtype_name(xp, theta.dtype)}, got entries "
+                             f"that overflow when cast from {dtype_name(zxp, zdtype)}") from None
     return Z
 
 
-def _as_int_host(v, name):
+def as_int_host(v, name):
+    """``v`` (an int, a list, an array of any library) as a host int64 NumPy array."""
+    if is_traced(v):
+        raise TypeError(f"{name} must be concrete integers (a NumPy array, a list or an int), got a traced "
+                        f"JAX value: under jax.jit close over {name} (a NumPy array) or pass it as a "
+                        f"static argument (a tuple)")
+    if getattr(v, "requires_grad", False):
+        raise TypeError(f"{name} must be integers and carry no gradient, got a tensor that requires grad "
+                        f"(pass {name}.detach() or an integer tensor)")
+    check_dense(v, name)
     a = to_host(v) if not isinstance(v, numbers.Integral) else np.asarray(v)
     a = np.asarray(a)
     if a.dtype.kind not in "iu":
@@ -134,7 +202,7 @@ def check_lengths(lengths, batch_shape, maximum, name="lengths"):
     B = int(np.prod(batch_shape, dtype=np.int64))
     if lengths is None:
         return np.full(B, maximum, dtype=np.int64)
-    a = _as_int_host(lengths, name)
+    a = as_int_host(lengths, name)
     try:
         a = np.broadcast_to(a, batch_shape)
     except ValueError:
@@ -147,11 +215,23 @@ def check_lengths(lengths, batch_shape, maximum, name="lengths"):
     return np.ascontiguousarray(a.reshape(B))
 
 
-def check_band(band):
+def check_band(band, sizes=None):
+    """The Sakoe-Chiba radius as an int, ``-1`` for no band.
+
+    Any integer type (Python, NumPy signed or unsigned, a 0-d integer array)
+    of any size is accepted. With ``sizes = (NA, NB)``, a radius
+    ``>= max(NA, NB)`` allows every cell, so it is returned as ``-1`` (no band):
+    the kernels then never see a radius near the int64 limit.
+    """
     if band is None:
         return -1
+    if getattr(band, "ndim", None) == 0 and getattr(getattr(band, "dtype", None), "kind", "x") in "iu":
+        band = int(band)
     if isinstance(band, bool) or not isinstance(band, numbers.Integral):
         raise TypeError(f"band must be None or a non-negative integer, got {band!r}")
+    band = int(band)
     if band < 0:
         raise ValueError(f"band must be None or a non-negative integer, got {band}")
-    return int(band)
+    if sizes is not None and band >= max(sizes):
+        return -1
+    return band

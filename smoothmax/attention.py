@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ._array_api import device_of
+from ._problem import checks_for
 from ._typing import Array, Lengths, Reg
 from ._validation import as_array, check_float, check_rank, is_traced
 from .viterbi import viterbi_grad
@@ -76,6 +77,9 @@ def structured_attention(scores: Array, transition: Array, *, reg: Reg = "negent
     check_float(transition, txp, "transition")
     if transition.ndim < 2 or tuple(transition.shape[-2:]) != (2, 2):
         raise ValueError(f"transition must have shape (..., 2, 2), got {tuple(transition.shape)}")
+    values = checks_for(backend)[0]  # (torch: checked inside its operators)
+    values(scores, xp, "scores", "+inf")
+    values(transition, txp, "transition", "+inf")
     if transition.dtype != scores.dtype:
         transition = xp.astype(transition, scores.dtype)
     T = int(scores.shape[-1])

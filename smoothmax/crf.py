@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import _dispatch
-from ._array_api import device_kind
+from ._array_api import device_kind, dtype_name
 from ._typing import Array, Lengths, Reg
 from ._validation import (as_array, check_float, check_gamma, check_lengths, check_reg,
                           check_values)
@@ -103,8 +103,9 @@ def prepare(emissions, transitions, start, end, lengths, reg="negentropy", gamma
     L = check_lengths(lengths, batch_shape, T)
     B = int(np.prod(batch_shape, dtype=np.int64))
     emissions = xp.reshape(emissions, (B, T, S))
+    reg = check_reg(reg)
     problem = CRFProblem(xp, backend, device_kind(emissions, backend), batch_shape, L,
-                         check_reg(reg), check_gamma(gamma))
+                         reg, check_gamma(gamma, dtype_name(xp, emissions.dtype), reg))
     return emissions, transitions, start, end, problem
 
 
@@ -238,14 +239,16 @@ def crf_hvp(emissions: Array, transitions: Array, start: Array, end: Array, Z: "
     True
     """
     em, A, s, e, problem = prepare(emissions, transitions, start, end, lengths, reg, gamma)
-    if len(Z) != 4:
-        raise ValueError(f"Z must be a tuple of 4 arrays (emissions, transitions, start, end), got {len(Z)}")
+    if not isinstance(Z, (tuple, list)) or len(Z) != 4:
+        got = f"{len(Z)} entries" if isinstance(Z, (tuple, list)) else type(Z).__name__
+        raise ValueError(f"Z must be a tuple of 4 arrays (emissions, transitions, start, end), got {got}")
     xp = problem.xp
     parts = []
-    for z, like, name in zip(Z, (emissions, A, s, e), ("Z[0]", "Z[1]", "Z[2]", "Z[3]")):
+    shapes = (problem.batch_shape + tuple(em.shape[1:]), A.shape, s.shape, e.shape)
+    for z, shape, name in zip(Z, shapes, ("Z[0]", "Z[1]", "Z[2]", "Z[3]")):
         z, _, _ = as_array(z, name)
-        if tuple(z.shape) != tuple(like.shape):
-            raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(z.shape)}")
+        if tuple(z.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(z.shape)}")
         check_values(z, xp, name, "inf")
         parts.append(xp.astype(z, em.dtype))
     parts[0] = xp.reshape(parts[0], em.shape)

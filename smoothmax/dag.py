@@ -11,11 +11,11 @@ occupancy of the path distribution of docs/spec.md §2.
 """
 import numpy as np
 
-from ._array_api import to_host
+from ._array_api import dtype_name, to_host
 from ._problem import checks_for, evaluate, make_problem
 from ._typing import Array, Reg
-from ._validation import (as_array, check_direction, check_float, check_gamma, check_rank,
-                          check_reg)
+from ._validation import (as_array, check_band, check_count, check_direction, check_float,
+                          check_gamma, check_rank, check_reg, check_values)
 
 __all__ = ["DAG", "dag", "dag_grad", "dag_hvp", "dag_path"]
 
@@ -56,9 +56,15 @@ class DAG:
 
     Attributes
     ----------
-    indptr, parents : int64 NumPy arrays (read-only copies)
+    indptr, parents : int64 NumPy arrays
+        Read-only copies: each access returns a new copy, so that nothing a
+        caller does to them reaches the arrays the kernels read.
     n_nodes, n_edges : int
-    child : int64 array, shape (n_edges,), the node each edge enters.
+    child : int64 array, shape (n_edges,), the node each edge enters (a read-only copy).
+
+    A ``DAG`` is immutable: its attributes cannot be reassigned (an
+    ``AttributeError``), and the arrays validated at construction are the
+    ones every call uses.
 
     Examples
     --------
@@ -70,11 +76,7 @@ class DAG:
     array([1, 2, 3, 3])
     """
 
-    indptr: np.ndarray
-    parents: np.ndarray
-    child: np.ndarray
-    n_nodes: int
-    n_edges: int
+    __slots__ = ("_indptr", "_parents", "_child", "_n_nodes", "_n_edges")
 
     def __init__(self, indptr: Array, parents: Array) -> None:
         indptr = _int_vector(indptr, "indptr")
@@ -103,11 +105,45 @@ class DAG:
             )
         for arr in (indptr, parents, child):
             arr.setflags(write=False)
-        self.indptr = indptr
-        self.parents = parents
-        self.child = child
-        self.n_nodes = N
-        self.n_edges = int(parents.shape[0])
+        for attr, value in (("_indptr", indptr), ("_parents", parents), ("_child", child),
+                            ("_n_nodes", N), ("_n_edges", int(parents.shape[0]))):
+            object.__setattr__(self, attr, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"DAG is immutable: cannot set {name!r} (build a new DAG instead)")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"DAG is immutable: cannot delete {name!r}")
+
+    def __reduce__(self):
+        # pickle and copy rebuild (and so re-validate) the graph from its arrays
+        return (DAG, (self._indptr, self._parents))
+
+    @staticmethod
+    def _copy(arr):
+        out = arr.copy()
+        out.setflags(write=False)
+        return out
+
+    @property
+    def indptr(self) -> np.ndarray:
+        return self._copy(self._indptr)
+
+    @property
+    def parents(self) -> np.ndarray:
+        return self._copy(self._parents)
+
+    @property
+    def child(self) -> np.ndarray:
+        return self._copy(self._child)
+
+    @property
+    def n_nodes(self) -> int:
+        return self._n_nodes
+
+    @property
+    def n_edges(self) -> int:
+        return self._n_edges
 
     @classmethod
     def from_edges(cls, edges: Array, n_nodes: int) -> "tuple[DAG, np.ndarray]":
@@ -126,11 +162,31 @@ class DAG:
         >>> graph.parents, order  # the edges entering node 1, then those entering node 2
         (array([0, 1, 0]), array([1, 0, 2]))
         """
-        e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+        n_nodes = check_count(n_nodes, "n_nodes", 2)
+        try:
+            e = np.asarray(edges)
+        except Exception:
+            raise TypeError(f"edges must be a sequence of (parent, child) integer pairs, "
+                            f"got {type(edges).__name__}") from None
+        if e.size == 0:
+            e = np.zeros((0, 2), dtype=np.int64)
+        if e.dtype.kind not in "iu":
+            raise TypeError(f"edges must be (parent, child) integer pairs, got dtype {e.dtype}")
+        if e.ndim != 2 or e.shape[1] != 2:
+            raise ValueError(f"edges must have shape (n_edges, 2) (parent, child pairs), got shape {e.shape}")
+        bad = (e < 0) | (e >= n_nodes)
+        if np.any(bad):
+            k = int(np.argmax(bad.any(axis=1)))
+            raise ValueError(f"edges must hold node numbers in [0, {n_nodes}) (n_nodes = {n_nodes}), "
+                             f"got edges[{k}] = {tuple(int(v) for v in e[k])}")
+        back = e[:, 0] >= e[:, 1]
+        if np.any(back):
+            k = int(np.argmax(back))
+            raise ValueError(f"edges must go from a lower to a higher node number (topological order), "
+                             f"got edges[{k}] = {tuple(int(v) for v in e[k])}")
+        e = e.astype(np.int64)
         order = np.argsort(e[:, 1], kind="stable")
-        counts = np.bincount(e[:, 1], minlength=n_nodes) if len(e) else np.zeros(n_nodes, np.int64)
-        if counts.shape[0] > n_nodes:
-            raise ValueError(f"edges must have child nodes < n_nodes = {n_nodes}, got {int(e[:, 1].max())}")
+        counts = np.bincount(e[:, 1], minlength=n_nodes)
         indptr = np.concatenate([[0], np.cumsum(counts)])
         return cls(indptr, e[order, 0]), order
 
@@ -161,9 +217,7 @@ class DAG:
         >>> bool(np.isclose(sm.dag(weights, graph), sm.viterbi(theta)))
         True
         """
-        T, S = int(T), int(S)
-        if T < 1 or S < 1:
-            raise ValueError(f"T and S must be >= 1, got T={T}, S={S}")
+        T, S = check_count(T, "T", 1), check_count(S, "S", 1)
         t, i, j = np.meshgrid(np.arange(T), np.arange(S), np.arange(S), indexing="ij")
         parent = np.where(t == 0, 0, 1 + (t - 1) * S + j).reshape(-1)
         index = np.arange(T * S * S, dtype=np.int64)
@@ -201,13 +255,11 @@ class DAG:
         >>> bool(np.isclose(-sm.dag(-theta.reshape(-1)[index], graph), sm.dtw(theta)))
         True
         """
-        NA, NB = int(NA), int(NB)
-        if NA < 1 or NB < 1:
-            raise ValueError(f"NA and NB must be >= 1, got NA={NA}, NB={NB}")
+        NA, NB = check_count(NA, "NA", 1), check_count(NB, "NB", 1)
+        r = check_band(band, (NA, NB))
         ii, jj = np.meshgrid(np.arange(NA), np.arange(NB), indexing="ij")
         allowed = np.ones((NA, NB), dtype=bool)
-        if band is not None:
-            r = int(band)
+        if r >= 0:
             if NA <= NB:
                 allowed = (jj >= ii - r) & (jj <= ii + (NB - NA) + r)
             else:
@@ -261,10 +313,10 @@ def _prepare(weights, graph, reg, gamma):
             f"got shape {tuple(weights.shape)}"
         )
     reg = check_reg(reg)
-    gamma = check_gamma(gamma)
+    gamma = check_gamma(gamma, dtype_name(xp, weights.dtype), reg)
     checks_for(backend)[0](weights, xp, "weights", "+inf")
     problem = make_problem("dag", weights, xp, backend, weights.ndim - 1, reg, gamma,
-                           indptr=graph.indptr, parents=graph.parents)
+                           indptr=graph._indptr, parents=graph._parents)
     return weights, problem
 
 

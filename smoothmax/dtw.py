@@ -15,7 +15,7 @@ import numpy as np
 from ._array_api import dtype_name, device_kind
 from ._problem import FeatureProblem, checks_for, evaluate, make_problem
 from ._typing import Array, DTWLengths, Reg
-from ._validation import (as_array, check_band, check_direction, check_float, check_gamma,
+from ._validation import (as_array, as_int_host, check_band, check_direction, check_float, check_gamma,
                           check_lengths, check_rank, check_reg, check_values)
 
 __all__ = ["dtw", "dtw_grad", "dtw_hvp", "dtw_path", "dtw_features", "dtw_features_grad", "FEATURE_COSTS"]
@@ -55,8 +55,8 @@ def _prepare(theta, reg, gamma, lengths, band, host_checks=False):
     if NA < 1 or NB < 1:
         raise ValueError(f"theta must have NA >= 1 and NB >= 1, got shape {tuple(theta.shape)}")
     reg = check_reg(reg)
-    gamma = check_gamma(gamma)
-    band = check_band(band)
+    gamma = check_gamma(gamma, dtype_name(xp, theta.dtype), reg)
+    band = check_band(band, (NA, NB))
     values, check_len = (check_values, check_lengths) if host_checks else checks_for(backend)
     values(theta, xp, "theta", "-inf")
     batch_shape = tuple(theta.shape[:-2])
@@ -76,7 +76,8 @@ def _pair_lengths(lengths, batch_shape, NA, NB, check_len=check_lengths):
             raise ValueError(f"lengths must be a pair (len_a, len_b), got {len(lengths)} entries")
         len_a, len_b = lengths
     else:
-        arr = lengths if hasattr(lengths, "shape") else np.asarray(lengths)
+        keep = check_len is not check_lengths and hasattr(lengths, "shape")
+        arr = lengths if keep else as_int_host(lengths, "lengths")
         if arr.ndim < 1 or arr.shape[-1] != 2:
             raise ValueError(
                 f"lengths must be a pair (len_a, len_b) or an array of shape (..., 2), got shape {tuple(arr.shape)}"
@@ -95,8 +96,9 @@ def dtw(
     Returns
     -------
     value : array, shape (...)
-        ``+inf`` where the end cell cannot be reached (all paths forbidden).
-
+        ``+inf`` where the end cell cannot be reached (all paths forbidden);
+        ``±inf`` also where the value is beyond the dtype's range (``E`` and
+        the HVP are then still right, see ``docs/decisions.md``).
     Examples
     --------
     >>> import numpy as np
@@ -125,8 +127,8 @@ def dtw_grad(
     -------
     value : array, shape (...)
     E : array, shape (..., NA, NB)
-        Entries in [0, 1]; exactly 0 on forbidden cells and past the lengths.
-
+        Entries in [0, 1] (up to rounding: an entry can exceed 1 by a few
+        ulps); exactly 0 on forbidden cells and past the lengths.
     Examples
     --------
     >>> import numpy as np

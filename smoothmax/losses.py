@@ -39,9 +39,9 @@ Conventions (``docs/dag.md`` derives them):
 import numpy as np
 
 from ._array_api import device_of, to_host
-from ._problem import adapter_for
+from ._problem import adapter_for, checks_for
 from ._typing import Array, DTWLengths, Lengths, Reg
-from ._validation import as_array, is_traced
+from ._validation import as_array, check_dense, is_traced
 from .dtw import _prepare as _dtw_prepare
 from .dtw import dtw, dtw_grad, dtw_hvp
 from .viterbi import _prepare as _viterbi_prepare
@@ -98,6 +98,7 @@ def _tags(theta, tags, problem):
     if in_op is not None and not isinstance(tags, (list, tuple, np.ndarray)):
         return in_op(tags, L, S, problem.batch_shape + (T,))
     if not is_traced(tags):
+        check_dense(tags, "tags")
         host = np.asarray(to_host(tags)) if not isinstance(tags, (list, tuple)) else np.asarray(tags)
         if host.dtype.kind not in "iu":
             raise TypeError(f"tags must be an integer array, got dtype {host.dtype}")
@@ -172,6 +173,21 @@ def _inner(xp, Y, theta, ndim):
     return xp.sum(Y * xp.where(Y > 0, theta, xp.zeros_like(theta)), axis=tuple(range(-ndim, 0)))
 
 
+def _surrogate_loss(xp, value, score, sign, grad=None):
+    """``sign·(value − score)``, and ``+inf`` with gradient 0 where the target path is
+    forbidden (its score ``<Y, θ>`` is infinite: it crosses a masked entry) instead
+    of ``inf − inf``; the same under autodiff (``where`` sends no gradient to the
+    unselected branch, and the infinite score never enters an arithmetic operation)."""
+    infeasible = xp.isinf(score)
+    finite_score = xp.where(infeasible, xp.zeros_like(score), score)
+    loss = sign * (value - finite_score)
+    loss = xp.where(infeasible, xp.full_like(loss, float("inf")), loss)
+    if grad is None:
+        return loss
+    keep = xp.reshape(xp.astype(~infeasible, grad.dtype), tuple(score.shape) + (1,) * (grad.ndim - score.ndim))
+    return loss, grad * keep
+
+
 def _cost_array(cost, theta, problem, name="cost"):
     xp = problem.xp
     C = _like(cost, problem, theta, name)
@@ -180,6 +196,7 @@ def _cost_array(cost, theta, problem, name="cost"):
                          f"got shape {tuple(C.shape)}")
     if C.dtype != theta.dtype:
         C = xp.astype(C, theta.dtype)
+    checks_for(problem.backend)[0](C, xp, name, "inf")  # (torch: inside its operators)
     return C
 
 
@@ -209,6 +226,9 @@ def viterbi_surrogate(theta: Array, tags: Array, *, reg: Reg = "negentropy", gam
         between tag sequences is ``<C_Y, Y'>``), or a custom linear cost.
     return_grad : bool
         Also return ``∂l/∂θ = E(θ + C_Y) − Y``, computed by the DP passes.
+
+    Where the target path crosses a ``-inf`` score the loss is ``+inf`` and
+    its gradient 0 (in every framework).
 
     Returns
     -------
@@ -248,8 +268,8 @@ def viterbi_surrogate(theta: Array, tags: Array, *, reg: Reg = "negentropy", gam
     score = _inner(xp, Y, theta, 3)
     if return_grad:
         value, E = viterbi_grad(aug, **kw)
-        return value - score, E - Y
-    return viterbi(aug, **kw) - score
+        return _surrogate_loss(xp, value, score, 1.0, E - Y)
+    return _surrogate_loss(xp, viterbi(aug, **kw), score, 1.0)
 
 
 _DIVERGENCES = ("l2", "kl")
@@ -273,11 +293,22 @@ def viterbi_relaxed(theta: Array, tags: Array, *, reg: Reg = "negentropy", gamma
 
     * ``divergence="l2"``: ``Σ_t ‖M[t] − P[t]‖²``;
     * ``divergence="kl"``: ``Σ_t KL(P[t] ‖ M[t]) = −Σ_t log M[t, tags[t]]``
-      (``+inf`` where a target tag has probability 0, e.g. with ``"l2"``).
+      (``+inf`` where a target tag has probability 0, e.g. with ``"l2"``, or
+      a marginal that underflows to 0 with negentropy).
 
     ``divergence=None`` picks ``"kl"`` for negentropy and ``"l2"`` otherwise,
     the pairs of the paper. Not convex; differentiable once in the caller's
     framework (its gradient is a Hessian-vector product of Vit_Ω).
+
+    Gradient (the same with ``return_grad``, torch autograd and ``jax.grad``):
+    ``∇²Vit_Ω(θ)·(∂Δ/∂E)``, finite wherever the loss is finite. With
+    negentropy the marginals are smooth and this is the gradient. With
+    ``"l2"`` they are piecewise smooth (each sparsemax is affine while its
+    support is fixed): the HVP uses the support of the computed ``q``, i.e.
+    the derivative of the piece whose support is ``supp(q)``, a one-sided
+    derivative on the boundaries between pieces. With ``"hard"`` they are
+    piecewise constant and the gradient is ``0`` (the derivative almost
+    everywhere). An item whose KL loss is ``+inf`` gets gradient ``0``.
 
     Parameters
     ----------
@@ -314,9 +345,17 @@ def viterbi_relaxed(theta: Array, tags: Array, *, reg: Reg = "negentropy", gamma
         loss = xp.sum(D * D, axis=(-2, -1))
         dM = 2.0 * D
     else:
-        Msafe = xp.where(P > 0, M, xp.ones_like(M))
-        loss = -xp.sum(P * xp.log(Msafe), axis=(-2, -1))
-        dM = -P / Msafe
+        # KL(P || M) = -log M[t, tags[t]] summed over t: +inf where a target tag has
+        # marginal 0 (always possible with "l2"/"hard", on underflow with negentropy).
+        # The log is taken of M only where it is positive, so no inf * 0 reaches a
+        # gradient; an item with an infinite loss gets gradient 0, in every framework.
+        live = (P > 0) & (M > 0)
+        Msafe = xp.where(live, M, xp.ones_like(M))
+        infinite = xp.any((P > 0) & ~live, axis=(-2, -1))
+        finite_part = -xp.sum(P * xp.log(Msafe), axis=(-2, -1))
+        loss = xp.where(infinite, xp.full_like(finite_part, float("inf")), finite_part)
+        keep = xp.astype(~infinite, M.dtype)[..., None, None]
+        dM = xp.where(live, -P / Msafe, xp.zeros_like(M)) * keep
     if not return_grad:
         return loss
     Z = xp.broadcast_to(dM[..., None], theta.shape)
@@ -391,6 +430,9 @@ def dtw_surrogate(theta: Array, Y: Array, *, reg: Reg = "negentropy", gamma: flo
     return_grad : bool
         Also return ``∂l/∂θ = Y − E(θ − C_Y)``.
 
+    Where the target alignment crosses a ``+inf`` cost the loss is ``+inf``
+    and its gradient 0 (in every framework).
+
     Returns
     -------
     loss : array, shape (...)
@@ -424,8 +466,8 @@ def dtw_surrogate(theta: Array, Y: Array, *, reg: Reg = "negentropy", gamma: flo
     score = _inner(xp, Y, theta, 2)
     if return_grad:
         value, E = dtw_grad(aug, **kw)
-        return score - value, Y - E
-    return score - dtw(aug, **kw)
+        return _surrogate_loss(xp, value, score, -1.0, Y - E)
+    return _surrogate_loss(xp, dtw(aug, **kw), score, -1.0)
 
 
 def dtw_relaxed(theta: Array, Y: Array, *, reg: Reg = "negentropy", gamma: float = 1.0,

@@ -79,11 +79,12 @@ def _segment_cumsum(E, indptr):
     return cq, totals
 
 
-def _walk(E, value, indptr, parents, n, rng):
+def _walk(E, indptr, parents, n, rng):
     """Random walks from the end node along ``q = E / segment sums``.
 
     Returns ``edges`` (steps, n, B) int64, the edge taken at each step or -1.
-    Items whose end node is unreachable (non-finite value or zero flow) give no step.
+    Items whose end node is unreachable (zero flow into it) give no step; the value
+    is not used for that, as it can be infinite by overflow while ``E`` is right.
     """
     B = E.shape[0]
     N = indptr.shape[0] - 1
@@ -91,7 +92,7 @@ def _walk(E, value, indptr, parents, n, rng):
     W = n * B
     bidx = np.tile(np.arange(B), n)
     cur = np.full(W, N - 1, dtype=np.int64)
-    alive = np.isfinite(value)[bidx] & (totals[bidx, N - 1] > 0)
+    alive = totals[bidx, N - 1] > 0
     cur[~alive] = 0
     steps = []
     deg = np.diff(indptr)
@@ -178,9 +179,9 @@ def dag_sample(weights: Array, graph: DAG, n: int, *, reg: Reg = "negentropy", g
     n = _check_n(n)
     rng = _rng(seed)
     wh = _host64(weights, "weights").reshape(problem.flat_shape)
-    value, E = dag_grad(wh, graph, reg=problem.reg, gamma=problem.gamma)
+    _, E = dag_grad(wh, graph, reg=problem.reg, gamma=problem.gamma)
     B = wh.shape[0]
-    steps = _walk(E, value, graph.indptr, graph.parents, n, rng)
+    steps = _walk(E, graph.indptr, graph.parents, n, rng)
     Y = np.zeros((n, B, graph.n_edges), dtype=_np_dtype(weights, problem))
     s, ni, bi = np.nonzero(steps >= 0)
     Y[ni, bi, steps[s, ni, bi]] = 1
@@ -331,8 +332,8 @@ def dtw_sample(theta: Array, n: int, *, reg: Reg = "negentropy", gamma: float = 
         graph, index = DAG.for_dtw(a, b, None if band_i < 0 else band_i)
         items = np.asarray(items)
         w = -th[items][:, :a, :b].reshape(len(items), a * b)[:, index]
-        value, E = dag_grad(w, graph, reg=problem.reg, gamma=problem.gamma)
-        steps = _walk(E, value, graph.indptr, graph.parents, n, rng)
+        _, E = dag_grad(w, graph, reg=problem.reg, gamma=problem.gamma)
+        steps = _walk(E, graph.indptr, graph.parents, n, rng)
         s, ni, bi = np.nonzero(steps >= 0)
         cell = index[steps[s, ni, bi]]
         Y[ni, items[bi], cell // b, cell % b] = 1
@@ -385,13 +386,13 @@ def dag_support(weights: Array, graph: DAG, *, reg: Reg = "l2", gamma: float = 1
     if isinstance(max_paths, bool) or not isinstance(max_paths, numbers.Integral) or max_paths < 1:
         raise ValueError(f"max_paths must be a positive integer, got {max_paths!r}")
     wh = _host64(weights, "weights")[None]
-    value, E = dag_grad(wh, graph, reg=problem.reg, gamma=problem.gamma)
+    _, E = dag_grad(wh, graph, reg=problem.reg, gamma=problem.gamma)
     E = E[0]
     indptr, parents = graph.indptr, graph.parents
     N = graph.n_nodes
     dt = _np_dtype(weights, problem)
     found = []
-    if np.isfinite(value[0]):
+    if np.any(E > 0):  # the end is reachable (the value may be infinite by overflow)
         cq, totals = _segment_cumsum(E[None], indptr)
         totals = totals[0]
         # depth-first search from the end node along edges with q > 0

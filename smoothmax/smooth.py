@@ -3,8 +3,9 @@
 These are written with array-API operations only, so they are differentiable
 (and twice differentiable) natively in PyTorch and JAX.
 """
+from ._array_api import dtype_name
 from ._typing import Array, Reg
-from ._validation import as_array, check_float, check_gamma, check_reg, check_values
+from ._validation import as_array, check_axis, check_float, check_gamma, check_reg, check_values
 from .operators import max_value_grad
 
 __all__ = ["smooth_max", "smooth_argmax"]
@@ -14,15 +15,27 @@ def _prepare(x, reg, gamma, axis):
     x, xp, _ = as_array(x, "x")
     check_float(x, xp, "x")
     reg = check_reg(reg)
-    gamma = check_gamma(gamma)
+    gamma = check_gamma(gamma, dtype_name(xp, x.dtype), reg)
     if x.ndim == 0:
         raise ValueError("x must have at least 1 dimension, got a scalar")
-    if not isinstance(axis, int) or not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"axis must be an int in [{-x.ndim}, {x.ndim - 1}], got {axis!r}")
+    axis = check_axis(axis, x.ndim)
     if x.shape[axis] == 0:
         raise ValueError(f"x must have a non-empty axis {axis}, got shape {tuple(x.shape)}")
     check_values(x, xp, "x", "+inf")
     return xp, xp.moveaxis(x, axis, -1), reg, gamma
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _max_value_grad(xp, x, reg, gamma):
+    """:func:`max_value_grad`; a float32 ``x`` with a γ beyond float32's range
+    (γ would round to inf, and ``inf·log 1`` is NaN) is computed in float64 and
+    the results rounded back (a value beyond the range becomes ±inf)."""
+    if x.dtype == xp.float32 and reg != "hard" and gamma > _FLOAT32_MAX:
+        value, q = max_value_grad(xp, xp.astype(x, xp.float64), reg, gamma)
+        return xp.astype(value, xp.float32), xp.astype(q, xp.float32)
+    return max_value_grad(xp, x, reg, gamma)
 
 
 def smooth_max(x: Array, *, reg: Reg = "negentropy", gamma: float = 1.0, axis: int = -1) -> Array:
@@ -39,8 +52,8 @@ def smooth_max(x: Array, *, reg: Reg = "negentropy", gamma: float = 1.0, axis: i
 
     Returns
     -------
-    value : array, the shape of ``x`` without ``axis``.
-
+    value : array, the shape of ``x`` without ``axis``; ``-inf`` along a
+        slice that is all ``-inf``.
     Examples
     --------
     >>> import numpy as np
@@ -56,7 +69,7 @@ def smooth_max(x: Array, *, reg: Reg = "negentropy", gamma: float = 1.0, axis: i
     array([0.     , 1.34657])
     """
     xp, x, reg, gamma = _prepare(x, reg, gamma, axis)
-    return max_value_grad(xp, x, reg, gamma)[0]
+    return _max_value_grad(xp, x, reg, gamma)[0]
 
 
 def smooth_argmax(x: Array, *, reg: Reg = "negentropy", gamma: float = 1.0, axis: int = -1) -> Array:
@@ -68,8 +81,10 @@ def smooth_argmax(x: Array, *, reg: Reg = "negentropy", gamma: float = 1.0, axis
 
     Returns
     -------
-    q : array, the shape of ``x``; non-negative, sums to 1 along ``axis``.
-
+    q : array, the shape of ``x``; non-negative, sums to 1 along ``axis``
+        (up to rounding), except along a slice whose entries are all ``-inf``:
+        there no entry can be chosen, ``q`` is 0 and :func:`smooth_max` is
+        ``-inf`` (the convention of the DP engines, Lemma 1 of the paper).
     Examples
     --------
     >>> import numpy as np
@@ -83,5 +98,5 @@ def smooth_argmax(x: Array, *, reg: Reg = "negentropy", gamma: float = 1.0, axis
     array([0., 0., 1.])
     """
     xp, xm, reg, gamma = _prepare(x, reg, gamma, axis)
-    q = max_value_grad(xp, xm, reg, gamma)[1]
+    q = _max_value_grad(xp, xm, reg, gamma)[1]
     return xp.moveaxis(q, -1, axis)

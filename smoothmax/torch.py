@@ -414,6 +414,10 @@ def check_lengths(lengths, batch_shape, maximum, name="lengths"):
     B = _batch_size(batch_shape)
     if not isinstance(lengths, torch.Tensor):
         return torch.tensor(_validation.check_lengths(lengths, batch_shape, maximum, name))
+    _validation.check_dense(lengths, name)
+    if lengths.requires_grad:
+        raise TypeError(f"{name} must be integers and carry no gradient, got a tensor that requires grad "
+                        f"(pass {name}.detach() or an integer tensor)")
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise TypeError(f"{name} must contain integers, got dtype {lengths.dtype}")
     if not _broadcastable(tuple(lengths.shape), tuple(batch_shape)):

@@ -8,6 +8,7 @@ the CRF log-partition and ``E = ∇Vit_Ω`` holds the pairwise marginals
 ``E[t, i, j] = p(y_t = i, y_{t-1} = j)``.
 """
 from ._dispatch import compiled_available
+from ._array_api import dtype_name
 from ._problem import checks_for, evaluate, make_problem
 from ._typing import Array, Lengths, Reg
 from ._validation import (as_array, check_direction, check_float, check_gamma, check_lengths,
@@ -46,7 +47,7 @@ def _prepare(theta, reg, gamma, lengths, kernel_checks=False, host_checks=False)
     if S != S2 or T < 1 or S < 1:
         raise ValueError(f"theta must have shape (..., T, S, S) with T, S >= 1, got {tuple(theta.shape)}")
     reg = check_reg(reg)
-    gamma = check_gamma(gamma)
+    gamma = check_gamma(gamma, dtype_name(xp, theta.dtype), reg)
     values, check_len = (check_values, check_lengths) if host_checks else checks_for(backend)
     if not (kernel_checks and backend == "numpy" and compiled_available()):
         values(theta, xp, "theta", "+inf")

@@ -251,6 +251,17 @@ def rng(request):
     return np.random.default_rng(seed)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true", default=False,
+                     help="fuzz suite (tests/test_fuzz.py): at least 1000 cases per function, a fresh seed")
+
+
+@pytest.fixture
+def fuzz_long(request):
+    """True under ``--fuzz-long`` (the long fuzz profile), False for the fast CI profile."""
+    return request.config.getoption("--fuzz-long")
+
+
 def pytest_configure(config):
     """With SMOOTHMAX_REQUIRE_COMPILED=1 (CI), a missing compiled core is an error, not skips."""
     if os.environ.get("SMOOTHMAX_REQUIRE_COMPILED") == "1":

@@ -43,6 +43,7 @@ from libc.stdint cimport int32_t, int64_t, uint32_t
 
 import numpy as np
 
+from .. import _extremes
 from .._buffers import empty as _scratch
 from . import dag as _dag
 from . import dtw as _dtw
@@ -293,9 +294,12 @@ def _execute(int which, list args, list rets, dict attrs, xp=np, engine=None):
         else:
             out = (outs[0], outs[1] if op == "grad" else None, None)
         fn(*head, *fixed, *tail, out=out)
+        # values beyond the dtype's range: rerun rescaled, into the same buffers
+        _extremes.rescue_overflow(prefix, op, fn, [*head, *fixed, *tail], out, fixed, into=out)
         return
     res = fn(*head, *fixed, *tail)
     res = res if isinstance(res, tuple) else (res,)
+    res = _extremes.rescue_overflow(prefix, op, fn, [*head, *fixed, *tail], res, fixed)
     picked = [res[k] for k in _PICKS[op]] if op in _PICKS else list(res)
     for dst, src in zip(outs, picked):
         dst[...] = src
