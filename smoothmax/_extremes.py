@@ -121,7 +121,7 @@ def rescue_crf_overflow(op, fn, arrays, lengths, extra, out):
         return out
     extra = list(extra)
     if smoothed:
-        extra[-1] = math.ldexp(gamma, -k)
+        extra[-1] = math.ldexp(extra[-1], -k)
     new = fn(*[_times_pow2(a, -k) for a in arrays[:4]], *arrays[4:], lengths, *extra)
     new = list(new) if isinstance(new, tuple) else [new]
     if op == "hvp":
@@ -157,7 +157,7 @@ def rescue_overflow(struct, op, fn, args, out, aux=(), into=None):
         return out
     args = [_times_pow2(args[0], -k)] + list(args[1:])
     if smoothed:
-        args[-1] = math.ldexp(gamma, -k)
+        args[-1] = math.ldexp(args[-1], -k)
     if into is None:
         new = fn(*args)
         new = list(new) if isinstance(new, tuple) else [new]

@@ -77,6 +77,11 @@ class DAG:
     """
 
     __slots__ = ("_indptr", "_parents", "_child", "_n_nodes", "_n_edges")
+    _indptr: np.ndarray
+    _parents: np.ndarray
+    _child: np.ndarray
+    _n_nodes: int
+    _n_edges: int
 
     def __init__(self, indptr: Array, parents: Array) -> None:
         indptr = _int_vector(indptr, "indptr")
