@@ -99,6 +99,7 @@ def dtw(
         ``+inf`` where the end cell cannot be reached (all paths forbidden);
         ``±inf`` also where the value is beyond the dtype's range (``E`` and
         the HVP are then still right, see ``docs/decisions.md``).
+
     Examples
     --------
     >>> import numpy as np
@@ -129,6 +130,7 @@ def dtw_grad(
     E : array, shape (..., NA, NB)
         Entries in [0, 1] (up to rounding: an entry can exceed 1 by a few
         ulps); exactly 0 on forbidden cells and past the lengths.
+
     Examples
     --------
     >>> import numpy as np

@@ -54,6 +54,7 @@ def smooth_max(x: Array, *, reg: Reg = "negentropy", gamma: float = 1.0, axis: i
     -------
     value : array, the shape of ``x`` without ``axis``; ``-inf`` along a
         slice that is all ``-inf``.
+
     Examples
     --------
     >>> import numpy as np
@@ -85,6 +86,7 @@ def smooth_argmax(x: Array, *, reg: Reg = "negentropy", gamma: float = 1.0, axis
         (up to rounding), except along a slice whose entries are all ``-inf``:
         there no entry can be chosen, ``q`` is 0 and :func:`smooth_max` is
         ``-inf`` (the convention of the DP engines, Lemma 1 of the paper).
+
     Examples
     --------
     >>> import numpy as np
