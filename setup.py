@@ -1,4 +1,4 @@
-"""Build the compiled CPU core (Cython, fused float32/float64, OpenMP when available)."""
+"""Build the compiled CPU core (Cython in C++17 mode, fused float32/float64, OpenMP when available)."""
 import os
 import sys
 import tempfile
@@ -32,8 +32,10 @@ class BuildExt(build_ext):
         openmp = os.environ.get("SMOOTHMAX_OPENMP", "1") != "0" and _has_openmp(cc)
         if self.compiler.compiler_type == "msvc":
             args, link = ["/O2"] + (["/openmp"] if openmp else []), []
+            cxx17 = ["/std:c++17"]
         else:
             args = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+            cxx17 = ["-std=c++17"]
             if os.environ.get("SMOOTHMAX_NATIVE", "0") == "1":
                 args.append("-march=native")
             link = []
@@ -41,7 +43,8 @@ class BuildExt(build_ext):
                 args.append("-fopenmp")
                 link.append("-fopenmp")
         for ext in self.extensions:
-            ext.extra_compile_args = args + ext.extra_compile_args
+            std = cxx17 if ext.language == "c++" else []
+            ext.extra_compile_args = args + std + ext.extra_compile_args
             ext.extra_link_args = link + ext.extra_link_args
         print(f"smoothmax: building with OpenMP={'on' if openmp else 'off'}", file=sys.stderr)
         super().build_extensions()
@@ -92,9 +95,13 @@ def _extensions():
         Extension(
             f"smoothmax._core.{name}",
             [f"smoothmax/_core/{name}.pyx"],
+            # C++17: the operator templates of include/smx_ops.hpp (shared with
+            # the CUDA kernels) and the kernel templates of simd.h
+            language="c++",
             # rebuilt when these change, and shipped in the sdist (which
-            # otherwise holds only the generated .c, not the .pyx cythonize needs)
+            # otherwise holds only the generated .cpp, not the .pyx cythonize needs)
             depends=[f"smoothmax/_core/{name}.pyx", "smoothmax/_core/simd.h",
+                     "smoothmax/_core/include/smx_ops.hpp",
                      "smoothmax/_core/operators.pxd", "smoothmax/_core/crf_simd.h",
                      "smoothmax/_core/band.pxd", "smoothmax/_core/dtw_kernels.pxd",
                      "smoothmax/_core/costs.h"],

@@ -20,6 +20,8 @@
 
 #include <stddef.h>
 
+#define SM_RESTRICT __restrict__  /* C and C++ (GCC, clang) */
+
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && \
     !defined(__AVX2__) && !defined(SMOOTHMAX_NO_MULTIVERSION)
 #define SM_FEAT_CLONES __attribute__((target_clones("avx2", "default")))
@@ -27,7 +29,7 @@
 #define SM_FEAT_CLONES
 #endif
 
-static inline double sm_feat_dot(const double *restrict x, const double *restrict y, ptrdiff_t d)
+static inline double sm_feat_dot(const double *SM_RESTRICT x, const double *SM_RESTRICT y, ptrdiff_t d)
 {
     double acc = 0.0;
 #pragma omp simd reduction(+:acc)
@@ -35,7 +37,7 @@ static inline double sm_feat_dot(const double *restrict x, const double *restric
     return acc;
 }
 
-static inline double sm_feat_sqdist(const double *restrict x, const double *restrict y, ptrdiff_t d)
+static inline double sm_feat_sqdist(const double *SM_RESTRICT x, const double *SM_RESTRICT y, ptrdiff_t d)
 {
     double acc = 0.0;
 #pragma omp simd reduction(+:acc)
@@ -48,7 +50,7 @@ static inline double sm_feat_sqdist(const double *restrict x, const double *rest
 
 SM_FEAT_CLONES
 static void sm_cost_diag(ptrdiff_t n, int cost, const double *x, const double *y, ptrdiff_t d,
-                         double *restrict out)
+                         double *SM_RESTRICT out)
 {
     for (ptrdiff_t k = 0; k < n; ++k) {
         const double *xk = x + k * d, *yk = y - k * d;
@@ -61,14 +63,14 @@ static void sm_cost_diag(ptrdiff_t n, int cost, const double *x, const double *y
 }
 
 SM_FEAT_CLONES
-static void sm_cgrad_diag(ptrdiff_t n, int cost, const double *restrict e, const double *x,
+static void sm_cgrad_diag(ptrdiff_t n, int cost, const double *SM_RESTRICT e, const double *x,
                           const double *y, ptrdiff_t d, double *gx, double *gy)
 {
     for (ptrdiff_t k = 0; k < n; ++k) {
         double ek = e[k];
         if (ek == 0.0) continue;
-        const double *restrict xk = x + k * d, *restrict yk = y - k * d;
-        double *restrict gxk = gx + k * d, *restrict gyk = gy - k * d;
+        const double *SM_RESTRICT xk = x + k * d, *SM_RESTRICT yk = y - k * d;
+        double *SM_RESTRICT gxk = gx + k * d, *SM_RESTRICT gyk = gy - k * d;
         if (cost == 2) {
             double s = sm_feat_dot(xk, yk, d);
 #pragma omp simd

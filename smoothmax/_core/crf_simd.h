@@ -27,83 +27,68 @@
 
 #define SM_CRF_TINY 1e-280
 
-#define SM_DEFINE_CRF_KERNELS(SUF, ATTR)                                       \
-ATTR static double sm_crf_fwd_##SUF(                                           \
-    ptrdiff_t S, const double *restrict K, const double *restrict a,           \
-    double *restrict p, double *restrict s, double *restrict y, double gamma)  \
-{                                                                              \
-    ptrdiff_t i, j;                                                            \
-    double m = sm_rowmax(S, a, y);                                             \
-    for (i = 0; i < S; ++i) s[i] = 0.0;                                        \
-    if (!(m > -SM_INF)) {                                                      \
-        for (j = 0; j < S; ++j) p[j] = 0.0;                                    \
-        return m;                                                              \
-    }                                                                          \
-    const double ig = 1.0 / gamma;                                             \
-    for (j = 0; j < S; ++j) p[j] = sm_exp_nonpos((a[j] - m) * ig);             \
-    for (j = 0; j < S; ++j) {                                                  \
-        const double pj = p[j];                                                \
-        const double *restrict kr = K + j * S;                                 \
-        if (pj == 0.0) continue;                                               \
-        for (i = 0; i < S; ++i) s[i] += pj * kr[i];                            \
-    }                                                                          \
-    return m;                                                                  \
-}                                                                              \
-ATTR static void sm_crf_bwd_##SUF(                                             \
-    ptrdiff_t S, const double *restrict K, const double *restrict p,           \
-    const double *restrict r, double *restrict nb, double *restrict G,         \
-    double w)                                                                  \
-{                                                                              \
-    ptrdiff_t i, j, l;                                                         \
-    double acc[8];                                                             \
-    for (j = 0; j < S; ++j) {                                                  \
-        const double pj = p[j], wp = w * p[j];                                 \
-        const double *restrict kr = K + j * S;                                 \
-        double *restrict gr = G + j * S;                                       \
-        if (pj == 0.0) { nb[j] = 0.0; continue; }                              \
-        for (l = 0; l < 8; ++l) acc[l] = 0.0;                                  \
-        for (i = 0; i + 8 <= S; i += 8)                                        \
-            for (l = 0; l < 8; ++l) {                                          \
-                acc[l] += kr[i + l] * r[i + l];                                \
-                gr[i + l] += wp * r[i + l];                                    \
-            }                                                                  \
-        double d = SM_SUM8(acc);                                               \
-        for (; i < S; ++i) {                                                   \
-            d += kr[i] * r[i];                                                 \
-            gr[i] += wp * r[i];                                                \
-        }                                                                      \
-        nb[j] = pj * d;                                                        \
-    }                                                                          \
-}
+namespace smx {
+namespace cpu {
 
-#ifdef SM_MULTIVERSION
-SM_DEFINE_CRF_KERNELS(avx512, SM_ATTR_AVX512)
-SM_DEFINE_CRF_KERNELS(avx2, SM_ATTR_AVX2)
-SM_DEFINE_CRF_KERNELS(base, )
-static double sm_crf_fwd(ptrdiff_t S, const double *K, const double *a, double *p, double *s,
-                         double *y, double gamma)
-{
-    if (sm_isa_level < 0) sm_init_isa();
-    switch (sm_isa_level) {
-    case 2: return sm_crf_fwd_avx512(S, K, a, p, s, y, gamma);
-    case 1: return sm_crf_fwd_avx2(S, K, a, p, s, y, gamma);
-    default: return sm_crf_fwd_base(S, K, a, p, s, y, gamma);
+struct CrfFwd {
+    static SMX_HD double run(ptrdiff_t S, const double *SMX_R K, const double *SMX_R a,
+                             double *SMX_R p, double *SMX_R s, double *SMX_R y, double gamma)
+    {
+        ptrdiff_t i, j;
+        double m = rowmax(S, a, y);
+        for (i = 0; i < S; ++i) s[i] = 0.0;
+        if (!(m > -SM_INF)) {
+            for (j = 0; j < S; ++j) p[j] = 0.0;
+            return m;
+        }
+        const double ig = 1.0 / gamma;
+        for (j = 0; j < S; ++j) p[j] = smx::exp_nonpos((a[j] - m) * ig);
+        for (j = 0; j < S; ++j) {
+            const double pj = p[j];
+            const double *SMX_R kr = K + j * S;
+            if (pj == 0.0) continue;
+            for (i = 0; i < S; ++i) s[i] += pj * kr[i];
+        }
+        return m;
     }
-}
-static void sm_crf_bwd(ptrdiff_t S, const double *K, const double *p, const double *r,
-                       double *nb, double *G, double w)
-{
-    if (sm_isa_level < 0) sm_init_isa();
-    switch (sm_isa_level) {
-    case 2: sm_crf_bwd_avx512(S, K, p, r, nb, G, w); break;
-    case 1: sm_crf_bwd_avx2(S, K, p, r, nb, G, w); break;
-    default: sm_crf_bwd_base(S, K, p, r, nb, G, w);
+};
+
+struct CrfBwd {
+    static SMX_HD void run(ptrdiff_t S, const double *SMX_R K, const double *SMX_R p,
+                           const double *SMX_R r, double *SMX_R nb, double *SMX_R G, double w)
+    {
+        ptrdiff_t i, j, l;
+        double acc[8];
+        for (j = 0; j < S; ++j) {
+            const double pj = p[j], wp = w * p[j];
+            const double *SMX_R kr = K + j * S;
+            double *SMX_R gr = G + j * S;
+            if (pj == 0.0) { nb[j] = 0.0; continue; }
+            for (l = 0; l < 8; ++l) acc[l] = 0.0;
+            for (i = 0; i + 8 <= S; i += 8)
+                for (l = 0; l < 8; ++l) {
+                    acc[l] += kr[i + l] * r[i + l];
+                    gr[i + l] += wp * r[i + l];
+                }
+            double d = sum8(acc);
+            for (; i < S; ++i) {
+                d += kr[i] * r[i];
+                gr[i] += wp * r[i];
+            }
+            nb[j] = pj * d;
+        }
     }
-}
-#else
-SM_DEFINE_CRF_KERNELS(any, )
-#define sm_crf_fwd sm_crf_fwd_any
-#define sm_crf_bwd sm_crf_bwd_any
-#endif
+};
+
+inline double crf_fwd(ptrdiff_t S, const double *K, const double *a, double *p, double *s,
+                      double *y, double gamma)
+{ return dispatch<CrfFwd>(S, K, a, p, s, y, gamma); }
+
+inline void crf_bwd(ptrdiff_t S, const double *K, const double *p, const double *r, double *nb,
+                    double *G, double w)
+{ dispatch<CrfBwd>(S, K, p, r, nb, G, w); }
+
+}  // namespace cpu
+}  // namespace smx
 
 #endif

@@ -49,8 +49,7 @@ from .band cimport _diag_range, _in_band
 from .operators cimport max_omega, max_omega_hvp, sm_init_isa, sm_isa_name
 
 
-from .dtw_kernels cimport (sm_dtw_bwd_d, sm_dtw_bwd_f, sm_dtw_bwd_hvp_d, sm_dtw_bwd_hvp_f,
-                          sm_dtw_fwd_d, sm_dtw_fwd_f, sm_dtw_fwd_hvp_d, sm_dtw_fwd_hvp_f,
+from .dtw_kernels cimport (dtw_bwd, dtw_bwd_hvp, dtw_fwd, dtw_fwd_hvp,
                           sm_max_threads, sm_tile_fn, sm_wavefront)
 
 
@@ -405,31 +404,17 @@ cdef void _tile_fwd(const _Grid* g, const floating* theta, const floating* Z,
             boff = ((dl - 2) % BLOCK) * W + a
             if hvp:
                 qp = q + toff[dl]
-                if floating is double:
-                    sm_dtw_fwd_hvp_d(n, blk + boff, blkz + boff, p1 + a - 1, p1 + a, p2 + a - 1,
-                                     cur + a, d1 + a - 1, d1 + a, d2 + a - 1, curd + a,
-                                     qp, qp + P, qp + 2 * P, qp + 3 * P, qp + 4 * P, qp + 5 * P,
-                                     g.reg, g.gamma)
-                else:
-                    sm_dtw_fwd_hvp_f(n, blk + boff, blkz + boff, p1 + a - 1, p1 + a, p2 + a - 1,
-                                     cur + a, d1 + a - 1, d1 + a, d2 + a - 1, curd + a,
-                                     qp, qp + P, qp + 2 * P, qp + 3 * P, qp + 4 * P, qp + 5 * P,
-                                     g.reg, g.gamma)
+                dtw_fwd_hvp(n, blk + boff, blkz + boff, p1 + a - 1, p1 + a, p2 + a - 1,
+                            cur + a, d1 + a - 1, d1 + a, d2 + a - 1, curd + a,
+                            qp, qp + P, qp + 2 * P, qp + 3 * P, qp + 4 * P, qp + 5 * P,
+                            g.reg, g.gamma)
             elif q != NULL:
                 qp = q + toff[dl]
-                if floating is double:
-                    sm_dtw_fwd_d(n, blk + boff, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
-                                 qp, qp + P, qp + 2 * P, g.reg, g.gamma)
-                else:
-                    sm_dtw_fwd_f(n, blk + boff, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
-                                 qp, qp + P, qp + 2 * P, g.reg, g.gamma)
+                dtw_fwd(n, blk + boff, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
+                        qp, qp + P, qp + 2 * P, g.reg, g.gamma)
             else:
-                if floating is double:
-                    sm_dtw_fwd_d(n, blk + boff, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
-                                 <double*> NULL, <double*> NULL, <double*> NULL, g.reg, g.gamma)
-                else:
-                    sm_dtw_fwd_f(n, blk + boff, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
-                                 <float*> NULL, <float*> NULL, <float*> NULL, g.reg, g.gamma)
+                dtw_fwd(n, blk + boff, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
+                        <floating*> NULL, <floating*> NULL, <floating*> NULL, g.reg, g.gamma)
             wlo[c] = a
             whi[c] = z
             if a <= th <= z:  # last row of the tile
@@ -556,21 +541,12 @@ cdef void _tile_bwd(const _Grid* g, floating* E, floating* Ed,
             offL = toff[dl + 1] + (a - tlo[dl + 1])
             offD = toff[dl + 2] + (a + 1 - tlo[dl + 2])
             if hvp:
-                if floating is double:
-                    sm_dtw_bwd_hvp_d(n, p1 + a + 1, p1 + a, p2 + a + 1, f1 + a + 1, f1 + a, f2 + a + 1,
-                                     qU + offU, qL + offL, qD + offD, qdU + offU, qdL + offL,
-                                     qdD + offD, cur + a, curd + a)
-                else:
-                    sm_dtw_bwd_hvp_f(n, p1 + a + 1, p1 + a, p2 + a + 1, f1 + a + 1, f1 + a, f2 + a + 1,
-                                     qU + offU, qL + offL, qD + offD, qdU + offU, qdL + offL,
-                                     qdD + offD, cur + a, curd + a)
+                dtw_bwd_hvp(n, p1 + a + 1, p1 + a, p2 + a + 1, f1 + a + 1, f1 + a, f2 + a + 1,
+                            qU + offU, qL + offL, qD + offD, qdU + offU, qdL + offL,
+                            qdD + offD, cur + a, curd + a)
             else:
-                if floating is double:
-                    sm_dtw_bwd_d(n, p1 + a + 1, p1 + a, p2 + a + 1,
-                                 qU + offU, qL + offL, qD + offD, cur + a)
-                else:
-                    sm_dtw_bwd_f(n, p1 + a + 1, p1 + a, p2 + a + 1,
-                                 qU + offU, qL + offL, qD + offD, cur + a)
+                dtw_bwd(n, p1 + a + 1, p1 + a, p2 + a + 1,
+                        qU + offU, qL + offL, qD + offD, cur + a)
             if a <= th <= z:  # last row: children below the tile
                 j = j0 + dl - th - 1
                 cur[th] += hU_in[j] + hG_in[j]

@@ -11,7 +11,7 @@ Design: the problem is cut into horizontal strips of ``h`` rows. A strip is
 swept anti-diagonal by anti-diagonal (at most ``h`` cells each, the rows of x
 of the strip and a window of ``h`` rows of y stay in cache) with the
 per-diagonal operator kernels of ``simd.h`` shared with ``dtw.pyx``
-(``sm_dtw_fwd_d`` / ``sm_dtw_bwd_d``); strips talk through one row of R
+(``dtw_fwd`` / ``dtw_bwd``); strips talk through one row of R
 (forward) and one row of ready-made products ebar·q (reverse):
 
 * value: strips in order, two rows of R (O(NB) memory);
@@ -46,7 +46,7 @@ import numpy as np
 from .dtw import _give_qwork, _take_qwork
 
 from .band cimport _diag_range
-from .dtw_kernels cimport sm_dtw_bwd_d, sm_dtw_fwd_d, sm_max_threads
+from .dtw_kernels cimport dtw_bwd, dtw_fwd, sm_max_threads
 from .operators cimport sm_init_isa
 
 
@@ -164,11 +164,11 @@ cdef void _strip_fwd(const _Strip* p, Py_ssize_t i0, Py_ssize_t h, const double*
             # x row of local row a, y row of column dl - a; then +1 / -1 row per cell
             sm_cost_diag(n, p.cost, p.X + (i0 + a - 2) * d, p.Y + (dl - a - 1) * d, d, cb)
             if q != NULL:
-                sm_dtw_fwd_d(n, cb, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
-                             q + soff[dl], q + P + soff[dl], q + 2 * P + soff[dl], p.reg, p.gamma)
+                dtw_fwd(n, cb, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
+                        q + soff[dl], q + P + soff[dl], q + 2 * P + soff[dl], p.reg, p.gamma)
             else:
-                sm_dtw_fwd_d(n, cb, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
-                             NULL, NULL, NULL, p.reg, p.gamma)
+                dtw_fwd(n, cb, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
+                        <double*> NULL, <double*> NULL, <double*> NULL, p.reg, p.gamma)
             wlo[c] = a
             whi[c] = z
             if a <= h <= z:  # last row of the strip
@@ -231,7 +231,7 @@ cdef void _strip_bwd(const _Strip* p, Py_ssize_t i0, Py_ssize_t h, const double*
         offU = soff[dl + 1] + (a + 1 - slo[dl + 1])
         offL = soff[dl + 1] + (a - slo[dl + 1])
         offD = soff[dl + 2] + (a + 1 - slo[dl + 2])
-        sm_dtw_bwd_d(n, p1 + a + 1, p1 + a, p2 + a + 1, qU + offU, qL + offL, qD + offD, cur + a)
+        dtw_bwd(n, p1 + a + 1, p1 + a, p2 + a + 1, qU + offU, qL + offL, qD + offD, cur + a)
         if a <= h <= z:  # last row: children below the strip
             cur[h] += Ein[dl - h]
         if last and dl == Dl:  # the end cell

@@ -1,38 +1,35 @@
 /*
- * SIMD kernels of the compiled engine: the anti-diagonal loops of the DTW_Omega
- * forward and reverse passes, and the negentropy max over one row used by
- * operators.pxd (so by Viterbi, whose S x S step is S such rows).
+ * SIMD kernels of the compiled engine (C++17, included by the Cython
+ * extensions compiled in C++ mode): the anti-diagonal loops of the DTW_Omega
+ * forward and reverse passes, the Viterbi step over the S rows of one time
+ * step, and the generic row max_Omega / H.u used by the Viterbi, DAG and CRF
+ * engines (operators.pxd declares them for Cython).
+ *
+ * The operator maths (value, weights q, Hessian product; exp/log) is not
+ * here: it is include/smx_ops.hpp, shared with the CUDA kernels. This file
+ * holds the loops around it.
  *
  * Cells (i, j) on one anti-diagonal d = i + j depend only on the two previous
  * anti-diagonals, so the loop over a diagonal has independent iterations and
- * is vectorized by the compiler. The per-cell work is branch-free (selects
- * only), and exp/log are written here, inline and branch-free, because libm's
- * exp/log do not vectorize without -ffast-math, which we cannot use: it
- * assumes no infinities, and +inf costs / -inf operator inputs are legal
- * masks here.
+ * is vectorized by the compiler. The per-cell work (smx::max3 / smx::hvp3)
+ * is branch-free and its exp/log are smx_ops.hpp's inline polynomials:
+ * libm's exp/log do not vectorize without -ffast-math, which we cannot use.
  *
- *   sm_exp_nonpos(x)  exp(x) for x <= 0 or x = -inf; results below e^-708
- *                     are flushed to 0 (no subnormals). Taylor degree 13 on
- *                     |r| <= ln2/2 after x = k ln2 + r: about 1 ulp.
- *   sm_log_pos(x)     log(x) for finite x > 0 normal (fdlibm/musl's method:
- *                     x = 2^k (1 + f), log(1+f) via s = f/(2+f), < 1 ulp).
+ * Types: every kernel is a template on the caller's float type T (float or
+ * double) for theta, E and the stored weights q; R, ebar and the operator
+ * arithmetic are double. Cython's fused `floating` picks the instantiation.
  *
- * Both are exact on the special values we feed them: exp(0) = 1 and
- * exp(-inf) = 0, so a +inf predecessor gets weight exactly 0.
- *
- * ISA: on x86-64 with GCC or clang the kernels are compiled three times,
- * with __attribute__((target(...))), for AVX-512 (8 doubles a vector),
- * AVX2 + FMA and the x86-64 baseline (SSE2, 2 doubles a vector); sm_init_isa()
- * (called once at import, else lazily) picks one with __builtin_cpu_supports. We do not
- * use target_clones("arch=..."): its resolver tests the CPU *model*, which
- * a virtual machine may hide, and per-feature clones cannot ask for
- * AVX-512 *and* FMA in one clone. With SMOOTHMAX_NATIVE=1 (-march=native
- * defines __AVX512F__ or __AVX2__), on other architectures or compilers,
- * one version is built for whatever the compiler targets.
- *
- * Types: theta, E and the stored weights q use the caller's dtype T (float or
- * double, one macro-generated body per type); R, ebar and every operator
- * computation are double.
+ * ISA: a kernel is a struct K with an always-inline `run`; on x86-64 with
+ * GCC or clang, smx::cpu::dispatch<K>(args) calls one of three
+ * instantiations of K::run compiled under __attribute__((target(...))), for
+ * AVX-512 (8 doubles a vector), AVX2 + FMA and the x86-64 baseline (SSE2),
+ * chosen by init_isa() (called once at import, else lazily) with
+ * __builtin_cpu_supports: one source text for all ISAs. We do not use
+ * target_clones("arch=..."): its resolver tests the CPU *model*, which a
+ * virtual machine may hide, and per-feature clones cannot ask for AVX-512
+ * *and* FMA in one clone. With SMOOTHMAX_NATIVE=1 (-march=native defines
+ * __AVX512F__ or __AVX2__), on other architectures (NEON on arm64) or
+ * compilers, one version is built for whatever the compiler targets.
  */
 #ifndef SMOOTHMAX_SIMD_H
 #define SMOOTHMAX_SIMD_H
@@ -41,65 +38,18 @@
 #include <stdint.h>
 #include <string.h>
 
-#define SM_INLINE static inline __attribute__((always_inline))
+#include "include/smx_ops.hpp"
+
 #define SM_INF (__builtin_inf())
+#define SMX_R __restrict__
+
+namespace smx {
+namespace cpu {
+
 /* sum of 8 lanes as a tree (latency 3 adds, not 8) */
-#define SM_SUM8(a) ((((a)[0] + (a)[1]) + ((a)[2] + (a)[3])) + (((a)[4] + (a)[5]) + ((a)[6] + (a)[7])))
-
-SM_INLINE double sm_asdouble(uint64_t u) { double d; memcpy(&d, &u, sizeof d); return d; }
-SM_INLINE uint64_t sm_asuint(double d) { uint64_t u; memcpy(&u, &d, sizeof u); return u; }
-
-SM_INLINE double sm_exp_nonpos(double x)
+SMX_HD double sum8(const double *a)
 {
-    const double shift = 0x1.8p52;  /* adding it rounds to an integer */
-    const double ln2hi = 6.93147180369123816490e-01;  /* 32 trailing zero bits */
-    const double ln2lo = 1.90821492927058770002e-10;
-    double xc = x < -708.0 ? -708.0 : x;  /* also maps -inf */
-    double t = xc * 1.44269504088896338700e+00 + shift;
-    double k = t - shift;                   /* round(x / ln2), in [-1022, 0] */
-    double r = (xc - k * ln2hi) - k * ln2lo;
-    double p = 1.0 / 6227020800.0;
-    p = p * r + 1.0 / 479001600.0;
-    p = p * r + 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    uint64_t ki = sm_asuint(t) - sm_asuint(shift);  /* k as a two's complement int */
-    double scale = sm_asdouble((ki + 1023) << 52);  /* 2^k, a normal number */
-    double y = p * scale;
-    return x < -708.0 ? 0.0 : y;
-}
-
-SM_INLINE double sm_log_pos(double x)
-{
-    const double ln2_hi = 6.93147180369123816490e-01;
-    const double ln2_lo = 1.90821492927058770002e-10;
-    const double Lg1 = 6.666666666666735130e-01, Lg2 = 3.999999999940941908e-01,
-                 Lg3 = 2.857142874366239149e-01, Lg4 = 2.222219843214978396e-01,
-                 Lg5 = 1.818357216161805012e-01, Lg6 = 1.531383769920937332e-01,
-                 Lg7 = 1.479819860511658591e-01;
-    uint64_t u = sm_asuint(x);
-    uint64_t hx = (u >> 32) + (0x3ff00000 - 0x3fe6a09e);
-    uint64_t e = hx >> 20;                                 /* k + 1023 */
-    double dk = (sm_asdouble(0x4330000000000000ULL | e) - 0x1p52) - 1023.0;
-    hx = (hx & 0x000fffff) + 0x3fe6a09e;                   /* 1 + f in [sqrt2/2, sqrt2] */
-    double f = sm_asdouble((hx << 32) | (u & 0xffffffffULL)) - 1.0;
-    double hfsq = 0.5 * f * f;
-    double s = f / (2.0 + f);
-    double z = s * s;
-    double w = z * z;
-    double t1 = w * (Lg2 + w * (Lg4 + w * Lg6));
-    double t2 = z * (Lg1 + w * (Lg3 + w * (Lg5 + w * Lg7)));
-    double R = t2 + t1;
-    return s * (hfsq + R) + dk * ln2_lo - hfsq + f + dk * ln2_hi;
+    return (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])));
 }
 
 /*
@@ -108,7 +58,7 @@ SM_INLINE double sm_log_pos(double x)
  * instructions (a loop over 8 local accumulators is scalarized instead, and
  * compiled to scalar compares). -inf entries are fine; NaN is never fed.
  */
-SM_INLINE double sm_rowmax(ptrdiff_t n, const double *restrict x, double *restrict y)
+SMX_HD double rowmax(ptrdiff_t n, const double *SMX_R x, double *SMX_R y)
 {
     ptrdiff_t j, n8 = n & ~(ptrdiff_t)7;
     double m = -SM_INF;
@@ -129,80 +79,12 @@ SM_INLINE double sm_rowmax(ptrdiff_t n, const double *restrict x, double *restri
 }
 
 /*
- * min_Omega of the three predecessors (a, b, c) = (up, left, diagonal) of R,
- * i.e. -max_Omega(-a, -b, -c); writes the weights q = grad max_Omega(-r).
- * All three +inf: value +inf, q = 0. ig = 1/gamma.
- */
-SM_INLINE double sm_min3_negentropy(double a, double b, double c, double gamma, double ig,
-                                    double *qa, double *qb, double *qc)
-{
-    double m = a < b ? a : b;
-    m = m < c ? m : c;
-    int fin = m < SM_INF;
-    double ms = fin ? m : 0.0;         /* never inf - inf */
-    double ea = sm_exp_nonpos((ms - a) * ig);
-    double eb = sm_exp_nonpos((ms - b) * ig);
-    double ec = sm_exp_nonpos((ms - c) * ig);
-    double s = fin ? ea + eb + ec : 1.0;  /* in [1, 3] when finite */
-    double inv = 1.0 / s;
-    *qa = ea * inv;                    /* all 0 when !fin */
-    *qb = eb * inv;
-    *qc = ec * inv;
-    return fin ? m - gamma * sm_log_pos(s) : SM_INF;
-}
-
-/*
- * Squared l2: q = sparsemax(y), y_k = (min r - r_k)/gamma <= 0, by a sorting
- * network on three values. On the support y_k = q_k + tau, so
- * <q, y> - |q|^2/2 = tau + |q|^2/2 and -inf entries never enter a product.
- */
-SM_INLINE double sm_min3_l2(double a, double b, double c, double gamma, double ig,
-                            double *qa, double *qb, double *qc)
-{
-    double m = a < b ? a : b;
-    m = m < c ? m : c;
-    int fin = m < SM_INF;
-    double ms = fin ? m : 0.0;
-    double ya = (ms - a) * ig, yb = (ms - b) * ig, yc = (ms - c) * ig;
-    double hi = ya > yb ? ya : yb, lo = ya > yb ? yb : ya;
-    double z1 = hi > yc ? hi : yc;
-    double mid = hi > yc ? yc : hi;
-    double z2 = lo > mid ? lo : mid;
-    double z3 = lo > mid ? mid : lo;
-    double tau = z1 - 1.0;
-    tau = 1.0 + z2 > z1 ? 0.5 * (z1 + z2 - 1.0) : tau;
-    tau = 1.0 + 2.0 * z3 > z1 + z2 ? (z1 + z2 + z3 - 1.0) * (1.0 / 3.0) : tau;
-    double pa = ya - tau, pb = yb - tau, pc = yc - tau;
-    pa = (fin && pa > 0.0) ? pa : 0.0;
-    pb = (fin && pb > 0.0) ? pb : 0.0;
-    pc = (fin && pc > 0.0) ? pc : 0.0;
-    *qa = pa; *qb = pb; *qc = pc;
-    double val = tau + 0.5 * (pa * pa + pb * pb + pc * pc);
-    return fin ? m - gamma * val : SM_INF;
-}
-
-/* Hard min, one-hot first argmin in the order (up, left, diagonal). */
-SM_INLINE double sm_min3_hard(double a, double b, double c, double gamma, double ig,
-                              double *qa, double *qb, double *qc)
-{
-    (void)gamma; (void)ig;
-    double m = a < b ? a : b;
-    m = m < c ? m : c;
-    int fin = m < SM_INF;
-    int ia = fin && a == m;
-    int ib = fin && !ia && b == m;
-    int ic = fin && !ia && !ib;
-    *qa = ia ? 1.0 : 0.0;
-    *qb = ib ? 1.0 : 0.0;
-    *qc = ic ? 1.0 : 0.0;
-    return m;
-}
-
-/*
- * Forward over the n cells of one diagonal (first cell i0, then i0+1, ...):
- *   out[k] = theta[k] + min_Omega(up[k], left[k], dg[k])
+ * DTW over the n cells of one diagonal (first cell i0, then i0+1, ...).
+ * Forward:
+ *   out[k] = theta[k] + min_Omega(up[k], left[k], dg[k]),
+ *   min_Omega(r) = -max_Omega(-r), weights q = grad max_Omega(-r),
  * with up = R[i-1, j], left = R[i, j-1], dg = R[i-1, j-1]; the weights go to
- * qu/ql/qd[k] when qu is not NULL.
+ * qu/ql/qd[k] when qu is not NULL. All three +inf: value +inf, q = 0.
  * Reverse over one diagonal:
  *   out[k] = eu[k]*qu[k] + el[k]*ql[k] + ed[k]*qd[k]
  * with eu = ebar(i+1, j), el = ebar(i, j+1), ed = ebar(i+1, j+1) and the
@@ -211,306 +93,383 @@ SM_INLINE double sm_min3_hard(double a, double b, double c, double gamma, double
  * into / E out of contiguous diagonal buffers, eight diagonals at a time, so
  * that each row of theta / E is visited once per eight diagonals (strided
  * gathers and scatters in these loops cost a cache and TLB miss per cell).
- */
-#define SM_FWD_LOOP(T, OP, STORE)                                              \
-    for (ptrdiff_t k = 0; k < n; ++k) {                                        \
-        double qa, qb, qc;                                                     \
-        double v = OP(up[k], left[k], dg[k], gamma, ig, &qa, &qb, &qc);        \
-        out[k] = theta[k] + v;                                                 \
-        if (STORE) { qu[k] = (T)qa; ql[k] = (T)qb; qd[k] = (T)qc; }            \
-    }
-
-#define SM_DEFINE_DTW_KERNELS(T, SUF, ATTR)                                    \
-ATTR static void sm_dtw_fwd_##SUF(                                             \
-    ptrdiff_t n, const double *restrict theta,                                 \
-    const double *restrict up, const double *restrict left,                    \
-    const double *restrict dg, double *restrict out,                           \
-    T *restrict qu, T *restrict ql, T *restrict qd, int reg, double gamma)     \
-{                                                                              \
-    const double ig = 1.0 / gamma;                                             \
-    if (qu != NULL) {                                                          \
-        if (reg == 0) { SM_FWD_LOOP(T, sm_min3_negentropy, 1) }                \
-        else if (reg == 1) { SM_FWD_LOOP(T, sm_min3_l2, 1) }                   \
-        else { SM_FWD_LOOP(T, sm_min3_hard, 1) }                               \
-    } else {                                                                   \
-        if (reg == 0) { SM_FWD_LOOP(T, sm_min3_negentropy, 0) }                \
-        else if (reg == 1) { SM_FWD_LOOP(T, sm_min3_l2, 0) }                   \
-        else { SM_FWD_LOOP(T, sm_min3_hard, 0) }                               \
-    }                                                                          \
-}                                                                              \
-ATTR static void sm_dtw_bwd_##SUF(                                             \
-    ptrdiff_t n, const double *restrict eu, const double *restrict el,         \
-    const double *restrict ed, const T *restrict qu, const T *restrict ql,     \
-    const T *restrict qd, double *restrict out)                                \
-{                                                                              \
-    for (ptrdiff_t k = 0; k < n; ++k)                                          \
-        out[k] = eu[k] * (double)qu[k] + el[k] * (double)ql[k]                 \
-                 + ed[k] * (double)qd[k];                                      \
-}
-
-/*
- * HVP (docs/spec.md §2) over one diagonal. Forward, per cell, with u the
- * tangents Rdot of the predecessors (up, left, diagonal):
- *   out = theta + min_Omega(r),  dout = z + <q, u>,
- *   qdot = -H(-r) u:  negentropy  -q (u - <q, u>) / gamma,
- *                     l2          -s (u - mean_S u) / gamma, s = [q > 0],
- *                     hard        0.
- * Reverse, per cell, with the children's ebar (e*) and ebar_dot (f*):
+ *
+ * HVP (docs/spec.md §2), forward, per cell, with u the tangents Rdot of the
+ * predecessors (up, left, diagonal):
+ *   out = theta + min_Omega(r),  dout = z + <q, u>,  qdot = -H(-r) u;
+ * reverse, per cell, with the children's ebar (e*) and ebar_dot (f*):
  *   out  = eu qu + el ql + ed qd,
  *   dout = fu qu + eu qdu + fl ql + el qdl + fd qd + ed qdd.
  * A q of 0 multiplies a finite tangent, so masked cells give exact zeros.
  */
-#define SM_FWD_HVP_LOOP(T, OP, QDOT)                                           \
-    for (ptrdiff_t k = 0; k < n; ++k) {                                        \
-        double qa, qb, qc;                                                     \
-        double v = OP(up[k], left[k], dg[k], gamma, ig, &qa, &qb, &qc);        \
-        out[k] = theta[k] + v;                                                 \
-        double ua = dup[k], ub = dleft[k], uc = ddg[k];                        \
-        double rd = qa * ua + qb * ub + qc * uc;                               \
-        dout[k] = z[k] + rd;                                                   \
-        qu[k] = (T)qa; ql[k] = (T)qb; qd[k] = (T)qc;                           \
-        QDOT(T)                                                                \
+template <typename T, int REG, bool STORE>
+SMX_HD void dtw_fwd_loop(ptrdiff_t n, const double *SMX_R theta, const double *SMX_R up,
+                         const double *SMX_R left, const double *SMX_R dg, double *SMX_R out,
+                         T *SMX_R qu, T *SMX_R ql, T *SMX_R qd, double gamma, double ig)
+{
+    for (ptrdiff_t k = 0; k < n; ++k) {
+        double qa, qb, qc;
+        double v = smx::max3<double, REG>(-up[k], -left[k], -dg[k], gamma, ig, qa, qb, qc);
+        out[k] = theta[k] - v;
+        if (STORE) { qu[k] = (T)qa; ql[k] = (T)qb; qd[k] = (T)qc; }
     }
-#define SM_QDOT_NEGENTROPY(T)                                                     \
-        qdu[k] = (T)(-qa * (ua - rd) * ig);                                    \
-        qdl[k] = (T)(-qb * (ub - rd) * ig);                                    \
-        qdd[k] = (T)(-qc * (uc - rd) * ig);
-#define SM_QDOT_L2(T)                                                             \
-        double sa = qa > 0.0 ? 1.0 : 0.0, sb = qb > 0.0 ? 1.0 : 0.0;           \
-        double sc = qc > 0.0 ? 1.0 : 0.0, cnt = sa + sb + sc;                  \
-        double mean = (sa * ua + sb * ub + sc * uc) / (cnt > 0.0 ? cnt : 1.0); \
-        qdu[k] = (T)(-sa * (ua - mean) * ig);                                  \
-        qdl[k] = (T)(-sb * (ub - mean) * ig);                                  \
-        qdd[k] = (T)(-sc * (uc - mean) * ig);
-#define SM_QDOT_HARD(T)                                                           \
-        qdu[k] = (T)0; qdl[k] = (T)0; qdd[k] = (T)0;
-
-#define SM_DEFINE_HVP_KERNELS(T, SUF, ATTR)                                    \
-ATTR static void sm_dtw_fwd_hvp_##SUF(                                         \
-    ptrdiff_t n, const double *restrict theta, const double *restrict z,       \
-    const double *restrict up, const double *restrict left,                    \
-    const double *restrict dg, double *restrict out,                           \
-    const double *restrict dup, const double *restrict dleft,                  \
-    const double *restrict ddg, double *restrict dout,                         \
-    T *restrict qu, T *restrict ql, T *restrict qd,                            \
-    T *restrict qdu, T *restrict qdl, T *restrict qdd, int reg, double gamma)  \
-{                                                                              \
-    const double ig = 1.0 / gamma;                                             \
-    if (reg == 0) { SM_FWD_HVP_LOOP(T, sm_min3_negentropy, SM_QDOT_NEGENTROPY) } \
-    else if (reg == 1) { SM_FWD_HVP_LOOP(T, sm_min3_l2, SM_QDOT_L2) }          \
-    else { SM_FWD_HVP_LOOP(T, sm_min3_hard, SM_QDOT_HARD) }                    \
-}                                                                              \
-ATTR static void sm_dtw_bwd_hvp_##SUF(                                         \
-    ptrdiff_t n, const double *restrict eu, const double *restrict el,         \
-    const double *restrict ed, const double *restrict fu,                      \
-    const double *restrict fl, const double *restrict fd,                      \
-    const T *restrict qu, const T *restrict ql, const T *restrict qd,          \
-    const T *restrict qdu, const T *restrict qdl, const T *restrict qdd,       \
-    double *restrict out, double *restrict dout)                               \
-{                                                                              \
-    for (ptrdiff_t k = 0; k < n; ++k) {                                        \
-        double a = (double)qu[k], b = (double)ql[k], c = (double)qd[k];        \
-        out[k] = eu[k] * a + el[k] * b + ed[k] * c;                            \
-        dout[k] = fu[k] * a + eu[k] * (double)qdu[k] + fl[k] * b               \
-                  + el[k] * (double)qdl[k] + fd[k] * c + ed[k] * (double)qdd[k]; \
-    }                                                                          \
 }
+
+struct DtwFwd {
+    template <typename T>
+    static SMX_HD void run(ptrdiff_t n, const double *theta, const double *up, const double *left,
+                           const double *dg, double *out, T *qu, T *ql, T *qd, int reg, double gamma)
+    {
+        const double ig = 1.0 / gamma;
+        if (qu != NULL) {
+            if (reg == NEGENTROPY) dtw_fwd_loop<T, NEGENTROPY, true>(n, theta, up, left, dg, out, qu, ql, qd, gamma, ig);
+            else if (reg == L2) dtw_fwd_loop<T, L2, true>(n, theta, up, left, dg, out, qu, ql, qd, gamma, ig);
+            else dtw_fwd_loop<T, HARD, true>(n, theta, up, left, dg, out, qu, ql, qd, gamma, ig);
+        } else {
+            if (reg == NEGENTROPY) dtw_fwd_loop<T, NEGENTROPY, false>(n, theta, up, left, dg, out, qu, ql, qd, gamma, ig);
+            else if (reg == L2) dtw_fwd_loop<T, L2, false>(n, theta, up, left, dg, out, qu, ql, qd, gamma, ig);
+            else dtw_fwd_loop<T, HARD, false>(n, theta, up, left, dg, out, qu, ql, qd, gamma, ig);
+        }
+    }
+};
+
+struct DtwBwd {
+    template <typename T>
+    static SMX_HD void run(ptrdiff_t n, const double *SMX_R eu, const double *SMX_R el,
+                           const double *SMX_R ed, const T *SMX_R qu, const T *SMX_R ql,
+                           const T *SMX_R qd, double *SMX_R out)
+    {
+        for (ptrdiff_t k = 0; k < n; ++k)
+            out[k] = eu[k] * (double)qu[k] + el[k] * (double)ql[k] + ed[k] * (double)qd[k];
+    }
+};
+
+template <typename T, int REG>
+SMX_HD void dtw_fwd_hvp_loop(ptrdiff_t n, const double *SMX_R theta, const double *SMX_R z,
+                             const double *SMX_R up, const double *SMX_R left,
+                             const double *SMX_R dg, double *SMX_R out,
+                             const double *SMX_R dup, const double *SMX_R dleft,
+                             const double *SMX_R ddg, double *SMX_R dout,
+                             T *SMX_R qu, T *SMX_R ql, T *SMX_R qd,
+                             T *SMX_R qdu, T *SMX_R qdl, T *SMX_R qdd, double gamma, double ig)
+{
+    for (ptrdiff_t k = 0; k < n; ++k) {
+        double qa, qb, qc, ha, hb, hc;
+        double v = smx::max3<double, REG>(-up[k], -left[k], -dg[k], gamma, ig, qa, qb, qc);
+        out[k] = theta[k] - v;
+        double rd = smx::hvp3<double, REG>(qa, qb, qc, dup[k], dleft[k], ddg[k], ig, ha, hb, hc);
+        dout[k] = z[k] + rd;
+        qu[k] = (T)qa; ql[k] = (T)qb; qd[k] = (T)qc;
+        qdu[k] = (T)(-ha); qdl[k] = (T)(-hb); qdd[k] = (T)(-hc);  /* -H(-r) u for min_Omega */
+    }
+}
+
+struct DtwFwdHvp {
+    template <typename T>
+    static SMX_HD void run(ptrdiff_t n, const double *theta, const double *z, const double *up,
+                           const double *left, const double *dg, double *out, const double *dup,
+                           const double *dleft, const double *ddg, double *dout, T *qu, T *ql,
+                           T *qd, T *qdu, T *qdl, T *qdd, int reg, double gamma)
+    {
+        const double ig = 1.0 / gamma;
+        if (reg == NEGENTROPY)
+            dtw_fwd_hvp_loop<T, NEGENTROPY>(n, theta, z, up, left, dg, out, dup, dleft, ddg, dout,
+                                            qu, ql, qd, qdu, qdl, qdd, gamma, ig);
+        else if (reg == L2)
+            dtw_fwd_hvp_loop<T, L2>(n, theta, z, up, left, dg, out, dup, dleft, ddg, dout,
+                                    qu, ql, qd, qdu, qdl, qdd, gamma, ig);
+        else
+            dtw_fwd_hvp_loop<T, HARD>(n, theta, z, up, left, dg, out, dup, dleft, ddg, dout,
+                                      qu, ql, qd, qdu, qdl, qdd, gamma, ig);
+    }
+};
+
+struct DtwBwdHvp {
+    template <typename T>
+    static SMX_HD void run(ptrdiff_t n, const double *SMX_R eu, const double *SMX_R el,
+                           const double *SMX_R ed, const double *SMX_R fu,
+                           const double *SMX_R fl, const double *SMX_R fd,
+                           const T *SMX_R qu, const T *SMX_R ql, const T *SMX_R qd,
+                           const T *SMX_R qdu, const T *SMX_R qdl, const T *SMX_R qdd,
+                           double *SMX_R out, double *SMX_R dout)
+    {
+        for (ptrdiff_t k = 0; k < n; ++k) {
+            double a = (double)qu[k], b = (double)ql[k], c = (double)qd[k];
+            out[k] = eu[k] * a + el[k] * b + ed[k] * c;
+            dout[k] = fu[k] * a + eu[k] * (double)qdu[k] + fl[k] * b
+                      + el[k] * (double)qdl[k] + fd[k] * c + ed[k] * (double)qdd[k];
+        }
+    }
+};
 
 /*
  * Negentropy max over a row: returns gamma*logsumexp(x/gamma), writes
- * softmax(x/gamma) to q. The max uses sm_rowmax, the sum 8 partial accumulators, so that the
- * reductions vectorize without -ffast-math. All -inf: -inf and q = 0.
+ * softmax(x/gamma) to q. The max uses rowmax, the sum 8 partial accumulators,
+ * so that the reductions vectorize without -ffast-math. All -inf: -inf and
+ * q = 0. (The l2 and hard rows are smx::row_max of smx_ops.hpp: no
+ * reduction there is worth vectorizing.)
  */
-#define SM_DEFINE_ROW_KERNELS(SUF, ATTR)                                       \
-ATTR static double sm_negentropy_row_##SUF(                                    \
-    ptrdiff_t n, const double *restrict x, double *restrict q, double gamma)   \
-{                                                                              \
-    double acc[8];                                                             \
-    ptrdiff_t k, l;                                                            \
-    double m = sm_rowmax(n, x, q);  /* q is scratch until the weights */       \
-    if (!(m > -SM_INF)) {                                                      \
-        for (k = 0; k < n; ++k) q[k] = 0.0;                                    \
-        return -SM_INF;                                                        \
-    }                                                                          \
-    const double ig = 1.0 / gamma;                                             \
-    for (k = 0; k < n; ++k) q[k] = sm_exp_nonpos((x[k] - m) * ig);             \
-    for (l = 0; l < 8; ++l) acc[l] = 0.0;                                      \
-    for (k = 0; k + 8 <= n; k += 8)                                            \
-        for (l = 0; l < 8; ++l) acc[l] += q[k + l];                            \
-    double s = 0.0;                                                            \
-    for (l = 0; l < 8; ++l) s += acc[l];                                       \
-    for (; k < n; ++k) s += q[k];                                              \
-    const double inv = 1.0 / s;  /* s >= 1: the max contributes exp(0) */      \
-    for (k = 0; k < n; ++k) q[k] *= inv;                                       \
-    return m + gamma * sm_log_pos(s);                                          \
-}
+struct NegentropyRow {
+    static SMX_HD double run(ptrdiff_t n, const double *SMX_R x, double *SMX_R q, double gamma)
+    {
+        double acc[8];
+        ptrdiff_t k, l;
+        double m = rowmax(n, x, q);  /* q is scratch until the weights */
+        if (!(m > -SM_INF)) {
+            for (k = 0; k < n; ++k) q[k] = 0.0;
+            return -SM_INF;
+        }
+        const double ig = 1.0 / gamma;
+        for (k = 0; k < n; ++k) q[k] = smx::exp_nonpos((x[k] - m) * ig);
+        for (l = 0; l < 8; ++l) acc[l] = 0.0;
+        for (k = 0; k + 8 <= n; k += 8)
+            for (l = 0; l < 8; ++l) acc[l] += q[k + l];
+        double s = 0.0;
+        for (l = 0; l < 8; ++l) s += acc[l];
+        for (; k < n; ++k) s += q[k];
+        const double inv = 1.0 / s;  /* s >= 1: the max contributes exp(0) */
+        for (k = 0; k < n; ++k) q[k] *= inv;
+        return smx::value<double, NEGENTROPY>(m, s, gamma);
+    }
+};
 
 /*
- * Viterbi, negentropy: one step t of the forward pass over all S rows i,
- *   Vn[i] = max_Omega_j (th[i, j] + V[j]) = m_i + gamma log s_i,
- *   q_i = exp((th[i, :] + V - m_i) / gamma) / s_i  (softmax).
- * Value (E == NULL): Vn only. Gradient (E != NULL, z == NULL): E[i, :] gets
- * the unnormalized exp and inv[i] = 1/s_i; the reverse step multiplies by it
- * (one pass over the block fewer). HVP (z != NULL): E[i, :] = q_i,
- * u = z[i, :] + Vd, Vdn[i] = <q_i, u>; inv unused. x is 4 S doubles of
- * scratch. A row that is all -inf gets -inf, q = 0, inv = 0 (and Vdn = 0).
- * *bad is incremented by the number of NaN or +inf scores met (the caller
- * rejects the input: the check rides on the one read of theta).
- * The logs of the S rows are taken in one vectorized loop after the rows.
+ * Viterbi: one step t of the forward pass over all S rows i,
+ *   Vn[i] = max_Omega_j (th[i, j] + V[j]),  q_i = grad of that max.
+ * Value (E == NULL): Vn only. Gradient (E != NULL, z == NULL): E[i, :] = q_i,
+ * except for negentropy with inv != NULL: E[i, :] gets the unnormalized exp
+ * and inv[i] = 1/s_i, the reverse step multiplies by it (one pass over the
+ * block fewer). HVP (z != NULL): E[i, :] = q_i, u = z[i, :] + Vd,
+ * Vdn[i] = <q_i, u>; inv unused. x is 4 S doubles of scratch. A row that is
+ * all -inf gets -inf, q = 0, inv = 0 (and Vdn = 0). *bad is incremented by
+ * the number of NaN or +inf scores met (the caller rejects the input: the
+ * check rides on the one read of theta). Negentropy takes the logs of the S
+ * rows in one vectorized loop after the rows.
  * Reverse step: E[i, j] = c_i E[i, j] with c_i = eb[i] inv[i] (eb[i] when
  * inv is NULL), nb[j] = sum_i E[i, j], and for the HVP (Ed != NULL) the
- * tangent qdot = H q u = q (z[i, j] + Vdp[j] - Vdt[i]) / gamma is formed here
- * from the stored q and the forward's Vdot of steps t - 1 (Vdp) and t (Vdt),
- * Ed[i, j] = ebd[i] q + eb[i] qdot, nbd[j] = sum_i Ed[i, j].
+ * tangent qdot = H(q) u, u = z[i, :] + Vdp (smx::hvp, <q_i, u> = Vdt[i]) is
+ * formed here from the stored q and the forward's Vdot of steps t - 1 (Vdp)
+ * and t (Vdt), Ed[i, j] = ebd[i] q + eb[i] qdot, nbd[j] = sum_i Ed[i, j].
  */
-#define SM_DEFINE_VIT_KERNELS(T, SUF, ATTR)                                    \
-ATTR static void sm_vit_fwd_##SUF(                                             \
-    ptrdiff_t S, const T *restrict th, const T *restrict z,                    \
-    const double *restrict V, const double *restrict Vd,                       \
-    double *restrict Vn, double *restrict Vdn, T *restrict E,                  \
-    T *restrict Ed, double *restrict inv, double *restrict x, double gamma,    \
-    double *restrict bad)                                                      \
-{                                                                              \
-    const double ig = 1.0 / gamma;                                             \
-    double acc[8];                                                             \
-    double badl[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                 \
-    double *restrict y = x + S;                                                \
-    double *restrict msum = x + 2 * S;  /* row max, then row sum: 2 S */       \
-    ptrdiff_t i, j, l;                                                         \
-    for (i = 0; i < S; ++i) {                                                  \
-        const T *restrict row = th + i * S;                                    \
-        /* NaN or +inf counted in 8 lanes kept across rows (no per-row     \
-         * horizontal sum) */                                                  \
-        for (j = 0; j + 8 <= S; j += 8)                                        \
-            for (l = 0; l < 8; ++l) {                                          \
-                x[j + l] = (double)row[j + l] + V[j + l];                      \
-                badl[l] += (double)row[j + l] < SM_INF ? 0.0 : 1.0;            \
-            }                                                                  \
-        for (; j < S; ++j) {                                                   \
-            x[j] = (double)row[j] + V[j];                                      \
-            badl[0] += (double)row[j] < SM_INF ? 0.0 : 1.0;                    \
-        }                                                                      \
-        double m = sm_rowmax(S, x, y);                                         \
-        msum[i] = m;                                                           \
-        if (!(m > -SM_INF)) {                                                  \
-            msum[S + i] = 1.0;                                                 \
-            if (E != NULL) for (j = 0; j < S; ++j) E[i * S + j] = (T)0;        \
-            if (z != NULL) {                                                   \
-                Vdn[i] = 0.0;                                                  \
-                for (j = 0; j < S; ++j) Ed[i * S + j] = (T)0;                  \
-            }                                                                  \
-            continue;                                                          \
-        }                                                                      \
-        for (l = 0; l < 8; ++l) acc[l] = 0.0;                                  \
-        if (E != NULL && z == NULL && sizeof(T) == sizeof(double)) {           \
-            T *restrict erow = E + i * S;                                      \
-            for (j = 0; j + 8 <= S; j += 8)                                    \
-                for (l = 0; l < 8; ++l) {                                      \
-                    double e = sm_exp_nonpos((x[j + l] - m) * ig);             \
-                    erow[j + l] = (T)e;                                        \
-                    acc[l] += e;                                               \
-                }                                                              \
-            for (; j < S; ++j) {                                               \
-                double e = sm_exp_nonpos((x[j] - m) * ig);                     \
-                erow[j] = (T)e;                                                \
-                acc[0] += e;                                                   \
-            }                                                                  \
-        } else {                                                               \
-            for (j = 0; j + 8 <= S; j += 8)                                    \
-                for (l = 0; l < 8; ++l) {                                      \
-                    double e = sm_exp_nonpos((x[j + l] - m) * ig);             \
-                    x[j + l] = e;                                              \
-                    acc[l] += e;                                               \
-                }                                                              \
-            for (; j < S; ++j) {                                               \
-                double e = sm_exp_nonpos((x[j] - m) * ig);                     \
-                x[j] = e;                                                      \
-                acc[0] += e;                                                   \
-            }                                                                  \
-            /* float E: a separate narrowing loop keeps the exp loop in full- \
-             * width double vectors (fused, it ran 2-3x slower) */             \
-            if (E != NULL && z == NULL)                                        \
-                for (j = 0; j < S; ++j) E[i * S + j] = (T)x[j];                \
-        }                                                                      \
-        double sum;                                                            \
-        sum = SM_SUM8(acc);                                                    \
-        msum[S + i] = sum;  /* >= 1: the max contributes exp(0) */             \
-        if (z == NULL) continue;                                               \
-        const double inv_i = 1.0 / sum;                                        \
-        T *restrict erow = E + i * S;                                          \
-        const T *restrict zrow = z + i * S;                                    \
-        for (l = 0; l < 8; ++l) acc[l] = 0.0;                                  \
-        for (j = 0; j + 8 <= S; j += 8)                                        \
-            for (l = 0; l < 8; ++l) {                                          \
-                double q = x[j + l] * inv_i;                                   \
-                erow[j + l] = (T)q;                                            \
-                acc[l] += q * ((double)zrow[j + l] + Vd[j + l]);               \
-            }                                                                  \
-        double vd = 0.0;                                                       \
-        for (; j < S; ++j) {                                                   \
-            double q = x[j] * inv_i;                                           \
-            erow[j] = (T)q;                                                    \
-            vd += q * ((double)zrow[j] + Vd[j]);                               \
-        }                                                                      \
-        vd += SM_SUM8(acc);                                                    \
-        Vdn[i] = vd;                                                           \
-    }                                                                          \
-    for (i = 0; i < S; ++i) {  /* m + gamma log(sum), -inf rows stay -inf */   \
-        double m = msum[i], sum = msum[S + i];                                 \
-        int fin = m > -SM_INF;                                                 \
-        Vn[i] = fin ? m + gamma * sm_log_pos(sum) : -SM_INF;                   \
-        if (inv != NULL) inv[i] = fin ? 1.0 / sum : 0.0;                       \
-    }                                                                          \
-    for (l = 0; l < 8; ++l) *bad += badl[l];                                   \
-}                                                                              \
-ATTR static void sm_vit_bwd_##SUF(                                             \
-    ptrdiff_t S, const double *restrict eb, const double *restrict ebd,        \
-    const double *restrict inv, double *restrict nb, double *restrict nbd,     \
-    T *restrict E, T *restrict Ed, const T *restrict z,                        \
-    const double *restrict Vdp, const double *restrict Vdt, double gamma)      \
-{                                                                              \
-    ptrdiff_t i, j, l;                                                         \
-    for (j = 0; j < S; ++j) nb[j] = 0.0;                                       \
-    if (Ed == NULL) {                                                          \
-        for (i = 0; i < S; ++i) {                                              \
-            const double c = inv != NULL ? eb[i] * inv[i] : eb[i];             \
-            T *restrict erow = E + i * S;                                      \
-            /* blocks of 8: written as one loop, GCC turned it around (i   \
-             * inner, a scalar sum down each column) */                        \
-            for (j = 0; j + 8 <= S; j += 8)                                    \
-                for (l = 0; l < 8; ++l) {                                      \
-                    double e = c * (double)erow[j + l];                        \
-                    erow[j + l] = (T)e;                                        \
-                    nb[j + l] += e;                                            \
-                }                                                              \
-            for (; j < S; ++j) {                                               \
-                double e = c * (double)erow[j];                                \
-                erow[j] = (T)e;                                                \
-                nb[j] += e;                                                    \
-            }                                                                  \
-        }                                                                      \
-        return;                                                                \
-    }                                                                          \
-    const double ig = 1.0 / gamma;                                             \
-    for (j = 0; j < S; ++j) nbd[j] = 0.0;                                      \
-    for (i = 0; i < S; ++i) {                                                  \
-        const double e_i = eb[i], f_i = ebd[i], w = Vdt[i];                    \
-        T *restrict erow = E + i * S;                                          \
-        T *restrict edrow = Ed + i * S;                                        \
-        const T *restrict zrow = z + i * S;                                    \
-        _Pragma("GCC ivdep")                                                   \
-        for (j = 0; j < S; ++j) {                                              \
-            double q = (double)erow[j];                                        \
-            double qd = q * (((double)zrow[j] + Vdp[j]) - w) * ig;             \
-            double ed = f_i * q + e_i * qd;                                    \
-            double e = e_i * q;                                                \
-            edrow[j] = (T)ed;                                                  \
-            erow[j] = (T)e;                                                    \
-            nbd[j] += ed;                                                      \
-            nb[j] += e;                                                        \
-        }                                                                      \
-    }                                                                          \
+template <typename T, int REG>
+SMX_HD void vit_fwd_rows(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
+                         const double *SMX_R V, const double *SMX_R Vd, double *SMX_R Vn,
+                         double *SMX_R Vdn, T *SMX_R E, double *SMX_R x, double gamma,
+                         double *SMX_R badl)
+{
+    double *SMX_R q = x + S;
+    ptrdiff_t i, j, l;
+    for (i = 0; i < S; ++i) {
+        const T *SMX_R row = th + i * S;
+        for (j = 0; j + 8 <= S; j += 8)
+            for (l = 0; l < 8; ++l) {
+                x[j + l] = (double)row[j + l] + V[j + l];
+                badl[l] += (double)row[j + l] < SM_INF ? 0.0 : 1.0;
+            }
+        for (; j < S; ++j) {
+            x[j] = (double)row[j] + V[j];
+            badl[0] += (double)row[j] < SM_INF ? 0.0 : 1.0;
+        }
+        Vn[i] = smx::row_max<double, REG>(x, q, S, gamma);
+        if (E != NULL) for (j = 0; j < S; ++j) E[i * S + j] = (T)q[j];
+        if (z != NULL) {
+            double vd = 0.0;
+            for (j = 0; j < S; ++j) vd += smx::wmul(q[j], (double)z[i * S + j] + Vd[j]);
+            Vdn[i] = vd;
+        }
+    }
 }
+
+template <typename T>
+SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
+                               const double *SMX_R V, const double *SMX_R Vd, double *SMX_R Vn,
+                               double *SMX_R Vdn, T *SMX_R E, T *SMX_R Ed, double *SMX_R inv,
+                               double *SMX_R x, double gamma, double *SMX_R badl)
+{
+    const double ig = 1.0 / gamma;
+    double acc[8];
+    double *SMX_R y = x + S;
+    double *SMX_R msum = x + 2 * S;  /* row max, then row sum: 2 S */
+    ptrdiff_t i, j, l;
+    for (i = 0; i < S; ++i) {
+        const T *SMX_R row = th + i * S;
+        /* NaN or +inf counted in 8 lanes kept across rows (no per-row
+         * horizontal sum) */
+        for (j = 0; j + 8 <= S; j += 8)
+            for (l = 0; l < 8; ++l) {
+                x[j + l] = (double)row[j + l] + V[j + l];
+                badl[l] += (double)row[j + l] < SM_INF ? 0.0 : 1.0;
+            }
+        for (; j < S; ++j) {
+            x[j] = (double)row[j] + V[j];
+            badl[0] += (double)row[j] < SM_INF ? 0.0 : 1.0;
+        }
+        double m = rowmax(S, x, y);
+        msum[i] = m;
+        if (!(m > -SM_INF)) {
+            msum[S + i] = 1.0;
+            if (E != NULL) for (j = 0; j < S; ++j) E[i * S + j] = (T)0;
+            if (z != NULL) {
+                Vdn[i] = 0.0;
+                for (j = 0; j < S; ++j) Ed[i * S + j] = (T)0;
+            }
+            continue;
+        }
+        for (l = 0; l < 8; ++l) acc[l] = 0.0;
+        if (E != NULL && z == NULL && sizeof(T) == sizeof(double)) {
+            T *SMX_R erow = E + i * S;
+            for (j = 0; j + 8 <= S; j += 8)
+                for (l = 0; l < 8; ++l) {
+                    double e = smx::exp_nonpos((x[j + l] - m) * ig);
+                    erow[j + l] = (T)e;
+                    acc[l] += e;
+                }
+            for (; j < S; ++j) {
+                double e = smx::exp_nonpos((x[j] - m) * ig);
+                erow[j] = (T)e;
+                acc[0] += e;
+            }
+        } else {
+            for (j = 0; j + 8 <= S; j += 8)
+                for (l = 0; l < 8; ++l) {
+                    double e = smx::exp_nonpos((x[j + l] - m) * ig);
+                    x[j + l] = e;
+                    acc[l] += e;
+                }
+            for (; j < S; ++j) {
+                double e = smx::exp_nonpos((x[j] - m) * ig);
+                x[j] = e;
+                acc[0] += e;
+            }
+            /* float E: a separate narrowing loop keeps the exp loop in full-
+             * width double vectors (fused, it ran 2-3x slower) */
+            if (E != NULL && z == NULL)
+                for (j = 0; j < S; ++j) E[i * S + j] = (T)x[j];
+        }
+        double sum = sum8(acc);
+        msum[S + i] = sum;  /* >= 1: the max contributes exp(0) */
+        if (z == NULL) continue;
+        const double inv_i = 1.0 / sum;
+        T *SMX_R erow = E + i * S;
+        const T *SMX_R zrow = z + i * S;
+        for (l = 0; l < 8; ++l) acc[l] = 0.0;
+        for (j = 0; j + 8 <= S; j += 8)
+            for (l = 0; l < 8; ++l) {
+                double q = x[j + l] * inv_i;
+                erow[j + l] = (T)q;
+                acc[l] += q * ((double)zrow[j + l] + Vd[j + l]);
+            }
+        double vd = 0.0;
+        for (; j < S; ++j) {
+            double q = x[j] * inv_i;
+            erow[j] = (T)q;
+            vd += q * ((double)zrow[j] + Vd[j]);
+        }
+        vd += sum8(acc);
+        Vdn[i] = vd;
+    }
+    for (i = 0; i < S; ++i) {  /* m + gamma log(sum), -inf rows stay -inf */
+        double m = msum[i], sum = msum[S + i];
+        int fin = m > -SM_INF;
+        Vn[i] = fin ? smx::value<double, NEGENTROPY>(m, sum, gamma) : -SM_INF;
+        if (inv != NULL) inv[i] = fin ? 1.0 / sum : 0.0;
+    }
+}
+
+struct VitFwd {
+    template <typename T>
+    static SMX_HD void run(ptrdiff_t S, const T *th, const T *z, const double *V, const double *Vd,
+                           double *Vn, double *Vdn, T *E, T *Ed, double *inv, double *x,
+                           int reg, double gamma, double *bad)
+    {
+        double badl[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+        if (reg == NEGENTROPY) vit_fwd_negentropy<T>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, badl);
+        else if (reg == L2) vit_fwd_rows<T, L2>(S, th, z, V, Vd, Vn, Vdn, E, x, gamma, badl);
+        else vit_fwd_rows<T, HARD>(S, th, z, V, Vd, Vn, Vdn, E, x, gamma, badl);
+        for (int l = 0; l < 8; ++l) *bad += badl[l];
+    }
+};
+
+template <typename T, int REG>
+SMX_HD void vit_bwd_hvp(ptrdiff_t S, const double *SMX_R eb, const double *SMX_R ebd,
+                        double *SMX_R nb, double *SMX_R nbd, T *SMX_R E, T *SMX_R Ed,
+                        const T *SMX_R z, const double *SMX_R Vdp, const double *SMX_R Vdt,
+                        double gamma)
+{
+    const double ig = 1.0 / gamma;
+    ptrdiff_t i, j;
+    for (j = 0; j < S; ++j) nbd[j] = 0.0;
+    for (i = 0; i < S; ++i) {
+        const double e_i = eb[i], f_i = ebd[i];
+        T *SMX_R erow = E + i * S;
+        T *SMX_R edrow = Ed + i * S;
+        const T *SMX_R zrow = z + i * S;
+        double stat = Vdt[i];  /* <q_i, u> */
+        if (REG == L2) {  /* mean of u over supp(q_i) */
+            double su = 0.0, cnt = 0.0;
+            for (j = 0; j < S; ++j) {
+                const bool in = (double)erow[j] > 0.0;
+                su += in ? (double)zrow[j] + Vdp[j] : 0.0;
+                cnt += in ? 1.0 : 0.0;
+            }
+            stat = su / (cnt > 0.0 ? cnt : 1.0);
+        }
+#pragma GCC ivdep
+        for (j = 0; j < S; ++j) {
+            double q = (double)erow[j];
+            double qd = smx::hvp<double, REG>(q, (double)zrow[j] + Vdp[j], stat, ig);
+            double ed = f_i * q + e_i * qd;
+            double e = e_i * q;
+            edrow[j] = (T)ed;
+            erow[j] = (T)e;
+            nbd[j] += ed;
+            nb[j] += e;
+        }
+    }
+}
+
+struct VitBwd {
+    template <typename T>
+    static SMX_HD void run(ptrdiff_t S, const double *SMX_R eb, const double *SMX_R ebd,
+                           const double *SMX_R inv, double *SMX_R nb, double *SMX_R nbd,
+                           T *SMX_R E, T *SMX_R Ed, const T *SMX_R z, const double *SMX_R Vdp,
+                           const double *SMX_R Vdt, int reg, double gamma)
+    {
+        ptrdiff_t i, j, l;
+        for (j = 0; j < S; ++j) nb[j] = 0.0;
+        if (Ed != NULL) {
+            if (reg == NEGENTROPY) vit_bwd_hvp<T, NEGENTROPY>(S, eb, ebd, nb, nbd, E, Ed, z, Vdp, Vdt, gamma);
+            else if (reg == L2) vit_bwd_hvp<T, L2>(S, eb, ebd, nb, nbd, E, Ed, z, Vdp, Vdt, gamma);
+            else vit_bwd_hvp<T, HARD>(S, eb, ebd, nb, nbd, E, Ed, z, Vdp, Vdt, gamma);
+            return;
+        }
+        for (i = 0; i < S; ++i) {
+            const double c = inv != NULL ? eb[i] * inv[i] : eb[i];
+            T *SMX_R erow = E + i * S;
+            /* blocks of 8: written as one loop, GCC turned it around (i
+             * inner, a scalar sum down each column) */
+            for (j = 0; j + 8 <= S; j += 8)
+                for (l = 0; l < 8; ++l) {
+                    double e = c * (double)erow[j + l];
+                    erow[j + l] = (T)e;
+                    nb[j + l] += e;
+                }
+            for (; j < S; ++j) {
+                double e = c * (double)erow[j];
+                erow[j] = (T)e;
+                nb[j] += e;
+            }
+        }
+    }
+};
+
+/*
+ * ISA dispatch: dispatch<K>(args...) runs K::run(args...) compiled for the
+ * ISA chosen once by init_isa(): 0 baseline, 1 AVX2 + FMA, 2 AVX-512; -1
+ * until init_isa() ran. Modules call init_isa() at import; dispatch also runs
+ * it lazily (a benign race: every thread would store the same value).
+ */
+static int isa_level = -1;
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && \
     !defined(__AVX512F__) && !defined(__AVX2__) && !defined(SMOOTHMAX_NO_MULTIVERSION)
@@ -518,115 +477,40 @@ ATTR static void sm_vit_bwd_##SUF(                                             \
 #define SM_ATTR_AVX512 __attribute__((target( \
     "avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,prefer-vector-width=512")))
 #define SM_ATTR_AVX2 __attribute__((target("avx2,fma")))
-SM_DEFINE_DTW_KERNELS(double, d_avx512, SM_ATTR_AVX512)
-SM_DEFINE_DTW_KERNELS(float, f_avx512, SM_ATTR_AVX512)
-SM_DEFINE_DTW_KERNELS(double, d_avx2, SM_ATTR_AVX2)
-SM_DEFINE_DTW_KERNELS(float, f_avx2, SM_ATTR_AVX2)
-SM_DEFINE_DTW_KERNELS(double, d_base, )
-SM_DEFINE_DTW_KERNELS(float, f_base, )
-SM_DEFINE_HVP_KERNELS(double, d_avx512, SM_ATTR_AVX512)
-SM_DEFINE_HVP_KERNELS(float, f_avx512, SM_ATTR_AVX512)
-SM_DEFINE_HVP_KERNELS(double, d_avx2, SM_ATTR_AVX2)
-SM_DEFINE_HVP_KERNELS(float, f_avx2, SM_ATTR_AVX2)
-SM_DEFINE_HVP_KERNELS(double, d_base, )
-SM_DEFINE_HVP_KERNELS(float, f_base, )
-SM_DEFINE_VIT_KERNELS(double, d_avx512, SM_ATTR_AVX512)
-SM_DEFINE_VIT_KERNELS(float, f_avx512, SM_ATTR_AVX512)
-SM_DEFINE_VIT_KERNELS(double, d_avx2, SM_ATTR_AVX2)
-SM_DEFINE_VIT_KERNELS(float, f_avx2, SM_ATTR_AVX2)
-SM_DEFINE_VIT_KERNELS(double, d_base, )
-SM_DEFINE_VIT_KERNELS(float, f_base, )
-SM_DEFINE_ROW_KERNELS(avx512, SM_ATTR_AVX512)
-SM_DEFINE_ROW_KERNELS(avx2, SM_ATTR_AVX2)
-SM_DEFINE_ROW_KERNELS(base, )
 
-/* 0 baseline, 1 AVX2 + FMA, 2 AVX-512; -1 until sm_init_isa() ran. Modules
- * call sm_init_isa() at import; the kernels also run it lazily (a benign
- * race: every thread would store the same value). */
-static int sm_isa_level = -1;
+template <class K, class... A> SM_ATTR_AVX512 auto on_avx512(A... a) { return K::run(a...); }
+template <class K, class... A> SM_ATTR_AVX2 auto on_avx2(A... a) { return K::run(a...); }
+template <class K, class... A> auto on_base(A... a) { return K::run(a...); }
 
-static void sm_init_isa(void)
+inline void init_isa()
 {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
-        sm_isa_level = 2;
+        isa_level = 2;
     else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        sm_isa_level = 1;
+        isa_level = 1;
     else
-        sm_isa_level = 0;
+        isa_level = 0;
 }
 
-static const char *sm_isa_name(void)
+inline const char *isa_name()
 {
-    return sm_isa_level == 2 ? "avx512" : sm_isa_level == 1 ? "avx2+fma" : "baseline";
+    return isa_level == 2 ? "avx512" : isa_level == 1 ? "avx2+fma" : "baseline";
 }
 
-#define SM_DISPATCH(NAME, SUF, ARGS)                                           \
-    if (sm_isa_level < 0) sm_init_isa();                                       \
-    switch (sm_isa_level) {                                                    \
-    case 2: NAME##_##SUF##_avx512 ARGS; break;                                 \
-    case 1: NAME##_##SUF##_avx2 ARGS; break;                                   \
-    default: NAME##_##SUF##_base ARGS;                                         \
-    }
-#define SM_DEFINE_DISPATCH(T, SUF)                                             \
-static void sm_dtw_fwd_##SUF(                                                  \
-    ptrdiff_t n, const double *theta, const double *up,                        \
-    const double *left, const double *dg, double *out, T *qu, T *ql, T *qd,    \
-    int reg, double gamma)                                                     \
-{ SM_DISPATCH(sm_dtw_fwd, SUF, (n, theta, up, left, dg, out, qu, ql, qd, reg, gamma)) } \
-static void sm_dtw_bwd_##SUF(                                                  \
-    ptrdiff_t n, const double *eu, const double *el, const double *ed,         \
-    const T *qu, const T *ql, const T *qd, double *out)                        \
-{ SM_DISPATCH(sm_dtw_bwd, SUF, (n, eu, el, ed, qu, ql, qd, out)) }             \
-static void sm_dtw_fwd_hvp_##SUF(                                              \
-    ptrdiff_t n, const double *theta, const double *z, const double *up,       \
-    const double *left, const double *dg, double *out, const double *dup,      \
-    const double *dleft, const double *ddg, double *dout, T *qu, T *ql, T *qd, \
-    T *qdu, T *qdl, T *qdd, int reg, double gamma)                             \
-{ SM_DISPATCH(sm_dtw_fwd_hvp, SUF, (n, theta, z, up, left, dg, out, dup, dleft, ddg, \
-                                   dout, qu, ql, qd, qdu, qdl, qdd, reg, gamma)) } \
-static void sm_dtw_bwd_hvp_##SUF(                                              \
-    ptrdiff_t n, const double *eu, const double *el, const double *ed,         \
-    const double *fu, const double *fl, const double *fd, const T *qu,         \
-    const T *ql, const T *qd, const T *qdu, const T *qdl, const T *qdd,        \
-    double *out, double *dout)                                                 \
-{ SM_DISPATCH(sm_dtw_bwd_hvp, SUF, (n, eu, el, ed, fu, fl, fd, qu, ql, qd, qdu, qdl, \
-                                   qdd, out, dout)) }                       \
-static void sm_vit_fwd_##SUF(                                                  \
-    ptrdiff_t S, const T *th, const T *z, const double *V, const double *Vd,   \
-    double *Vn, double *Vdn, T *E, T *Ed, double *inv, double *x, double gamma, \
-    double *bad)                                                               \
-{ SM_DISPATCH(sm_vit_fwd, SUF, (S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, bad)) } \
-static void sm_vit_bwd_##SUF(                                                  \
-    ptrdiff_t S, const double *eb, const double *ebd, const double *inv,       \
-    double *nb, double *nbd, T *E, T *Ed, const T *z, const double *Vdp,       \
-    const double *Vdt, double gamma)                                           \
-{ SM_DISPATCH(sm_vit_bwd, SUF, (S, eb, ebd, inv, nb, nbd, E, Ed, z, Vdp, Vdt, gamma)) }
-
-SM_DEFINE_DISPATCH(double, d)
-SM_DEFINE_DISPATCH(float, f)
-static double sm_negentropy_row(ptrdiff_t n, const double *x, double *q, double gamma)
+template <class K, class... A> inline auto dispatch(A... a)
 {
-    if (sm_isa_level < 0) sm_init_isa();
-    switch (sm_isa_level) {
-    case 2: return sm_negentropy_row_avx512(n, x, q, gamma);
-    case 1: return sm_negentropy_row_avx2(n, x, q, gamma);
-    default: return sm_negentropy_row_base(n, x, q, gamma);
+    if (isa_level < 0) init_isa();
+    switch (isa_level) {
+    case 2: return on_avx512<K>(a...);
+    case 1: return on_avx2<K>(a...);
+    default: return on_base<K>(a...);
     }
 }
-
 #else
-SM_DEFINE_DTW_KERNELS(double, d, )
-SM_DEFINE_DTW_KERNELS(float, f, )
-SM_DEFINE_HVP_KERNELS(double, d, )
-SM_DEFINE_HVP_KERNELS(float, f, )
-SM_DEFINE_VIT_KERNELS(double, d, )
-SM_DEFINE_VIT_KERNELS(float, f, )
-SM_DEFINE_ROW_KERNELS(any, )
-#define sm_negentropy_row sm_negentropy_row_any
-static void sm_init_isa(void) {}
-static const char *sm_isa_name(void)
+inline void init_isa() { isa_level = 0; }
+inline const char *isa_name()
 {
 #if defined(__AVX512F__)
     return "avx512 (compile time)";
@@ -636,14 +520,76 @@ static const char *sm_isa_name(void)
     return "compiler default";
 #endif
 }
+template <class K, class... A> inline auto dispatch(A... a) { return K::run(a...); }
 #endif
+
+/* The entry points the Cython modules declare (dtw_kernels.pxd, operators.pxd,
+ * viterbi.pyx): T is deduced from the caller's pointers. */
+template <typename T>
+inline void dtw_fwd(ptrdiff_t n, const double *theta, const double *up, const double *left,
+                    const double *dg, double *out, T *qu, T *ql, T *qd, int reg, double gamma)
+{ dispatch<DtwFwd>(n, theta, up, left, dg, out, qu, ql, qd, reg, gamma); }
+
+template <typename T>
+inline void dtw_bwd(ptrdiff_t n, const double *eu, const double *el, const double *ed,
+                    const T *qu, const T *ql, const T *qd, double *out)
+{ dispatch<DtwBwd>(n, eu, el, ed, qu, ql, qd, out); }
+
+template <typename T>
+inline void dtw_fwd_hvp(ptrdiff_t n, const double *theta, const double *z, const double *up,
+                        const double *left, const double *dg, double *out, const double *dup,
+                        const double *dleft, const double *ddg, double *dout, T *qu, T *ql,
+                        T *qd, T *qdu, T *qdl, T *qdd, int reg, double gamma)
+{
+    dispatch<DtwFwdHvp>(n, theta, z, up, left, dg, out, dup, dleft, ddg, dout, qu, ql, qd,
+                        qdu, qdl, qdd, reg, gamma);
+}
+
+template <typename T>
+inline void dtw_bwd_hvp(ptrdiff_t n, const double *eu, const double *el, const double *ed,
+                        const double *fu, const double *fl, const double *fd, const T *qu,
+                        const T *ql, const T *qd, const T *qdu, const T *qdl, const T *qdd,
+                        double *out, double *dout)
+{ dispatch<DtwBwdHvp>(n, eu, el, ed, fu, fl, fd, qu, ql, qd, qdu, qdl, qdd, out, dout); }
+
+template <typename T>
+inline void vit_fwd(ptrdiff_t S, const T *th, const T *z, const double *V, const double *Vd,
+                    double *Vn, double *Vdn, T *E, T *Ed, double *inv, double *x, int reg,
+                    double gamma, double *bad)
+{ dispatch<VitFwd>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, reg, gamma, bad); }
+
+template <typename T>
+inline void vit_bwd(ptrdiff_t S, const double *eb, const double *ebd, const double *inv,
+                    double *nb, double *nbd, T *E, T *Ed, const T *z, const double *Vdp,
+                    const double *Vdt, int reg, double gamma)
+{ dispatch<VitBwd>(S, eb, ebd, inv, nb, nbd, E, Ed, z, Vdp, Vdt, reg, gamma); }
+
+/* max_Omega(x[:n]) and q = its gradient; reg 0 negentropy, 1 l2, 2 hard. */
+inline double max_omega(const double *x, double *q, ptrdiff_t n, int reg, double gamma)
+{
+    if (reg == NEGENTROPY) return dispatch<NegentropyRow>(n, x, q, gamma);
+    if (reg == L2) return smx::row_max<double, L2>(x, q, n, gamma);
+    return smx::row_max<double, HARD>(x, q, n, gamma);
+}
+
+/* out[:n] = H.z[:n], H the Hessian of max_Omega where its gradient is q. */
+inline void max_omega_hvp(const double *q, const double *z, double *out, ptrdiff_t n, int reg,
+                          double gamma)
+{
+    if (reg == NEGENTROPY) smx::row_hvp<double, NEGENTROPY>(q, z, out, n, gamma);
+    else if (reg == L2) smx::row_hvp<double, L2>(q, z, out, n, gamma);
+    else smx::row_hvp<double, HARD>(q, z, out, n, gamma);
+}
+
+}  // namespace cpu
+}  // namespace smx
 
 /* Threads an OpenMP parallel region would use (1 in a build without OpenMP). */
 #ifdef _OPENMP
 #include <omp.h>
-static int sm_max_threads(void) { return omp_get_max_threads(); }
+static inline int sm_max_threads(void) { return omp_get_max_threads(); }
 #else
-static int sm_max_threads(void) { return 1; }
+static inline int sm_max_threads(void) { return 1; }
 #endif
 
 /*
@@ -668,7 +614,7 @@ static int sm_max_threads(void) { return 1; }
 #endif
 typedef void (*sm_tile_fn)(void *ctx, ptrdiff_t I, ptrdiff_t J, int thread);
 
-static void sm_tile_of(ptrdiff_t k, ptrdiff_t nI, ptrdiff_t nJ, ptrdiff_t *I, ptrdiff_t *J)
+static inline void sm_tile_of(ptrdiff_t k, ptrdiff_t nI, ptrdiff_t nJ, ptrdiff_t *I, ptrdiff_t *J)
 {
     /* k-th tile in anti-diagonal order (diagonal by diagonal, I increasing) */
     ptrdiff_t d = 0, len;
@@ -682,7 +628,7 @@ static void sm_tile_of(ptrdiff_t k, ptrdiff_t nI, ptrdiff_t nJ, ptrdiff_t *I, pt
     }
 }
 
-static void sm_wavefront(ptrdiff_t nI, ptrdiff_t nJ, int reverse, sm_tile_fn fn,
+static inline void sm_wavefront(ptrdiff_t nI, ptrdiff_t nJ, int reverse, sm_tile_fn fn,
                          void *ctx, int *done)
 {
     ptrdiff_t n = nI * nJ, k;

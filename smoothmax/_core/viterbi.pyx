@@ -8,6 +8,9 @@ gradient, the reverse pass of docs/spec.md §2; the HVP adds the tangent forward
 written straight into ``E`` during the forward pass and scaled in place by the
 reverse pass (E[t, i, j] = ebar_t(i)·q_t(i, j)); likewise qdot goes into
 ``Edot``. So the only memory beyond the outputs is O(S) per thread.
+One path for the three operators: the step kernels ``vit_fwd`` / ``vit_bwd``
+of ``simd.h`` (templates on the dtype, the operator picked inside) run the
+maths of ``include/smx_ops.hpp``.
 Arithmetic is in double; only theta, Z, E, Edot use the caller's dtype.
 The batch loop is a ``prange`` (OpenMP when the build has it).
 """
@@ -27,18 +30,15 @@ from .operators cimport max_omega, max_omega_hvp, sm_init_isa, REG_NEGENTROPY
 
 cdef extern from "simd.h" nogil:
     int sm_max_threads()
-    void sm_vit_fwd_d(Py_ssize_t S, const double* th, const double* z, const double* V,
-                      const double* Vd, double* Vn, double* Vdn, double* E, double* Ed,
-                      double* inv, double* x, double gamma, double* bad)
-    void sm_vit_fwd_f(Py_ssize_t S, const float* th, const float* z, const double* V,
-                      const double* Vd, double* Vn, double* Vdn, float* E, float* Ed,
-                      double* inv, double* x, double gamma, double* bad)
-    void sm_vit_bwd_d(Py_ssize_t S, const double* eb, const double* ebd, const double* inv,
-                      double* nb, double* nbd, double* E, double* Ed, const double* z,
-                      const double* Vdp, const double* Vdt, double gamma)
-    void sm_vit_bwd_f(Py_ssize_t S, const double* eb, const double* ebd, const double* inv,
-                      double* nb, double* nbd, float* E, float* Ed, const float* z,
-                      const double* Vdp, const double* Vdt, double gamma)
+
+
+cdef extern from "simd.h" namespace "smx::cpu" nogil:
+    void vit_fwd[T](Py_ssize_t S, const T* th, const T* z, const double* V, const double* Vd,
+                    double* Vn, double* Vdn, T* E, T* Ed, double* inv, double* x, int reg,
+                    double gamma, double* bad)
+    void vit_bwd[T](Py_ssize_t S, const double* eb, const double* ebd, const double* inv,
+                    double* nb, double* nbd, T* E, T* Ed, const T* z, const double* Vdp,
+                    const double* Vdt, int reg, double gamma)
 
 
 sm_init_isa()
@@ -69,112 +69,48 @@ cdef double _viterbi_one(const floating* theta, const floating* Z,
     """
     cdef double* V = work            # V_{t-1}
     cdef double* Vn = work + S       # V_t
-    cdef double* Vd = work + 2 * S   # Vdot_{t-1}
+    cdef double* Vd = work + 2 * S   # Vdot_{t-1} (HVP: a row of ``hist``)
     cdef double* Vdn = work + 3 * S  # Vdot_t
-    cdef double* x = work + 4 * S
-    cdef double* q = work + 5 * S
-    cdef double* u = work + 6 * S
-    cdef double* qd = work + 7 * S
+    cdef double* x = work + 4 * S    # 4 S of kernel scratch
     cdef double* eb = work + 8 * S   # ebar_t, then ebar_{t-1} accumulated
     cdef double* ebd = work + 9 * S
     cdef double* inv = work + 10 * S  # 1/sum of each row (negentropy gradient), T·S
-    cdef double* hist = inv           # or Vdot_{-1}..Vdot_{L-1} (negentropy HVP), (T + 1)·S
+    cdef double* hist = inv           # or Vdot_{-1}..Vdot_{L-1} (HVP), (T + 1)·S
     cdef double* tmp
-    cdef double value, acc, e, ed
-    cdef Py_ssize_t t, i, j, SS = S * S, row
+    cdef double value
+    cdef Py_ssize_t t, j, SS = S * S
     cdef double* nb
     cdef double* nbd
 
     for j in range(S):
         V[j] = 0.0
-        Vd[j] = 0.0
-    if reg == REG_NEGENTROPY:  # the S x S step vectorized over j (simd.h)
-        if mode == MODE_HVP:  # keep Vdot of every step in ``hist`` for the reverse pass
-            for j in range(S):
-                hist[j] = 0.0
-        for t in range(L):
-            if mode == MODE_HVP:
-                Vd = hist + t * S
-                Vdn = hist + (t + 1) * S
-            if floating is double:
-                sm_vit_fwd_d(S, theta + t * SS, Z + t * SS if mode == MODE_HVP else NULL,
-                             V, Vd, Vn, Vdn, E + t * SS if mode != MODE_VALUE else NULL,
-                             Ed + t * SS if mode == MODE_HVP else NULL,
-                             inv + t * S if mode == MODE_GRAD else NULL, x, gamma, bad)
-            else:
-                sm_vit_fwd_f(S, theta + t * SS, Z + t * SS if mode == MODE_HVP else NULL,
-                             V, Vd, Vn, Vdn, E + t * SS if mode != MODE_VALUE else NULL,
-                             Ed + t * SS if mode == MODE_HVP else NULL,
-                             inv + t * S if mode == MODE_GRAD else NULL, x, gamma, bad)
-            tmp = V; V = Vn; Vn = tmp
-            tmp = Vd; Vd = Vdn; Vdn = tmp
-        if mode == MODE_HVP:
-            Vd = hist + L * S
-            Vdn = work + 3 * S
-        L = -L
-    # forward
+    if mode == MODE_HVP:  # keep Vdot of every step in ``hist`` for the reverse pass
+        for j in range(S):
+            hist[j] = 0.0
+    # forward, the S x S step vectorized over j (simd.h)
     for t in range(L):
-        for i in range(S):
-            row = t * SS + i * S
-            for j in range(S):
-                x[j] = theta[row + j] + V[j]
-                if not (theta[row + j] < INFINITY):
-                    bad[0] += 1.0
-            Vn[i] = max_omega(x, q, S, reg, gamma)
-            if mode == MODE_VALUE:
-                continue
-            for j in range(S):
-                E[row + j] = <floating> q[j]
-            if mode == MODE_HVP:
-                acc = 0.0
-                for j in range(S):
-                    u[j] = Z[row + j] + Vd[j]
-                    if q[j] != 0.0:
-                        acc += q[j] * u[j]
-                Vdn[i] = acc
-                max_omega_hvp(q, u, qd, S, reg, gamma)
-                for j in range(S):
-                    Ed[row + j] = <floating> qd[j]
+        if mode == MODE_HVP:
+            Vd = hist + t * S
+            Vdn = hist + (t + 1) * S
+        vit_fwd(S, theta + t * SS, Z + t * SS if mode == MODE_HVP else NULL,
+                V, Vd, Vn, Vdn, E + t * SS if mode != MODE_VALUE else NULL,
+                Ed + t * SS if mode == MODE_HVP else NULL,
+                inv + t * S if (mode == MODE_GRAD and reg == REG_NEGENTROPY) else NULL,
+                x, reg, gamma, bad)
         tmp = V; V = Vn; Vn = tmp
-        tmp = Vd; Vd = Vdn; Vdn = tmp
-    if L < 0:
-        L = -L
     value = max_omega(V, eb, S, reg, gamma)
     if mode == MODE_VALUE:
         return value
     if mode == MODE_HVP:
-        max_omega_hvp(eb, Vd, ebd, S, reg, gamma)
+        max_omega_hvp(eb, hist + L * S, ebd, S, reg, gamma)
     # reverse: E[t, i, j] = ebar_t(i)·q_t(i, j); ebar_{t-1}(j) = Σ_i E[t, i, j]
     nb = Vn    # forward buffers are free now
-    nbd = Vdn
+    nbd = work + 3 * S
     for t in range(L - 1, -1, -1):
-        if reg == REG_NEGENTROPY:  # any reg would do; the kernel is compiled per ISA
-            if floating is double:
-                sm_vit_bwd_d(S, eb, ebd, inv + t * S if mode == MODE_GRAD else NULL, nb, nbd,
-                             E + t * SS, Ed + t * SS if mode == MODE_HVP else NULL,
-                             Z + t * SS if mode == MODE_HVP else NULL,
-                             hist + t * S, hist + (t + 1) * S, gamma)
-            else:
-                sm_vit_bwd_f(S, eb, ebd, inv + t * S if mode == MODE_GRAD else NULL, nb, nbd,
-                             E + t * SS, Ed + t * SS if mode == MODE_HVP else NULL,
-                             Z + t * SS if mode == MODE_HVP else NULL,
-                             hist + t * S, hist + (t + 1) * S, gamma)
-            tmp = eb; eb = nb; nb = tmp
-            tmp = ebd; ebd = nbd; nbd = tmp
-            continue
-        for j in range(S):
-            nb[j] = 0.0
-            nbd[j] = 0.0
-        for i in range(S):
-            row = t * SS + i * S
-            for j in range(S):
-                e = eb[i] * E[row + j]
-                if mode == MODE_HVP:
-                    ed = ebd[i] * E[row + j] + eb[i] * Ed[row + j]
-                    Ed[row + j] = <floating> ed
-                    nbd[j] += ed
-                E[row + j] = <floating> e
-                nb[j] += e
+        vit_bwd(S, eb, ebd, inv + t * S if (mode == MODE_GRAD and reg == REG_NEGENTROPY) else NULL,
+                nb, nbd, E + t * SS, Ed + t * SS if mode == MODE_HVP else NULL,
+                Z + t * SS if mode == MODE_HVP else NULL,
+                hist + t * S, hist + (t + 1) * S, reg, gamma)
         tmp = eb; eb = nb; nb = tmp
         tmp = ebd; ebd = nbd; nbd = tmp
     return value

@@ -1,0 +1,296 @@
+// The smoothed max operators max_Ω of smoothmax (docs/spec.md §1), written once.
+//
+// Included by the compiled CPU core (simd.h, crf_simd.h, operators.pxd; Cython
+// in C++ mode), the CUDA kernels (NVRTC through CuPy, nvcc in
+// `bench/gpu.sh --compile-only`) and their CPU emulation (smoothmax/_cuda/).
+// `smoothmax/operators.py` is the readable, executable specification of the
+// same maths (the reference engine runs it); this header is what the
+// compiled engines run.
+//
+// Every function is a template on the float type T and, where the operator
+// matters, on its code REG (NEGENTROPY 0, L2 1, HARD 2; the codes of
+// smoothmax.operators.REG_CODES), `__host__ __device__` under nvcc. They are
+// branch-free (selects only) so that the CPU's anti-diagonal loops vectorize
+// them; one text serves every ISA (simd.h compiles its loops once per ISA
+// with target attributes) and the GPU.
+//
+// The pieces, for x a row of n entries (-inf allowed), m = max x,
+// y = (x - m)/γ <= 0:
+//   stat      negentropy Σ exp(y) (>= 1), l2 the sparsemax threshold τ
+//   value     m + γ log stat | m + γ Σ_q>0 q (y - q/2) | m
+//   weight    q = exp(y)/stat | max(y - τ, 0) | one-hot first argmax
+//   hvp       (H·u)_k = q_k (u_k - <q, u>)/γ | [q_k > 0](u_k - mean_S u)/γ | 0
+// max3 / hvp3 are the three-entry cell of DTW (sparsemax by a sorting
+// network, closed form); row_max / row_hvp the generic sequential row
+// (Viterbi, DAG, CRF on the CPU; the GPU reduces the same pieces over a warp).
+//
+// -inf entries get weight exactly 0 and an all -inf row has value -inf and
+// q = 0: x - m is formed only once m is known finite, so -inf - (-inf) never
+// happens; products with u are taken only where q != 0.
+#ifndef SMOOTHMAX_SMX_OPS_HPP
+#define SMOOTHMAX_SMX_OPS_HPP
+
+#if defined(__CUDACC__)
+#define SMX_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__) || defined(__clang__)
+#define SMX_HD inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define SMX_HD __forceinline
+#else
+#define SMX_HD inline
+#endif
+
+#if !defined(__CUDACC_RTC__)
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#endif
+
+namespace smx {
+
+enum { NEGENTROPY = 0, L2 = 1, HARD = 2 };
+typedef decltype((char*)nullptr - (char*)nullptr) index_t;  // ptrdiff_t, also under NVRTC
+
+template <typename T> SMX_HD T inf();
+#if defined(__CUDA_ARCH__)
+template <> SMX_HD double inf<double>() { return __longlong_as_double(0x7ff0000000000000LL); }
+template <> SMX_HD float inf<float>() { return __int_as_float(0x7f800000); }
+#else
+template <> SMX_HD double inf<double>() { return __builtin_huge_val(); }
+template <> SMX_HD float inf<float>() { return __builtin_huge_valf(); }
+#endif
+
+template <typename T> SMX_HD T max2(T a, T b) { return a > b ? a : b; }
+template <typename T> SMX_HD T min2(T a, T b) { return a < b ? a : b; }
+// q * u, exactly 0 when the weight q is 0 (u may then be anything)
+template <typename T> SMX_HD T wmul(T q, T u) { return q != T(0) ? q * u : T(0); }
+
+#if !defined(__CUDA_ARCH__)
+// Host exp/log, inline and branch-free: libm's do not vectorize without
+// -ffast-math, which we cannot use (it assumes no infinities, and +inf costs /
+// -inf operator inputs are legal masks here).
+SMX_HD double as_double(uint64_t u) { double d; memcpy(&d, &u, sizeof d); return d; }
+SMX_HD uint64_t as_uint(double d) { uint64_t u; memcpy(&u, &d, sizeof u); return u; }
+
+// exp(x) for x <= 0 or x = -inf; results below e^-708 are flushed to 0 (no
+// subnormals). Taylor degree 13 on |r| <= ln2/2 after x = k ln2 + r: about
+// 1 ulp. Exact on exp(0) = 1 and exp(-inf) = 0.
+SMX_HD double exp_nonpos(double x)
+{
+    const double shift = 0x1.8p52;  // adding it rounds to an integer
+    const double ln2hi = 6.93147180369123816490e-01;  // 32 trailing zero bits
+    const double ln2lo = 1.90821492927058770002e-10;
+    double xc = x < -708.0 ? -708.0 : x;  // also maps -inf
+    double t = xc * 1.44269504088896338700e+00 + shift;
+    double k = t - shift;                   // round(x / ln2), in [-1022, 0]
+    double r = (xc - k * ln2hi) - k * ln2lo;
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    uint64_t ki = as_uint(t) - as_uint(shift);    // k as a two's complement int
+    double scale = as_double((ki + 1023) << 52);  // 2^k, a normal number
+    double y = p * scale;
+    return x < -708.0 ? 0.0 : y;
+}
+
+// log(x) for finite normal x > 0 (fdlibm/musl's method: x = 2^k (1 + f),
+// log(1 + f) via s = f/(2 + f); < 1 ulp).
+SMX_HD double log_pos(double x)
+{
+    const double ln2_hi = 6.93147180369123816490e-01;
+    const double ln2_lo = 1.90821492927058770002e-10;
+    const double Lg1 = 6.666666666666735130e-01, Lg2 = 3.999999999940941908e-01,
+                 Lg3 = 2.857142874366239149e-01, Lg4 = 2.222219843214978396e-01,
+                 Lg5 = 1.818357216161805012e-01, Lg6 = 1.531383769920937332e-01,
+                 Lg7 = 1.479819860511658591e-01;
+    uint64_t u = as_uint(x);
+    uint64_t hx = (u >> 32) + (0x3ff00000 - 0x3fe6a09e);
+    uint64_t e = hx >> 20;                                   // k + 1023
+    double dk = (as_double(0x4330000000000000ULL | e) - 0x1p52) - 1023.0;
+    hx = (hx & 0x000fffff) + 0x3fe6a09e;                     // 1 + f in [sqrt2/2, sqrt2]
+    double f = as_double((hx << 32) | (u & 0xffffffffULL)) - 1.0;
+    double hfsq = 0.5 * f * f;
+    double s = f / (2.0 + f);
+    double z = s * s;
+    double w = z * z;
+    double t1 = w * (Lg2 + w * (Lg4 + w * Lg6));
+    double t2 = z * (Lg1 + w * (Lg3 + w * (Lg5 + w * Lg7)));
+    double R = t2 + t1;
+    return s * (hfsq + R) + dk * ln2_lo - hfsq + f + dk * ln2_hi;
+}
+SMX_HD float exp_nonpos(float x) { return (float)exp_nonpos((double)x); }
+SMX_HD float log_pos(float x) { return (float)log_pos((double)x); }
+#else
+SMX_HD double exp_nonpos(double x) { return ::exp(x); }
+SMX_HD float exp_nonpos(float x) { return ::expf(x); }
+SMX_HD double log_pos(double x) { return ::log(x); }
+SMX_HD float log_pos(float x) { return ::logf(x); }
+#endif
+
+// ---------------------------------------------------------------------------
+// The pieces of a row (see the top). y = (x - m)/γ with m = max x finite.
+
+// the value from the row max m and the reduction: Σ exp(y) (negentropy),
+// Σ_q>0 q (y - q/2) (l2), unused (hard)
+template <typename T, int REG> SMX_HD T value(T m, T acc, T gamma)
+{
+    if (REG == NEGENTROPY) return m + gamma * log_pos(acc);
+    if (REG == L2) return m + gamma * acc;
+    return m;
+}
+// the l2 value's term of one entry, 0 off the support
+template <typename T> SMX_HD T l2_term(T y, T q) { return q > T(0) ? q * (y - T(0.5) * q) : T(0); }
+// weight of one entry: stat is 1/Σ exp(y) (negentropy) or τ (l2)
+template <typename T, int REG> SMX_HD T weight(T y, T stat)
+{
+    if (REG == NEGENTROPY) return exp_nonpos(y) * stat;
+    return max2(y - stat, T(0));
+}
+// the sparsemax threshold of a candidate support: Σ_S y and |S|
+template <typename T> SMX_HD T sparsemax_tau(T sum, T count) { return (sum - T(1)) / count; }
+// (H·u)_k from q_k, u_k, <q, u> (negentropy) or mean_S u (l2)
+template <typename T, int REG> SMX_HD T hvp(T q, T u, T qu_or_mean, T inv_gamma)
+{
+    if (REG == NEGENTROPY) return q != T(0) ? q * (u - qu_or_mean) * inv_gamma : T(0);
+    if (REG == L2) return q > T(0) ? (u - qu_or_mean) * inv_gamma : T(0);
+    return T(0);
+}
+
+// ---------------------------------------------------------------------------
+// max_Ω of three entries (the DTW cell, x = -(up, left, diagonal) for the min
+// convention). Returns the value (-inf when all are -inf) and writes q.
+template <typename T, int REG>
+SMX_HD T max3(T a, T b, T c, T gamma, T inv_gamma, T& qa, T& qb, T& qc)
+{
+    const T m = max2(max2(a, b), c);
+    const bool fin = m > -inf<T>();
+    const T ms = fin ? m : T(0);  // never -inf - (-inf)
+    const T ya = (a - ms) * inv_gamma, yb = (b - ms) * inv_gamma, yc = (c - ms) * inv_gamma;
+    if (REG == NEGENTROPY) {
+        const T ea = exp_nonpos(ya), eb = exp_nonpos(yb), ec = exp_nonpos(yc);
+        const T s = fin ? ea + eb + ec : T(1);  // in [1, 3] when finite
+        const T inv = T(1) / s;
+        qa = ea * inv; qb = eb * inv; qc = ec * inv;  // all 0 when !fin
+        return fin ? value<T, NEGENTROPY>(m, s, gamma) : m;
+    }
+    if (REG == L2) {
+        // sparsemax by a sorting network: z1 >= z2 >= z3
+        const T hi = max2(ya, yb), lo = min2(ya, yb);
+        const T z1 = max2(hi, yc), mid = min2(hi, yc);
+        const T z2 = max2(lo, mid), z3 = min2(lo, mid);
+        T tau = sparsemax_tau(z1, T(1));
+        tau = T(1) + z2 > z1 ? sparsemax_tau(z1 + z2, T(2)) : tau;
+        tau = T(1) + T(2) * z3 > z1 + z2 ? sparsemax_tau(z1 + z2 + z3, T(3)) : tau;
+        const T pa = weight<T, L2>(ya, tau), pb = weight<T, L2>(yb, tau), pc = weight<T, L2>(yc, tau);
+        qa = fin ? pa : T(0); qb = fin ? pb : T(0); qc = fin ? pc : T(0);
+        const T acc = l2_term(ya, qa) + l2_term(yb, qb) + l2_term(yc, qc);
+        return fin ? value<T, L2>(m, acc, gamma) : m;
+    }
+    // hard: one-hot first argmax in the order (a, b, c)
+    const bool ia = fin && a == m;
+    const bool ib = fin && !ia && b == m;
+    const bool ic = fin && !ia && !ib;
+    qa = ia ? T(1) : T(0); qb = ib ? T(1) : T(0); qc = ic ? T(1) : T(0);
+    return m;
+}
+
+// H·u for the three-entry cell where the gradient is q; returns <q, u>.
+template <typename T, int REG>
+SMX_HD T hvp3(T qa, T qb, T qc, T ua, T ub, T uc, T inv_gamma, T& ha, T& hb, T& hc)
+{
+    const T qu = wmul(qa, ua) + wmul(qb, ub) + wmul(qc, uc);
+    T stat = qu;
+    if (REG == L2) {
+        const T sa = qa > T(0) ? T(1) : T(0), sb = qb > T(0) ? T(1) : T(0);
+        const T sc = qc > T(0) ? T(1) : T(0), cnt = sa + sb + sc;
+        const T su = (qa > T(0) ? ua : T(0)) + (qb > T(0) ? ub : T(0)) + (qc > T(0) ? uc : T(0));
+        stat = su / (cnt > T(0) ? cnt : T(1));
+    }
+    ha = hvp<T, REG>(qa, ua, stat, inv_gamma);
+    hb = hvp<T, REG>(qb, ub, stat, inv_gamma);
+    hc = hvp<T, REG>(qc, uc, stat, inv_gamma);
+    return qu;
+}
+
+// ---------------------------------------------------------------------------
+// The generic sequential row of the l2 and hard operators: max_Ω(x[:n]), q
+// written to q[:n]. (Negentropy rows are reduced by the engines' own vector
+// loops over the same pieces: simd.h's NegentropyRow on the CPU, a warp sum
+// in smx_viterbi.cu.)
+template <typename T, int REG>
+SMX_HD T row_max(const T* x, T* q, index_t n, T gamma)
+{
+    static_assert(REG == L2 || REG == HARD, "negentropy rows: see above");
+    T m = -inf<T>();
+    index_t k, best = -1;
+    for (k = 0; k < n; ++k) {
+        if (x[k] > m) { m = x[k]; best = k; }
+    }
+    if (!(m > -inf<T>())) {
+        for (k = 0; k < n; ++k) q[k] = T(0);
+        return m;
+    }
+    if (REG == HARD) {
+        for (k = 0; k < n; ++k) q[k] = k == best ? T(1) : T(0);
+        return m;
+    }
+    const T ig = T(1) / gamma;
+    // l2, Michelot's exact algorithm: the support starts as the finite entries
+    // and every pass drops those with y <= τ; the argmax (y = 0 > τ) stays.
+    T tau = T(0), count = T(0), sum = T(0);
+    for (k = 0; k < n; ++k) {
+        const bool in = x[k] > -inf<T>();
+        sum += in ? (x[k] - m) * ig : T(0);
+        count += in ? T(1) : T(0);
+    }
+    for (;;) {
+        tau = sparsemax_tau(sum, count);
+        T sum2 = T(0), count2 = T(0);
+        for (k = 0; k < n; ++k) {
+            const T y = (x[k] - m) * ig;
+            sum2 += y > tau ? y : T(0);
+            count2 += y > tau ? T(1) : T(0);
+        }
+        if (count2 == count) break;
+        sum = sum2; count = count2;
+    }
+    T acc = T(0);
+    for (k = 0; k < n; ++k) {
+        const T y = (x[k] - m) * ig;
+        q[k] = x[k] > -inf<T>() ? weight<T, L2>(y, tau) : T(0);
+        acc += l2_term(y, q[k]);
+    }
+    return value<T, L2>(m, acc, gamma);
+}
+
+// out[:n] = H·u[:n] where the gradient is q[:n]; returns <q, u>.
+template <typename T, int REG>
+SMX_HD T row_hvp(const T* q, const T* u, T* out, index_t n, T gamma)
+{
+    const T ig = T(1) / gamma;
+    T qu = T(0), su = T(0), cnt = T(0);
+    index_t k;
+    for (k = 0; k < n; ++k) {
+        qu += wmul(q[k], u[k]);
+        su += q[k] > T(0) ? u[k] : T(0);
+        cnt += q[k] > T(0) ? T(1) : T(0);
+    }
+    const T stat = REG == L2 ? su / (cnt > T(0) ? cnt : T(1)) : qu;
+    for (k = 0; k < n; ++k) out[k] = hvp<T, REG>(q[k], u[k], stat, ig);
+    return qu;
+}
+
+}  // namespace smx
+
+#endif  // SMOOTHMAX_SMX_OPS_HPP
