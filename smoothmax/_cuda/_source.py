@@ -1,6 +1,8 @@
 """The CUDA source of the GPU engine and the list of its kernel instantiations.
 
-One place builds the source text (prelude + operators + DTW + Viterbi) and
+One place builds the source text (prelude + the operator header
+``smoothmax/_core/include/smx_ops.hpp``, shared with the compiled CPU core,
++ DTW + Viterbi + CRF kernels) and
 the name expressions (``smx_dtw_fwd<float,0,1>``...). Three consumers use it:
 the CuPy launcher (``RawModule(code=..., name_expressions=...)``), the nvcc
 compile check (``python -m smoothmax._cuda.compile_check``) and the CPU
@@ -11,6 +13,8 @@ import functools
 import os
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+# the operators, written once for every engine (pasted in: NVRTC gets one text)
+_OPS_HEADER = os.path.join(_HERE, os.pardir, "_core", "include", "smx_ops.hpp")
 _BODY = ("smx_common.cuh", "smx_dtw.cu", "smx_dtwf.cu", "smx_viterbi.cu", "smx_crf.cu")
 
 CTYPES = {"float32": "float", "float64": "double"}
@@ -25,7 +29,9 @@ def _read(name):
 @functools.lru_cache(maxsize=None)
 def body():
     """The device code shared by every build (operators and kernels)."""
-    return "\n".join(f"// ---- {name}\n{_read(name)}" for name in _BODY)
+    parts = [f"// ---- smoothmax/_core/include/smx_ops.hpp\n{_read(_OPS_HEADER)}"]
+    parts += [f"// ---- {name}\n{_read(name)}" for name in _BODY]
+    return "\n".join(parts)
 
 
 @functools.lru_cache(maxsize=None)

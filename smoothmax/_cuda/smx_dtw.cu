@@ -52,7 +52,7 @@ SMX_GLOBAL void smx_dtw_fwd(const T* __restrict__ theta, const T* __restrict__ Z
     const int n = (int)la[b], m = (int)lb[b];
     if (32 * s >= n) return;                       // uniform over the warp
     const int i = 32 * s + lane;
-    const int ra = smx_min(31, n - 1 - 32 * s);    // last active lane
+    const int ra = smx::min2(31, n - 1 - 32 * s);    // last active lane
     const bool active = lane <= ra;
     const bool reads_edge = (lane == 0) && (s > 0);
     const bool writes_edge = (lane == 31) && (i + 1 < n);
@@ -100,13 +100,12 @@ SMX_GLOBAL void smx_dtw_fwd(const T* __restrict__ theta, const T* __restrict__ Z
             const T th = smx_in_band(i, j, n, m, band) ? th_row[j] : inf;
             if (th < inf) {
                 // min_Ω(up, left, diag) = -max_Ω(-up, -left, -diag)
-                const T mx = smx_max3<T, REG>(-up, -left, -diag, gamma, inv_gamma, q0, q1, q2);
+                const T mx = smx::max3<T, REG>(-up, -left, -diag, gamma, inv_gamma, q0, q1, q2);
                 R = th - mx;
                 if (!(R < inf)) {
                     R = inf; q0 = q1 = q2 = T(0);
                 } else if (MODE == 2) {
-                    Rd = z_row[j] + smx_wmul(q0, upd) + smx_wmul(q1, leftd) + smx_wmul(q2, diagd);
-                    smx_hvp3<T, REG>(q0, q1, q2, upd, leftd, diagd, inv_gamma, h0, h1, h2);
+                    Rd = z_row[j] + smx::hvp3<T, REG>(q0, q1, q2, upd, leftd, diagd, inv_gamma, h0, h1, h2);
                     h0 = -h0; h1 = -h1; h2 = -h2;   // qdot = -H(-r)·rdot for min_Ω
                 }
             }
@@ -157,7 +156,7 @@ SMX_GLOBAL void smx_dtw_bwd(const long long* __restrict__ la, const long long* _
         }
     }
     if (32 * s >= n) return;                       // uniform over the warp
-    const int ra = smx_min(31, n - 1 - 32 * s);
+    const int ra = smx::min2(31, n - 1 - 32 * s);
     const bool active = lane <= ra;
     const bool reads_edge = (lane == 31) && (i + 1 < n);
     const bool writes_edge = (lane == 0) && (s > 0);

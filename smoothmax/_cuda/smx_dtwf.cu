@@ -70,7 +70,7 @@ SMX_GLOBAL void smx_dtwf_fwd(const T* __restrict__ X, const T* __restrict__ Y,
     const int n = (int)la[b], m = (int)lb[b];
     if (32 * s >= n) return;                       // uniform over the warp
     const int i = 32 * s + lane;
-    const int ra = smx_min(31, n - 1 - 32 * s);
+    const int ra = smx::min2(31, n - 1 - 32 * s);
     const bool active = lane <= ra;
     const bool reads_edge = (lane == 0) && (s > 0);
     const bool writes_edge = (lane == 31) && (i + 1 < n);
@@ -108,7 +108,7 @@ SMX_GLOBAL void smx_dtwf_fwd(const T* __restrict__ X, const T* __restrict__ Y,
         if (in) {
             if (smx_in_band(i, j, n, m, band)) {
                 const T th = smx_feat_cost<T, COST>(xrow, ybase + (smx_size)j * d, d);
-                const T mx = smx_max3<T, REG>(-up, -left, -diag, gamma, inv_gamma, q0, q1, q2);
+                const T mx = smx::max3<T, REG>(-up, -left, -diag, gamma, inv_gamma, q0, q1, q2);
                 R = th - mx;
                 if (!(R < inf)) { R = inf; q0 = q1 = q2 = T(0); }
             }
@@ -140,7 +140,7 @@ SMX_GLOBAL void smx_dtwf_bwd(const T* __restrict__ X, const T* __restrict__ Y,
     const int n = (int)la[b], m = (int)lb[b];
     if (32 * s >= n) return;
     const int i = 32 * s + lane;
-    const int ra = smx_min(31, n - 1 - 32 * s);
+    const int ra = smx::min2(31, n - 1 - 32 * s);
     const bool active = lane <= ra;
     const bool reads_edge = (lane == 31) && (i + 1 < n);
     const bool writes_edge = (lane == 0) && (s > 0);

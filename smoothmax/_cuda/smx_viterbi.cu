@@ -60,53 +60,52 @@ SMX_DEVICE T smx_row_max(const T* a, const T* v, int S, T gamma, T inv_gamma, in
         return -inf;
     }
     if (amax) *amax = idx;
-    T val, stat = T(0);   // stat: sum of exp (negentropy) or tau (l2)
+    // the row's pieces (smx_ops.hpp), reduced over the warp: stat is
+    // 1/Σ exp(y) (negentropy) or τ (l2), y = (x - m)/γ
+    T val, stat = T(0);
     if (REG == 2) {
-        val = m;
+        val = smx::value<T, 2>(m, T(0), gamma);
     } else if (REG == 0) {
         T sacc = T(0);
         for (int j = lane; j < S; j += SMX_WARP)
-            sacc += smx_exp((smx_row_x(a, v, j) - m) * inv_gamma);
-        stat = smx_warp_sum<T>(sacc);
-        val = m + gamma * smx_log(stat);
+            sacc += smx::exp_nonpos((smx_row_x(a, v, j) - m) * inv_gamma);
+        sacc = smx_warp_sum<T>(sacc);
+        stat = T(1) / sacc;
+        val = smx::value<T, 0>(m, sacc, gamma);
     } else {
-        // sparsemax of z = (x - m)/γ by Michelot's algorithm: exact, the
-        // support shrinks until it is stable; max z = 0 stays in it.
+        // sparsemax of y by Michelot's algorithm: exact, the support shrinks
+        // until it is stable; max y = 0 stays in it.
         T sz = T(0); int cnt = 0;
         for (int j = lane; j < S; j += SMX_WARP) {
-            const T z = (smx_row_x(a, v, j) - m) * inv_gamma;
-            if (z > -inf) { sz += z; cnt++; }
+            const T y = (smx_row_x(a, v, j) - m) * inv_gamma;
+            if (y > -inf) { sz += y; cnt++; }
         }
         sz = smx_warp_sum<T>(sz); cnt = smx_warp_sum_int<T>(cnt);
-        T tau = (sz - T(1)) / T(cnt);
+        T tau = smx::sparsemax_tau(sz, T(cnt));
         for (;;) {
             T sz2 = T(0); int cnt2 = 0;
             for (int j = lane; j < S; j += SMX_WARP) {
-                const T z = (smx_row_x(a, v, j) - m) * inv_gamma;
-                if (z > tau) { sz2 += z; cnt2++; }
+                const T y = (smx_row_x(a, v, j) - m) * inv_gamma;
+                if (y > tau) { sz2 += y; cnt2++; }
             }
             sz2 = smx_warp_sum<T>(sz2); cnt2 = smx_warp_sum_int<T>(cnt2);
             if (cnt2 == cnt || cnt2 == 0) break;
-            cnt = cnt2; tau = (sz2 - T(1)) / T(cnt);
+            cnt = cnt2; tau = smx::sparsemax_tau(sz2, T(cnt));
         }
         stat = tau;
         T vacc = T(0);
         for (int j = lane; j < S; j += SMX_WARP) {
-            const T z = (smx_row_x(a, v, j) - m) * inv_gamma;
-            const T qj = smx_max(z - tau, T(0));
-            if (qj > T(0)) vacc += qj * (z - T(0.5) * qj);
+            const T y = (smx_row_x(a, v, j) - m) * inv_gamma;
+            vacc += smx::l2_term(y, smx::weight<T, 1>(y, tau));
         }
-        val = m + gamma * smx_warp_sum<T>(vacc);
+        val = smx::value<T, 1>(m, smx_warp_sum<T>(vacc), gamma);
     }
     if (!q && !qd) return val;
     // q_j, and the direction u restricted to supp(q)
     T qu = T(0), su = T(0); int ns = 0;
     for (int j = lane; j < S; j += SMX_WARP) {
-        const T x = smx_row_x(a, v, j);
-        T qj;
-        if (REG == 2) qj = (j == idx) ? T(1) : T(0);
-        else if (REG == 0) qj = smx_exp((x - m) * inv_gamma) / stat;
-        else qj = smx_max((x - m) * inv_gamma - stat, T(0));
+        const T y = (smx_row_x(a, v, j) - m) * inv_gamma;
+        const T qj = (REG == 2) ? ((j == idx) ? T(1) : T(0)) : smx::weight<T, REG>(y, stat);
         if (q) q[j] = qj;
         if (qd && qj > T(0)) {
             const T u = (zrow ? zrow[j] : T(0)) + vd[j];
@@ -124,14 +123,10 @@ SMX_DEVICE T smx_row_max(const T* a, const T* v, int S, T gamma, T inv_gamma, in
     for (int j = lane; j < S; j += SMX_WARP) {
         T h = T(0);
         if (REG != 2) {
-            const T x = smx_row_x(a, v, j);
-            T qj;
-            if (REG == 0) qj = smx_exp((x - m) * inv_gamma) / stat;
-            else qj = smx_max((x - m) * inv_gamma - stat, T(0));
-            if (qj > T(0)) {
-                const T u = (zrow ? zrow[j] : T(0)) + vd[j];
-                h = (REG == 0) ? qj * (u - qu) * inv_gamma : (u - mean) * inv_gamma;
-            }
+            const T y = (smx_row_x(a, v, j) - m) * inv_gamma;
+            const T qj = smx::weight<T, REG>(y, stat);
+            const T u = (zrow ? zrow[j] : T(0)) + vd[j];
+            h = smx::hvp<T, REG>(qj, u, REG == 0 ? qu : mean, inv_gamma);
         }
         qd[j] = h;
     }
