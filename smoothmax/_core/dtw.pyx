@@ -26,9 +26,8 @@ tangents qdot = -H(-r)·Rdot as well (3 more per cell).
   (``sm_wavefront`` in ``simd.h``, tiles of 64 to 256 cells a side, about
   eight per thread along the longer side); otherwise the ``prange`` is over
   the batch and each problem is one tile up to 512×512 (tiles of 256 beyond).
-* ``_dtw_rows`` runs the passes row by row with the generic operators of
-  ``operators.pxd``: a slow, simple second implementation
-  (``_run(..., rows=True)``) to check the tiled one against.
+  The tests check it against the reference engine (``smoothmax._reference``)
+  and brute force, not against a second compiled DTW.
 
 Cells outside the Sakoe-Chiba band or past the lengths are +inf in R and
 exactly 0 in q, E, Edot. All arithmetic is in double; theta, Z, E, Edot (and
@@ -45,8 +44,8 @@ from .._buffers import pass_outputs as _pass_outputs
 
 from cython cimport floating
 
-from .band cimport _diag_range, _in_band
-from .operators cimport max_omega, max_omega_hvp, sm_init_isa, sm_isa_name
+from .band cimport _diag_range
+from .operators cimport sm_init_isa, sm_isa_name
 
 
 from .dtw_kernels cimport (dtw_bwd, dtw_bwd_hvp, dtw_fwd, dtw_fwd_hvp,
@@ -66,122 +65,6 @@ cdef enum:
     MODE_GRAD = 1
     MODE_HVP = 2
 
-
-cdef inline Py_ssize_t _rows_work(Py_ssize_t NA, Py_ssize_t NB, int mode) noexcept nogil:
-    """Doubles of workspace ``_dtw_rows`` needs for problems up to NA×NB."""
-    return 8 * (NB + 2) + 12 + 3 * NA * NB * mode
-
-
-cdef double _dtw_rows(const floating* theta, const floating* Z,
-                      floating* E, floating* Ed, Py_ssize_t NB,
-                      Py_ssize_t la, Py_ssize_t lb, Py_ssize_t band,
-                      int reg, double gamma, int mode, double* work) noexcept nogil:
-    """One problem theta[:la, :lb] (row stride NB); returns R[la, lb].
-
-    Fills E (mode >= 1) and Edot (mode 2) on [:la, :lb]; they must be zero on
-    entry (the caller allocates them with zeros).
-    """
-    cdef Py_ssize_t W = lb + 2
-    cdef double* R = work             # row i-1 of R
-    cdef double* Rn = work + W        # row i
-    cdef double* Rd = work + 2 * W    # Rdot, row i-1
-    cdef double* Rdn = work + 3 * W
-    cdef double* eb = work + 4 * W    # ebar, row i+1
-    cdef double* ebn = work + 5 * W   # ebar, row i
-    cdef double* ebd = work + 6 * W
-    cdef double* ebdn = work + 7 * W
-    cdef double* x = work + 8 * W
-    cdef double* loc = x + 3
-    cdef double* u = x + 6
-    cdef double* h = x + 9
-    cdef double* Q = x + 12           # 3 weights per cell (mode >= 1)
-    cdef double* Qd = Q + 3 * la * lb  # their tangents (mode 2)
-    cdef double* tmp
-    cdef double mv, acc, e, ed, value
-    cdef Py_ssize_t i, j, k, c, cu, cl, cd
-
-    R[0] = 0.0
-    Rd[0] = 0.0
-    for j in range(1, lb + 1):
-        R[j] = INFINITY
-        Rd[j] = 0.0
-    for i in range(1, la + 1):
-        Rn[0] = INFINITY
-        Rdn[0] = 0.0
-        for j in range(1, lb + 1):
-            k = 3 * ((i - 1) * lb + (j - 1))
-            if not _in_band(i - 1, j - 1, la, lb, band):
-                Rn[j] = INFINITY
-                Rdn[j] = 0.0
-                if mode >= MODE_GRAD:
-                    Q[k] = 0.0; Q[k + 1] = 0.0; Q[k + 2] = 0.0
-                if mode == MODE_HVP:
-                    Qd[k] = 0.0; Qd[k + 1] = 0.0; Qd[k + 2] = 0.0
-                continue
-            x[0] = -R[j]
-            x[1] = -Rn[j - 1]
-            x[2] = -R[j - 1]
-            mv = max_omega(x, loc, 3, reg, gamma)
-            Rn[j] = theta[(i - 1) * NB + (j - 1)] - mv  # mv = -inf: unreachable, +inf
-            if mode == MODE_VALUE:
-                continue
-            Q[k] = loc[0]; Q[k + 1] = loc[1]; Q[k + 2] = loc[2]
-            if mode == MODE_HVP:
-                u[0] = Rd[j]
-                u[1] = Rdn[j - 1]
-                u[2] = Rd[j - 1]
-                acc = 0.0
-                for c in range(3):
-                    if loc[c] != 0.0:
-                        acc += loc[c] * u[c]
-                Rdn[j] = Z[(i - 1) * NB + (j - 1)] + acc
-                max_omega_hvp(loc, u, h, 3, reg, gamma)  # qdot = -H(-r)·rdot
-                Qd[k] = -h[0]; Qd[k + 1] = -h[1]; Qd[k + 2] = -h[2]
-        tmp = R; R = Rn; Rn = tmp
-        tmp = Rd; Rd = Rdn; Rdn = tmp
-    value = R[lb]
-    if mode == MODE_VALUE or value == INFINITY:
-        return value  # unreachable end cell: E = 0
-
-    # reverse pass, pull form: ebar(i, j) = ebar(i+1, j)·q_up(i+1, j)
-    #   + ebar(i, j+1)·q_left(i, j+1) + ebar(i+1, j+1)·q_diag(i+1, j+1)
-    for j in range(W):
-        eb[j] = 0.0
-        ebd[j] = 0.0
-        ebn[j] = 0.0
-        ebdn[j] = 0.0
-    for i in range(la, 0, -1):
-        for j in range(lb, 0, -1):
-            if i == la and j == lb:
-                ebn[j] = 1.0
-                ebdn[j] = 0.0
-                E[(i - 1) * NB + (j - 1)] = 1.0
-                continue
-            e = 0.0
-            ed = 0.0
-            if i < la:
-                cu = 3 * (i * lb + (j - 1))
-                e += eb[j] * Q[cu]
-                if mode == MODE_HVP:
-                    ed += ebd[j] * Q[cu] + eb[j] * Qd[cu]
-            if j < lb:
-                cl = 3 * ((i - 1) * lb + j) + 1
-                e += ebn[j + 1] * Q[cl]
-                if mode == MODE_HVP:
-                    ed += ebdn[j + 1] * Q[cl] + ebn[j + 1] * Qd[cl]
-            if i < la and j < lb:
-                cd = 3 * (i * lb + j) + 2
-                e += eb[j + 1] * Q[cd]
-                if mode == MODE_HVP:
-                    ed += ebd[j + 1] * Q[cd] + eb[j + 1] * Qd[cd]
-            ebn[j] = e
-            ebdn[j] = ed
-            E[(i - 1) * NB + (j - 1)] = <floating> e
-            if mode == MODE_HVP:
-                Ed[(i - 1) * NB + (j - 1)] = <floating> ed
-        tmp = eb; eb = ebn; ebn = tmp
-        tmp = ebd; ebd = ebdn; ebdn = tmp
-    return value
 
 cdef enum:
     QPAD = 4   # zero padding around each stored-q plane of a tile
@@ -765,31 +648,28 @@ cdef inline int _threads_for(Py_ssize_t B, Py_ssize_t NA, Py_ssize_t NB) noexcep
     return sm_max_threads()
 
 
-def _qwork_len(Py_ssize_t B, Py_ssize_t NA, Py_ssize_t NB, int mode, bint rows):
+def _qwork_len(Py_ssize_t B, Py_ssize_t NA, Py_ssize_t NB, int mode):
     """Length of the q workspace ``_dtw_batch`` takes: one problem's worth per
     thread when threads share the batch, one when they share a problem."""
     cdef int nthreads = _threads_for(B, NA, NB)
     cdef bint par = B < nthreads
-    if rows:
-        return 0
     return _q_len(NA, NB, _pick_tile(NA, NB, par, nthreads, _tile_override[0]), mode) * (1 if par else nthreads)
 
 
 cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] Z,
                      const long long[::1] la, const long long[::1] lb,
-                     Py_ssize_t band, int reg, double gamma, int mode, bint rows,
+                     Py_ssize_t band, int reg, double gamma, int mode,
                      floating[::1] value, floating[:, :, ::1] E,
                      floating[:, :, ::1] Ed, signed char[::1] failed,
                      Py_ssize_t override, floating[::1] qwork) noexcept:
     """Batch loop. B >= threads: a ``prange`` over the batch, one problem per
     thread at a time (tiles in order). B < threads: the problems one after the
-    other, each with its tiles spread over the threads. ``rows`` picks the
-    row-by-row ``_dtw_rows`` (a slow second implementation, for tests)."""
+    other, each with its tiles spread over the threads."""
     cdef Py_ssize_t B = theta.shape[0], NA = theta.shape[1], NB = theta.shape[2]
     cdef Py_ssize_t b, t, TS, nq
     cdef int nthreads = _threads_for(B, NA, NB)
     cdef floating* qbase = &qwork[0] if qwork.shape[0] > 0 else NULL
-    cdef bint par = B < nthreads and not rows
+    cdef bint par = B < nthreads
     cdef double* wd = NULL
     cdef Py_ssize_t* wi = NULL
     cdef floating* wq = NULL
@@ -801,20 +681,6 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
     cdef bint ok
     TS = _pick_tile(NA, NB, par, nthreads, override)
     nq = _q_len(NA, NB, TS, mode)
-    if rows:
-        with nogil, parallel(num_threads=nthreads):
-            wd = <double*> malloc(_rows_work(NA, NB, mode) * sizeof(double))
-            for b in prange(B, schedule="dynamic"):
-                if wd == NULL:
-                    failed[b] = 1
-                else:
-                    value[b] = <floating> _dtw_rows(
-                        &theta[b, 0, 0], &Z[b, 0, 0] if mode == MODE_HVP else NULL,
-                        &E[b, 0, 0] if mode != MODE_VALUE else NULL,
-                        &Ed[b, 0, 0] if mode == MODE_HVP else NULL,
-                        NB, la[b], lb[b], band, reg, gamma, mode, wd)
-            free(wd)
-        return
     if par:
         with nogil:
             wds = <double**> calloc(nthreads, sizeof(double*))
@@ -904,8 +770,7 @@ def _give_qwork(buf):
         _qcache[buf.dtype.char] = buf
 
 
-def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode,
-         bint rows=False, out=None):
+def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode, out=None):
     """The passes of ``mode`` over the batch; ``out``: see ``smoothmax._buffers.pass_outputs``."""
     B, NA, NB = theta.shape
     # Without a band and at full lengths the kernels write every cell of E
@@ -918,12 +783,12 @@ def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode,
     Zarr = Z if mode == MODE_HVP else E[:0]
     failed = np.zeros(B, dtype=np.int8)
     if B > 0 and NA > 0 and NB > 0:
-        qwork = _take_qwork(theta.dtype, _qwork_len(B, NA, NB, mode, rows))
+        qwork = _take_qwork(theta.dtype, _qwork_len(B, NA, NB, mode))
         if theta.dtype == np.float64:
-            _dtw_batch[double](theta, Zarr, la, lb, band, reg, gamma, mode, rows,
+            _dtw_batch[double](theta, Zarr, la, lb, band, reg, gamma, mode,
                                value, E, Ed, failed, _tile_override[0], qwork)
         else:
-            _dtw_batch[float](theta, Zarr, la, lb, band, reg, gamma, mode, rows,
+            _dtw_batch[float](theta, Zarr, la, lb, band, reg, gamma, mode,
                               value, E, Ed, failed, _tile_override[0], qwork)
         _give_qwork(qwork)
     if failed.any():
