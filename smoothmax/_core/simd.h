@@ -102,18 +102,21 @@ SMX_HD double rowmax(ptrdiff_t n, const double *SMX_R x, double *SMX_R y)
  *   dout = fu qu + eu qdu + fl ql + el qdl + fd qd + ed qdd.
  * A q of 0 multiplies a finite tangent, so masked cells give exact zeros.
  */
-template <typename T, int REG, bool STORE>
-SMX_HD void dtw_fwd_loop(ptrdiff_t n, const double *SMX_R theta, const double *SMX_R up,
-                         const double *SMX_R left, const double *SMX_R dg, double *SMX_R out,
-                         T *SMX_R qu, T *SMX_R ql, T *SMX_R qd, double gamma, double ig)
-{
-    for (ptrdiff_t k = 0; k < n; ++k) {
-        double qa, qb, qc;
-        double v = smx::max3<double, REG>(-up[k], -left[k], -dg[k], gamma, ig, qa, qb, qc);
-        out[k] = theta[k] - v;
-        if (STORE) { qu[k] = (T)qa; ql[k] = (T)qb; qd[k] = (T)qc; }
+template <typename T, bool STORE>
+struct DtwFwdLoop {
+    template <int REG>
+    static SMX_HD void run(ptrdiff_t n, const double *SMX_R theta, const double *SMX_R up,
+                           const double *SMX_R left, const double *SMX_R dg, double *SMX_R out,
+                           T *SMX_R qu, T *SMX_R ql, T *SMX_R qd, double gamma, double ig)
+    {
+        for (ptrdiff_t k = 0; k < n; ++k) {
+            double qa, qb, qc;
+            double v = smx::max3<double, REG>(-up[k], -left[k], -dg[k], gamma, ig, qa, qb, qc);
+            out[k] = theta[k] - v;
+            if (STORE) { qu[k] = (T)qa; ql[k] = (T)qb; qd[k] = (T)qc; }
+        }
     }
-}
+};
 
 struct DtwFwd {
     template <typename T>
@@ -121,15 +124,10 @@ struct DtwFwd {
                            const double *dg, double *out, T *qu, T *ql, T *qd, int reg, double gamma)
     {
         const double ig = 1.0 / gamma;
-        if (qu != NULL) {
-            if (reg == NEGENTROPY) dtw_fwd_loop<T, NEGENTROPY, true>(n, theta, up, left, dg, out, qu, ql, qd, gamma, ig);
-            else if (reg == L2) dtw_fwd_loop<T, L2, true>(n, theta, up, left, dg, out, qu, ql, qd, gamma, ig);
-            else dtw_fwd_loop<T, HARD, true>(n, theta, up, left, dg, out, qu, ql, qd, gamma, ig);
-        } else {
-            if (reg == NEGENTROPY) dtw_fwd_loop<T, NEGENTROPY, false>(n, theta, up, left, dg, out, qu, ql, qd, gamma, ig);
-            else if (reg == L2) dtw_fwd_loop<T, L2, false>(n, theta, up, left, dg, out, qu, ql, qd, gamma, ig);
-            else dtw_fwd_loop<T, HARD, false>(n, theta, up, left, dg, out, qu, ql, qd, gamma, ig);
-        }
+        if (qu != NULL)
+            with_reg<DtwFwdLoop<T, true>>(reg, n, theta, up, left, dg, out, qu, ql, qd, gamma, ig);
+        else
+            with_reg<DtwFwdLoop<T, false>>(reg, n, theta, up, left, dg, out, qu, ql, qd, gamma, ig);
     }
 };
 
@@ -144,25 +142,28 @@ struct DtwBwd {
     }
 };
 
-template <typename T, int REG>
-SMX_HD void dtw_fwd_hvp_loop(ptrdiff_t n, const double *SMX_R theta, const double *SMX_R z,
-                             const double *SMX_R up, const double *SMX_R left,
-                             const double *SMX_R dg, double *SMX_R out,
-                             const double *SMX_R dup, const double *SMX_R dleft,
-                             const double *SMX_R ddg, double *SMX_R dout,
-                             T *SMX_R qu, T *SMX_R ql, T *SMX_R qd,
-                             T *SMX_R qdu, T *SMX_R qdl, T *SMX_R qdd, double gamma, double ig)
-{
-    for (ptrdiff_t k = 0; k < n; ++k) {
-        double qa, qb, qc, ha, hb, hc;
-        double v = smx::max3<double, REG>(-up[k], -left[k], -dg[k], gamma, ig, qa, qb, qc);
-        out[k] = theta[k] - v;
-        double rd = smx::hvp3<double, REG>(qa, qb, qc, dup[k], dleft[k], ddg[k], ig, ha, hb, hc);
-        dout[k] = z[k] + rd;
-        qu[k] = (T)qa; ql[k] = (T)qb; qd[k] = (T)qc;
-        qdu[k] = (T)(-ha); qdl[k] = (T)(-hb); qdd[k] = (T)(-hc);  /* -H(-r) u for min_Omega */
+template <typename T>
+struct DtwFwdHvpLoop {
+    template <int REG>
+    static SMX_HD void run(ptrdiff_t n, const double *SMX_R theta, const double *SMX_R z,
+                           const double *SMX_R up, const double *SMX_R left,
+                           const double *SMX_R dg, double *SMX_R out,
+                           const double *SMX_R dup, const double *SMX_R dleft,
+                           const double *SMX_R ddg, double *SMX_R dout,
+                           T *SMX_R qu, T *SMX_R ql, T *SMX_R qd,
+                           T *SMX_R qdu, T *SMX_R qdl, T *SMX_R qdd, double gamma, double ig)
+    {
+        for (ptrdiff_t k = 0; k < n; ++k) {
+            double qa, qb, qc, ha, hb, hc;
+            double v = smx::max3<double, REG>(-up[k], -left[k], -dg[k], gamma, ig, qa, qb, qc);
+            out[k] = theta[k] - v;
+            double rd = smx::hvp3<double, REG>(qa, qb, qc, dup[k], dleft[k], ddg[k], ig, ha, hb, hc);
+            dout[k] = z[k] + rd;
+            qu[k] = (T)qa; ql[k] = (T)qb; qd[k] = (T)qc;
+            qdu[k] = (T)(-ha); qdl[k] = (T)(-hb); qdd[k] = (T)(-hc);  /* -H(-r) u for min_Omega */
+        }
     }
-}
+};
 
 struct DtwFwdHvp {
     template <typename T>
@@ -171,16 +172,8 @@ struct DtwFwdHvp {
                            const double *dleft, const double *ddg, double *dout, T *qu, T *ql,
                            T *qd, T *qdu, T *qdl, T *qdd, int reg, double gamma)
     {
-        const double ig = 1.0 / gamma;
-        if (reg == NEGENTROPY)
-            dtw_fwd_hvp_loop<T, NEGENTROPY>(n, theta, z, up, left, dg, out, dup, dleft, ddg, dout,
-                                            qu, ql, qd, qdu, qdl, qdd, gamma, ig);
-        else if (reg == L2)
-            dtw_fwd_hvp_loop<T, L2>(n, theta, z, up, left, dg, out, dup, dleft, ddg, dout,
-                                    qu, ql, qd, qdu, qdl, qdd, gamma, ig);
-        else
-            dtw_fwd_hvp_loop<T, HARD>(n, theta, z, up, left, dg, out, dup, dleft, ddg, dout,
-                                      qu, ql, qd, qdu, qdl, qdd, gamma, ig);
+        with_reg<DtwFwdHvpLoop<T>>(reg, n, theta, z, up, left, dg, out, dup, dleft, ddg, dout,
+                                   qu, ql, qd, qdu, qdl, qdd, gamma, 1.0 / gamma);
     }
 };
 
@@ -251,35 +244,6 @@ struct NegentropyRow {
  * formed here from the stored q and the forward's Vdot of steps t - 1 (Vdp)
  * and t (Vdt), Ed[i, j] = ebd[i] q + eb[i] qdot, nbd[j] = sum_i Ed[i, j].
  */
-template <typename T, int REG>
-SMX_HD void vit_fwd_rows(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
-                         const double *SMX_R V, const double *SMX_R Vd, double *SMX_R Vn,
-                         double *SMX_R Vdn, T *SMX_R E, double *SMX_R x, double gamma,
-                         double *SMX_R badl)
-{
-    double *SMX_R q = x + S;
-    ptrdiff_t i, j, l;
-    for (i = 0; i < S; ++i) {
-        const T *SMX_R row = th + i * S;
-        for (j = 0; j + 8 <= S; j += 8)
-            for (l = 0; l < 8; ++l) {
-                x[j + l] = (double)row[j + l] + V[j + l];
-                badl[l] += (double)row[j + l] < SM_INF ? 0.0 : 1.0;
-            }
-        for (; j < S; ++j) {
-            x[j] = (double)row[j] + V[j];
-            badl[0] += (double)row[j] < SM_INF ? 0.0 : 1.0;
-        }
-        Vn[i] = smx::row_max<double, REG>(x, q, S, gamma);
-        if (E != NULL) for (j = 0; j < S; ++j) E[i * S + j] = (T)q[j];
-        if (z != NULL) {
-            double vd = 0.0;
-            for (j = 0; j < S; ++j) vd += smx::wmul(q[j], (double)z[i * S + j] + Vd[j]);
-            Vdn[i] = vd;
-        }
-    }
-}
-
 template <typename T>
 SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
                                const double *SMX_R V, const double *SMX_R Vd, double *SMX_R Vn,
@@ -376,6 +340,43 @@ SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
     }
 }
 
+/* the rows of the other operators (smx::row_max: no reduction worth vectorizing) */
+template <typename T>
+struct VitFwdRows {
+    template <int REG>
+    static SMX_HD void run(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
+                           const double *SMX_R V, const double *SMX_R Vd, double *SMX_R Vn,
+                           double *SMX_R Vdn, T *SMX_R E, T *SMX_R Ed, double *SMX_R inv,
+                           double *SMX_R x, double gamma, double *SMX_R badl)
+    {
+        if constexpr (REG == NEGENTROPY) {  /* the vectorized log-sum-exp above */
+            vit_fwd_negentropy<T>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, badl);
+        } else {
+            double *SMX_R q = x + S;
+            ptrdiff_t i, j, l;
+            for (i = 0; i < S; ++i) {
+                const T *SMX_R row = th + i * S;
+                for (j = 0; j + 8 <= S; j += 8)
+                    for (l = 0; l < 8; ++l) {
+                        x[j + l] = (double)row[j + l] + V[j + l];
+                        badl[l] += (double)row[j + l] < SM_INF ? 0.0 : 1.0;
+                    }
+                for (; j < S; ++j) {
+                    x[j] = (double)row[j] + V[j];
+                    badl[0] += (double)row[j] < SM_INF ? 0.0 : 1.0;
+                }
+                Vn[i] = smx::row_max<double, REG>(x, q, S, gamma);
+                if (E != NULL) for (j = 0; j < S; ++j) E[i * S + j] = (T)q[j];
+                if (z != NULL) {
+                    double vd = 0.0;
+                    for (j = 0; j < S; ++j) vd += smx::wmul(q[j], (double)z[i * S + j] + Vd[j]);
+                    Vdn[i] = vd;
+                }
+            }
+        }
+    }
+};
+
 struct VitFwd {
     template <typename T>
     static SMX_HD void run(ptrdiff_t S, const T *th, const T *z, const double *V, const double *Vd,
@@ -383,50 +384,50 @@ struct VitFwd {
                            int reg, double gamma, double *bad)
     {
         double badl[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-        if (reg == NEGENTROPY) vit_fwd_negentropy<T>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, badl);
-        else if (reg == L2) vit_fwd_rows<T, L2>(S, th, z, V, Vd, Vn, Vdn, E, x, gamma, badl);
-        else vit_fwd_rows<T, HARD>(S, th, z, V, Vd, Vn, Vdn, E, x, gamma, badl);
+        with_reg<VitFwdRows<T>>(reg, S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, badl);
         for (int l = 0; l < 8; ++l) *bad += badl[l];
     }
 };
 
-template <typename T, int REG>
-SMX_HD void vit_bwd_hvp(ptrdiff_t S, const double *SMX_R eb, const double *SMX_R ebd,
-                        double *SMX_R nb, double *SMX_R nbd, T *SMX_R E, T *SMX_R Ed,
-                        const T *SMX_R z, const double *SMX_R Vdp, const double *SMX_R Vdt,
-                        double gamma)
-{
-    const double ig = 1.0 / gamma;
-    ptrdiff_t i, j;
-    for (j = 0; j < S; ++j) nbd[j] = 0.0;
-    for (i = 0; i < S; ++i) {
-        const double e_i = eb[i], f_i = ebd[i];
-        T *SMX_R erow = E + i * S;
-        T *SMX_R edrow = Ed + i * S;
-        const T *SMX_R zrow = z + i * S;
-        double stat = Vdt[i];  /* <q_i, u> */
-        if (REG == L2) {  /* mean of u over supp(q_i) */
+template <typename T>
+struct VitBwdHvp {
+    template <int REG>
+    static SMX_HD void run(ptrdiff_t S, const double *SMX_R eb, const double *SMX_R ebd,
+                           double *SMX_R nb, double *SMX_R nbd, T *SMX_R E, T *SMX_R Ed,
+                           const T *SMX_R z, const double *SMX_R Vdp, const double *SMX_R Vdt,
+                           double gamma)
+    {
+        const double ig = 1.0 / gamma;
+        ptrdiff_t i, j;
+        for (j = 0; j < S; ++j) nbd[j] = 0.0;
+        for (i = 0; i < S; ++i) {
+            const double e_i = eb[i], f_i = ebd[i];
+            T *SMX_R erow = E + i * S;
+            T *SMX_R edrow = Ed + i * S;
+            const T *SMX_R zrow = z + i * S;
             double su = 0.0, cnt = 0.0;
-            for (j = 0; j < S; ++j) {
-                const bool in = (double)erow[j] > 0.0;
-                su += in ? (double)zrow[j] + Vdp[j] : 0.0;
-                cnt += in ? 1.0 : 0.0;
+            if (smx::support_mean<REG>()) {
+                for (j = 0; j < S; ++j) {
+                    const bool in = (double)erow[j] > 0.0;
+                    su += in ? (double)zrow[j] + Vdp[j] : 0.0;
+                    cnt += in ? 1.0 : 0.0;
+                }
             }
-            stat = su / (cnt > 0.0 ? cnt : 1.0);
-        }
-#pragma GCC ivdep
-        for (j = 0; j < S; ++j) {
-            double q = (double)erow[j];
-            double qd = smx::hvp<double, REG>(q, (double)zrow[j] + Vdp[j], stat, ig);
-            double ed = f_i * q + e_i * qd;
-            double e = e_i * q;
-            edrow[j] = (T)ed;
-            erow[j] = (T)e;
-            nbd[j] += ed;
-            nb[j] += e;
+            const double stat = smx::hvp_stat<double, REG>(Vdt[i], su, cnt);  /* Vdt[i] = <q_i, u> */
+    #pragma GCC ivdep
+            for (j = 0; j < S; ++j) {
+                double q = (double)erow[j];
+                double qd = smx::hvp<double, REG>(q, (double)zrow[j] + Vdp[j], stat, ig);
+                double ed = f_i * q + e_i * qd;
+                double e = e_i * q;
+                edrow[j] = (T)ed;
+                erow[j] = (T)e;
+                nbd[j] += ed;
+                nb[j] += e;
+            }
         }
     }
-}
+};
 
 struct VitBwd {
     template <typename T>
@@ -438,9 +439,7 @@ struct VitBwd {
         ptrdiff_t i, j, l;
         for (j = 0; j < S; ++j) nb[j] = 0.0;
         if (Ed != NULL) {
-            if (reg == NEGENTROPY) vit_bwd_hvp<T, NEGENTROPY>(S, eb, ebd, nb, nbd, E, Ed, z, Vdp, Vdt, gamma);
-            else if (reg == L2) vit_bwd_hvp<T, L2>(S, eb, ebd, nb, nbd, E, Ed, z, Vdp, Vdt, gamma);
-            else vit_bwd_hvp<T, HARD>(S, eb, ebd, nb, nbd, E, Ed, z, Vdp, Vdt, gamma);
+            with_reg<VitBwdHvp<T>>(reg, S, eb, ebd, nb, nbd, E, Ed, z, Vdp, Vdt, gamma);
             return;
         }
         for (i = 0; i < S; ++i) {
@@ -564,22 +563,28 @@ inline void vit_bwd(ptrdiff_t S, const double *eb, const double *ebd, const doub
                     const double *Vdt, int reg, double gamma)
 { dispatch<VitBwd>(S, eb, ebd, inv, nb, nbd, E, Ed, z, Vdp, Vdt, reg, gamma); }
 
+struct RowMax {
+    template <int REG>
+    static double run(const double *x, double *q, ptrdiff_t n, double gamma)
+    {
+        if constexpr (REG == NEGENTROPY) return dispatch<NegentropyRow>(n, x, q, gamma);
+        else return smx::row_max<double, REG>(x, q, n, gamma);
+    }
+};
+struct RowHvp {
+    template <int REG>
+    static void run(const double *q, const double *z, double *out, ptrdiff_t n, double gamma)
+    { smx::row_hvp<double, REG>(q, z, out, n, gamma); }
+};
+
 /* max_Omega(x[:n]) and q = its gradient; reg 0 negentropy, 1 l2, 2 hard. */
 inline double max_omega(const double *x, double *q, ptrdiff_t n, int reg, double gamma)
-{
-    if (reg == NEGENTROPY) return dispatch<NegentropyRow>(n, x, q, gamma);
-    if (reg == L2) return smx::row_max<double, L2>(x, q, n, gamma);
-    return smx::row_max<double, HARD>(x, q, n, gamma);
-}
+{ return with_reg<RowMax>(reg, x, q, n, gamma); }
 
 /* out[:n] = H.z[:n], H the Hessian of max_Omega where its gradient is q. */
 inline void max_omega_hvp(const double *q, const double *z, double *out, ptrdiff_t n, int reg,
                           double gamma)
-{
-    if (reg == NEGENTROPY) smx::row_hvp<double, NEGENTROPY>(q, z, out, n, gamma);
-    else if (reg == L2) smx::row_hvp<double, L2>(q, z, out, n, gamma);
-    else smx::row_hvp<double, HARD>(q, z, out, n, gamma);
-}
+{ with_reg<RowHvp>(reg, q, z, out, n, gamma); }
 
 }  // namespace cpu
 }  // namespace smx

@@ -12,13 +12,15 @@ emulation used by the tests on machines without a GPU
 import functools
 import os
 
+from ..operators import REG_CODES as _REG_CODES
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # the operators, written once for every engine (pasted in: NVRTC gets one text)
 _OPS_HEADER = os.path.join(_HERE, os.pardir, "_core", "include", "smx_ops.hpp")
 _BODY = ("smx_common.cuh", "smx_dtw.cu", "smx_dtwf.cu", "smx_viterbi.cu", "smx_crf.cu")
 
 CTYPES = {"float32": "float", "float64": "double"}
-REG_CODES = (0, 1, 2)
+REG_CODES = tuple(sorted(_REG_CODES.values()))  # every operator, one instantiation each
 
 
 def _read(name):

@@ -60,6 +60,18 @@ template <> SMX_HD double inf<double>() { return __builtin_huge_val(); }
 template <> SMX_HD float inf<float>() { return __builtin_huge_valf(); }
 #endif
 
+// with_reg<F>(reg, args...): F::run<REG>(args...) for the runtime code reg,
+// the one place where a code becomes a template argument (the CPU core's
+// kernels; the GPU instantiates each REG by name).
+template <class F, class... A> SMX_HD auto with_reg(int reg, A... a)
+{
+    switch (reg) {
+    case NEGENTROPY: return F::template run<NEGENTROPY>(a...);
+    case L2: return F::template run<L2>(a...);
+    default: return F::template run<HARD>(a...);
+    }
+}
+
 template <typename T> SMX_HD T max2(T a, T b) { return a > b ? a : b; }
 template <typename T> SMX_HD T min2(T a, T b) { return a < b ? a : b; }
 // q * u, exactly 0 when the weight q is 0 (u may then be anything)
@@ -159,7 +171,15 @@ template <typename T, int REG> SMX_HD T weight(T y, T stat)
 }
 // the sparsemax threshold of a candidate support: Σ_S y and |S|
 template <typename T> SMX_HD T sparsemax_tau(T sum, T count) { return (sum - T(1)) / count; }
-// (H·u)_k from q_k, u_k, <q, u> (negentropy) or mean_S u (l2)
+// the statistic hvp needs, from sums over the row: <q, u> (negentropy),
+// mean_S u = Σ_{q>0} u / |{q > 0}| (l2); support_mean<REG>() says whether the
+// caller must form the support sums at all
+template <int REG> SMX_HD constexpr bool support_mean() { return REG == L2; }
+template <typename T, int REG> SMX_HD T hvp_stat(T qu, T su, T cnt)
+{
+    return support_mean<REG>() ? su / (cnt > T(0) ? cnt : T(1)) : qu;
+}
+// (H·u)_k from q_k, u_k and hvp_stat
 template <typename T, int REG> SMX_HD T hvp(T q, T u, T qu_or_mean, T inv_gamma)
 {
     if (REG == NEGENTROPY) return q != T(0) ? q * (u - qu_or_mean) * inv_gamma : T(0);
@@ -210,13 +230,12 @@ template <typename T, int REG>
 SMX_HD T hvp3(T qa, T qb, T qc, T ua, T ub, T uc, T inv_gamma, T& ha, T& hb, T& hc)
 {
     const T qu = wmul(qa, ua) + wmul(qb, ub) + wmul(qc, uc);
-    T stat = qu;
-    if (REG == L2) {
-        const T sa = qa > T(0) ? T(1) : T(0), sb = qb > T(0) ? T(1) : T(0);
-        const T sc = qc > T(0) ? T(1) : T(0), cnt = sa + sb + sc;
-        const T su = (qa > T(0) ? ua : T(0)) + (qb > T(0) ? ub : T(0)) + (qc > T(0) ? uc : T(0));
-        stat = su / (cnt > T(0) ? cnt : T(1));
+    T su = T(0), cnt = T(0);
+    if (support_mean<REG>()) {
+        cnt = (qa > T(0) ? T(1) : T(0)) + (qb > T(0) ? T(1) : T(0)) + (qc > T(0) ? T(1) : T(0));
+        su = (qa > T(0) ? ua : T(0)) + (qb > T(0) ? ub : T(0)) + (qc > T(0) ? uc : T(0));
     }
+    const T stat = hvp_stat<T, REG>(qu, su, cnt);
     ha = hvp<T, REG>(qa, ua, stat, inv_gamma);
     hb = hvp<T, REG>(qb, ub, stat, inv_gamma);
     hc = hvp<T, REG>(qc, uc, stat, inv_gamma);
@@ -286,7 +305,7 @@ SMX_HD T row_hvp(const T* q, const T* u, T* out, index_t n, T gamma)
         su += q[k] > T(0) ? u[k] : T(0);
         cnt += q[k] > T(0) ? T(1) : T(0);
     }
-    const T stat = REG == L2 ? su / (cnt > T(0) ? cnt : T(1)) : qu;
+    const T stat = hvp_stat<T, REG>(qu, su, cnt);
     for (k = 0; k < n; ++k) out[k] = hvp<T, REG>(q[k], u[k], stat, ig);
     return qu;
 }
