@@ -369,7 +369,7 @@ struct VitFwdRows {
                 if (E != NULL) for (j = 0; j < S; ++j) E[i * S + j] = (T)q[j];
                 if (z != NULL) {
                     double vd = 0.0;
-                    for (j = 0; j < S; ++j) vd += smx::wmul(q[j], (double)z[i * S + j] + Vd[j]);
+                    for (j = 0; j < S; ++j) vd += q[j] * ((double)z[i * S + j] + Vd[j]);
                     Vdn[i] = vd;
                 }
             }

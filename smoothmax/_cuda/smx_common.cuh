@@ -21,8 +21,8 @@
 //   smx_atomic_add_int, smx_ld_acquire, smx_st_release, smx_ldcg.
 //
 // -inf safety: an input equal to -inf gets weight exactly 0; no expression
-// ever evaluates inf - inf or 0 * inf (products with weights are guarded,
-// smx::wmul).
+// ever evaluates inf - inf or 0 * inf (a masked cell's tangent is 0, never
+// its +inf value, so products with weights are finite).
 
 #define SMX_WARP 32
 

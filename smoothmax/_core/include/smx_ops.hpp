@@ -20,13 +20,16 @@
 //   value     m + γ log stat | m + γ Σ_q>0 q (y - q/2) | m
 //   weight    q = exp(y)/stat | max(y - τ, 0) | one-hot first argmax
 //   hvp       (H·u)_k = q_k (u_k - <q, u>)/γ | [q_k > 0](u_k - mean_S u)/γ | 0
+//             (hvp_stat: <q, u> or mean_S u, from sums over the row)
 // max3 / hvp3 are the three-entry cell of DTW (sparsemax by a sorting
 // network, closed form); row_max / row_hvp the generic sequential row
 // (Viterbi, DAG, CRF on the CPU; the GPU reduces the same pieces over a warp).
 //
 // -inf entries get weight exactly 0 and an all -inf row has value -inf and
 // q = 0: x - m is formed only once m is known finite, so -inf - (-inf) never
-// happens; products with u are taken only where q != 0.
+// happens. Directions u are finite (the engines give masked cells a zero
+// tangent), so a weight of 0 gives an exact 0 in <q, u> and in H·u without
+// a test.
 #ifndef SMOOTHMAX_SMX_OPS_HPP
 #define SMOOTHMAX_SMX_OPS_HPP
 
@@ -74,8 +77,6 @@ template <class F, class... A> SMX_HD auto with_reg(int reg, A... a)
 
 template <typename T> SMX_HD T max2(T a, T b) { return a > b ? a : b; }
 template <typename T> SMX_HD T min2(T a, T b) { return a < b ? a : b; }
-// q * u, exactly 0 when the weight q is 0 (u may then be anything)
-template <typename T> SMX_HD T wmul(T q, T u) { return q != T(0) ? q * u : T(0); }
 
 #if !defined(__CUDA_ARCH__)
 // Host exp/log, inline and branch-free: libm's do not vectorize without
@@ -182,7 +183,7 @@ template <typename T, int REG> SMX_HD T hvp_stat(T qu, T su, T cnt)
 // (H·u)_k from q_k, u_k and hvp_stat
 template <typename T, int REG> SMX_HD T hvp(T q, T u, T qu_or_mean, T inv_gamma)
 {
-    if (REG == NEGENTROPY) return q != T(0) ? q * (u - qu_or_mean) * inv_gamma : T(0);
+    if (REG == NEGENTROPY) return q * (u - qu_or_mean) * inv_gamma;
     if (REG == L2) return q > T(0) ? (u - qu_or_mean) * inv_gamma : T(0);
     return T(0);
 }
@@ -229,7 +230,7 @@ SMX_HD T max3(T a, T b, T c, T gamma, T inv_gamma, T& qa, T& qb, T& qc)
 template <typename T, int REG>
 SMX_HD T hvp3(T qa, T qb, T qc, T ua, T ub, T uc, T inv_gamma, T& ha, T& hb, T& hc)
 {
-    const T qu = wmul(qa, ua) + wmul(qb, ub) + wmul(qc, uc);
+    const T qu = qa * ua + qb * ub + qc * uc;
     T su = T(0), cnt = T(0);
     if (support_mean<REG>()) {
         cnt = (qa > T(0) ? T(1) : T(0)) + (qb > T(0) ? T(1) : T(0)) + (qc > T(0) ? T(1) : T(0));
@@ -301,7 +302,7 @@ SMX_HD T row_hvp(const T* q, const T* u, T* out, index_t n, T gamma)
     T qu = T(0), su = T(0), cnt = T(0);
     index_t k;
     for (k = 0; k < n; ++k) {
-        qu += wmul(q[k], u[k]);
+        qu += q[k] * u[k];
         su += q[k] > T(0) ? u[k] : T(0);
         cnt += q[k] > T(0) ? T(1) : T(0);
     }
