@@ -244,6 +244,24 @@ struct NegentropyRow {
  * formed here from the stored q and the forward's Vdot of steps t - 1 (Vdp)
  * and t (Vdt), Ed[i, j] = ebd[i] q + eb[i] qdot, nbd[j] = sum_i Ed[i, j].
  */
+/* x = row + V, a row of the step in double; NaN or +inf scores counted in 8
+ * lanes kept across rows (no per-row horizontal sum) */
+template <typename T>
+SMX_HD void vit_row(ptrdiff_t S, const T *SMX_R row, const double *SMX_R V, double *SMX_R x,
+                    double *SMX_R badl)
+{
+    ptrdiff_t j, l;
+    for (j = 0; j + 8 <= S; j += 8)
+        for (l = 0; l < 8; ++l) {
+            x[j + l] = (double)row[j + l] + V[j + l];
+            badl[l] += (double)row[j + l] < SM_INF ? 0.0 : 1.0;
+        }
+    for (; j < S; ++j) {
+        x[j] = (double)row[j] + V[j];
+        badl[0] += (double)row[j] < SM_INF ? 0.0 : 1.0;
+    }
+}
+
 template <typename T>
 SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
                                const double *SMX_R V, const double *SMX_R Vd, double *SMX_R Vn,
@@ -256,18 +274,7 @@ SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
     double *SMX_R msum = x + 2 * S;  /* row max, then row sum: 2 S */
     ptrdiff_t i, j, l;
     for (i = 0; i < S; ++i) {
-        const T *SMX_R row = th + i * S;
-        /* NaN or +inf counted in 8 lanes kept across rows (no per-row
-         * horizontal sum) */
-        for (j = 0; j + 8 <= S; j += 8)
-            for (l = 0; l < 8; ++l) {
-                x[j + l] = (double)row[j + l] + V[j + l];
-                badl[l] += (double)row[j + l] < SM_INF ? 0.0 : 1.0;
-            }
-        for (; j < S; ++j) {
-            x[j] = (double)row[j] + V[j];
-            badl[0] += (double)row[j] < SM_INF ? 0.0 : 1.0;
-        }
+        vit_row(S, th + i * S, V, x, badl);
         double m = rowmax(S, x, y);
         msum[i] = m;
         if (!(m > -SM_INF)) {
@@ -353,18 +360,9 @@ struct VitFwdRows {
             vit_fwd_negentropy<T>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, badl);
         } else {
             double *SMX_R q = x + S;
-            ptrdiff_t i, j, l;
+            ptrdiff_t i, j;
             for (i = 0; i < S; ++i) {
-                const T *SMX_R row = th + i * S;
-                for (j = 0; j + 8 <= S; j += 8)
-                    for (l = 0; l < 8; ++l) {
-                        x[j + l] = (double)row[j + l] + V[j + l];
-                        badl[l] += (double)row[j + l] < SM_INF ? 0.0 : 1.0;
-                    }
-                for (; j < S; ++j) {
-                    x[j] = (double)row[j] + V[j];
-                    badl[0] += (double)row[j] < SM_INF ? 0.0 : 1.0;
-                }
+                vit_row(S, th + i * S, V, x, badl);
                 Vn[i] = smx::row_max<double, REG>(x, q, S, gamma);
                 if (E != NULL) for (j = 0; j < S; ++j) E[i * S + j] = (T)q[j];
                 if (z != NULL) {
