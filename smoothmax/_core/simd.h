@@ -110,10 +110,10 @@ struct DtwFwdLoop {
                            T *SMX_R qu, T *SMX_R ql, T *SMX_R qd, double gamma, double ig)
     {
         for (ptrdiff_t k = 0; k < n; ++k) {
-            double qa, qb, qc;
-            double v = smx::max3<double, REG>(-up[k], -left[k], -dg[k], gamma, ig, qa, qb, qc);
+            T qa, qb, qc;  /* the weights' arithmetic in T (smx::max3) */
+            double v = smx::max3<double, REG, T>(-up[k], -left[k], -dg[k], gamma, ig, qa, qb, qc);
             out[k] = theta[k] - v;
-            if (STORE) { qu[k] = (T)qa; ql[k] = (T)qb; qd[k] = (T)qc; }
+            if (STORE) { qu[k] = qa; ql[k] = qb; qd[k] = qc; }
         }
     }
 };
@@ -287,7 +287,33 @@ SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
             continue;
         }
         for (l = 0; l < 8; ++l) acc[l] = 0.0;
-        if (E != NULL && z == NULL && sizeof(T) == sizeof(double)) {
+        if constexpr (sizeof(T) == sizeof(float)) if (z == NULL) {
+            /* float value, gradient: the unnormalized exps in float (twice
+             * the lanes), straight into E when it is wanted */
+            float accf[16];
+            for (l = 0; l < 16; ++l) accf[l] = 0.0f;
+            T *SMX_R erow = E != NULL ? E + i * S : NULL;
+            if (erow != NULL) {
+                for (j = 0; j + 16 <= S; j += 16)
+                    for (l = 0; l < 16; ++l) {
+                        float e = smx::exp_nonpos(float((x[j + l] - m) * ig));
+                        erow[j + l] = e;
+                        accf[l] += e;
+                    }
+            } else {
+                for (j = 0; j + 16 <= S; j += 16)
+                    for (l = 0; l < 16; ++l) accf[l] += smx::exp_nonpos(float((x[j + l] - m) * ig));
+            }
+            for (; j < S; ++j) {
+                float e = smx::exp_nonpos(float((x[j] - m) * ig));
+                if (erow != NULL) erow[j] = e;
+                accf[0] += e;
+            }
+            for (l = 0; l < 8; ++l) acc[l] = (double)accf[l] + (double)accf[l + 8];
+            msum[S + i] = sum8(acc);  /* >= 1: the max contributes exp(0) */
+            continue;
+        }
+        if (E != NULL && z == NULL) {
             T *SMX_R erow = E + i * S;
             for (j = 0; j + 8 <= S; j += 8)
                 for (l = 0; l < 8; ++l) {
@@ -312,10 +338,7 @@ SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
                 x[j] = e;
                 acc[0] += e;
             }
-            /* float E: a separate narrowing loop keeps the exp loop in full-
-             * width double vectors (fused, it ran 2-3x slower) */
-            if (E != NULL && z == NULL)
-                for (j = 0; j < S; ++j) E[i * S + j] = (T)x[j];
+            /* float HVP: E is written below, from x */
         }
         double sum = sum8(acc);
         msum[S + i] = sum;  /* >= 1: the max contributes exp(0) */

@@ -142,8 +142,53 @@ SMX_HD double log_pos(double x)
     double R = t2 + t1;
     return s * (hfsq + R) + dk * ln2_lo - hfsq + f + dk * ln2_hi;
 }
-SMX_HD float exp_nonpos(float x) { return (float)exp_nonpos((double)x); }
-SMX_HD float log_pos(float x) { return (float)log_pos((double)x); }
+SMX_HD float as_float(uint32_t u) { float f; memcpy(&f, &u, sizeof f); return f; }
+SMX_HD uint32_t as_uint(float f) { uint32_t u; memcpy(&u, &f, sizeof u); return u; }
+
+// The same two in float (twice the lanes of double on the CPU): exp by
+// Taylor degree 7 on |r| <= ln2/2 (truncation below 6e-9), flushed to 0
+// below e^-87; log by musl's logf method. About 1 ulp of float.
+SMX_HD float exp_nonpos(float x)
+{
+    const float shift = 0x1.8p23f;
+    const float ln2hi = 6.93145751953125e-01f;  // 12 trailing zero bits
+    const float ln2lo = 1.42860676533018704e-06f;
+    float xc = x < -87.0f ? -87.0f : x;  // also maps -inf
+    float t = xc * 1.44269504088896341f + shift;
+    float k = t - shift;                   // round(x / ln2), in [-126, 0]
+    float r = (xc - k * ln2hi) - k * ln2lo;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    uint32_t ki = as_uint(t) - as_uint(shift);     // k as a two's complement int
+    float scale = as_float((ki + 127u) << 23);     // 2^k, a normal number
+    float y = p * scale;
+    return x < -87.0f ? 0.0f : y;
+}
+
+SMX_HD float log_pos(float x)
+{
+    const float ln2_hi = 6.9313812256e-01f, ln2_lo = 9.0580006145e-06f;
+    const float Lg1 = 0xaaaaaa.0p-24f, Lg2 = 0xccce13.0p-25f, Lg3 = 0x91e9ee.0p-25f,
+                Lg4 = 0xf89e26.0p-26f;
+    uint32_t ix = as_uint(x) + (0x3f800000u - 0x3f3504f3u);
+    float dk = (float)((int32_t)(ix >> 23) - 0x7f);
+    ix = (ix & 0x007fffffu) + 0x3f3504f3u;         // 1 + f in [sqrt2/2, sqrt2]
+    float f = as_float(ix) - 1.0f;
+    float s = f / (2.0f + f);
+    float z = s * s;
+    float w = z * z;
+    float t1 = w * (Lg2 + w * Lg4);
+    float t2 = z * (Lg1 + w * Lg3);
+    float R = t2 + t1;
+    float hfsq = 0.5f * f * f;
+    return s * (hfsq + R) + dk * ln2_lo - hfsq + f + dk * ln2_hi;
+}
 #else
 SMX_HD double exp_nonpos(double x) { return ::exp(x); }
 SMX_HD float exp_nonpos(float x) { return ::expf(x); }
@@ -156,10 +201,11 @@ SMX_HD float log_pos(float x) { return ::logf(x); }
 
 // the value from the row max m and the reduction: Σ exp(y) (negentropy),
 // Σ_q>0 q (y - q/2) (l2), unused (hard)
-template <typename T, int REG> SMX_HD T value(T m, T acc, T gamma)
+// (acc may be of a narrower type U than m: its log is then taken in U)
+template <typename T, int REG, typename U> SMX_HD T value(T m, U acc, T gamma)
 {
-    if (REG == NEGENTROPY) return m + gamma * log_pos(acc);
-    if (REG == L2) return m + gamma * acc;
+    if (REG == NEGENTROPY) return m + gamma * T(log_pos(acc));
+    if (REG == L2) return m + gamma * T(acc);
     return m;
 }
 // the l2 value's term of one entry, 0 off the support
@@ -190,39 +236,42 @@ template <typename T, int REG> SMX_HD T hvp(T q, T u, T qu_or_mean, T inv_gamma)
 
 // ---------------------------------------------------------------------------
 // max_Ω of three entries (the DTW cell, x = -(up, left, diagonal) for the min
-// convention). Returns the value (-inf when all are -inf) and writes q.
-template <typename T, int REG>
-SMX_HD T max3(T a, T b, T c, T gamma, T inv_gamma, T& qa, T& qb, T& qc)
+// convention). Returns the value (-inf when all are -inf) and writes q. The
+// max and the value are in T; the shifted entries y, their exp/log and the
+// weights in U (float for a float32 problem on the CPU: twice the lanes; y is
+// formed in T first, so U never sees the entries' magnitude).
+template <typename T, int REG, typename U = T>
+SMX_HD T max3(T a, T b, T c, T gamma, T inv_gamma, U& qa, U& qb, U& qc)
 {
     const T m = max2(max2(a, b), c);
     const bool fin = m > -inf<T>();
     const T ms = fin ? m : T(0);  // never -inf - (-inf)
-    const T ya = (a - ms) * inv_gamma, yb = (b - ms) * inv_gamma, yc = (c - ms) * inv_gamma;
+    const U ya = U((a - ms) * inv_gamma), yb = U((b - ms) * inv_gamma), yc = U((c - ms) * inv_gamma);
     if (REG == NEGENTROPY) {
-        const T ea = exp_nonpos(ya), eb = exp_nonpos(yb), ec = exp_nonpos(yc);
-        const T s = fin ? ea + eb + ec : T(1);  // in [1, 3] when finite
-        const T inv = T(1) / s;
+        const U ea = exp_nonpos(ya), eb = exp_nonpos(yb), ec = exp_nonpos(yc);
+        const U s = fin ? ea + eb + ec : U(1);  // in [1, 3] when finite
+        const U inv = U(1) / s;
         qa = ea * inv; qb = eb * inv; qc = ec * inv;  // all 0 when !fin
         return fin ? value<T, NEGENTROPY>(m, s, gamma) : m;
     }
     if (REG == L2) {
         // sparsemax by a sorting network: z1 >= z2 >= z3
-        const T hi = max2(ya, yb), lo = min2(ya, yb);
-        const T z1 = max2(hi, yc), mid = min2(hi, yc);
-        const T z2 = max2(lo, mid), z3 = min2(lo, mid);
-        T tau = sparsemax_tau(z1, T(1));
-        tau = T(1) + z2 > z1 ? sparsemax_tau(z1 + z2, T(2)) : tau;
-        tau = T(1) + T(2) * z3 > z1 + z2 ? sparsemax_tau(z1 + z2 + z3, T(3)) : tau;
-        const T pa = weight<T, L2>(ya, tau), pb = weight<T, L2>(yb, tau), pc = weight<T, L2>(yc, tau);
-        qa = fin ? pa : T(0); qb = fin ? pb : T(0); qc = fin ? pc : T(0);
-        const T acc = l2_term(ya, qa) + l2_term(yb, qb) + l2_term(yc, qc);
+        const U hi = max2(ya, yb), lo = min2(ya, yb);
+        const U z1 = max2(hi, yc), mid = min2(hi, yc);
+        const U z2 = max2(lo, mid), z3 = min2(lo, mid);
+        U tau = sparsemax_tau(z1, U(1));
+        tau = U(1) + z2 > z1 ? sparsemax_tau(z1 + z2, U(2)) : tau;
+        tau = U(1) + U(2) * z3 > z1 + z2 ? sparsemax_tau(z1 + z2 + z3, U(3)) : tau;
+        const U pa = weight<U, L2>(ya, tau), pb = weight<U, L2>(yb, tau), pc = weight<U, L2>(yc, tau);
+        qa = fin ? pa : U(0); qb = fin ? pb : U(0); qc = fin ? pc : U(0);
+        const U acc = l2_term(ya, qa) + l2_term(yb, qb) + l2_term(yc, qc);
         return fin ? value<T, L2>(m, acc, gamma) : m;
     }
     // hard: one-hot first argmax in the order (a, b, c)
     const bool ia = fin && a == m;
     const bool ib = fin && !ia && b == m;
     const bool ic = fin && !ia && !ib;
-    qa = ia ? T(1) : T(0); qb = ib ? T(1) : T(0); qc = ic ? T(1) : T(0);
+    qa = ia ? U(1) : U(0); qb = ib ? U(1) : U(0); qc = ic ? U(1) : U(0);
     return m;
 }
 
