@@ -48,10 +48,10 @@ cdef extern from "simd.h" nogil:
 
 cdef extern from "crf_simd.h" nogil:
     double SM_CRF_TINY
-    double sm_crf_fwd "smx::cpu::crf_fwd"(Py_ssize_t S, const double* K, const double* a, double* p, double* s,
-                      double* y, double gamma)
-    void sm_crf_bwd "smx::cpu::crf_bwd"(Py_ssize_t S, const double* K, const double* p, const double* r,
-                    double* nb, double* G, double w)
+    double sm_crf_fwd "smx::cpu::crf_fwd"(Py_ssize_t S, const double* K, const double* a,
+                                          double* p, double* s, double* y, double gamma)
+    void sm_crf_bwd "smx::cpu::crf_bwd"(Py_ssize_t S, const double* K, const double* p,
+                                        const double* r, double* nb, double* G, double w)
 
 
 sm_init_isa()

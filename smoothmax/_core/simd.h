@@ -493,7 +493,6 @@ static int isa_level = -1;
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && \
     !defined(__AVX512F__) && !defined(__AVX2__) && !defined(SMOOTHMAX_NO_MULTIVERSION)
-#define SM_MULTIVERSION 1
 #define SM_ATTR_AVX512 __attribute__((target( \
     "avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,prefer-vector-width=512")))
 #define SM_ATTR_AVX2 __attribute__((target("avx2,fma")))

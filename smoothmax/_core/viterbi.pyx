@@ -11,7 +11,8 @@ reverse pass (E[t, i, j] = ebar_t(i)·q_t(i, j)); likewise qdot goes into
 One path for the three operators: the step kernels ``vit_fwd`` / ``vit_bwd``
 of ``simd.h`` (templates on the dtype, the operator picked inside) run the
 maths of ``include/smx_ops.hpp``.
-Arithmetic is in double; only theta, Z, E, Edot use the caller's dtype.
+Arithmetic is in double (a float32 value or gradient takes its exps in
+float); only theta, Z, E, Edot use the caller's dtype.
 The batch loop is a ``prange`` (OpenMP when the build has it).
 """
 from cython.parallel cimport prange, parallel
@@ -30,7 +31,6 @@ from .operators cimport max_omega, max_omega_hvp, sm_init_isa, REG_NEGENTROPY
 
 cdef extern from "simd.h" nogil:
     int sm_max_threads()
-
 
 cdef extern from "simd.h" namespace "smx::cpu" nogil:
     void vit_fwd[T](Py_ssize_t S, const T* th, const T* z, const double* V, const double* Vd,
