@@ -6,7 +6,11 @@ a branch). Every (build, repeat) runs in a fresh subprocess with
 ``OMP_NUM_THREADS`` set before any import; the builds alternate, and the
 number kept is the minimum over repeats of the minimum of ``--calls`` calls
 after a warm-up call, in ns per cell (DTW) or per edge (Viterbi, T·S² of
-them). The float32 accuracy of the "after" build (E against the float64 E on
+them). A call is timed by the CPU time of the process
+(``time.process_time``), not the wall clock: on a machine shared with other
+jobs a descheduled call would otherwise count the others' time (with one
+thread the two agree on an idle machine; with more, CPU time sums the
+threads, so compare builds at the same thread count only). The float32 accuracy of the "after" build (E against the float64 E on
 the same input) is measured at ``--accuracy-size``.
 
     python bench/ab_kernels.py BEFORE_DIR AFTER_DIR --out bench/results/core_ops_a.md
@@ -56,9 +60,9 @@ def worker(folder, calls):
             f(*args, reg=reg)
             best = float("inf")
             for _ in range(calls):
-                t = time.perf_counter()
+                t = time.process_time()
                 f(*args, reg=reg)
-                best = min(best, time.perf_counter() - t)
+                best = min(best, time.process_time() - t)
             out[f"{fn} {'x'.join(map(str, shape))} {reg} {dt}"] = best / float(np.prod(shape)) * 1e9
     json.dump(out, sys.stdout)
 
@@ -123,7 +127,8 @@ def main(argv=None):
         "",
         f"Machine: {one_line(describe())}.",
         f"`python bench/ab_kernels.py {args.before} {args.after}` with OMP_NUM_THREADS={args.threads}; "
-        f"minimum over {args.repeats} alternating subprocess runs of the minimum of {args.calls} calls; "
+        f"CPU time of the process, minimum over {args.repeats} alternating subprocess runs of the "
+        f"minimum of {args.calls} calls; "
         f"load average {load0[0]:.1f} before, {load1[0]:.1f} after the run.",
         "",
         "| case | before ns | after ns | after / before | f32 / f64 after |",
