@@ -348,6 +348,29 @@ def select_and_train(data, vocabs, loss, reg, grid, epochs, select_epochs, seed,
     return winner["model"], winner, [{"hp": r["hp"], "dev": r["best"]} for r in runs]
 
 
+PARTIAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", ".partial")
+
+
+def save_partial(key, entry, hp, model):
+    """Keep a finished (row, seed): its record, parameters and model, for ``--resume``."""
+    import json
+    os.makedirs(PARTIAL, exist_ok=True)
+    torch.save(model.state_dict(), os.path.join(PARTIAL, key + ".pt"))
+    with open(os.path.join(PARTIAL, key + ".json"), "w") as f:  # written last: marks the pair done
+        json.dump({"entry": entry, "hp": hp}, f)
+
+
+def load_partial(key):
+    """``(record, parameters, model state)`` of a (row, seed) kept by ``save_partial``, or None."""
+    import json
+    path = os.path.join(PARTIAL, key + ".json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        kept = json.load(f)
+    return kept["entry"], kept["hp"], torch.load(os.path.join(PARTIAL, key + ".pt"))
+
+
 # ---------------------------------------------------------------- sparse marginals
 
 def sparse_example(model, data, vocabs, raw, max_show=12):
@@ -551,6 +574,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--own-losses", action="store_true",
                         help="smoothmax.losses on the full potentials instead of the CRF layer (a cross-check)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep each finished (row, seed) in results/.partial/ and skip the ones already "
+                             "there: a long full run stopped half way goes on where it stopped")
     parser.add_argument("--combine", action="store_true",
                         help="only write results/tagging.md from the full runs tagging_nemo / tagging_petrogold")
     args = parser.parse_args(argv)
@@ -563,6 +589,11 @@ def main(argv=None):
     tasks = tasks or args.tasks
     configs = [tuple(c.split(":")) for c in args.configs] if args.configs else CONFIGS
 
+    stem = "tagging"
+    if args.conllu or args.tsv:  # a user's corpus: keep the shipped corpora's results
+        stem += "_" + os.path.splitext(os.path.basename(args.conllu or args.tsv))[0]
+    elif list(tasks) != ["nemo", "petrogold"]:  # one corpus at a time: tagging_nemo.md, ...
+        stem += "_" + "_".join(tasks)
     results, examples, columns, sizes = {}, {}, [], {}
     for task in tasks:
         split, is_ner, label = load_task(task, args, args.quick)
@@ -591,15 +622,28 @@ def main(argv=None):
             grid = grids[(loss, reg)]
             for k in range(n_seeds):
                 seed = args.seed + k
-                t0 = time.perf_counter()
-                model, run, selection = select_and_train(data, vocabs, loss, reg, grid, epochs, select_epochs,
-                                                         seed, args.batch_size, bar, args.own_losses)
-                grid = [run["hp"]]  # further seeds reuse the first seed's choice
-                test = evaluate(model, data["test"], tags.itos)
-                results[(label, loss, reg, seed)] = {
-                    "task": label, "loss": loss, "reg": reg, "seed": seed, **run["hp"], "epochs": epochs,
-                    "selection": selection, "test": test, "history": run["history"],
-                    "seconds": time.perf_counter() - t0}
+                key = f"{stem}_{mode}_{task.replace(':', '_').replace('/', '_')}_{loss}_{reg}_seed{seed}"
+                done = load_partial(key) if args.resume else None
+                if done is not None:  # a finished (row, seed) of an earlier, stopped run
+                    entry, hp, state = done
+                    model = new_run(data, vocabs, reg, hp, seed)["model"]
+                    model.load_state_dict(state)
+                    bar.update(n_batches * len(entry["history"]))
+                    print(f"resumed {key}", file=sys.stderr)
+                else:
+                    t0 = time.perf_counter()
+                    model, run, selection = select_and_train(data, vocabs, loss, reg, grid, epochs,
+                                                             select_epochs, seed, args.batch_size, bar,
+                                                             args.own_losses)
+                    test = evaluate(model, data["test"], tags.itos)
+                    entry = {"task": label, "loss": loss, "reg": reg, "seed": seed, **run["hp"],
+                             "epochs": epochs, "selection": selection, "test": test,
+                             "history": run["history"], "seconds": time.perf_counter() - t0}
+                    hp = run["hp"]
+                    if args.resume:
+                        save_partial(key, entry, hp, model)
+                grid = [hp]  # further seeds reuse the first seed's choice
+                results[(label, loss, reg, seed)] = entry
                 models.setdefault((loss, reg), model)  # the first seed's model for the figure
         bar.close()
         # sparse l2 marginals vs dense negentropy ones on one test sentence
@@ -622,11 +666,6 @@ def main(argv=None):
     payload = {"columns": columns, "sizes": sizes, "results": list(results.values()),
                "sparse_examples": examples, "args": vars(args)}
     md = render(payload, mode)
-    stem = "tagging"
-    if args.conllu or args.tsv:  # a user's corpus: keep the shipped corpora's results
-        stem += "_" + os.path.splitext(os.path.basename(args.conllu or args.tsv))[0]
-    elif list(tasks) != ["nemo", "petrogold"]:  # one corpus at a time: tagging_nemo.md, ...
-        stem += "_" + "_".join(tasks)
     json_path, md_path = write_results(stem, payload, md, mode)
     print(md)
     print("wrote", json_path, md_path)

@@ -184,3 +184,44 @@ def test_render_reports_mean_and_std_over_seeds():
     cell = f"{statistics.mean(f1):.2f} ± {statistics.stdev(f1):.2f}"
     assert f"| Negentropy, surrogate (CRF) | {cell} |" in md  # F1 of a NER file whatever its name
     assert "adam 0.003, γ 1: 55.0" in md
+
+
+def test_resume_skips_finished_rows_and_reports_the_same_results(tmp_path, monkeypatch):
+    import json
+    import _common
+    rng = random.Random(1)
+    lines = []
+    for _ in range(60):
+        toks = [rng.choice(["a", "b", "c", "x", "y"]) for _ in range(rng.randint(2, 6))]
+        for i, t in enumerate(toks):
+            lines.append(f"{t}\t" + ("B-X" if t == "x" else "I-X" if t == "y" and i and toks[i - 1] == "x" else "O"))
+        lines.append("")
+    corpus = tmp_path / "toy.tsv"
+    corpus.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(_common, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(tagging, "PARTIAL", str(tmp_path / "partial"))
+    argv = ["--tsv", str(corpus), "--epochs", "2", "--select-epochs", "1", "--seeds", "2",
+            "--configs", "surrogate:negentropy", "relaxed:l2", "--resume"]
+    tagging.main(argv)
+    kept = sorted(p.name for p in (tmp_path / "partial").iterdir())
+    assert len([k for k in kept if k.endswith(".json")]) == 4  # 2 rows x 2 seeds
+    first = json.loads((tmp_path / "results" / "tagging_toy.json").read_text())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished (row, seed) was trained again")
+    monkeypatch.setattr(tagging, "select_and_train", no_training)
+    tagging.main(argv)
+    again = json.loads((tmp_path / "results" / "tagging_toy.json").read_text())
+    assert [(r["loss"], r["reg"], r["seed"], r["test"]) for r in again["results"]] == \
+        [(r["loss"], r["reg"], r["seed"], r["test"]) for r in first["results"]]
+    # one (row, seed) removed: only it is trained again, with the first seed's parameters
+    os.remove(tmp_path / "partial" / [k for k in kept if k.endswith("relaxed_l2_seed1.json")][0])
+    calls = []
+    monkeypatch.setattr(tagging, "select_and_train",
+                        lambda data, vocabs, loss, reg, grid, *a, **k: calls.append((loss, reg, grid)) or
+                        no_training())
+    with pytest.raises(AssertionError):
+        tagging.main(argv)
+    relaxed = next(r for r in first["results"] if r["loss"] == "relaxed" and r["seed"] == 0)
+    assert [(c[0], c[1]) for c in calls] == [("relaxed", "l2")]
+    assert all(calls[0][2][0][h] == relaxed[h] for h in calls[0][2][0])
