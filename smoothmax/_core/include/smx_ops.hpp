@@ -81,113 +81,94 @@ template <typename T> SMX_HD T min2(T a, T b) { return a < b ? a : b; }
 #if !defined(__CUDA_ARCH__)
 // Host exp/log, inline and branch-free: libm's do not vectorize without
 // -ffast-math, which we cannot use (it assumes no infinities, and +inf costs /
-// -inf operator inputs are legal masks here).
-SMX_HD double as_double(uint64_t u) { double d; memcpy(&d, &u, sizeof d); return d; }
-SMX_HD uint64_t as_uint(double d) { uint64_t u; memcpy(&u, &d, sizeof u); return u; }
-
-// exp(x) for x <= 0 or x = -inf; results below e^-708 are flushed to 0 (no
-// subnormals). Taylor degree 13 on |r| <= ln2/2 after x = k ln2 + r: about
-// 1 ulp. Exact on exp(0) = 1 and exp(-inf) = 0.
-SMX_HD double exp_nonpos(double x)
+// -inf operator inputs are legal masks here). One text for double and float
+// (float: twice the lanes on the CPU), the constants in fp<T>.
+template <typename T> struct fp;
+template <> struct fp<double> {
+    typedef uint64_t bits_t;
+    static constexpr int mant = 52, bias = 1023;
+    static constexpr double exp_lo = -708.0;      // e^-708: the last normal results
+    static constexpr double shift = 0x1.8p52;     // adding it rounds to an integer
+    static constexpr double log2e = 1.44269504088896338700e+00;
+    static constexpr double ln2hi = 6.93147180369123816490e-01;  // 32 trailing zero bits
+    static constexpr double ln2lo = 1.90821492927058770002e-10;
+    static constexpr int exp_deg = 13;            // Taylor: truncation below 1e-17
+    static constexpr double inv_fact[14] = {
+        1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0,
+        1.0 / 40320.0, 1.0 / 362880.0, 1.0 / 3628800.0, 1.0 / 39916800.0, 1.0 / 479001600.0,
+        1.0 / 6227020800.0};
+    // log: musl's log (fdlibm) constants; sqrt2_2 the bits of 1 + f's lower end
+    static constexpr bits_t one = 0x3ff0000000000000ULL, sqrt2_2 = 0x3fe6a09e00000000ULL;
+    static constexpr double log_ln2hi = 6.93147180369123816490e-01;
+    static constexpr double log_ln2lo = 1.90821492927058770002e-10;
+    static constexpr int log_n = 7;
+    static constexpr double Lg[7] = {6.666666666666735130e-01, 3.999999999940941908e-01,
+                                     2.857142874366239149e-01, 2.222219843214978396e-01,
+                                     1.818357216161805012e-01, 1.531383769920937332e-01,
+                                     1.479819860511658591e-01};
+};
+template <> struct fp<float> {
+    typedef uint32_t bits_t;
+    static constexpr int mant = 23, bias = 127;
+    static constexpr float exp_lo = -87.0f;
+    static constexpr float shift = 0x1.8p23f;
+    static constexpr float log2e = 1.44269504088896341f;
+    static constexpr float ln2hi = 6.93145751953125e-01f;  // 12 trailing zero bits
+    static constexpr float ln2lo = 1.42860676533018704e-06f;
+    static constexpr int exp_deg = 7;             // Taylor: truncation below 6e-9
+    static constexpr float inv_fact[8] = {1.0f, 1.0f, 0.5f, 1.0f / 6.0f, 1.0f / 24.0f,
+                                          1.0f / 120.0f, 1.0f / 720.0f, 1.0f / 5040.0f};
+    static constexpr bits_t one = 0x3f800000u, sqrt2_2 = 0x3f3504f3u;  // musl's logf
+    static constexpr float log_ln2hi = 6.9313812256e-01f, log_ln2lo = 9.0580006145e-06f;
+    static constexpr int log_n = 4;
+    static constexpr float Lg[4] = {0xaaaaaa.0p-24f, 0xccce13.0p-25f, 0x91e9ee.0p-25f,
+                                    0xf89e26.0p-26f};
+};
+template <typename T> SMX_HD typename fp<T>::bits_t to_bits(T x)
 {
-    const double shift = 0x1.8p52;  // adding it rounds to an integer
-    const double ln2hi = 6.93147180369123816490e-01;  // 32 trailing zero bits
-    const double ln2lo = 1.90821492927058770002e-10;
-    double xc = x < -708.0 ? -708.0 : x;  // also maps -inf
-    double t = xc * 1.44269504088896338700e+00 + shift;
-    double k = t - shift;                   // round(x / ln2), in [-1022, 0]
-    double r = (xc - k * ln2hi) - k * ln2lo;
-    double p = 1.0 / 6227020800.0;
-    p = p * r + 1.0 / 479001600.0;
-    p = p * r + 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    uint64_t ki = as_uint(t) - as_uint(shift);    // k as a two's complement int
-    double scale = as_double((ki + 1023) << 52);  // 2^k, a normal number
-    double y = p * scale;
-    return x < -708.0 ? 0.0 : y;
+    typename fp<T>::bits_t u; memcpy(&u, &x, sizeof u); return u;
+}
+template <typename T> SMX_HD T from_bits(typename fp<T>::bits_t u)
+{
+    T x; memcpy(&x, &u, sizeof x); return x;
 }
 
-// log(x) for finite normal x > 0 (fdlibm/musl's method: x = 2^k (1 + f),
-// log(1 + f) via s = f/(2 + f); < 1 ulp).
-SMX_HD double log_pos(double x)
+// exp(x) for x <= 0 or x = -inf; results below e^exp_lo are flushed to 0 (no
+// subnormals). Taylor series on |r| <= ln2/2 after x = k ln2 + r: about 1 ulp
+// (double), 2 ulp (float). Exact on exp(0) = 1 and exp(-inf) = 0.
+template <typename T> SMX_HD T exp_nonpos(T x)
 {
-    const double ln2_hi = 6.93147180369123816490e-01;
-    const double ln2_lo = 1.90821492927058770002e-10;
-    const double Lg1 = 6.666666666666735130e-01, Lg2 = 3.999999999940941908e-01,
-                 Lg3 = 2.857142874366239149e-01, Lg4 = 2.222219843214978396e-01,
-                 Lg5 = 1.818357216161805012e-01, Lg6 = 1.531383769920937332e-01,
-                 Lg7 = 1.479819860511658591e-01;
-    uint64_t u = as_uint(x);
-    uint64_t hx = (u >> 32) + (0x3ff00000 - 0x3fe6a09e);
-    uint64_t e = hx >> 20;                                   // k + 1023
-    double dk = (as_double(0x4330000000000000ULL | e) - 0x1p52) - 1023.0;
-    hx = (hx & 0x000fffff) + 0x3fe6a09e;                     // 1 + f in [sqrt2/2, sqrt2]
-    double f = as_double((hx << 32) | (u & 0xffffffffULL)) - 1.0;
-    double hfsq = 0.5 * f * f;
-    double s = f / (2.0 + f);
-    double z = s * s;
-    double w = z * z;
-    double t1 = w * (Lg2 + w * (Lg4 + w * Lg6));
-    double t2 = z * (Lg1 + w * (Lg3 + w * (Lg5 + w * Lg7)));
-    double R = t2 + t1;
-    return s * (hfsq + R) + dk * ln2_lo - hfsq + f + dk * ln2_hi;
-}
-SMX_HD float as_float(uint32_t u) { float f; memcpy(&f, &u, sizeof f); return f; }
-SMX_HD uint32_t as_uint(float f) { uint32_t u; memcpy(&u, &f, sizeof u); return u; }
-
-// The same two in float (twice the lanes of double on the CPU): exp by
-// Taylor degree 7 on |r| <= ln2/2 (truncation below 6e-9), flushed to 0
-// below e^-87; log by musl's logf method. About 1 ulp of float.
-SMX_HD float exp_nonpos(float x)
-{
-    const float shift = 0x1.8p23f;
-    const float ln2hi = 6.93145751953125e-01f;  // 12 trailing zero bits
-    const float ln2lo = 1.42860676533018704e-06f;
-    float xc = x < -87.0f ? -87.0f : x;  // also maps -inf
-    float t = xc * 1.44269504088896341f + shift;
-    float k = t - shift;                   // round(x / ln2), in [-126, 0]
-    float r = (xc - k * ln2hi) - k * ln2lo;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    uint32_t ki = as_uint(t) - as_uint(shift);     // k as a two's complement int
-    float scale = as_float((ki + 127u) << 23);     // 2^k, a normal number
-    float y = p * scale;
-    return x < -87.0f ? 0.0f : y;
+    typedef fp<T> F;
+    const T xc = x < F::exp_lo ? F::exp_lo : x;  // also maps -inf
+    const T t = xc * F::log2e + F::shift;
+    const T k = t - F::shift;                   // round(x / ln2), a normal exponent
+    const T r = (xc - k * F::ln2hi) - k * F::ln2lo;
+    T p = F::inv_fact[F::exp_deg];
+    for (int i = F::exp_deg - 1; i >= 0; --i) p = p * r + F::inv_fact[i];
+    const typename F::bits_t ki = to_bits(t) - to_bits(F::shift);  // k, two's complement
+    const T scale = from_bits<T>((ki + F::bias) << F::mant);       // 2^k
+    return x < F::exp_lo ? T(0) : p * scale;
 }
 
-SMX_HD float log_pos(float x)
+// log(x) for finite normal x > 0 (fdlibm/musl's method: x = 2^k (1 + f) with
+// 1 + f in [sqrt2/2, sqrt2], log(1 + f) via s = f/(2 + f); < 1 ulp).
+template <typename T> SMX_HD T log_pos(T x)
 {
-    const float ln2_hi = 6.9313812256e-01f, ln2_lo = 9.0580006145e-06f;
-    const float Lg1 = 0xaaaaaa.0p-24f, Lg2 = 0xccce13.0p-25f, Lg3 = 0x91e9ee.0p-25f,
-                Lg4 = 0xf89e26.0p-26f;
-    uint32_t ix = as_uint(x) + (0x3f800000u - 0x3f3504f3u);
-    float dk = (float)((int32_t)(ix >> 23) - 0x7f);
-    ix = (ix & 0x007fffffu) + 0x3f3504f3u;         // 1 + f in [sqrt2/2, sqrt2]
-    float f = as_float(ix) - 1.0f;
-    float s = f / (2.0f + f);
-    float z = s * s;
-    float w = z * z;
-    float t1 = w * (Lg2 + w * Lg4);
-    float t2 = z * (Lg1 + w * Lg3);
-    float R = t2 + t1;
-    float hfsq = 0.5f * f * f;
-    return s * (hfsq + R) + dk * ln2_lo - hfsq + f + dk * ln2_hi;
+    typedef fp<T> F;
+    typedef typename F::bits_t B;
+    B hx = to_bits(x) + (F::one - F::sqrt2_2);
+    const B e = hx >> F::mant;                                  // k + bias
+    const T two_mant = from_bits<T>(B(F::bias + F::mant) << F::mant);
+    const T dk = (from_bits<T>(to_bits(two_mant) | e) - two_mant) - T(F::bias);
+    hx = (hx & ((B(1) << F::mant) - 1)) + F::sqrt2_2;
+    const T f = from_bits<T>(hx) - T(1);
+    const T hfsq = T(0.5) * f * f;
+    const T s = f / (T(2) + f), z = s * s, w = z * z;
+    T t1 = F::Lg[F::log_n - 1 - (F::log_n % 2)], t2 = F::Lg[F::log_n - 1 - ((F::log_n + 1) % 2)];
+    for (int i = F::log_n - 3 - (F::log_n % 2); i >= 1; i -= 2) t1 = F::Lg[i] + w * t1;
+    for (int i = F::log_n - 3 - ((F::log_n + 1) % 2); i >= 0; i -= 2) t2 = F::Lg[i] + w * t2;
+    const T R = z * t2 + w * t1;  // Σ Lg[i] z^(i+1)
+    return s * (hfsq + R) + dk * F::log_ln2lo - hfsq + f + dk * F::log_ln2hi;
 }
 #else
 SMX_HD double exp_nonpos(double x) { return ::exp(x); }
