@@ -99,7 +99,7 @@ def main(argv=None):
     ap.add_argument("after", nargs="?")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=15)
     ap.add_argument("--accuracy-size", type=int, default=4096)
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
