@@ -90,7 +90,7 @@ def _xla_ffi_include():
 def _extensions():
     from Cython.Build import cythonize
 
-    names = ["dtw", "dtwf", "viterbi", "dag", "crf"]
+    names = ["pool", "dtw", "dtwf", "viterbi", "dag", "crf"]
     exts = [
         Extension(
             f"smoothmax._core.{name}",
@@ -104,7 +104,8 @@ def _extensions():
                      "smoothmax/_core/include/smx_ops.hpp",
                      "smoothmax/_core/operators.pxd", "smoothmax/_core/crf_simd.h",
                      "smoothmax/_core/band.pxd", "smoothmax/_core/dtw_kernels.pxd",
-                     "smoothmax/_core/costs.h"],
+                     "smoothmax/_core/costs.h", "smoothmax/_core/pool.h",
+                     "smoothmax/_core/pool.pxd"],
             include_dirs=["smoothmax/_core", np.get_include()],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         )

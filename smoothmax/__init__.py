@@ -9,6 +9,7 @@ from .viterbi import viterbi, viterbi_decode, viterbi_grad, viterbi_hvp
 from .dag import DAG, dag, dag_grad, dag_hvp, dag_path
 from .sampling import dag_sample, dag_support, dtw_sample, viterbi_sample
 from . import attention, crf, losses
+from ._runtime import clear_cache, get_num_threads, set_num_threads
 from . import _problem
 
 
@@ -57,4 +58,7 @@ __all__ = [
     "losses",
     "attention",
     "crf",
+    "set_num_threads",
+    "get_num_threads",
+    "clear_cache",
 ]

@@ -1,4 +1,4 @@
-"""Reused output buffers for the compiled engine.
+"""Reused output buffers and workspaces of the compiled engine.
 
 A large NumPy result (``E``, ``Edot``: the shape of ``theta``) is a fresh
 allocation on every call, and above glibc's largest mmap threshold (32 MiB)
@@ -6,20 +6,27 @@ every fresh allocation is new pages that the kernel zeroes on first touch:
 about a third of a CRF gradient's time at 32 x 128 x 64 x 64 float64 went to
 page clearing. Training loops call the engine again and again with one shape,
 so the engine keeps the last few large blocks and hands one out again once
-nothing refers to it any more.
+nothing refers to it any more. The kernels' large workspaces (the DTW
+weights, the feature DTW's checkpoints) come from the same blocks
+(``workspace``): one cache, one limit, one ``clear``.
 
 A block is a uint8 NumPy array owned by this module; results are
 ``np.frombuffer`` views of it, so every array made from a result (views,
 ``torch.from_numpy``, DLPack exports) holds a reference to the block, and a
 block is reused only when this module's references are the only ones left.
 Blocks come back uninitialised: the kernels write every entry of a result
-they are given (docs/engines.md).
+they are given (docs/engines.md) and every workspace entry they read.
 
-``SMOOTHMAX_BUFFER_CACHE_MB`` (default 512) caps the bytes kept; 0 turns
-reuse off. Results below 16 MiB come from ``np.empty`` (malloc reuses those
-by itself).
+A new block is an anonymous mapping advised for transparent huge pages
+(``MADV_HUGEPAGE``, where the OS has it): a first call's fresh pages then
+fault in 2 MiB at a time instead of 4 KiB (docs/threads.md, "Cold calls").
+
+``SMOOTHMAX_BUFFER_CACHE_MB`` (default 1024) caps the bytes kept; 0 turns
+reuse off. Results below 16 MiB and workspaces below 1 MiB come from
+``np.empty`` (malloc reuses those by itself). ``smoothmax.clear_cache()`` forgets every kept block.
 """
 import math
+import mmap
 import os
 import sys
 import threading
@@ -27,25 +34,47 @@ import threading
 import numpy as np
 
 MIN_BYTES = 1 << 24
+WORK_MIN_BYTES = 1 << 20  # workspaces from 1 MiB: malloc would give fresh pages (trim, regrow)
+DEFAULT_MB = 1024
 _lock = threading.Lock()
 _blocks: list = []  # least recently used first
 
 
 def _limit():
     try:
-        return max(0, int(os.environ.get("SMOOTHMAX_BUFFER_CACHE_MB", "512"))) << 20
+        return max(0, int(os.environ.get("SMOOTHMAX_BUFFER_CACHE_MB", str(DEFAULT_MB)))) << 20
     except ValueError:
-        return 512 << 20
+        return DEFAULT_MB << 20
 
 
-def empty(shape, dtype):
-    """An uninitialised C-contiguous array, from a reused block when large."""
+def _fresh(nbytes):
+    """A new uint8 block of ``nbytes``: anonymous memory advised for huge pages
+    where the platform has ``madvise``, else ``np.empty``."""
+    advise = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advise is None or not hasattr(mmap.mmap, "madvise"):
+        return np.empty(nbytes, np.uint8)
+    try:
+        m = mmap.mmap(-1, nbytes)
+    except (OSError, ValueError):
+        return np.empty(nbytes, np.uint8)
+    try:
+        m.madvise(advise)
+    except OSError:
+        pass  # huge pages off: plain pages
+    return np.frombuffer(m, np.uint8)
+
+
+def empty(shape, dtype, min_bytes=None):
+    """An uninitialised C-contiguous array, from a reused block when large
+    (``min_bytes`` and up; default ``MIN_BYTES``)."""
     dtype = np.dtype(dtype)
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
     limit = _limit()
-    if nbytes < MIN_BYTES or nbytes > limit:
-        return np.empty(shape, dtype)
+    small = nbytes < (MIN_BYTES if min_bytes is None else min_bytes)
+    if small or nbytes > limit:
+        return np.empty(shape, dtype) if small else \
+            np.frombuffer(_fresh(nbytes), dtype, count=count).reshape(shape)
     with _lock:
         found = None
         for k in range(len(_blocks)):
@@ -54,12 +83,20 @@ def empty(shape, dtype):
                 found = _blocks.pop(k)
                 break
         if found is None:
-            found = np.empty(nbytes, np.uint8)
             held = nbytes + sum(b.nbytes for b in _blocks)
-            while _blocks and held > limit:  # drop the least recently used
+            while _blocks and held > limit:  # drop the least recently used first
                 held -= _blocks.pop(0).nbytes
+            found = _fresh(nbytes)
         _blocks.append(found)
     return np.frombuffer(found, dtype, count=count).reshape(shape)
+
+
+def workspace(n, dtype):
+    """A kernel's workspace of ``n`` entries of ``dtype`` (uninitialised), from
+    the kept blocks from 1 MiB (``WORK_MIN_BYTES``): between 1 and 16 MiB
+    malloc hands back memory it trimmed, fresh pages that the kernel zeroes on
+    every call. It is free for reuse once the caller drops it."""
+    return empty((max(int(n), 0),), dtype, min(WORK_MIN_BYTES, MIN_BYTES))
 
 
 def clear():

@@ -215,13 +215,18 @@ def check_lengths(lengths, batch_shape, maximum, name="lengths"):
     return np.ascontiguousarray(a.reshape(B))
 
 
+BAND_MAX = 2**63 - 1  # the kernels' radius is an int64
+
+
 def check_band(band, sizes=None):
     """The Sakoe-Chiba radius as an int, ``-1`` for no band.
 
     Any integer type (Python, NumPy signed or unsigned, a 0-d integer array)
-    of any size is accepted. With ``sizes = (NA, NB)``, a radius
-    ``>= max(NA, NB)`` allows every cell, so it is returned as ``-1`` (no band):
-    the kernels then never see a radius near the int64 limit.
+    up to ``2**63 - 1`` is accepted; a larger one is a ``ValueError`` (the
+    radius is an int64 in every engine, and ``sys.maxsize`` already means no
+    band). With ``sizes = (NA, NB)``, a radius ``>= max(NA, NB)`` allows
+    every cell, so it is returned as ``-1`` (no band): the kernels then never
+    see a radius near the int64 limit.
     """
     if band is None:
         return -1
@@ -232,6 +237,9 @@ def check_band(band, sizes=None):
     band = int(band)
     if band < 0:
         raise ValueError(f"band must be None or a non-negative integer, got {band}")
+    if band > BAND_MAX:
+        raise ValueError(f"band must be at most 2**63 - 1 (an int64; any band >= max(NA, NB) "
+                         f"already means no band), got {band}")
     if sizes is not None and band >= max(sizes):
         return -1
     return band

@@ -266,7 +266,7 @@ def _prepare_features(x, y, cost, reg, gamma, lengths, band, checkpoint, progres
         raise ValueError(f"cost must be one of {list(FEATURE_COSTS)}, got {cost!r}")
     reg = check_reg(reg)
     gamma = check_gamma(gamma)
-    band = check_band(band)
+    band = check_band(band, (NA, NB))
     rows = check_rows(checkpoint)
     progress = check_progress(progress)
     check_values(x, xp, "x", "inf")

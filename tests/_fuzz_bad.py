@@ -65,8 +65,9 @@ GAMMA_POOL = [(BAD, 0.0), (BAD, -1.0), (BAD, float("nan")), (BAD, float("inf")),
               (EDGE, 1e-4), (EDGE, 1e4)]
 REG_POOL = [(BAD, "foo"), (BAD, None), (BAD, 1), (BAD, "NEGENTROPY"), (BAD, ["l2"])]
 BAND_POOL = [(BAD, -1), (BAD, 1.5), (BAD, "2"), (BAD, True), (BAD, np.float64(2.0)), (BAD, [1]),
-             (BAD, -(2**70)), (EDGE, 0), (EDGE, 1), (EDGE, sys.maxsize), (EDGE, 2**70),
-             (EDGE, np.uint64(2**64 - 1)), (EDGE, np.int8(3)), (EDGE, np.array(2**63, dtype=np.uint64))]
+             (BAD, -(2**70)), (BAD, 2**63), (BAD, 2**70), (BAD, np.uint64(2**64 - 1)),
+             (BAD, np.array(2**63, dtype=np.uint64)), (EDGE, 0), (EDGE, 1), (EDGE, sys.maxsize),
+             (EDGE, np.uint64(2**63 - 1)), (EDGE, np.int8(3)), (EDGE, np.array(2**63 - 1, dtype=np.uint64))]
 N_POOL = [(BAD, -1), (BAD, 1.5), (BAD, "3"), (BAD, None), (BAD, True), (EDGE, 0), (EDGE, np.int64(3))]
 SEED_POOL = [(BAD, "s"), (BAD, -1), (BAD, 1.5), (EDGE, None), (EDGE, 7), (EDGE, np.random.default_rng(1))]
 AXIS_POOL = [(BAD, 5), (BAD, -5), (BAD, 1.5), (BAD, "0"), (BAD, None), (BAD, True), (EDGE, np.int64(0)),

@@ -302,3 +302,23 @@ def engine_calls(monkeypatch):
 
     monkeypatch.setattr(_dispatch, "run", counting)
     return calls
+
+
+# ---------------------------------------------------------------------------
+# threads
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads_deterministic():
+    """The compiled engine's co-tenant guard off for the suite: on a busy
+    machine it would send calls to one thread at times, and the threaded
+    paths (wavefront, shared batch) must run whenever a test asks for them.
+    ``tests/test_threads.py`` tests the guard itself."""
+    try:
+        from smoothmax._core import pool
+    except ImportError:  # no compiled engine
+        yield
+        return
+    old = pool._set_guard(False)
+    yield
+    pool._set_guard(old)

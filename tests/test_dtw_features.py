@@ -342,17 +342,21 @@ def test_cuda_kernels_emulated(cost, max_resident):
             np.testing.assert_allclose(gy, want[2], rtol=1e-10, atol=1e-10)
 
 
-def test_reused_workspace_is_rewritten():
-    """The kernel's workspace comes from a kept block: dirty it (NaN) and check the results."""
-    from smoothmax._core import dtw as core_dtw
+def test_reused_workspace_is_rewritten(monkeypatch):
+    """The kernel's workspace comes from a kept block (smoothmax._buffers, every
+    size here): dirty the kept blocks (NaN bytes) and check the results."""
+    from smoothmax import _buffers
 
+    monkeypatch.setattr(_buffers, "MIN_BYTES", 0)
+    sm.clear_cache()
     x, y, la, lb, band = _case(13, B=2, max_len=30, d=3)
     kw = dict(lengths=(la, lb), band=band, gamma=0.4)
     want = _oracle(x, y, "sqeuclidean", "negentropy", 0.4, la, lb, band)
-    for rows in (None, 3):
-        buf = core_dtw._take_qwork(np.float64, 1 << 16)
-        buf[:] = np.nan
-        core_dtw._give_qwork(buf)
+    for rows in (None, 3, None):
+        for block in _buffers._blocks:
+            block[...] = 0xFF  # NaN in float64
         got = sm.dtw_features_grad(x, y, checkpoint=rows, **kw)
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
+    assert _buffers._blocks, "the workspace did not come from a kept block"
+    sm.clear_cache()

@@ -74,7 +74,7 @@ dtypes = st.sampled_from([np.float32, np.float64])
 regs = st.sampled_from(REGS)
 batches = st.sampled_from([(), (2,), (1, 2)])
 seeds = st.integers(0, 2**32 - 1)
-bands = st.sampled_from([None, 0, 1, 2, 3, sys.maxsize, 2**70, np.uint64(2**64 - 1)])
+bands = st.sampled_from([None, 0, 1, 2, 3, sys.maxsize, np.uint64(2**63 - 1)])
 
 
 class Tol:

@@ -220,6 +220,64 @@ def test_dtw_lengths_and_band(name):
     check_raises(TypeError, lambda: f(t, band="2"), "band")
 
 
+BEYOND_INT64 = [2**63, 2**64 + 5, 2**200, np.uint64(2**63), np.uint64(2**64 - 1),
+                np.array(2**63, dtype=np.uint64)]
+
+
+def _band_entry_points():
+    """Every public function that takes a DTW band, on small valid inputs."""
+    t = _dtw_theta()
+    x, y = np.ones((2, 3, 2)), np.ones((2, 4, 2))
+    points = {name: (lambda band, f=f: f(t, band=band)) for name, f in DTW_ALL.items()}
+    points.update({
+        "dtw_features": lambda band: sm.dtw_features(x, y, band=band),
+        "dtw_features_grad": lambda band: sm.dtw_features_grad(x, y, band=band),
+        "dtw_sample": lambda band: sm.dtw_sample(t, 2, band=band, seed=0),
+        "losses.dtw_relaxed": lambda band: sm.losses.dtw_relaxed(t, sm.dtw_path(t)[1], band=band),
+        "DAG.for_dtw": lambda band: sm.DAG.for_dtw(3, 4, band),
+    })
+    try:
+        import torch
+        import smoothmax.torch as smt
+    except ImportError:
+        return points
+    points.update({
+        "torch dtw": lambda band: sm.dtw(torch.as_tensor(t), band=band),
+        "torch dtw_features": lambda band: sm.dtw_features(torch.as_tensor(x), torch.as_tensor(y),
+                                                           band=band),
+        "torch SoftDTW": lambda band: smt.SoftDTW(band=band)(torch.as_tensor(x), torch.as_tensor(y)),
+    })
+    return points
+
+
+@pytest.mark.parametrize("band", BEYOND_INT64, ids=repr)
+def test_band_beyond_int64_is_a_value_error(band):
+    """issue 11: a radius no int64 holds is a ValueError naming band at every
+    entry point (before: OverflowError from the feature kernel and SoftDTW)."""
+    for name, f in _band_entry_points().items():
+        check_raises(ValueError, lambda: f(band), "band", "2**63 - 1")
+
+
+def test_band_at_int64_max_is_no_band_everywhere():
+    """sys.maxsize (and a uint64 holding it) is the unbanded result at every entry
+    point, the feature kernel included (before: +inf from dtw_features)."""
+    for band in (2**63 - 1, np.uint64(2**63 - 1)):
+        for name, f in _band_entry_points().items():
+            got, ref = f(band), f(None)
+            if name == "DAG.for_dtw":
+                got, ref = got[0].indptr, ref[0].indptr
+            for a, b in zip(np.atleast_1d(_as_np(got)), np.atleast_1d(_as_np(ref))):
+                np.testing.assert_array_equal(_as_np(a), _as_np(b), err_msg=name)
+
+
+def _as_np(a):
+    if isinstance(a, tuple):
+        return np.concatenate([np.ravel(_as_np(b)) for b in a])
+    if hasattr(a, "detach"):
+        return a.detach().numpy()
+    return np.asarray(a)
+
+
 # ---------------------------------------------------------------------------
 # the HVP direction Z
 

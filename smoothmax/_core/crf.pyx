@@ -15,7 +15,7 @@ with the start and end scores added at the first and last step, except that
 the first step has no operator: with ``"l2"`` the full-potential form with a
 fixed start state adds ``-γ/2``, a constant.
 
-Design: one kernel per batch item in a ``prange``. The forward pass keeps
+Design: one kernel per batch item on the thread pool (``pool.pxd``). The forward pass keeps
 V_t (and Vdot_t for the HVP) for every step, ``T·S`` doubles a thread; the
 reverse pass recomputes each step's local gradient ``q_t(i, :)`` from
 ``V_{t-1}`` instead of storing it, so memory beyond the outputs is
@@ -31,8 +31,6 @@ factorised sum could have lost a term to underflow is recomputed in the log
 domain by ``max_omega``, so results do not depend on the scale of the scores.
 Arithmetic is in double; emissions and their gradients use the caller's dtype.
 """
-from cython.parallel cimport prange, parallel, threadid
-from libc.stdlib cimport malloc, free
 from libc.math cimport INFINITY, log
 
 import numpy as np
@@ -42,8 +40,10 @@ from cython cimport floating
 from .operators cimport max_omega, max_omega_hvp, sm_init_isa, REG_NEGENTROPY
 
 
-cdef extern from "simd.h" nogil:
-    int sm_max_threads()
+from . cimport pool
+
+# Below this many edges (B·T·S²) a call runs on one thread (docs/threads.md).
+cdef double SMALL_WORK = 1 << 15
 
 
 cdef extern from "crf_simd.h" nogil:
@@ -220,6 +220,57 @@ cdef double _crf_one(const floating* em, const floating* Ze,
     return value
 
 
+ctypedef struct _BatchCtx:
+    # one batch job (emissions-shaped arrays as void*: one struct for both dtypes)
+    const void* em
+    const void* Ze
+    void* value
+    void* vdot
+    void* ge
+    const double* At
+    const double* ZAt
+    const double* K
+    const double* c
+    const double* st
+    const double* en
+    const double* Zs
+    const double* Zen
+    const long long* lengths
+    const double* weights
+    double* part     # per slot: its sums (G (S²), D (S²), gs (S), gen (S))
+    double* work     # per slot: _work_len(T, S) doubles
+    Py_ssize_t T, S, lpart, lwork
+    int reg, mode
+    double gamma
+    bint f64
+
+
+cdef void _batch_one(_BatchCtx* c, Py_ssize_t b, int slot, floating* tag) noexcept nogil:
+    cdef Py_ssize_t T = c.T, S = c.S, k, L = c.lengths[b]
+    cdef double* pp = c.part + slot * c.lpart
+    cdef const floating* zep = <const floating*> c.Ze + b * T * S if c.mode == MODE_HVP else NULL
+    cdef floating* gep = <floating*> c.ge + b * T * S if c.mode != MODE_VALUE else NULL
+    cdef double vd = 0.0
+    (<floating*> c.value)[b] = <floating> _crf_one(
+        <const floating*> c.em + b * T * S, zep, c.At, c.ZAt, c.K, c.c, c.st, c.en,
+        c.Zs, c.Zen, L, S, c.reg, c.gamma, c.mode,
+        c.weights[b] if c.mode != MODE_VALUE else 0.0,
+        gep, pp, pp + S * S, pp + 2 * S * S, pp + 2 * S * S + S, &vd, c.work + slot * c.lwork)
+    if c.mode == MODE_HVP:
+        (<floating*> c.vdot)[b] = <floating> vd
+    if gep != NULL:
+        for k in range(L * S, T * S):
+            gep[k] = 0
+
+
+cdef void _batch_item(void* ctx, Py_ssize_t b, int slot) noexcept nogil:
+    cdef _BatchCtx* c = <_BatchCtx*> ctx
+    if c.f64:
+        _batch_one(c, b, slot, <double*> NULL)
+    else:
+        _batch_one(c, b, slot, <float*> NULL)
+
+
 cdef void _crf_batch(const floating[:, :, ::1] em, const floating[:, :, ::1] Ze,
                      const double[:, ::1] At, const double[:, ::1] ZAt,
                      const double[:, ::1] K, const double[::1] c,
@@ -229,45 +280,43 @@ cdef void _crf_batch(const floating[:, :, ::1] em, const floating[:, :, ::1] Ze,
                      floating[::1] value, floating[::1] vdot, floating[:, :, ::1] ge,
                      double[:, ::1] part, int nthreads,
                      int reg, double gamma, int mode, signed char[::1] failed) noexcept:
-    """Every item of the batch; ``part[thread]`` holds that thread's sums
-    ``(G (S²), D (S²), gs (S), gen (S))``."""
-    cdef Py_ssize_t B = em.shape[0], T = em.shape[1], S = em.shape[2]
-    cdef Py_ssize_t b, k, L, tid
-    cdef double* work
-    cdef double* pp
-    cdef double vd
-    cdef const floating* zep
-    cdef floating* gep
-    cdef const double* zat
-    work = NULL
-    with nogil, parallel(num_threads=nthreads):
-        work = <double*> malloc(_work_len(T, S) * sizeof(double))
-        for b in prange(B, schedule="dynamic"):
-            if work == NULL:
+    """Every item of the batch on the pool (docs/threads.md); ``part[slot]``
+    holds the sums of the items that thread ran ``(G (S²), D (S²), gs (S), gen (S))``."""
+    cdef Py_ssize_t B = em.shape[0], T = em.shape[1], S = em.shape[2], b
+    cdef _BatchCtx x
+    x.em = &em[0, 0, 0]
+    x.Ze = &Ze[0, 0, 0] if mode == MODE_HVP else NULL
+    x.value = &value[0]
+    x.vdot = &vdot[0] if mode == MODE_HVP else NULL
+    x.ge = &ge[0, 0, 0] if mode != MODE_VALUE else NULL
+    x.At = &At[0, 0]
+    x.ZAt = &ZAt[0, 0] if mode == MODE_HVP else NULL
+    x.K = &K[0, 0]
+    x.c = &c[0]
+    x.st = &st[0]
+    x.en = &en[0]
+    x.Zs = &Zs[0] if mode == MODE_HVP else NULL
+    x.Zen = &Zen[0] if mode == MODE_HVP else NULL
+    x.lengths = &lengths[0]
+    x.weights = &weights[0]
+    x.part = &part[0, 0]
+    x.lpart = part.shape[1]
+    x.T = T
+    x.S = S
+    x.lwork = _work_len(T, S)
+    x.reg = reg
+    x.mode = mode
+    x.gamma = gamma
+    x.f64 = floating is double
+    with nogil:
+        if pool.parallel_for_work(B, nthreads, _batch_item, &x, &x.work, x.lwork) < 0:
+            for b in range(B):
                 failed[b] = 1
-                continue
-            tid = threadid()
-            pp = &part[tid, 0]
-            L = lengths[b]
-            zep = &Ze[b, 0, 0] if mode == MODE_HVP else NULL
-            zat = &ZAt[0, 0] if mode == MODE_HVP else NULL
-            gep = &ge[b, 0, 0] if mode != MODE_VALUE else NULL
-            vd = 0.0
-            value[b] = <floating> _crf_one(
-                &em[b, 0, 0], zep, &At[0, 0], zat, &K[0, 0], &c[0], &st[0], &en[0],
-                &Zs[0] if mode == MODE_HVP else NULL, &Zen[0] if mode == MODE_HVP else NULL,
-                L, S, reg, gamma, mode, weights[b] if mode != MODE_VALUE else 0.0,
-                gep, pp, pp + S * S, pp + 2 * S * S, pp + 2 * S * S + S, &vd, work)
-            if mode == MODE_HVP:
-                vdot[b] = <floating> vd
-            if gep != NULL:
-                for k in range(L * S, T * S):
-                    gep[k] = 0
-        free(work)
 
 
 def _threads(B, T, S):
-    return 1 if B * T * S * S < (1 << 15) else max(1, int(sm_max_threads()))
+    """Threads of a call over (B, T, S) (``pool.team``: one below SMALL_WORK edges, at most B)."""
+    return pool.team(B, <double> B * T * S * S, SMALL_WORK)
 
 
 def _double(a, shape):
@@ -357,57 +406,88 @@ def crf_hvp(emissions, transitions, start, end, Ze, ZA, Zs, Zen, lengths, weight
     return vdot, he, hA, hs, hen
 
 
+ctypedef struct _DecodeCtx:
+    const void* em
+    const double* At
+    const double* st
+    const double* en
+    const long long* lengths
+    void* score
+    long long* tags
+    int* bp
+    double* buf      # 2·S doubles per slot
+    Py_ssize_t T, S
+    bint f64
+
+
+cdef void _decode_one(_DecodeCtx* c, Py_ssize_t b, int slot, floating* tag) noexcept nogil:
+    cdef Py_ssize_t T = c.T, S = c.S, t, i, j, best, L = c.lengths[b]
+    cdef const floating* em = <const floating*> c.em + b * T * S
+    cdef const double* At = c.At
+    cdef long long* tags = c.tags + b * T
+    cdef int* bp = c.bp + b * T * S
+    cdef double* V = c.buf + slot * 2 * S
+    cdef double* Vn = V + S
+    cdef double* tmp
+    cdef double m, x
+    for i in range(S):
+        V[i] = c.st[i] + em[i]
+    for t in range(1, L):
+        for i in range(S):
+            best = 0
+            m = At[i * S] + V[0]
+            for j in range(1, S):
+                x = At[i * S + j] + V[j]
+                if x > m:
+                    m = x
+                    best = j
+            Vn[i] = m + em[t * S + i]
+            bp[t * S + i] = <int> best
+        tmp = V; V = Vn; Vn = tmp
+    best = 0
+    for i in range(S):
+        V[i] = V[i] + c.en[i]
+    for i in range(1, S):
+        if V[i] > V[best]:
+            best = i
+    (<floating*> c.score)[b] = <floating> V[best]
+    if V[best] == -INFINITY:
+        return
+    for t in range(L - 1, 0, -1):
+        tags[t] = best
+        best = bp[t * S + best]
+    tags[0] = best
+
+
+cdef void _decode_item(void* ctx, Py_ssize_t b, int slot) noexcept nogil:
+    cdef _DecodeCtx* c = <_DecodeCtx*> ctx
+    if c.f64:
+        _decode_one(c, b, slot, <double*> NULL)
+    else:
+        _decode_one(c, b, slot, <float*> NULL)
+
+
 cdef void _decode_batch(const floating[:, :, ::1] em, const double[:, ::1] At,
                         const double[::1] st, const double[::1] en,
                         const long long[::1] lengths,
                         floating[::1] score, long long[:, ::1] tags,
                         int[:, :, ::1] bp, int nthreads) noexcept:
     """Hard Viterbi with back-pointers; first argmax on ties; -1 tags if infeasible."""
-    cdef Py_ssize_t B = em.shape[0], T = em.shape[1], S = em.shape[2]
-    cdef Py_ssize_t b, t, i, j, L, best
-    cdef double* buf
-    cdef double* V
-    cdef double* Vn
-    cdef double* tmp
-    cdef double m, x
-    buf = NULL
-    with nogil, parallel(num_threads=nthreads):
-        buf = <double*> malloc(2 * S * sizeof(double) + 1)
-        for b in prange(B, schedule="dynamic"):
-            if buf == NULL:
-                tags[b, 0] = -2
-                continue
-            L = lengths[b]
-            V = buf
-            Vn = buf + S
-            for i in range(S):
-                V[i] = st[i] + em[b, 0, i]
-            for t in range(1, L):
-                for i in range(S):
-                    best = 0
-                    m = At[i, 0] + V[0]
-                    for j in range(1, S):
-                        x = At[i, j] + V[j]
-                        if x > m:
-                            m = x
-                            best = j
-                    Vn[i] = m + em[b, t, i]
-                    bp[b, t, i] = <int> best
-                tmp = V; V = Vn; Vn = tmp
-            best = 0
-            for i in range(S):
-                V[i] = V[i] + en[i]
-            for i in range(1, S):
-                if V[i] > V[best]:
-                    best = i
-            score[b] = <floating> V[best]
-            if V[best] == -INFINITY:
-                continue
-            for t in range(L - 1, 0, -1):
-                tags[b, t] = best
-                best = bp[b, t, best]
-            tags[b, 0] = best
-        free(buf)
+    cdef _DecodeCtx c
+    c.em = &em[0, 0, 0]
+    c.At = &At[0, 0]
+    c.st = &st[0]
+    c.en = &en[0]
+    c.lengths = &lengths[0]
+    c.score = &score[0]
+    c.tags = &tags[0, 0]
+    c.bp = &bp[0, 0, 0]
+    c.T = em.shape[1]
+    c.S = em.shape[2]
+    c.f64 = floating is double
+    with nogil:
+        if pool.parallel_for_work(em.shape[0], nthreads, _decode_item, &c, &c.buf, 2 * c.S) < 0:
+            tags[0, 0] = -2
 
 
 def crf_decode(emissions, transitions, start, end, lengths):

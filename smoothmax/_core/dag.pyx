@@ -12,10 +12,9 @@ after it, so ``ebar`` of a node is complete when the loop reaches it). As in
 during the forward pass and scaled in place by the reverse pass; ``qdot``
 goes into ``Edot``. The workspace is ``4·N + 4·maxdeg`` doubles per thread.
 Arithmetic is in double; only weights, Z, E, Edot use the caller's dtype.
-The batch loop is a ``prange`` (OpenMP when the build has it).
+The batch loop runs on the engine's thread pool (``pool.pxd``, docs/threads.md).
 """
-from cython.parallel cimport prange, parallel
-from libc.stdlib cimport malloc, free
+from . cimport pool
 from libc.math cimport INFINITY
 
 import numpy as np
@@ -31,6 +30,9 @@ cdef enum:
     MODE_VALUE = 0
     MODE_GRAD = 1
     MODE_HVP = 2
+
+# Below this many nodes and edges (B·(N + n_edges)) a call runs on one thread.
+cdef double SMALL_WORK = 1 << 15
 
 
 cdef double _dag_one(const floating* w, const floating* Z,
@@ -97,32 +99,69 @@ cdef double _dag_one(const floating* w, const floating* Z,
     return value
 
 
+ctypedef struct _BatchCtx:
+    const void* w
+    const void* Z
+    void* E
+    void* Ed
+    void* value
+    const long long* indptr
+    const long long* parents
+    double* work     # per slot: lwork doubles
+    Py_ssize_t n_edges, N, maxdeg, lwork
+    int reg, mode
+    double gamma
+    bint f64
+
+
+cdef void _batch_one(_BatchCtx* c, Py_ssize_t b, int slot, floating* tag) noexcept nogil:
+    cdef Py_ssize_t m = c.n_edges
+    cdef bint any_edge = m > 0
+    (<floating*> c.value)[b] = <floating> _dag_one(
+        <const floating*> c.w + b * m if any_edge else NULL,
+        <const floating*> c.Z + b * m if (c.mode == MODE_HVP and any_edge) else NULL,
+        <floating*> c.E + b * m if (c.mode != MODE_VALUE and any_edge) else NULL,
+        <floating*> c.Ed + b * m if (c.mode == MODE_HVP and any_edge) else NULL,
+        c.indptr, c.parents, c.N, c.maxdeg, c.reg, c.gamma, c.mode, c.work + slot * c.lwork)
+
+
+cdef void _batch_item(void* ctx, Py_ssize_t b, int slot) noexcept nogil:
+    cdef _BatchCtx* c = <_BatchCtx*> ctx
+    if c.f64:
+        _batch_one(c, b, slot, <double*> NULL)
+    else:
+        _batch_one(c, b, slot, <float*> NULL)
+
+
 cdef void _dag_batch(const floating[:, ::1] w, const floating[:, ::1] Z,
                      const long long[::1] indptr, const long long[::1] parents,
                      floating[::1] value, floating[:, ::1] E, floating[:, ::1] Ed,
                      Py_ssize_t maxdeg, int reg, double gamma, int mode,
                      signed char[::1] failed) noexcept nogil:
-    cdef Py_ssize_t B = w.shape[0], n_edges = w.shape[1]
+    """The batch on the pool (docs/threads.md): one graph per item, one
+    workspace per thread; one thread below SMALL_WORK nodes and edges."""
+    cdef Py_ssize_t B = w.shape[0], n_edges = w.shape[1], b
     cdef Py_ssize_t N = indptr.shape[0] - 1
-    cdef Py_ssize_t b
-    cdef double* work
-    cdef const floating* wp
-    cdef const floating* zp
-    cdef floating* ep
-    cdef floating* edp
-    with parallel():
-        work = <double*> malloc((4 * N + 4 * maxdeg) * sizeof(double) + 1)
-        for b in prange(B, schedule="dynamic"):
-            if work == NULL:
-                failed[b] = 1
-                continue
-            wp = &w[b, 0] if n_edges > 0 else NULL
-            zp = &Z[b, 0] if (mode == MODE_HVP and n_edges > 0) else NULL
-            ep = &E[b, 0] if (mode != MODE_VALUE and n_edges > 0) else NULL
-            edp = &Ed[b, 0] if (mode == MODE_HVP and n_edges > 0) else NULL
-            value[b] = <floating> _dag_one(wp, zp, ep, edp, &indptr[0], &parents[0],
-                                           N, maxdeg, reg, gamma, mode, work)
-        free(work)
+    cdef int team = pool.team(B, <double> B * (N + n_edges), SMALL_WORK)
+    cdef _BatchCtx c
+    c.w = &w[0, 0] if n_edges > 0 else NULL
+    c.Z = &Z[0, 0] if (mode == MODE_HVP and n_edges > 0) else NULL
+    c.E = &E[0, 0] if (mode != MODE_VALUE and n_edges > 0) else NULL
+    c.Ed = &Ed[0, 0] if (mode == MODE_HVP and n_edges > 0) else NULL
+    c.value = &value[0]
+    c.indptr = &indptr[0]
+    c.parents = &parents[0]
+    c.n_edges = n_edges
+    c.N = N
+    c.maxdeg = maxdeg
+    c.lwork = 4 * N + 4 * maxdeg + 1
+    c.reg = reg
+    c.mode = mode
+    c.gamma = gamma
+    c.f64 = floating is double
+    if pool.parallel_for_work(B, team, _batch_item, &c, &c.work, c.lwork) < 0:
+        for b in range(B):
+            failed[b] = 1
 
 
 def _run(weights, Z, indptr, parents, int reg, double gamma, int mode, out=None):

@@ -23,24 +23,24 @@ tangents qdot = -H(-r)·Rdot as well (3 more per cell).
   A tile depends only on its neighbours above and on the left (below and
   on the right in the reverse pass): when the batch is smaller than the
   thread count, the tiles of each problem run in parallel as a wavefront
-  (``sm_wavefront`` in ``simd.h``, tiles of 64 to 256 cells a side, about
-  eight per thread along the longer side); otherwise the ``prange`` is over
-  the batch and each problem is one tile up to 512×512 (tiles of 256 beyond).
+  (``sm_wavefront`` in ``pool.h``, tiles of 64 to 256 cells a side, about
+  eight per thread along the longer side); otherwise the threads share the
+  batch (``pool.parallel_for``, docs/threads.md) and each problem is one
+  tile up to 512×512 (tiles of 256 beyond).
   The tests check it against the reference engine (``smoothmax._reference``)
   and brute force, not against a second compiled DTW.
 
 Cells outside the Sakoe-Chiba band or past the lengths are +inf in R and
 exactly 0 in q, E, Edot. All arithmetic is in double; theta, Z, E, Edot (and
-the stored q, qdot) use the caller's dtype. The weight workspace of the last
-call is kept for the next one (see ``_take_qwork``).
+the stored q, qdot) use the caller's dtype. The weight workspace comes from
+``smoothmax._buffers.workspace`` (kept for the next call within its limit).
 """
-from cython.parallel cimport prange, parallel, threadid
-from libc.stdlib cimport malloc, calloc, free
+from libc.stdlib cimport malloc, free
 from libc.math cimport INFINITY
 
 import numpy as np
 
-from .._buffers import pass_outputs as _pass_outputs
+from .._buffers import pass_outputs as _pass_outputs, workspace as _workspace
 
 from cython cimport floating
 
@@ -48,8 +48,8 @@ from .band cimport _diag_range
 from .operators cimport sm_init_isa, sm_isa_name
 
 
-from .dtw_kernels cimport (dtw_bwd, dtw_bwd_hvp, dtw_fwd, dtw_fwd_hvp,
-                          sm_max_threads, sm_tile_fn, sm_wavefront)
+from .dtw_kernels cimport dtw_bwd, dtw_bwd_hvp, dtw_fwd, dtw_fwd_hvp
+from . cimport pool
 
 
 sm_init_isa()
@@ -516,7 +516,7 @@ cdef void _bwd_task_f(void* ctx, Py_ssize_t I, Py_ssize_t J, int thread) noexcep
 
 cdef double _dtw_tiled(const floating* theta, const floating* Z, floating* E, floating* Ed,
                        Py_ssize_t NB, Py_ssize_t la, Py_ssize_t lb, Py_ssize_t band,
-                       int reg, double gamma, int mode, Py_ssize_t TS, bint par,
+                       int reg, double gamma, int mode, Py_ssize_t TS, int team,
                        Py_ssize_t* lohi, double* edges, floating* wq,
                        double** wds, Py_ssize_t** wis, int* done) noexcept nogil:
     """One problem theta[:la, :lb] (row stride NB) by tiles; returns R[la, lb].
@@ -524,8 +524,8 @@ cdef double _dtw_tiled(const floating* theta, const floating* Z, floating* E, fl
     A tile needs only the tiles above, on the left and above-left in the
     forward pass (the mirror in the reverse), so tiles on one tile
     anti-diagonal are independent: with ``par`` the tiles go to
-    ``sm_wavefront`` (one OpenMP region; a tile starts as soon as its
-    neighbours are done), each thread on its own workspace wds/wis[thread]
+    ``pool.wavefront`` on ``team`` threads (a tile starts as soon as its
+    neighbours are done), each thread on its own workspace wds/wis[slot]
     (``done``: one flag per tile); otherwise they run in order on
     wds/wis[0]. E (and Ed) must be zero on entry.
     """
@@ -567,13 +567,13 @@ cdef double _dtw_tiled(const floating* theta, const floating* Z, floating* E, fl
     ctx.wq = wq
     ctx.wds = wds
     ctx.wis = wis
-    par = par and g.nTI * g.nTJ > 1
+    cdef bint par = team > 1 and g.nTI * g.nTJ > 1
     nk = g.nTI + g.nTJ - 1
     if par:
         if floating is double:
-            sm_wavefront(g.nTI, g.nTJ, 0, _fwd_task_d, &ctx, done)
+            pool.wavefront(g.nTI, g.nTJ, 0, _fwd_task_d, &ctx, done, team)
         else:
-            sm_wavefront(g.nTI, g.nTJ, 0, _fwd_task_f, &ctx, done)
+            pool.wavefront(g.nTI, g.nTJ, 0, _fwd_task_f, &ctx, done, team)
     else:
         for k in range(nk):
             for I in range(max(0, k - g.nTJ + 1), min(k, g.nTI - 1) + 1):
@@ -587,9 +587,9 @@ cdef double _dtw_tiled(const floating* theta, const floating* Z, floating* E, fl
         g.v[x] = 0.0
     if par:
         if floating is double:
-            sm_wavefront(g.nTI, g.nTJ, 1, _bwd_task_d, &ctx, done)
+            pool.wavefront(g.nTI, g.nTJ, 1, _bwd_task_d, &ctx, done, team)
         else:
-            sm_wavefront(g.nTI, g.nTJ, 1, _bwd_task_f, &ctx, done)
+            pool.wavefront(g.nTI, g.nTJ, 1, _bwd_task_f, &ctx, done, team)
     else:
         for k in range(nk - 1, -1, -1):
             for I in range(max(0, k - g.nTJ + 1), min(k, g.nTI - 1) + 1):
@@ -602,7 +602,8 @@ cdef enum:
     PAR_TILE_MIN = 64
 
 
-# Below this many cells a call runs on one thread.
+# Below this many cells a call runs on one thread (a parallel job costs a
+# wake-up, ~10-50 µs, and a core may be busy elsewhere: docs/threads.md).
 cdef Py_ssize_t SMALL_WORK = 1 << 15
 _tile_override = [0]
 
@@ -640,20 +641,81 @@ cdef inline Py_ssize_t _q_len(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t TS, int m
     return _ceil_div(NA, TS) * _ceil_div(NB, TS) * (6 if mode == MODE_HVP else 3) * _q_plane(TS)
 
 
-cdef inline int _threads_for(Py_ssize_t B, Py_ssize_t NA, Py_ssize_t NB) noexcept nogil:
-    """Threads for a call: one for small work (a parallel region costs more
-    than it saves there, and much more when a core is busy elsewhere)."""
-    if B * NA * NB < SMALL_WORK:
-        return 1
-    return sm_max_threads()
+ctypedef struct _Plan:
+    int team       # threads of the call
+    bint par       # True: the problems in turn, the tiles of each on the team
+    Py_ssize_t TS  # tile side
+    Py_ssize_t nq  # stored weights of one problem
+
+
+cdef _Plan _plan(Py_ssize_t B, Py_ssize_t NA, Py_ssize_t NB, int mode,
+                 Py_ssize_t override) noexcept nogil:
+    """Threads and tiles of a call. The team is never larger than the work
+    can use: one thread below SMALL_WORK cells, at most B threads on a batch;
+    a batch smaller than the thread count shares each problem's tiles instead
+    (a wavefront, when the problem has more than one tile)."""
+    cdef _Plan p
+    cdef int n = pool.num_threads()
+    p.par = B < n
+    if p.par:
+        p.TS = _pick_tile(NA, NB, True, n, override)
+        p.team = pool.team(_ceil_div(NA, p.TS) * _ceil_div(NB, p.TS), <double> B * NA * NB,
+                           SMALL_WORK)
+        p.par = p.team > 1  # one thread after all: the sequential tiles
+    if not p.par:
+        p.TS = _pick_tile(NA, NB, False, n, override)
+        p.team = pool.team(B, <double> B * NA * NB, SMALL_WORK)
+    p.nq = _q_len(NA, NB, p.TS, mode)
+    return p
 
 
 def _qwork_len(Py_ssize_t B, Py_ssize_t NA, Py_ssize_t NB, int mode):
     """Length of the q workspace ``_dtw_batch`` takes: one problem's worth per
     thread when threads share the batch, one when they share a problem."""
-    cdef int nthreads = _threads_for(B, NA, NB)
-    cdef bint par = B < nthreads
-    return _q_len(NA, NB, _pick_tile(NA, NB, par, nthreads, _tile_override[0]), mode) * (1 if par else nthreads)
+    cdef _Plan p = _plan(B, NA, NB, mode, _tile_override[0])
+    return p.nq * (1 if p.par else p.team)
+
+
+ctypedef struct _BatchCtx:
+    # what one item of the batch job needs (arrays as void*: one struct for both dtypes)
+    const void* theta
+    const void* Z
+    void* E
+    void* Ed
+    void* value
+    const long long* la
+    const long long* lb
+    Py_ssize_t NA, NB, band, TS, nq, lwd, lwi, ledge, llohi
+    int reg, mode
+    double gamma
+    bint f64
+    void* qbase
+    double* wd      # per slot: lwd doubles, lwi ints, ledge + ... (slot-strided)
+    Py_ssize_t* wi
+    double* edges
+    Py_ssize_t* lohi
+
+
+cdef void _batch_one(_BatchCtx* c, Py_ssize_t b, int slot, floating* tag) noexcept nogil:
+    cdef Py_ssize_t cells = c.NA * c.NB
+    cdef double* wd = c.wd + slot * c.lwd
+    cdef Py_ssize_t* wi = c.wi + slot * c.lwi
+    (<floating*> c.value)[b] = <floating> _dtw_tiled(
+        <const floating*> c.theta + b * cells,
+        <const floating*> c.Z + b * cells if c.mode == MODE_HVP else NULL,
+        <floating*> c.E + b * cells if c.mode != MODE_VALUE else NULL,
+        <floating*> c.Ed + b * cells if c.mode == MODE_HVP else NULL,
+        c.NB, c.la[b], c.lb[b], c.band, c.reg, c.gamma, c.mode, c.TS, 1,
+        c.lohi + slot * c.llohi, c.edges + slot * c.ledge,
+        <floating*> c.qbase + slot * c.nq if c.nq > 0 else NULL, &wd, &wi, NULL)
+
+
+cdef void _batch_item(void* ctx, Py_ssize_t b, int slot) noexcept nogil:
+    cdef _BatchCtx* c = <_BatchCtx*> ctx
+    if c.f64:
+        _batch_one(c, b, slot, <double*> NULL)
+    else:
+        _batch_one(c, b, slot, <float*> NULL)
 
 
 cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] Z,
@@ -662,112 +724,84 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
                      floating[::1] value, floating[:, :, ::1] E,
                      floating[:, :, ::1] Ed, signed char[::1] failed,
                      Py_ssize_t override, floating[::1] qwork) noexcept:
-    """Batch loop. B >= threads: a ``prange`` over the batch, one problem per
-    thread at a time (tiles in order). B < threads: the problems one after the
-    other, each with its tiles spread over the threads."""
+    """Batch loop (``_plan``). Threads sharing the batch: ``pool.parallel_for``
+    over the problems, each problem's tiles in order on its thread. Threads
+    sharing a problem: the problems one after the other, each one's tiles a
+    wavefront over the team."""
     cdef Py_ssize_t B = theta.shape[0], NA = theta.shape[1], NB = theta.shape[2]
-    cdef Py_ssize_t b, t, TS, nq
-    cdef int nthreads = _threads_for(B, NA, NB)
+    cdef Py_ssize_t b, t
+    cdef _Plan p = _plan(B, NA, NB, mode, override)
+    cdef int nthreads = p.team
     cdef floating* qbase = &qwork[0] if qwork.shape[0] > 0 else NULL
-    cdef bint par = B < nthreads
     cdef double* wd = NULL
-    cdef Py_ssize_t* wi = NULL
-    cdef floating* wq = NULL
-    cdef double* edges = NULL
-    cdef Py_ssize_t* lohi = NULL
+    cdef _BatchCtx c
     cdef double** wds = NULL
     cdef Py_ssize_t** wis = NULL
     cdef int* done = NULL
     cdef bint ok
-    TS = _pick_tile(NA, NB, par, nthreads, override)
-    nq = _q_len(NA, NB, TS, mode)
-    if par:
-        with nogil:
-            wds = <double**> calloc(nthreads, sizeof(double*))
-            wis = <Py_ssize_t**> calloc(nthreads, sizeof(Py_ssize_t*))
-            ok = wds != NULL and wis != NULL
-            if ok:
-                for t in range(nthreads):
-                    wds[t] = <double*> malloc(_tile_work(TS) * sizeof(double))
-                    wis[t] = <Py_ssize_t*> malloc(_tile_iwork(TS) * sizeof(Py_ssize_t))
-                    ok = ok and wds[t] != NULL and wis[t] != NULL
-            edges = <double*> malloc(_edge_work(NA, NB, TS) * sizeof(double))
-            lohi = <Py_ssize_t*> malloc(2 * (NA + NB + 3) * sizeof(Py_ssize_t))
-            done = <int*> malloc(_ceil_div(NA, TS) * _ceil_div(NB, TS) * sizeof(int))
-            wq = qbase if nq > 0 else NULL
-            ok = ok and edges != NULL and lohi != NULL and done != NULL and (wq != NULL or nq == 0)
+    # one workspace per slot: the team's threads when they share the batch,
+    # the tile workspaces of the wavefront when they share a problem
+    c.lwd = _tile_work(p.TS)
+    c.lwi = _tile_iwork(p.TS)
+    c.ledge = _edge_work(NA, NB, p.TS)
+    c.llohi = 2 * (NA + NB + 3)
+    cdef int nslots = 1 if p.par else nthreads
+    with nogil:
+        c.wd = <double*> malloc(nthreads * c.lwd * sizeof(double))
+        c.wi = <Py_ssize_t*> malloc(nthreads * c.lwi * sizeof(Py_ssize_t))
+        c.edges = <double*> malloc(nslots * c.ledge * sizeof(double))
+        c.lohi = <Py_ssize_t*> malloc(nslots * c.llohi * sizeof(Py_ssize_t))
+        wds = <double**> malloc(nthreads * sizeof(double*))
+        wis = <Py_ssize_t**> malloc(nthreads * sizeof(Py_ssize_t*))
+        done = <int*> malloc(_ceil_div(NA, p.TS) * _ceil_div(NB, p.TS) * sizeof(int))
+        ok = (c.wd != NULL and c.wi != NULL and c.edges != NULL and c.lohi != NULL
+              and wds != NULL and wis != NULL and done != NULL and (qbase != NULL or p.nq == 0))
+        if not ok:
             for b in range(B):
-                if not ok:
-                    failed[b] = 1
-                else:
-                    value[b] = <floating> _dtw_tiled(
-                        &theta[b, 0, 0], &Z[b, 0, 0] if mode == MODE_HVP else NULL,
-                        &E[b, 0, 0] if mode != MODE_VALUE else NULL,
-                        &Ed[b, 0, 0] if mode == MODE_HVP else NULL,
-                        NB, la[b], lb[b], band, reg, gamma, mode, TS, True,
-                        lohi, edges, wq, wds, wis, done)
-            if wds != NULL:
-                for t in range(nthreads):
-                    free(wds[t])
-            if wis != NULL:
-                for t in range(nthreads):
-                    free(wis[t])
-            free(wds)
-            free(wis)
-            free(edges)
-            free(lohi)
-            free(done)
-        return
-    with nogil, parallel(num_threads=nthreads):
-        wd = <double*> malloc(_tile_work(TS) * sizeof(double))
-        wi = <Py_ssize_t*> malloc(_tile_iwork(TS) * sizeof(Py_ssize_t))
-        edges = <double*> malloc(_edge_work(NA, NB, TS) * sizeof(double))
-        lohi = <Py_ssize_t*> malloc(2 * (NA + NB + 3) * sizeof(Py_ssize_t))
-        wq = qbase + threadid() * nq if nq > 0 else NULL
-        ok = wd != NULL and wi != NULL and edges != NULL and lohi != NULL and (wq != NULL or nq == 0)
-        for b in prange(B, schedule="dynamic"):
-            if not ok:
                 failed[b] = 1
-            else:
+        elif p.par:
+            for t in range(nthreads):
+                wds[t] = c.wd + t * c.lwd
+                wis[t] = c.wi + t * c.lwi
+            for b in range(B):
                 value[b] = <floating> _dtw_tiled(
                     &theta[b, 0, 0], &Z[b, 0, 0] if mode == MODE_HVP else NULL,
                     &E[b, 0, 0] if mode != MODE_VALUE else NULL,
                     &Ed[b, 0, 0] if mode == MODE_HVP else NULL,
-                    NB, la[b], lb[b], band, reg, gamma, mode, TS, False,
-                    lohi, edges, wq, &wd, &wi, NULL)
-        free(wd)
-        free(wi)
-        free(edges)
-        free(lohi)
+                    NB, la[b], lb[b], band, reg, gamma, mode, p.TS, nthreads,
+                    c.lohi, c.edges, qbase if p.nq > 0 else NULL, wds, wis, done)
+        else:
+            c.theta = &theta[0, 0, 0]
+            c.Z = &Z[0, 0, 0] if mode == MODE_HVP else NULL
+            c.E = &E[0, 0, 0] if mode != MODE_VALUE else NULL
+            c.Ed = &Ed[0, 0, 0] if mode == MODE_HVP else NULL
+            c.value = &value[0]
+            c.la = &la[0]
+            c.lb = &lb[0]
+            c.NA = NA
+            c.NB = NB
+            c.band = band
+            c.TS = p.TS
+            c.nq = p.nq
+            c.reg = reg
+            c.mode = mode
+            c.gamma = gamma
+            c.f64 = floating is double
+            c.qbase = qbase
+            pool.parallel_for(B, nthreads, _batch_item, &c)
+        free(c.wd)
+        free(c.wi)
+        free(c.edges)
+        free(c.lohi)
+        free(wds)
+        free(wis)
+        free(done)
 
 
 # The stored weights need 3 (gradient) or 6 (HVP) values per cell; for a
 # large problem the time to fault in fresh pages is comparable to the passes
-# themselves, so the last workspace (one, up to _QCACHE_MAX_BYTES) is kept for the
-# next call. A call takes it out (atomic under the GIL), so concurrent calls
-# never share one; _release_workspace() drops it.
-_QCACHE_MAX_BYTES = 1 << 30
-_qcache = {}
-
-
-def _release_workspace():
-    """Free the cached weight workspace of the DTW kernels."""
-    _qcache.clear()
-
-
-def _take_qwork(dtype, Py_ssize_t n):
-    buf = _qcache.pop(np.dtype(dtype).char, None)
-    _qcache.clear()  # never hold two
-    if buf is None or buf.shape[0] < n:
-        buf = None  # let the old one go before allocating a larger one
-        buf = np.empty(max(n, 0), dtype=dtype)
-    return buf
-
-
-def _give_qwork(buf):
-    if buf.nbytes <= _QCACHE_MAX_BYTES:
-        _qcache.clear()  # one buffer at most, whatever its dtype
-        _qcache[buf.dtype.char] = buf
+# themselves, so the workspace comes from smoothmax._buffers, which keeps it
+# (within the cache limit, with the result blocks) for the next call.
 
 
 def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode, out=None):
@@ -783,14 +817,14 @@ def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode, out
     Zarr = Z if mode == MODE_HVP else E[:0]
     failed = np.zeros(B, dtype=np.int8)
     if B > 0 and NA > 0 and NB > 0:
-        qwork = _take_qwork(theta.dtype, _qwork_len(B, NA, NB, mode))
+        qwork = _workspace(_qwork_len(B, NA, NB, mode), theta.dtype)
         if theta.dtype == np.float64:
             _dtw_batch[double](theta, Zarr, la, lb, band, reg, gamma, mode,
                                value, E, Ed, failed, _tile_override[0], qwork)
         else:
             _dtw_batch[float](theta, Zarr, la, lb, band, reg, gamma, mode,
                               value, E, Ed, failed, _tile_override[0], qwork)
-        _give_qwork(qwork)
+        del qwork  # free for the next call (smoothmax._buffers)
     if failed.any():
         raise MemoryError("smoothmax._core.dtw: could not allocate the workspace")
     if written and mode != MODE_VALUE:

@@ -19,10 +19,3 @@ cdef extern from "simd.h" namespace "smx::cpu" nogil:
                         const double* fu, const double* fl, const double* fd,
                         const T* qu, const T* ql, const T* qd,
                         const T* qdu, const T* qdl, const T* qdd, double* out, double* dout)
-
-
-cdef extern from "simd.h" nogil:
-    int sm_max_threads()
-    ctypedef void (*sm_tile_fn)(void* ctx, Py_ssize_t I, Py_ssize_t J, int thread) noexcept nogil
-    void sm_wavefront(Py_ssize_t nI, Py_ssize_t nJ, int reverse, sm_tile_fn fn, void* ctx,
-                      int* done)

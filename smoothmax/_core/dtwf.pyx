@@ -33,20 +33,21 @@ cost ``‖x_i − y_j‖`` has no derivative where it is 0: the cell contributes
 there (the minimum-norm subgradient).
 
 Cells outside the Sakoe-Chiba band or past the lengths are +inf in R and
-never visited. One thread per problem: a ``prange`` over the batch (the
+never visited. One thread per problem: the batch on the engine's thread pool
+(``pool.pxd``, docs/threads.md; the
 anti-diagonals of one strip are too short to share between threads without
 a barrier per diagonal; see docs/decisions.md).
 """
-from cython.parallel cimport prange, parallel, threadid
+from . cimport pool
 from libc.stdlib cimport malloc, free
 from libc.math cimport INFINITY
 
 import numpy as np
 
-from .dtw import _give_qwork, _take_qwork
+from .._buffers import workspace as _workspace
 
 from .band cimport _diag_range
-from .dtw_kernels cimport dtw_bwd, dtw_fwd, sm_max_threads
+from .dtw_kernels cimport dtw_bwd, dtw_fwd
 from .operators cimport sm_init_isa
 
 
@@ -67,8 +68,8 @@ cdef enum:
     QPAD = 4   # zero padding around each weight plane (reads one diagonal past a strip)
 
 
-# workspaces up to this size are kept for the next call (smoothmax._core.dtw's cache)
-_KEEP_BYTES = 64 << 20
+# Below this much work (B·NA·NB·(d + 1)) a call runs on one thread.
+cdef double SMALL_WORK = 1 << 15
 
 COSTS = {"sqeuclidean": COST_SQEUCLIDEAN, "euclidean": COST_EUCLIDEAN, "cosine": COST_COSINE}
 
@@ -331,12 +332,38 @@ def work_bytes(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t d, Py_ssize_t h, bint gr
     return 8 * _work_len(NA, NB, h, grad)
 
 
+ctypedef struct _BatchCtx:
+    const double* X
+    const double* Y
+    const long long* la
+    const long long* lb
+    double* value
+    double* gx
+    double* gy
+    double* work        # per slot: wlen doubles
+    Py_ssize_t* iwork   # per slot: liwork
+    void* hook
+    Py_ssize_t NA, NB, d, band, h, wlen, liwork
+    int cost, reg
+    double gamma
+    bint grad
+
+
+cdef void _batch_item(void* ctx, Py_ssize_t b, int slot) noexcept nogil:
+    cdef _BatchCtx* c = <_BatchCtx*> ctx
+    c.value[b] = _solve(c.X + b * c.NA * c.d, c.Y + b * c.NB * c.d, c.d, c.la[b], c.lb[b],
+                        c.band, c.cost, c.reg, c.gamma, c.h, c.grad,
+                        c.gx + b * c.NA * c.d if c.grad else NULL,
+                        c.gy + b * c.NB * c.d if c.grad else NULL,
+                        c.work + slot * c.wlen, c.iwork + slot * c.liwork, c.hook)
+
+
 def _run(const double[:, :, ::1] X, const double[:, :, ::1] Y,
          const long long[::1] la, const long long[::1] lb, Py_ssize_t band,
          int cost, int reg, double gamma, Py_ssize_t h, bint grad, object progress):
     cdef Py_ssize_t B = X.shape[0], NA = X.shape[1], NB = Y.shape[1], d = X.shape[2]
     cdef Py_ssize_t b
-    cdef int nthreads = 1 if B < 2 else min(sm_max_threads(), <int> B)
+    cdef int nthreads = pool.team(B, <double> B * NA * NB * (d + 1), SMALL_WORK)
     value_np = np.empty(B, dtype=np.float64)
     cdef Py_ssize_t Bg = B if grad else 0
     gx_np = np.zeros((Bg, NA, d), dtype=np.float64)
@@ -346,32 +373,43 @@ def _run(const double[:, :, ::1] X, const double[:, :, ::1] Y,
     cdef double[:, :, ::1] gx = gx_np
     cdef double[:, :, ::1] gy = gy_np
     cdef signed char[::1] failed = failed_np
-    cdef double* work = NULL
-    cdef Py_ssize_t* iwork = NULL
-    cdef Py_ssize_t wlen
     cdef double[::1] work_all
-    cdef void* hook = NULL if progress is None else <void*> progress
+    cdef _BatchCtx c
     if B == 0 or NA == 0 or NB == 0:
         return value_np, gx_np, gy_np
     h = max(1, min(h, NA))
-    # one workspace per thread, from the DTW engine's cache of one kept block
-    # (fresh pages cost a third of a 1000² gradient); kept again only if small
-    wlen = _work_len(NA, NB, h, grad)
-    work_np = _take_qwork(np.float64, nthreads * wlen)
+    # one workspace per thread, from smoothmax._buffers' kept blocks when
+    # large (fresh pages cost a third of a 1000² gradient)
+    c.wlen = _work_len(NA, NB, h, grad)
+    work_np = _workspace(nthreads * c.wlen, np.float64)
     work_all = work_np
-    with nogil, parallel(num_threads=nthreads):
-        work = &work_all[0] + threadid() * wlen
-        iwork = <Py_ssize_t*> malloc(3 * (h + NB + 3) * sizeof(Py_ssize_t))
-        for b in prange(B, schedule="dynamic"):
-            if iwork == NULL:
+    c.X = &X[0, 0, 0]
+    c.Y = &Y[0, 0, 0]
+    c.la = &la[0]
+    c.lb = &lb[0]
+    c.value = &value[0]
+    c.gx = &gx[0, 0, 0] if grad else NULL
+    c.gy = &gy[0, 0, 0] if grad else NULL
+    c.work = &work_all[0]
+    c.hook = NULL if progress is None else <void*> progress
+    c.NA = NA
+    c.NB = NB
+    c.d = d
+    c.band = band
+    c.h = h
+    c.liwork = 3 * (h + NB + 3)
+    c.cost = cost
+    c.reg = reg
+    c.gamma = gamma
+    c.grad = grad
+    with nogil:
+        c.iwork = <Py_ssize_t*> malloc(nthreads * c.liwork * sizeof(Py_ssize_t))
+        if c.iwork == NULL:
+            for b in range(B):
                 failed[b] = 1
-            else:
-                value[b] = _solve(&X[b, 0, 0], &Y[b, 0, 0], d, la[b], lb[b], band, cost, reg,
-                                  gamma, h, grad, &gx[b, 0, 0] if grad else NULL,
-                                  &gy[b, 0, 0] if grad else NULL, work, iwork, hook)
-        free(iwork)
-    if work_np.nbytes <= _KEEP_BYTES:
-        _give_qwork(work_np)
+        else:
+            pool.parallel_for(B, nthreads, _batch_item, &c)
+        free(c.iwork)
     if failed_np.any():
         raise MemoryError("smoothmax._core.dtwf: could not allocate the workspace")
     return value_np, gx_np, gy_np

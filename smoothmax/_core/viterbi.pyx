@@ -13,10 +13,8 @@ of ``simd.h`` (templates on the dtype, the operator picked inside) run the
 maths of ``include/smx_ops.hpp``.
 Arithmetic is in double (a float32 value or gradient takes its exps in
 float); only theta, Z, E, Edot use the caller's dtype.
-The batch loop is a ``prange`` (OpenMP when the build has it).
+The batch loop runs on the engine's thread pool (``pool.pxd``, docs/threads.md).
 """
-from cython.parallel cimport prange, parallel
-from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from libc.math cimport INFINITY
 
@@ -29,8 +27,11 @@ from cython cimport floating
 from .operators cimport max_omega, max_omega_hvp, sm_init_isa, REG_NEGENTROPY
 
 
-cdef extern from "simd.h" nogil:
-    int sm_max_threads()
+from . cimport pool
+
+# Below this many edges a call runs on one thread (docs/threads.md).
+cdef double SMALL_WORK = 1 << 15
+
 
 cdef extern from "simd.h" namespace "smx::cpu" nogil:
     void vit_fwd[T](Py_ssize_t S, const T* th, const T* z, const double* V, const double* Vd,
@@ -116,6 +117,53 @@ cdef double _viterbi_one(const floating* theta, const floating* Z,
     return value
 
 
+ctypedef struct _BatchCtx:
+    # one batch job (arrays as void*: one struct for both dtypes)
+    const void* theta
+    const void* Z
+    void* E
+    void* Ed
+    void* value
+    const long long* lengths
+    signed char* failed
+    double* work     # _work_len(T, S) doubles per slot
+    Py_ssize_t T, S, lwork
+    int reg, mode
+    double gamma
+    bint f64
+
+
+cdef void _batch_one(_BatchCtx* c, Py_ssize_t b, int slot, floating* tag) noexcept nogil:
+    cdef Py_ssize_t T = c.T, S = c.S, k, L = c.lengths[b], blk = c.T * c.S * c.S
+    cdef double nbad = 0.0
+    cdef const floating* th = <const floating*> c.theta + b * blk
+    cdef const floating* zp = <const floating*> c.Z + b * blk if c.mode == MODE_HVP else NULL
+    cdef floating* ep = <floating*> c.E + b * blk if c.mode != MODE_VALUE else NULL
+    cdef floating* edp = <floating*> c.Ed + b * blk if c.mode == MODE_HVP else NULL
+    cdef const floating* tail
+    (<floating*> c.value)[b] = <floating> _viterbi_one(
+        th, zp, ep, edp, L, S, c.reg, c.gamma, c.mode, c.work + slot * c.lwork, &nbad)
+    tail = th + L * S * S  # steps past the length: checked, not used
+    for k in range((T - L) * S * S):
+        if not (tail[k] < INFINITY):
+            nbad = nbad + 1.0
+    if nbad > 0.0:
+        c.failed[b] = 2
+    # outputs come uninitialised (smoothmax._buffers): zero past the length
+    if ep != NULL and L < T:
+        memset(ep + L * S * S, 0, (T - L) * S * S * sizeof(floating))
+    if edp != NULL and L < T:
+        memset(edp + L * S * S, 0, (T - L) * S * S * sizeof(floating))
+
+
+cdef void _batch_item(void* ctx, Py_ssize_t b, int slot) noexcept nogil:
+    cdef _BatchCtx* c = <_BatchCtx*> ctx
+    if c.f64:
+        _batch_one(c, b, slot, <double*> NULL)
+    else:
+        _batch_one(c, b, slot, <float*> NULL)
+
+
 cdef void _viterbi_batch(const floating[:, :, :, ::1] theta,
                          const floating[:, :, :, ::1] Z,
                          const long long[::1] lengths,
@@ -123,41 +171,29 @@ cdef void _viterbi_batch(const floating[:, :, :, ::1] theta,
                          floating[:, :, :, ::1] E, floating[:, :, :, ::1] Ed,
                          int reg, double gamma, int mode,
                          signed char[::1] failed) noexcept:
-    cdef Py_ssize_t B = theta.shape[0], T = theta.shape[1], S = theta.shape[2]
-    cdef Py_ssize_t b, k, L, blk = T * S * S
-    cdef double nbad
-    cdef const floating* tail
-    cdef double* work
-    cdef const floating* zp
-    cdef floating* ep
-    cdef floating* edp
-    work = NULL
-    with nogil, parallel(num_threads=1 if B * T * S * S < (1 << 15) else sm_max_threads()):
-        work = <double*> malloc(_work_len(T, S) * sizeof(double))
-        for b in prange(B, schedule="dynamic"):
-            if work == NULL:
+    """The batch on the pool (docs/threads.md): one problem per item, one
+    workspace per thread; one thread below SMALL_WORK edges."""
+    cdef Py_ssize_t B = theta.shape[0], T = theta.shape[1], S = theta.shape[2], b
+    cdef int team = pool.team(B, <double> B * T * S * S, SMALL_WORK)
+    cdef _BatchCtx c
+    c.theta = &theta[0, 0, 0, 0]
+    c.Z = &Z[0, 0, 0, 0] if mode == MODE_HVP else NULL
+    c.E = &E[0, 0, 0, 0] if mode != MODE_VALUE else NULL
+    c.Ed = &Ed[0, 0, 0, 0] if mode == MODE_HVP else NULL
+    c.value = &value[0]
+    c.lengths = &lengths[0]
+    c.failed = &failed[0]
+    c.T = T
+    c.S = S
+    c.lwork = _work_len(T, S)
+    c.reg = reg
+    c.mode = mode
+    c.gamma = gamma
+    c.f64 = floating is double
+    with nogil:
+        if pool.parallel_for_work(B, team, _batch_item, &c, &c.work, c.lwork) < 0:
+            for b in range(B):
                 failed[b] = 1
-                continue
-            zp = &Z[b, 0, 0, 0] if mode == MODE_HVP else NULL
-            ep = &E[b, 0, 0, 0] if mode != MODE_VALUE else NULL
-            edp = &Ed[b, 0, 0, 0] if mode == MODE_HVP else NULL
-            L = lengths[b]
-            nbad = 0.0
-            value[b] = <floating> _viterbi_one(
-                &theta[b, 0, 0, 0], zp, ep, edp, L, S,
-                reg, gamma, mode, work, &nbad)
-            tail = &theta[b, 0, 0, 0] + L * S * S  # steps past the length: checked, not used
-            for k in range((T - L) * S * S):
-                if not (tail[k] < INFINITY):
-                    nbad = nbad + 1.0
-            if nbad > 0.0:
-                failed[b] = 2
-            # outputs come uninitialised (smoothmax._buffers): zero past the length
-            if ep != NULL and L < T:
-                memset(ep + L * S * S, 0, (T - L) * S * S * sizeof(floating))
-            if edp != NULL and L < T:
-                memset(edp + L * S * S, 0, (T - L) * S * S * sizeof(floating))
-        free(work)
 
 
 def _run(theta, Z, lengths, int reg, double gamma, int mode, out=None):
@@ -205,6 +241,67 @@ def viterbi_hvp(theta, Z, lengths, int reg, double gamma, out=None):
     return _run(theta, Z, lengths, reg, gamma, MODE_HVP, out=out)
 
 
+ctypedef struct _DecodeCtx:
+    const void* theta
+    void* score
+    const long long* lengths
+    long long* tags
+    int* bp
+    signed char* bad
+    double* buf      # 2·S doubles per slot
+    Py_ssize_t T, S
+    bint f64
+
+
+cdef void _decode_one(_DecodeCtx* c, Py_ssize_t b, int slot, floating* tag) noexcept nogil:
+    cdef Py_ssize_t T = c.T, S = c.S, t, i, j, k, best, L = c.lengths[b]
+    cdef const floating* th = <const floating*> c.theta + b * T * S * S
+    cdef long long* tags = c.tags + b * T
+    cdef int* bp = c.bp + b * T * S
+    cdef double* V = c.buf + slot * 2 * S
+    cdef double* Vn = V + S
+    cdef double* tmp
+    cdef double m, x
+    for j in range(S):
+        V[j] = 0.0
+    for k in range(T * S * S):
+        if not (th[k] < INFINITY):
+            c.bad[b] = 1
+            return
+    for t in range(L):
+        for i in range(S):
+            best = 0
+            m = th[(t * S + i) * S] + V[0]
+            for j in range(1, S):
+                x = th[(t * S + i) * S + j] + V[j]
+                if x > m:
+                    m = x
+                    best = j
+            Vn[i] = m
+            bp[t * S + i] = <int> best
+        tmp = V; V = Vn; Vn = tmp
+    best = 0
+    for i in range(1, S):
+        if V[i] > V[best]:
+            best = i
+    (<floating*> c.score)[b] = <floating> V[best]
+    if V[best] == -INFINITY:
+        return  # no feasible path: no tags (-1), like DTW's all-zero Y
+    for t in range(L - 1, -1, -1):
+        tags[t] = best
+        best = bp[t * S + best]
+    for t in range(L, T):
+        tags[t] = -1
+
+
+cdef void _decode_item(void* ctx, Py_ssize_t b, int slot) noexcept nogil:
+    cdef _DecodeCtx* c = <_DecodeCtx*> ctx
+    if c.f64:
+        _decode_one(c, b, slot, <double*> NULL)
+    else:
+        _decode_one(c, b, slot, <float*> NULL)
+
+
 cdef void _decode_batch(const floating[:, :, :, ::1] theta,
                         const long long[::1] lengths,
                         floating[::1] score, long long[:, ::1] tags,
@@ -214,56 +311,20 @@ cdef void _decode_batch(const floating[:, :, :, ::1] theta,
     ``bad[b]`` is set when item b has a NaN or +inf score (checked on this read).
     """
     cdef Py_ssize_t B = theta.shape[0], T = theta.shape[1], S = theta.shape[2]
-    cdef Py_ssize_t b, t, i, j, L, best
-    cdef double* buf
-    cdef double* V
-    cdef double* Vn
-    cdef double* tmp
-    cdef double m, x
-    buf = NULL
-    with nogil, parallel(num_threads=1 if B * T * S * S < (1 << 15) else sm_max_threads()):
-        buf = <double*> malloc(2 * S * sizeof(double) + 1)
-        for b in prange(B, schedule="dynamic"):
-            if buf == NULL:
-                tags[b, 0] = -2
-                continue
-            L = lengths[b]
-            V = buf
-            Vn = buf + S
-            for j in range(S):
-                V[j] = 0.0
-            for t in range(T):
-                for i in range(S):
-                    for j in range(S):
-                        if not (theta[b, t, i, j] < INFINITY):
-                            bad[b] = 1
-            if bad[b]:
-                continue
-            for t in range(L):
-                for i in range(S):
-                    best = 0
-                    m = theta[b, t, i, 0] + V[0]
-                    for j in range(1, S):
-                        x = theta[b, t, i, j] + V[j]
-                        if x > m:
-                            m = x
-                            best = j
-                    Vn[i] = m
-                    bp[b, t, i] = <int> best
-                tmp = V; V = Vn; Vn = tmp
-            best = 0
-            for i in range(1, S):
-                if V[i] > V[best]:
-                    best = i
-            score[b] = <floating> V[best]
-            if V[best] == -INFINITY:
-                continue  # no feasible path: no tags (-1), like DTW's all-zero Y
-            for t in range(L - 1, -1, -1):
-                tags[b, t] = best
-                best = bp[b, t, best]
-            for t in range(L, T):
-                tags[b, t] = -1
-        free(buf)
+    cdef int team = pool.team(B, <double> B * T * S * S, SMALL_WORK)
+    cdef _DecodeCtx c
+    c.theta = &theta[0, 0, 0, 0]
+    c.score = &score[0]
+    c.lengths = &lengths[0]
+    c.tags = &tags[0, 0]
+    c.bp = &bp[0, 0, 0]
+    c.bad = &bad[0]
+    c.T = T
+    c.S = S
+    c.f64 = floating is double
+    with nogil:
+        if pool.parallel_for_work(B, team, _decode_item, &c, &c.buf, 2 * S) < 0:
+            tags[0, 0] = -2
 
 
 def viterbi_decode(theta, lengths):

@@ -1,0 +1,265 @@
+"""Threads, co-tenancy, cold calls and kept memory of the compiled engine (docs/threads.md).
+
+Before/after on one machine in one run: every measurement runs in a fresh
+subprocess that imports smoothmax from ``--before`` (e.g. a checkout of
+main, with its in-place build) or from this working tree.
+
+* grid: ns per cell (edge) of each case, minimum of ``--repeats`` calls after
+  a warm-up, on 1 and 2 threads (``threadpoolctl.threadpool_limits``: the
+  OpenMP limit both versions follow), float64 and float32; ``free`` and with
+  a co-tenant (``python -c "while True: pass"`` running beside it);
+* cold: a first ``dtw_grad`` at 4096² in a fresh process (after a tiny call
+  that loads the engine) against the best of 3 warm calls, and the peak RSS;
+* kept: the process's resident memory after one 3000² ``dtw_hvp`` whose
+  results were dropped, and after ``smoothmax.clear_cache()`` (where it exists);
+* crf: the CRF layer step (``smoothmax.torch.CRF``, B=32, T=128, S=16,
+  float64, forward + backward) after a ``dtw_features_grad`` call, inside
+  ``threadpool_limits(2)`` entered before the first smoothmax call, torch on
+  1 and on 2 threads.
+
+Usage::
+
+    python bench/bench_threads.py --before /work/main --out bench/results/threads
+
+writes ``threads.json`` and ``threads.md``. Run it on a machine at rest
+(``/work/quiet`` here); the load average at start and end is recorded.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+GRID = [  # (name, function, shape)
+    ("dtw_hvp", "dtw_hvp", (2, 200, 200)),
+    ("dtw_hvp", "dtw_hvp", (1, 1024, 1024)),
+    ("viterbi_hvp", "viterbi_hvp", (32, 128, 16, 16)),
+    ("dtw_grad", "dtw_grad", (32, 256, 256)),
+    ("dtw_grad", "dtw_grad", (2, 200, 200)),
+    ("dtw_grad", "dtw_grad", (4, 128, 128)),
+    ("dtw_grad", "dtw_grad", (1, 1024, 1024)),
+    ("dtw_value", "dtw", (2, 200, 200)),
+    ("dtw_value", "dtw", (1, 1024, 1024)),
+    ("viterbi_grad", "viterbi_grad", (32, 128, 16, 16)),
+    ("viterbi_grad", "viterbi_grad", (32, 128, 64, 64)),
+    ("crf_grad", "crf_grad", (32, 128, 16)),
+    ("dtw_features_grad", "dtw_features_grad", (2, 1000, 1000, 16)),
+]
+
+GRID_CODE = r"""
+import json, sys, time
+import numpy as np
+from threadpoolctl import threadpool_limits
+import smoothmax as sm
+cases, repeats = json.loads(sys.argv[1]), int(sys.argv[2])
+rng = np.random.default_rng(0)
+out = []
+
+def best(f):
+    f()
+    b = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter(); f(); b = min(b, time.perf_counter() - t)
+    return b
+
+for name, fn, shape in cases:
+    for dt in ("float64", "float32"):
+        if fn == "crf_grad":
+            B, T, S = shape
+            em, A = rng.standard_normal((B, T, S)).astype(dt), rng.standard_normal((S, S)).astype(dt)
+            f, cells = (lambda: sm.crf.crf_grad(em, A)), B * T * S * S
+        elif fn == "dtw_features_grad":
+            B, NA, NB, d = shape
+            x, y = rng.random((B, NA, d)).astype(dt), rng.random((B, NB, d)).astype(dt)
+            f, cells = (lambda: sm.dtw_features_grad(x, y)), B * NA * NB
+        else:
+            theta = rng.random(shape).astype(dt)
+            Z = rng.standard_normal(shape).astype(dt)
+            g = getattr(sm, fn)
+            f = (lambda: g(theta, Z)) if fn.endswith("hvp") else (lambda: g(theta))
+            cells = int(np.prod(shape))
+        for n in (1, 2):
+            with threadpool_limits(n):
+                out.append(dict(case=name, shape=list(shape), dtype=dt, threads=n,
+                                ns=best(f) / cells * 1e9))
+print(json.dumps(out))
+"""
+
+COLD_CODE = r"""
+import json, resource, time
+import numpy as np
+import smoothmax as sm
+N = 4096
+theta = np.random.default_rng(0).random((1, N, N))
+sm.dtw_grad(theta[:, :8, :8])  # load the engine: what follows is the first large call
+t = time.perf_counter(); v, E = sm.dtw_grad(theta); cold = time.perf_counter() - t
+del E
+warm = float("inf")
+for _ in range(3):
+    t = time.perf_counter(); v, E = sm.dtw_grad(theta); warm = min(warm, time.perf_counter() - t)
+    del E
+print(json.dumps(dict(cold_s=cold, warm_s=warm,
+                      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+"""
+
+KEPT_CODE = r"""
+import gc, json, os
+import numpy as np
+import smoothmax as sm
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+theta = np.random.default_rng(0).random((1, 3000, 3000))
+Z = np.ones_like(theta)
+before = rss()
+sm.dtw_hvp(theta, Z)  # the results are dropped at once
+gc.collect()
+after = rss()
+cleared = None
+if hasattr(sm, "clear_cache"):
+    sm.clear_cache(); gc.collect(); cleared = rss() - before
+print(json.dumps(dict(kept_mb=after - before, after_clear_mb=cleared)))
+"""
+
+CRF_CODE = r"""
+import json, sys, time
+import numpy as np, torch
+from threadpoolctl import threadpool_limits
+tn = int(sys.argv[1])
+with threadpool_limits(2):
+    import smoothmax as sm, smoothmax.torch as smt
+    torch.set_num_threads(tn)
+    x, y = np.random.default_rng(0).random((2, 2, 500, 16))
+    sm.dtw_features_grad(x, y)
+    crf = smt.CRF(16, batch_first=True).double()
+    em = torch.randn(32, 128, 16, dtype=torch.float64, requires_grad=True)
+    tags = torch.randint(0, 16, (32, 128))
+    ts = []
+    for _ in range(10):
+        t = time.perf_counter(); crf(em, tags).sum().backward(); ts.append(time.perf_counter() - t)
+print(json.dumps(dict(torch_threads=tn, min_ms=1e3 * min(ts), median_ms=1e3 * float(np.median(ts)))))
+"""
+
+
+def _run(tree, code, *args, cotenant=False):
+    env = dict(os.environ, PYTHONPATH=tree)
+    for k in ("OMP_NUM_THREADS", "SMOOTHMAX_NUM_THREADS"):
+        env.pop(k, None)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if cotenant else None
+    try:
+        if busy:
+            time.sleep(0.3)
+        res = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=tree,
+                             capture_output=True, text=True, timeout=900)
+    finally:
+        if busy:
+            busy.kill()
+            busy.wait()
+    if res.returncode != 0:
+        raise RuntimeError(f"{tree}: {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _fmt(x, nd=2):
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--before", required=True, help="tree (with its build) to compare with")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "threads"))
+    ap.add_argument("--parts", nargs="+", default=["grid", "cold", "kept", "crf"])
+    a = ap.parse_args(argv)
+    from _machine import describe
+
+    trees = {"before": os.path.abspath(a.before), "after": ROOT}
+    load0 = os.getloadavg()
+    res = {"machine": describe(), "load_start": load0, "trees": trees}
+    if "grid" in a.parts:
+        for cond in ("free", "cotenant"):
+            for tag, tree in trees.items():
+                res[f"grid_{cond}_{tag}"] = _run(tree, GRID_CODE, json.dumps(GRID), str(a.repeats),
+                                                 cotenant=cond == "cotenant")
+    if "cold" in a.parts:
+        for tag, tree in trees.items():
+            res[f"cold_{tag}"] = [_run(tree, COLD_CODE) for _ in range(2)]
+    if "kept" in a.parts:
+        for tag, tree in trees.items():
+            res[f"kept_{tag}"] = _run(tree, KEPT_CODE)
+    if "crf" in a.parts:
+        for tag, tree in trees.items():
+            res[f"crf_{tag}"] = [_run(tree, CRF_CODE, str(tn), cotenant=c) for c in (False, True)
+                                 for tn in (1, 2)]
+    res["load_end"] = os.getloadavg()
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    with open(a.out + ".md", "w") as f:
+        f.write(_markdown(res, a))
+    print(open(a.out + ".md").read())
+
+
+def _section(title, columns, rows):
+    if not rows:
+        return []
+    return ([f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(r) + " |" for r in rows] + [""])
+
+
+def _markdown(res, a):
+    from _machine import one_line
+
+    m = res["machine"]
+    lines = ["# Threads, co-tenancy, cold calls, kept memory (docs/threads.md)", "",
+             f"Machine: {one_line(m)}; load average at start {res['load_start'][0]:.2f}, "
+             f"at end {res['load_end'][0]:.2f}.", "",
+             f"Command: `python bench/bench_threads.py --before {a.before} --repeats {a.repeats}`; "
+             f"before = `{res['trees']['before']}`, after = this tree.", ""]
+    if "grid_free_before" in res:
+        lines += ["## Grid: ns per cell (edge), minimum of the repeats; 2t/1t = two threads over one", "",
+                  "| case | dtype | before 1t | before 2t | before 2t/1t | after 1t | after 2t | "
+                  "after 2t/1t | co-tenant before 2t/1t | co-tenant after 2t/1t | after 1t / before 1t |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+        def table(key):
+            t = {}
+            for r in res[key]:
+                t[(r["case"], tuple(r["shape"]), r["dtype"], r["threads"])] = r["ns"]
+            return t
+        fb, fa = table("grid_free_before"), table("grid_free_after")
+        cb, ca = table("grid_cotenant_before"), table("grid_cotenant_after")
+        for (case, shape, dt, n) in fb:
+            if n != 1:
+                continue
+            k1, k2 = (case, shape, dt, 1), (case, shape, dt, 2)
+            lines.append(f"| {case} {'x'.join(map(str, shape))} | {dt} | {fb[k1]:.2f} | {fb[k2]:.2f} | "
+                         f"{fb[k2] / fb[k1]:.2f} | {fa[k1]:.2f} | {fa[k2]:.2f} | {fa[k2] / fa[k1]:.2f} | "
+                         f"{cb[k2] / cb[k1]:.2f} | {ca[k2] / ca[k1]:.2f} | {fa[k1] / fb[k1]:.2f} |")
+        lines.append("")
+    cold = [(tag, f"{r['cold_s']:.3f}", f"{r['warm_s']:.3f}", f"{r['cold_s'] / r['warm_s']:.2f}",
+             f"{r['peak_rss_mb']:.0f}") for tag in ("before", "after") for r in res.get(f"cold_{tag}", [])]
+    lines += _section("Cold first call: dtw_grad 1x4096x4096 float64, fresh process",
+                      ("tree", "cold (s)", "warm (s)", "cold / warm", "peak RSS (MB)"), cold)
+    kept = [(tag, f"{res[f'kept_{tag}']['kept_mb']:.0f}", _fmt(res[f"kept_{tag}"]["after_clear_mb"], 0))
+            for tag in ("before", "after") if f"kept_{tag}" in res]
+    lines += _section("Kept memory after one 3000² dtw_hvp (results dropped)",
+                      ("tree", "resident MB kept", "after clear_cache()"), kept)
+    crf = [(tag, "yes" if c else "no", str(r["torch_threads"]), f"{r['min_ms']:.1f}", f"{r['median_ms']:.1f}")
+           for tag in ("before", "after")
+           for r, c in zip(res.get(f"crf_{tag}", []), (False, False, True, True))]
+    lines += _section("CRF layer step (B=32, T=128, S=16, float64) after dtw_features_grad, "
+                      "inside threadpool_limits(2)",
+                      ("tree", "co-tenant", "torch threads", "min (ms)", "median (ms)"), crf)
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
