@@ -143,6 +143,18 @@ def dtw_allowed(theta, la=None, lb=None, band=None):
     return ok
 
 
+def staircase(n, m):
+    """Boolean (n, m): the cells of one alignment, the staircase along the straight line
+    from (0, 0) to (n-1, m-1) (left moves within a row, then one step down)."""
+    on = np.zeros((n, m), dtype=bool)
+    cols = np.floor(np.arange(n) * (m - 1) / max(n - 1, 1) + 0.5).astype(int)
+    prev = 0
+    for i, j in enumerate(cols):
+        on[i, prev:j + 1] = True
+        prev = j
+    return on
+
+
 def dtw_paths(la, lb):
     """Every monotone alignment of (0,0) to (la-1, lb-1), as lists of cells."""
     out = []
