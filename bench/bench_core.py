@@ -80,6 +80,8 @@ MAX_COTENANT = 1.5        # co-tenant time / one-thread time
 MIN_F32_SPEEDUP = 1.6     # float64 time / float32 time, DTW value+grad and Viterbi S >= 16
 MAX_COLD_OVER_WARM = 1.5  # at 4096^2
 MAX_STORED_PER_CELL = 2.0  # DTW gradient: values kept per cell besides theta and E
+MAX_KEPT_BYTES = 512 << 20  # memory kept after a call: the result buffers' cap (default)
+MAX_KEPT_AFTER_CLEAR = 16 << 20  # after smoothmax.clear_cache(): allocator slack only
 
 
 def all_cases(quick):
@@ -393,6 +395,15 @@ def criteria(res):
     for e in res["entries"]:
         if e["scenario"] != "cold" or e.get("status") != "ok":
             continue
+        kept = e["retained_bytes"]
+        rows.append((f"memory kept after a call ≤ {MAX_KEPT_BYTES >> 20} MiB",
+                     f"{e['case']} {e['dtype']}", kept / 2**20, MAX_KEPT_BYTES >> 20,
+                     kept <= MAX_KEPT_BYTES))
+        cleared = e.get("retained_after_clear_bytes")
+        rows.append((f"kept after clear_cache() ≤ {MAX_KEPT_AFTER_CLEAR >> 20} MiB",
+                     f"{e['case']} {e['dtype']}", None if cleared is None else cleared / 2**20,
+                     MAX_KEPT_AFTER_CLEAR >> 20,
+                     None if cleared is None else cleared <= MAX_KEPT_AFTER_CLEAR))
         if (e["struct"], tuple(e["shape"])) == COLD_CRITERION_CASE or (
                 res["quick"] and e["struct"] == "dtw" and e is _largest_cold(res, e["dtype"])):
             r = e["cold_over_warm"]
@@ -564,7 +575,7 @@ def main(argv=None):
                    help="the two thread counts compared (default 1 2)")
     p.add_argument("--dtypes", nargs="+", default=["float64", "float32"],
                    choices=["float64", "float32"])
-    p.add_argument("--budget", type=float, default=1.0,
+    p.add_argument("--budget", type=float, default=2.0,
                    help=f"seconds of repeats per case (at least {MIN_REPEATS} calls)")
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
                    help="compare two runs' tags; writes core_compare.json/.md")
