@@ -25,6 +25,9 @@ machine and writes ``bench/results/core_<tag>.json`` and ``.md``:
   ``smoothmax.clear_cache()`` where the checkout has it. A 1×3000² ``dtw_hvp``
   (the issue's kept-workspace example) is run cold only.
 
+An **accuracy** entry compares DTW 1×4096² value and ``E`` in float32 with
+float64 on the same input.
+
 Every timed output is summarised (sum of the values, sum of ``|E|`` or
 ``|Ė|``) so that ``--compare`` can check that two checkouts computed the same
 numbers.
@@ -70,6 +73,9 @@ QUICK_THREAD_GRID = [("dtw-hvp", (2, 40, 40)), ("dtw", (4, 32, 32))]
 MEMORY_CASES = [("dtw-hvp", (1, 3000, 3000))]
 QUICK_MEMORY_CASES = [("dtw-hvp", (1, 300, 300))]
 COLD_CRITERION_CASE = ("dtw", (1, 4096, 4096))
+# float32 against float64 on the same input (the issue: E at 4096² within 1e-6)
+ACCURACY_CASE, QUICK_ACCURACY_CASE = ("dtw", (1, 4096, 4096)), ("dtw", (1, 96, 96))
+MAX_F32_E_ERR = 1e-6
 MIN_REPEATS = 5
 MAX_REPEATS = 30
 SLOWER_FLAG = 1.05        # after / before above this is flagged
@@ -235,6 +241,27 @@ def worker_cold(args):
     print("RESULT " + json.dumps(e), flush=True)
 
 
+def worker_accuracy(args):
+    """DTW value + E in float32 and in float64 on the same input: the float32 error."""
+    import numpy as np
+
+    _import_target(args.root)
+    struct, shape = json.loads(args.cases)[0]
+    e = _entry("accuracy", struct, shape, "float32", args.threads)
+    lim, e["omp_threads"] = _limits(args.threads)
+    with lim:
+        inp = bench_cpu.make_inputs(struct, tuple(shape))
+        out = {}
+        for dt in ("float64", "float32"):
+            run, to_numpy, _ = bench_cpu.setup_smoothmax(struct, inp, dt)
+            out[dt] = to_numpy(run())
+        v64, v32 = out["float64"]["value"], out["float32"]["value"]
+        e["e_max_abs_err"] = float(np.abs(out["float32"]["grad"] - out["float64"]["grad"]).max())
+        e["value_max_rel_err"] = float((np.abs(v32 - v64) / np.abs(v64)).max())
+        e["status"] = "ok"
+    print("RESULT " + json.dumps(e), flush=True)
+
+
 def worker_describe(args):
     import _machine
 
@@ -283,7 +310,8 @@ def _worker(args, kind, dtype, threads, cases, scenario="warm"):
         seen = {(e["struct"], tuple(e["shape"])) for e in got}
         for struct, shape in cases:
             if (struct, tuple(shape)) not in seen:
-                e = _entry("cold" if kind == "cold" else scenario, struct, shape, dtype, threads)
+                e = _entry(kind if kind in ("cold", "accuracy") else scenario, struct, shape,
+                           dtype, threads)
                 e["status"] = f"error: worker exited with {proc.returncode}"
                 e["stderr_tail"] = proc.stderr[-1500:]
                 got.append(e)
@@ -317,13 +345,16 @@ def run_all(args):
     jobs = [("warm", d, t) for d in args.dtypes for t in args.threads]
     jobs += [("cotenant", d, nmax) for d in args.dtypes]
     jobs += [("cold", d, nmax, c) for d in args.dtypes for c in cold]
+    if {"float32", "float64"} <= set(args.dtypes):
+        jobs.append(("accuracy", "float32", nmax,
+                     list(QUICK_ACCURACY_CASE if args.quick else ACCURACY_CASE)))
     machine = _worker(args, "describe", "float64", nmax, [])[0]
     entries = []
     t_start = time.time()
     for k, job in enumerate(jobs):
         scenario, dtype, threads = job[:3]
         print(f"[{k + 1}/{len(jobs)}] {scenario} {dtype} {threads} thread(s)"
-              + (f" {bench_cpu.case_name(*job[3])}" if scenario == "cold" else ""),
+              + (f" {bench_cpu.case_name(*job[3])}" if len(job) > 3 else ""),
               flush=True)
         if scenario == "warm":
             entries += _worker(args, "warm", dtype, threads, plain)
@@ -334,7 +365,7 @@ def run_all(args):
                 e["busy_cpu"] = busy.cpu
             entries += got
         else:
-            entries += _worker(args, "cold", dtype, threads, [job[3]])
+            entries += _worker(args, scenario, dtype, threads, [job[3]])
     return {"benchmark": "core", "tag": args.tag, "root": os.path.abspath(args.root),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
             "quick": args.quick, "threads": args.threads, "gamma": GAMMA,
@@ -407,6 +438,10 @@ def criteria(res):
                              f"{case} {th} thr", f, MIN_F32_SPEEDUP,
                              None if f is None else f >= MIN_F32_SPEEDUP))
     for e in res["entries"]:
+        if e["scenario"] == "accuracy" and e.get("status") == "ok":
+            rows.append((f"float32 E within {MAX_F32_E_ERR:g} of float64 (max abs)",
+                         e["case"], e["e_max_abs_err"], MAX_F32_E_ERR,
+                         e["e_max_abs_err"] <= MAX_F32_E_ERR))
         if e["scenario"] != "cold" or e.get("status") != "ok":
             continue
         kept, cap = e["retained_bytes"], res["machine"].get("kept_bytes_limit") or \
@@ -491,6 +526,11 @@ def to_markdown(res):
                      f"{_mb(e['first_peak_bytes'])} | {_mb(e['warm_peak_bytes'])} | "
                      f"{_mb(e['out_bytes'])} | {e['stored_values_per_cell']:.2f} | "
                      f"{_mb(e['retained_bytes'])} | {_mb(e.get('retained_after_clear_bytes'))} |")
+    for e in res["entries"]:
+        if e["scenario"] == "accuracy" and e.get("status") == "ok":
+            lines += ["", f"float32 against float64, {e['case']} value + E: E within "
+                      f"{e['e_max_abs_err']:.3g} (max abs), value within "
+                      f"{e['value_max_rel_err']:.3g} (relative)."]
     errors = [e for e in res["entries"] if e.get("status") != "ok"]
     lines += ["", "## The issue's criteria on this run", ""] + _criteria_lines(criteria(res))
     if errors:
@@ -512,6 +552,8 @@ def compare(before, after):
     bi, ai = _index(before["entries"]), _index(after["entries"])
     rows = []
     for k, b in bi.items():
+        if "seconds" not in b:
+            continue
         a = ai.get(k)
         if a is None:
             rows.append((k, b, None, None, None))
@@ -545,6 +587,7 @@ def compare_markdown(before, after, rows):
         agree = "–" if ok is None else ("yes" if ok else "**no**")
         lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {b['seconds'] * 1e3:.4g} | "
                      f"{after_ms} | {flag} | {agree} |")
+    lines += _grid_lines(before, after)
     cold = [(k, b, a) for k, b, a, _, _ in rows if k[0] == "cold" and a is not None]
     if cold:
         lines += ["", "Cold first calls and memory (MB = 2²⁰ bytes):", "",
@@ -563,6 +606,26 @@ def compare_markdown(before, after, rows):
         lines += ["", f"## The issue's criteria on `{res['tag']}`", ""]
         lines += _criteria_lines(criteria(res))
     return "\n".join(lines) + "\n"
+
+
+def _grid_lines(before, after):
+    """The issue's thread grid as its table: ns per cell on 1 and 2 threads and co-tenant."""
+    t1, t2 = min(after["threads"]), max(after["threads"])
+    bi, ai = _index(before["entries"]), _index(after["entries"])
+    grid = QUICK_THREAD_GRID if after["quick"] else THREAD_GRID
+    lines = ["", "The issue's thread grid, ns per cell (a DTW cell, a Viterbi edge), before → after:",
+             "", f"| case | dtype | {t1} thread | {t2} threads | co-tenant ({t2} threads, one CPU "
+             "busy) |", "|---|---|---|---|---|"]
+    for struct, shape in grid:
+        case = bench_cpu.case_name(struct, shape)
+        n = bench_cpu.cells(struct, shape)
+        for dt in ("float64", "float32"):
+            cells = []
+            for scenario, th in (("warm", t1), ("warm", t2), ("cotenant", t2)):
+                b, a = (_sec(i, scenario, case, dt, th) for i in (bi, ai))
+                cells.append(f"{_fmt(b and b / n * 1e9)} → {_fmt(a and a / n * 1e9)}")
+            lines.append(f"| {case} | {dt} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _write(path, res, md):
@@ -593,7 +656,8 @@ def main(argv=None):
                    help=f"seconds of repeats per case (at least {MIN_REPEATS} calls)")
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
                    help="compare two runs' tags; writes core_compare.json/.md")
-    p.add_argument("--worker", choices=["warm", "cold", "describe"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["warm", "cold", "accuracy", "describe"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     p.add_argument("--scenario", default="warm", help=argparse.SUPPRESS)
     p.add_argument("--cases", help=argparse.SUPPRESS)
@@ -602,8 +666,8 @@ def main(argv=None):
                                if args.quick else os.path.join(HERE, "results"))
     if args.worker:
         args.threads = args.threads[0]
-        return {"warm": worker_warm, "cold": worker_cold, "describe": worker_describe}[
-            args.worker](args)
+        return {"warm": worker_warm, "cold": worker_cold, "accuracy": worker_accuracy,
+                "describe": worker_describe}[args.worker](args)
     args.threads = sorted(args.threads)
     if len(args.threads) != 2:
         p.error("--threads takes two thread counts, e.g. 1 2")
