@@ -485,16 +485,9 @@ def test_viterbi_finite_differences(engine, reg, rng):
     _check_derivatives(engine, "viterbi", theta, (L,), reg, rng)
 
 
-@pytest.mark.parametrize("engine", engines("viterbi", only={"compiled", "emulated-cuda", "cuda"}),
-                         indirect=True)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
-@pytest.mark.parametrize("reg", list(REGS))
-@pytest.mark.parametrize("S", [5, 33])
-def test_viterbi_against_reference(engine, dtype, reg, S, rng):
-    """S = 33: more states than a warp or a SIMD vector holds."""
+def _viterbi_against_reference(engine, dtype, reg, S, T, rng):
     from smoothmax import _reference as R
 
-    T = 17 if engine.name != "emulated-cuda" or S < 32 else 4  # the emulation is slow
     theta, Z, L = _viterbi_moderate(rng, dtype, S, T=T)
     code = REGS[reg]
     got = engine.call("viterbi_hvp", theta, Z, L, code, GAMMA)
@@ -508,6 +501,25 @@ def test_viterbi_against_reference(engine, dtype, reg, S, rng):
     _close(s, s_ref, dtype, "decode score", scale)
     if dtype == np.float64:
         np.testing.assert_array_equal(tags, tags_ref)
+
+
+@pytest.mark.parametrize("engine", engines("viterbi", only={"compiled", "emulated-cuda", "cuda"}),
+                         indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("reg", list(REGS))
+@pytest.mark.parametrize("S", [5, 33])
+def test_viterbi_against_reference(engine, dtype, reg, S, rng):
+    """S = 33: more states than a warp or a SIMD vector holds."""
+    T = 17 if engine.name != "emulated-cuda" or S < 32 else 4  # the emulation is slow
+    _viterbi_against_reference(engine, dtype, reg, S, T, rng)
+
+
+@pytest.mark.parametrize("engine", engines("viterbi", only={"compiled", "cuda"}), indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("reg", list(REGS))
+def test_viterbi_wide_against_reference(engine, dtype, reg, rng):
+    """S = 300: more states than a CUDA block has threads (too slow for the emulation)."""
+    _viterbi_against_reference(engine, dtype, reg, 300, 4, rng)
 
 
 # ---------------------------------------------------------------------------
