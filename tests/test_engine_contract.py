@@ -815,3 +815,26 @@ def test_dtw_emulated_any_resident_blocks(engine, max_resident, rng):
         _close(got[0], want[0], np.float64, f"{reg} value", 1 + float(np.abs(want[0]).max()))
         _close(got[1], want[1], np.float64, f"{reg} E")
         _close(got[2], want[2], np.float64, f"{reg} Edot", 10 / 0.4)
+
+
+@pytest.mark.parametrize("engine", engines("dtw", only={"reference", "compiled"}), indirect=True)
+def test_outputs_are_new_arrays(engine, rng):
+    """Results of 16 MiB (the size from which the compiled engine hands out kept blocks) share
+    no memory with the inputs or with a result still held, and stay as they were."""
+    la, lb = np.array([1024]), np.array([2048])
+    t1, t2 = rng.random((2, 1, 1024, 2048))
+    v1, E1 = engine.call("dtw_grad", t1, la, lb, -1, 0, 1.0)
+    kept = E1.copy()
+    v2, E2 = engine.call("dtw_grad", t2, la, lb, -1, 0, 1.0)
+    assert not np.shares_memory(E1, E2) and not np.shares_memory(E2, t2)
+    np.testing.assert_array_equal(E1, kept)
+    del E1, E2
+    _, E3 = engine.call("dtw_grad", t1, la, lb, -1, 0, 1.0)  # may reuse a freed block
+    np.testing.assert_array_equal(E3, kept)
+    L = np.array([128])
+    s1, s2 = rng.normal(size=(2, 1, 128, 128, 128))
+    _, F1 = engine.call("viterbi_grad", s1, L, 0, 1.0)
+    kept = F1.copy()
+    _, F2 = engine.call("viterbi_grad", s2, L, 0, 1.0)
+    assert not np.shares_memory(F1, F2) and not np.shares_memory(F2, s2)
+    np.testing.assert_array_equal(F1, kept)
