@@ -36,6 +36,11 @@ numbers.
 place): the workers run with ``PYTHONPATH=DIR`` first on ``sys.path`` and
 record the ``smoothmax`` they imported; the commit recorded is ``DIR``'s.
 
+``--pair BEFORE=DIR AFTER=DIR`` times two checkouts in one run, each job
+(a worker process) run for both, in alternating order, so that a change of
+load on a shared machine falls on both alike; it writes both result files
+and the comparison.
+
 ``--compare BEFORE AFTER`` reads ``core_BEFORE.json`` and ``core_AFTER.json``
 and writes ``core_compare.md`` (+ ``.json``): the ratio after / before of every
 entry (flagged where after is more than 5% slower), the outputs' agreement,
@@ -47,6 +52,7 @@ Usage::
     python bench/bench_core.py --tag before --root /work/wt-before
     python bench/bench_core.py --tag after
     python bench/bench_core.py --compare before after       # core_compare.md
+    python bench/bench_core.py --pair before=/work/wt-before after=.   # both, interleaved
 """
 import argparse
 import gc
@@ -297,12 +303,13 @@ def _env(root, threads):
     return env
 
 
-def _worker(args, kind, dtype, threads, cases, scenario="warm"):
-    """Run one worker process; its RESULT lines, or one error entry per case."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--root", args.root,
+def _worker(args, root, kind, dtype, threads, cases, scenario="warm"):
+    """Run one worker process on the checkout ``root``; its RESULT lines, or one error entry
+    per case."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--root", root,
            "--dtype", dtype, "--threads", str(threads), "--scenario", scenario,
            "--cases", json.dumps(cases), "--budget", str(args.budget)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(args.root, threads),
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(root, threads),
                           cwd=HERE)
     got = [json.loads(line[7:]) for line in proc.stdout.splitlines()
            if line.startswith("RESULT ")]
@@ -337,7 +344,22 @@ class BusyCore:
         self.proc.wait()
 
 
-def run_all(args):
+def _run_job(args, root, job, plain):
+    scenario, dtype, threads = job[:3]
+    if scenario == "warm":
+        return _worker(args, root, "warm", dtype, threads, plain)
+    if scenario == "cotenant":
+        with BusyCore() as busy:
+            got = _worker(args, root, "warm", dtype, threads, plain, scenario="cotenant")
+        for e in got:
+            e["busy_cpu"] = busy.cpu
+        return got
+    return _worker(args, root, scenario, dtype, threads, [job[3]])
+
+
+def run_all(args, runs):
+    """Every job on every ``(tag, root)`` of ``runs``; with two runs the jobs alternate
+    between them (ABBA...), so that a change of load on a shared machine hits both alike."""
     cases = all_cases(args.quick)
     plain = [list(c) for c in cases]
     cold = plain + [list(c) for c in (QUICK_MEMORY_CASES if args.quick else MEMORY_CASES)]
@@ -348,28 +370,27 @@ def run_all(args):
     if {"float32", "float64"} <= set(args.dtypes):
         jobs.append(("accuracy", "float32", nmax,
                      list(QUICK_ACCURACY_CASE if args.quick else ACCURACY_CASE)))
-    machine = _worker(args, "describe", "float64", nmax, [])[0]
-    entries = []
+    machines = {tag: _worker(args, root, "describe", "float64", nmax, [])[0]
+                for tag, root in runs}
+    entries = {tag: [] for tag, _ in runs}
     t_start = time.time()
     for k, job in enumerate(jobs):
         scenario, dtype, threads = job[:3]
         print(f"[{k + 1}/{len(jobs)}] {scenario} {dtype} {threads} thread(s)"
               + (f" {bench_cpu.case_name(*job[3])}" if len(job) > 3 else ""),
               flush=True)
-        if scenario == "warm":
-            entries += _worker(args, "warm", dtype, threads, plain)
-        elif scenario == "cotenant":
-            with BusyCore() as busy:
-                got = _worker(args, "warm", dtype, threads, plain, scenario="cotenant")
-            for e in got:
-                e["busy_cpu"] = busy.cpu
-            entries += got
-        else:
-            entries += _worker(args, scenario, dtype, threads, [job[3]])
-    return {"benchmark": "core", "tag": args.tag, "root": os.path.abspath(args.root),
+        for tag, root in (runs if k % 2 == 0 else runs[::-1]):
+            entries[tag] += _run_job(args, root, job, plain)
+    return [_result(args, tag, root, machines[tag], entries[tag], time.time() - t_start, runs)
+            for tag, root in runs]
+
+
+def _result(args, tag, root, machine, entries, wall, runs):
+    return {"benchmark": "core", "tag": tag, "root": os.path.abspath(root),
+            "interleaved_with": [t for t, _ in runs if t != tag],
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
             "quick": args.quick, "threads": args.threads, "gamma": GAMMA,
-            "wall_seconds": time.time() - t_start,
+            "wall_seconds": wall,
             "definitions": {
                 "seconds": f"minimum of at least {MIN_REPEATS} calls after a warm-up call",
                 "ns_per_cell": "seconds / cells * 1e9; cells = B*NA*NB (DTW), B*T*S*S (Viterbi)",
@@ -571,7 +592,10 @@ def compare_markdown(before, after, rows):
              f"{before['loadavg_at_end'][0]:.2f}.",
              f"After: commit {(after['machine']['git_commit'] or '?')[:7]} from "
              f"`{after['root']}`, load average {after['machine']['loadavg_at_start'][0]:.2f} → "
-             f"{after['loadavg_at_end'][0]:.2f}.", ""] + _header(after)[:1] + [
+             f"{after['loadavg_at_end'][0]:.2f}.",
+             ("Timed in one run (`--pair`), the jobs alternating between the two checkouts."
+              if before["tag"] in after.get("interleaved_with", []) else
+              "Timed in two runs (`--tag`), one after the other."), ""] + _header(after)[:1] + [
              f"Ratio = after seconds / before seconds (< 1: after is faster); **flagged** where "
              f"after is more than {100 * (SLOWER_FLAG - 1):.0f}% slower. "
              "Outputs agree: the sums of values and of |E| (or |Ė|) within "
@@ -628,6 +652,14 @@ def _grid_lines(before, after):
     return lines
 
 
+def _compare_json(runs, rows):
+    return {"before": runs[0]["tag"], "after": runs[1]["tag"],
+            "rows": [{"key": list(k), "before_seconds": b["seconds"],
+                      "after_seconds": a["seconds"] if a else None, "ratio": r,
+                      "outputs_agree": ok} for k, b, a, r, ok in rows],
+            "criteria": {r["tag"]: [list(c) for c in criteria(r)] for r in runs}}
+
+
 def _write(path, res, md):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -654,6 +686,9 @@ def main(argv=None):
                    choices=["float64", "float32"])
     p.add_argument("--budget", type=float, default=2.0,
                    help=f"seconds of repeats per case (at least {MIN_REPEATS} calls)")
+    p.add_argument("--pair", nargs=2, metavar=("BEFORE=ROOT", "AFTER=ROOT"),
+                   help="time two checkouts in one run, their jobs alternating, and compare "
+                        "them (writes core_BEFORE.*, core_AFTER.* and core_compare.*)")
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
                    help="compare two runs' tags; writes core_compare.json/.md")
     p.add_argument("--worker", choices=["warm", "cold", "accuracy", "describe"],
@@ -677,17 +712,24 @@ def main(argv=None):
             with open(os.path.join(out_dir, f"core_{tag}.json")) as f:
                 runs.append(json.load(f))
         rows = compare(*runs)
-        res = {"before": args.compare[0], "after": args.compare[1],
-               "rows": [{"key": list(k), "before_seconds": b["seconds"],
-                         "after_seconds": a["seconds"] if a else None, "ratio": r,
-                         "outputs_agree": ok} for k, b, a, r, ok in rows],
-               "criteria": {t: [list(c) for c in criteria(r)] for t, r in zip(args.compare, runs)}}
-        _write(os.path.join(out_dir, "core_compare.json"), res, compare_markdown(*runs, rows))
+        _write(os.path.join(out_dir, "core_compare.json"), _compare_json(runs, rows),
+               compare_markdown(*runs, rows))
         return
     if args.quick:
         args.budget = min(args.budget, 0.1)
-    res = run_all(args)
-    _write(os.path.join(out_dir, f"core_{args.tag}.json"), res, to_markdown(res))
+    if args.pair:
+        runs = [tuple(p.split("=", 1)) for p in args.pair]
+        if any(len(r) != 2 for r in runs) or runs[0][0] == runs[1][0]:
+            p.error("--pair takes TAG=ROOT TAG=ROOT with two different tags")
+    else:
+        runs = [(args.tag, args.root)]
+    results = run_all(args, runs)
+    for res in results:
+        _write(os.path.join(out_dir, f"core_{res['tag']}.json"), res, to_markdown(res))
+    if len(results) == 2:
+        rows = compare(*results)
+        _write(os.path.join(out_dir, "core_compare.json"), _compare_json(results, rows),
+               compare_markdown(*results, rows))
 
 
 if __name__ == "__main__":
