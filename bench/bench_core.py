@@ -595,7 +595,7 @@ def compare_markdown(before, after, rows):
              f"{after['loadavg_at_end'][0]:.2f}.",
              ("Timed in one run (`--pair`), the jobs alternating between the two checkouts."
               if before["tag"] in after.get("interleaved_with", []) else
-              "Timed in two runs (`--tag`), one after the other."), ""] + _header(after)[:1] + [
+              "Timed in two runs (`--tag`), one after the other."), ""] + _header(after)[:1] + ["",
              f"Ratio = after seconds / before seconds (< 1: after is faster); **flagged** where "
              f"after is more than {100 * (SLOWER_FLAG - 1):.0f}% slower. "
              "Outputs agree: the sums of values and of |E| (or |Ė|) within "
