@@ -55,6 +55,8 @@ DTYPES = [np.float32, np.float64]
 TOL = {np.dtype(np.float64): dict(rtol=1e-9, atol=1e-9),
        np.dtype(np.float32): dict(rtol=3e-4, atol=3e-4)}
 FD_EPS, FD_TOL = 1e-5, 1e-6  # central differences in float64: error ~ eps² · third derivative
+# float32 against float64 after 512 steps (rounding accumulates along the DP)
+F32_512 = dict(value_rtol=1e-4, E_atol=2e-3)
 GAMMA = 0.7
 COSTS = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2}
 
@@ -315,7 +317,8 @@ def _check_derivatives(engine, struct, theta, args, reg, rng):
     np.testing.assert_allclose((vp[ok] - vm[ok]) / (2 * FD_EPS), (E * U).sum(axes)[ok],
                                rtol=FD_TOL, atol=FD_TOL)
     np.testing.assert_allclose((Ep - Em) / (2 * FD_EPS), EdU, atol=100 * FD_TOL)
-    np.testing.assert_allclose((EdU * V).sum(axes), (EdV * U).sum(axes), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose((EdU * V).sum(axes), (EdV * U).sum(axes),
+                               **TOL[np.dtype(np.float64)])
 
 
 # ---------------------------------------------------------------------------
@@ -765,8 +768,8 @@ def test_viterbi_ties_and_empty_batch(engine):
     np.testing.assert_array_equal(tags, [[0, 0, 0, 0, 0], [0, 0, -1, -1, -1]])
     np.testing.assert_array_equal(s, [0.0, 0.0])
     v, E = engine.call("viterbi_grad", theta, L, REGS["negentropy"], 1.0)
-    np.testing.assert_allclose(v, [6 * np.log(3), 3 * np.log(3)], rtol=1e-12)  # γ·log(3^(L+1))
-    np.testing.assert_allclose(E.sum((2, 3))[0], np.ones(5), rtol=1e-12)
+    _close(v, [6 * np.log(3), 3 * np.log(3)], np.float64, "value")  # γ·log(3^(L+1))
+    _close(E.sum((2, 3))[0], np.ones(5), np.float64, "E sums per step")
     empty = np.zeros((0, 3, 2, 2))
     assert engine.call("viterbi_grad", empty, np.zeros(0, dtype=np.int64), 0, 1.0)[1].shape == \
         (0, 3, 2, 2)
@@ -785,17 +788,17 @@ def test_float32_close_to_float64_at_512(engine, reg):
     v64, E64 = engine.call("dtw_grad", theta, la, lb, -1, REGS[reg], 1.0)
     v32, E32 = engine.call("dtw_grad", theta.astype(np.float32), la, lb, -1, REGS[reg], 1.0)
     assert v32.dtype == np.float32 and E32.dtype == np.float32
-    np.testing.assert_allclose(v32, v64, rtol=1e-4)
+    np.testing.assert_allclose(v32, v64, rtol=F32_512["value_rtol"])
     if reg != "hard":  # hard alignments may flip on near-ties at float32 resolution
-        np.testing.assert_allclose(E32, E64, atol=2e-3)
+        np.testing.assert_allclose(E32, E64, atol=F32_512["E_atol"])
         assert np.abs(E32.sum((1, 2)) - E64.sum((1, 2))).max() < 1e-2 * E64.sum((1, 2)).max()
     tv = rng.normal(size=(2, 512, 16, 16))
     Lv = np.full(2, 512, dtype=np.int64)
     s64, Ev64 = engine.call("viterbi_grad", tv, Lv, REGS[reg], 1.0)
     s32, Ev32 = engine.call("viterbi_grad", tv.astype(np.float32), Lv, REGS[reg], 1.0)
-    np.testing.assert_allclose(s32, s64, rtol=1e-4)
+    np.testing.assert_allclose(s32, s64, rtol=F32_512["value_rtol"])
     if reg != "hard":
-        np.testing.assert_allclose(Ev32, Ev64, atol=2e-3)
+        np.testing.assert_allclose(Ev32, Ev64, atol=F32_512["E_atol"])
 
 
 @pytest.mark.parametrize("engine", engines("dtw", only={"emulated-cuda"}), indirect=True)
