@@ -484,7 +484,8 @@ def _viterbi_moderate(rng, dtype, S, B=3, T=17):
 @pytest.mark.parametrize("engine", engines("viterbi"), indirect=True)
 @pytest.mark.parametrize("reg", ["negentropy", "l2"])
 def test_viterbi_finite_differences(engine, reg, rng):
-    theta, _, L = _viterbi_moderate(rng, np.float64, S=6)
+    T = 6 if engine.name == "emulated-cuda" else 17  # the emulation is slow
+    theta, _, L = _viterbi_moderate(rng, np.float64, S=6, T=T)
     _check_derivatives(engine, "viterbi", theta, (L,), reg, rng)
 
 
@@ -513,7 +514,7 @@ def _viterbi_against_reference(engine, dtype, reg, S, T, rng):
 @pytest.mark.parametrize("S", [5, 33])
 def test_viterbi_against_reference(engine, dtype, reg, S, rng):
     """S = 33: more states than a warp or a SIMD vector holds."""
-    T = 17 if engine.name != "emulated-cuda" or S < 32 else 4  # the emulation is slow
+    T = 17 if engine.name != "emulated-cuda" else (8 if S < 32 else 4)  # the emulation is slow
     _viterbi_against_reference(engine, dtype, reg, S, T, rng)
 
 
@@ -665,10 +666,10 @@ def test_crf_against_enumeration(engine, dtype, reg, S, rng):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("reg", list(REGS))
 def test_crf_against_reference(engine, dtype, reg, rng):
-    """S = 40 (more tags than a warp), T = 3; the reference engine in float64."""
+    """S = 33 (more tags than a warp), T = 3; the reference engine in float64."""
     from smoothmax import _reference as R
 
-    (em, A, st, en), L, w, Z = _crf_case(rng, dtype, B=2, T=3, S=40)
+    (em, A, st, en), L, w, Z = _crf_case(rng, dtype, B=2, T=3, S=33)
     code = REGS[reg]
     f64 = [a.astype(np.float64) for a in (em, A, st, en)]
     Z64 = [z.astype(np.float64) for z in Z]
@@ -820,7 +821,7 @@ def test_dtw_emulated_any_resident_blocks(engine, max_resident, rng):
         _close(got[2], want[2], np.float64, f"{reg} Edot", 10 / 0.4)
 
 
-@pytest.mark.parametrize("engine", engines("dtw", only={"reference", "compiled"}), indirect=True)
+@pytest.mark.parametrize("engine", engines("dtw", only={"compiled"}), indirect=True)
 def test_outputs_are_new_arrays(engine, rng):
     """Results of 16 MiB (the size from which the compiled engine hands out kept blocks) share
     no memory with the inputs or with a result still held, and stay as they were."""
