@@ -64,8 +64,8 @@ def _version(pkg):
         return None
 
 
-def _git(*args):
-    here = os.path.dirname(os.path.abspath(__file__))
+def _git(*args, root=None):
+    here = root or os.path.dirname(os.path.abspath(__file__))
     try:
         return subprocess.run(["git", "-C", here, *args], capture_output=True, text=True,
                               timeout=10).stdout.strip() or None
@@ -82,14 +82,17 @@ def smoothmax_engine():
     return "compiled" if _dispatch.compiled_available() else "reference (pure array fallback)"
 
 
-def describe():
-    """A JSON-serialisable description of the machine and the software versions."""
+def describe(root=None):
+    """A JSON-serialisable description of the machine and the software versions.
+
+    ``root``: the checkout whose commit is recorded (default: this one).
+    """
     model, flags, ident = _cpuinfo()
     try:
         load = os.getloadavg()
     except OSError:
         load = None
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    dirty = _git("status", "--porcelain", "--untracked-files=no", root=root)
     return {
         "cpu": model,
         "cpu_id": ident,
@@ -102,7 +105,7 @@ def describe():
         "python": platform.python_version(),
         "versions": {p: _version(p) for p in _PACKAGES},
         "smoothmax_engine": smoothmax_engine(),
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": _git("rev-parse", "HEAD", root=root),
         "git_dirty": bool(dirty),
         "loadavg_at_start": list(load) if load else None,
     }

@@ -67,9 +67,10 @@ PYEOF
 
 JUNIT=()
 # 4. the GPU engine tests (the CPU emulation tests are skipped here: CPU-only)
-say "pytest tests/test_cuda_engine.py -m gpu"
+say "pytest tests/test_cuda_engine.py tests/test_engine_contract.py -m gpu"
 [[ -n "$OUTDIR" ]] && JUNIT=(--junitxml "$OUTDIR/junit_cuda_engine.xml")
-timeout 120 "$PY" -m pytest -q --maxfail=5 -m gpu tests/test_cuda_engine.py -p no:cacheprovider "${JUNIT[@]}" 2>&1 \
+timeout 120 "$PY" -m pytest -q --maxfail=5 -m gpu tests/test_cuda_engine.py tests/test_engine_contract.py \
+    -p no:cacheprovider "${JUNIT[@]}" 2>&1 \
     | tail -n 40 | tee -a "$LOG"
 [[ ${PIPESTATUS[0]} -ne 0 ]] && { say "GPU ENGINE TESTS FAILED"; STATUS=1; }
 

@@ -12,7 +12,8 @@ scalar loops, and shares no code with ``smoothmax``:
   derivatives ``q̇``, the HVP ``Ė = Σ_Y ṗ(Y)·Y``;
 * the closed forms for negentropy: value ``γ·logsumexp(<Y,θ>/γ)`` (max
   convention) over all paths, and the Gibbs covariance for the HVP;
-* the Sakoe–Chiba mask, written from tslearn's documented semantics.
+* the Sakoe–Chiba mask, written from tslearn's documented semantics;
+* the same DP and enumeration on a general DAG (node 0 to node N-1).
 
 Conventions are those of docs/spec.md §3-4: Viterbi has the virtual start state
 ``y_{-1}`` (``V_{-1} = 0`` for every state); DTW uses the operator on all
@@ -140,6 +141,18 @@ def dtw_allowed(theta, la=None, lb=None, band=None):
         ok[:la, :lb] &= sakoe_chiba(la, lb, band)
     ok &= np.isfinite(theta)
     return ok
+
+
+def staircase(n, m):
+    """Boolean (n, m): the cells of one alignment, the staircase along the straight line
+    from (0, 0) to (n-1, m-1) (left moves within a row, then one step down)."""
+    on = np.zeros((n, m), dtype=bool)
+    cols = np.floor(np.arange(n) * (m - 1) / max(n - 1, 1) + 0.5).astype(int)
+    prev = 0
+    for i, j in enumerate(cols):
+        on[i, prev:j + 1] = True
+        prev = j
+    return on
 
 
 def dtw_paths(la, lb):
@@ -343,3 +356,54 @@ def gibbs_hvp(scores, Ys, Z, gamma, sign=1.0):
     EY = np.tensordot(w, Ys, axes=1)
     EYZ = np.tensordot(w * yz, Ys, axes=1)
     return sign * (EYZ - EY * (w @ yz)) / gamma
+
+
+# ---------------------------------------------------------------------------
+# general DAG (max convention): scalar DP, path enumeration
+
+
+def dag_brute(w, indptr, parents, reg, gamma, Z=None):
+    """Enumerate every path from node 0 to node N-1; ``p(Y) = Π q`` along it (Prop. 3)."""
+    w = np.asarray(w, dtype=np.float64)
+    Z = np.zeros_like(w) if Z is None else np.asarray(Z, dtype=np.float64)
+    N = len(indptr) - 1
+    v, vd = np.zeros(N), np.zeros(N)
+    q, qd = np.zeros(len(w)), np.zeros(len(w))
+    for i in range(1, N):
+        ks = list(range(indptr[i], indptr[i + 1]))
+        if not ks:
+            v[i] = NEG_INF
+            continue
+        x = np.array([w[k] + v[parents[k]] for k in ks])
+        v[i], qq = op_value_grad(x, reg, gamma)
+        u = np.where(qq > 0, np.array([Z[k] + vd[parents[k]] for k in ks]), 0.0)
+        vd[i] = qq @ u
+        q[ks] = qq
+        qd[ks] = op_hvp(qq, u, reg, gamma)
+
+    def paths(i):
+        if i == 0:
+            yield ()
+            return
+        for k in range(indptr[i], indptr[i + 1]):
+            for p in paths(parents[k]):
+                yield p + (k,)
+
+    E, Ed = np.zeros(len(w)), np.zeros(len(w))
+    scores, Ys = [], []
+    for path in paths(N - 1):
+        f = [q[k] for k in path]
+        df = [qd[k] for k in path]
+        p = float(np.prod(f))
+        pd = sum(df[a] * float(np.prod(f[:a] + f[a + 1:])) for a in range(len(f)))
+        Y = np.zeros(len(w))
+        Y[list(path)] = 1.0
+        E += p * Y
+        Ed += pd * Y
+        scores.append(sum(w[k] for k in path))
+        Ys.append(Y)
+    scores = np.array(scores)
+    best = int(np.argmax(scores)) if len(scores) else None
+    return dict(value=v[N - 1], E=E, Edot=Ed, scores=scores, Ys=Ys,
+                lse=gamma * logsumexp(scores / gamma) if len(scores) else NEG_INF,
+                best=scores[best] if best is not None else NEG_INF)

@@ -1,16 +1,17 @@
-"""The compiled DTW kernel's tiled wavefront against the reference engine.
+"""The compiled DTW engine's own machinery: its kept workspace, its output buffers.
 
-The compiled engine splits each problem into tiles (and, when the batch is
-smaller than the thread count, runs the tiles of one problem on several
-threads). Forcing small tiles makes every tile border, band edge and length
-cut-off cross tile boundaries on small problems, so a wrong hand-over between
-tiles shows up against the reference passes.
+The tiled wavefront itself (small tiles forced, the tiles of one problem on
+several threads) is checked by the engine contract, ``tests/test_engine_contract.py``
+(engine ``compiled-tiled``), against enumeration, finite differences and the
+reference engine.
 """
 import numpy as np
 import pytest
 
 import smoothmax as sm
 from smoothmax import _reference
+
+import _oracles as O
 
 core = pytest.importorskip("smoothmax._core.dtw", reason="compiled core not built")
 
@@ -35,34 +36,9 @@ def _problem(rng, B, NA, NB, dtype, masks):
     if masks:
         mask = rng.random(theta.shape) < 0.1
         for b in range(B):  # keep a staircase along the straight line free: the end stays reachable
-            n, m = int(la[b]), int(lb[b])
-            cols = np.floor(np.arange(n) * (m - 1) / max(n - 1, 1) + 0.5).astype(int)
-            prev = 0
-            for i, j in enumerate(cols):
-                mask[b, i, prev:j + 1] = False
-                prev = j
+            mask[b, :la[b], :lb[b]] &= ~O.staircase(int(la[b]), int(lb[b]))
         theta[mask] = np.inf
     return theta.astype(dtype), Z.astype(dtype), la, lb
-
-
-@pytest.mark.parametrize("ts", [1, 3, 8, 16])
-@pytest.mark.parametrize("B", [1, 3])
-@pytest.mark.parametrize("band", [-1, 0, 4])
-@pytest.mark.parametrize("reg", [0, 1, 2])
-def test_tiles_match_reference(tile, ts, B, band, reg):
-    rng = np.random.default_rng(1000 * ts + 10 * B + band + 7 * reg)
-    theta, Z, la, lb = _problem(rng, B, 37, 29, np.float64, masks=(reg != 1))
-    tile(ts)
-    v, E, Ed = core.dtw_hvp(theta, Z, la, lb, band, reg, 0.7)
-    v_ref, E_ref, Ed_ref = _reference.dtw_hvp(theta, Z, la, lb, band, reg, 0.7)
-    assert np.isfinite(v_ref).all(), "degenerate case: an end cell is unreachable"
-    np.testing.assert_allclose(v, v_ref, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(E, E_ref, rtol=1e-9, atol=1e-11)
-    np.testing.assert_allclose(Ed, Ed_ref, rtol=1e-8, atol=1e-9)
-    v2, E2 = core.dtw_grad(theta, la, lb, band, reg, 0.7)
-    np.testing.assert_allclose(v2, v_ref, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(E2, E_ref, rtol=1e-9, atol=1e-11)
-    np.testing.assert_allclose(core.dtw_value(theta, la, lb, band, reg, 0.7), v_ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -73,37 +73,7 @@ def _brute(em, A, st, en, L, gamma=1.0):
 
 
 # ---------------------------------------------------------------------------
-# engines against enumeration
-
-
-@pytest.mark.parametrize("T,S", [(1, 1), (1, 3), (3, 1), (2, 2), (4, 3), (3, 3)])
-@pytest.mark.parametrize("engine", ["compiled", "reference"])
-def test_engine_brute_force(T, S, engine, rng):
-    if engine == "compiled" and K is None:
-        pytest.skip("compiled core not built")
-    E = K if engine == "compiled" else R
-    em, A, st, en, L = _problem(rng, 3, T, S)
-    bf = _brute(em, A, st, en, L, GAMMA)
-    v = E.crf_value(em, A, st, en, L, REG_CODES["negentropy"], GAMMA)
-    value, ge, gA, gs, gen = E.crf_grad(em, A, st, en, L, None, REG_CODES["negentropy"], GAMMA)
-    hard = E.crf_value(em, A, st, en, L, REG_CODES["hard"], 1.0)
-    score, tags = E.crf_decode(em, A, st, en, L)
-    for b, o in enumerate(bf):
-        np.testing.assert_allclose(v[b], o["value"], rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(value[b], o["value"], rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(ge[b], o["unary"], atol=1e-12)
-        np.testing.assert_allclose(hard[b], o["best"], atol=1e-12)
-        np.testing.assert_allclose(score[b], o["best"], atol=1e-12)
-        assert tags[b, :L[b]].tolist() == o["path"]
-        assert (tags[b, L[b]:] == -1).all()
-    # shared gradients: expected counts summed over the batch
-    exp_A = sum(o["pairwise"].sum(0).T for o in bf)  # [j, i]: moves j -> i
-    np.testing.assert_allclose(gA, exp_A, atol=1e-12)
-    np.testing.assert_allclose(gs, sum(o["unary"][0] for o in bf), atol=1e-12)
-    np.testing.assert_allclose(gen, sum(o["unary"][L[b] - 1] for b, o in enumerate(bf)), atol=1e-12)
-
-
-# ---------------------------------------------------------------------------
+# (each engine against enumeration, every operator: tests/test_engine_contract.py)
 # engines against the full-potential Viterbi (a second, independent kernel)
 
 

@@ -1,67 +1,15 @@
-"""The general DAG operator DP_Ω (docs/spec.md §2): brute force, dense forms, FD, engines, backends, bad input."""
-import itertools
-import math
+"""The general DAG operator DP_Ω (docs/spec.md §2): brute force, dense forms, FD, backends, bad input.
 
+Each engine's DAG passes against enumeration: tests/test_engine_contract.py.
+"""
 import numpy as np
 import pytest
 
 import smoothmax as sm
-from smoothmax import _reference_dag
 
-from _oracles import logsumexp, op_hvp, op_value_grad, sakoe_chiba
+from _oracles import dag_brute, logsumexp, sakoe_chiba
 
 REGS = ("negentropy", "l2", "hard")
-
-
-# ---------------------------------------------------------------------------
-# oracle: scalar DP + path enumeration on a DAG
-
-
-def dag_brute(w, indptr, parents, reg, gamma, Z=None):
-    """Enumerate every path from node 0 to node N-1; ``p(Y) = Π q`` along it (Prop. 3)."""
-    w = np.asarray(w, dtype=np.float64)
-    Z = np.zeros_like(w) if Z is None else np.asarray(Z, dtype=np.float64)
-    N = len(indptr) - 1
-    v, vd = np.zeros(N), np.zeros(N)
-    q, qd = np.zeros(len(w)), np.zeros(len(w))
-    for i in range(1, N):
-        ks = list(range(indptr[i], indptr[i + 1]))
-        if not ks:
-            v[i] = -math.inf
-            continue
-        x = np.array([w[k] + v[parents[k]] for k in ks])
-        v[i], qq = op_value_grad(x, reg, gamma)
-        u = np.where(qq > 0, np.array([Z[k] + vd[parents[k]] for k in ks]), 0.0)
-        vd[i] = qq @ u
-        q[ks] = qq
-        qd[ks] = op_hvp(qq, u, reg, gamma)
-
-    def paths(i):
-        if i == 0:
-            yield ()
-            return
-        for k in range(indptr[i], indptr[i + 1]):
-            for p in paths(parents[k]):
-                yield p + (k,)
-
-    E, Ed = np.zeros(len(w)), np.zeros(len(w))
-    scores, Ys = [], []
-    for path in paths(N - 1):
-        f = [q[k] for k in path]
-        df = [qd[k] for k in path]
-        p = float(np.prod(f))
-        pd = sum(df[a] * float(np.prod(f[:a] + f[a + 1:])) for a in range(len(f)))
-        Y = np.zeros(len(w))
-        Y[list(path)] = 1.0
-        E += p * Y
-        Ed += pd * Y
-        scores.append(sum(w[k] for k in path))
-        Ys.append(Y)
-    scores = np.array(scores)
-    best = int(np.argmax(scores)) if len(scores) else None
-    return dict(value=v[N - 1], E=E, Edot=Ed, scores=scores, Ys=Ys,
-                lse=gamma * logsumexp(scores / gamma) if len(scores) else -math.inf,
-                best=scores[best] if best is not None else -math.inf)
 
 
 def random_dag(rng, N=None, maxdeg=3, p_mask=0.0):
@@ -251,25 +199,7 @@ def test_finite_differences(reg, rng):
 
 
 # ---------------------------------------------------------------------------
-# engines agree (compiled vs reference), dtypes, backends
-
-
-@pytest.mark.parametrize("reg_code", [0, 1, 2])
-def test_compiled_matches_reference(reg_code, dtype, rng):
-    core = pytest.importorskip("smoothmax._core.dag", reason="compiled DAG engine not built")
-    graph, w = random_dag(rng, N=9, maxdeg=4, p_mask=0.1)
-    W = rng.normal(size=(5, graph.n_edges)).astype(dtype.np)
-    W[:, np.isinf(w)] = -np.inf
-    Z = rng.normal(size=W.shape).astype(dtype.np)
-    a = core.dag_hvp(W, Z, graph.indptr, graph.parents, reg_code, 0.5)
-    b = _reference_dag.dag_hvp(W, Z, graph.indptr, graph.parents, reg_code, 0.5)
-    for x, y in zip(a, b):
-        assert x.dtype == dtype.np
-        dtype.close(x, y, scale=10)
-    s1, y1 = core.dag_path(W, graph.indptr, graph.parents)
-    s2, y2 = _reference_dag.dag_path(W, graph.indptr, graph.parents)
-    dtype.close(s1, s2)
-    np.testing.assert_array_equal(y1, y2)
+# dtypes, backends (the engines themselves: tests/test_engine_contract.py)
 
 
 def test_backends(backend, dtype, rng):
