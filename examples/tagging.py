@@ -85,7 +85,7 @@ SELECT_GRID = {
     ("surrogate", "l2"): [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0},
                           {"optimizer": "adam", "lr": 1e-2, "gamma": 10.0}],
     ("relaxed", "l2"): [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0, "warm": 1},
-                        {"optimizer": "adam", "lr": 1e-2, "gamma": 10.0, "warm": 1}],
+                        {"optimizer": "adam", "lr": 1e-2, "gamma": 1.0, "warm": "half"}],
     ("surrogate", "hard"): [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0},
                             {"optimizer": "adam", "lr": 1e-3, "gamma": 1.0}],
 }
@@ -93,7 +93,8 @@ SELECT_EPOCHS = {"quick": 1, "full": 2}
 SELECT_NOTE = (
     "Parameters picked on the dev set for each row (first seed; the other seeds reuse them): every "
     "point of the row's grid trains {k} epoch(s) from the same seed and the best dev score goes on "
-    "training. `warm` = epochs of the row's surrogate loss (same Ω, γ) before the relaxed loss: "
+    "training (every point of a row the same number of epochs). `warm` = epochs of the row's "
+    "surrogate loss (same Ω, γ) before the relaxed loss (`half`: half the row's epochs): "
     "without it the relaxed ℓ2 marginals collapse onto O, where its gradient is exactly zero "
     "(docs/examples.md).")
 
@@ -281,13 +282,22 @@ def evaluate(model, data, itos, batch_size=64):
             "n_entities": n_gold}
 
 
-def row_grid(loss, reg, args):
-    """The candidate settings of one row: SELECT_GRID, or one point fixed by the command line."""
+def row_grid(loss, reg, args, epochs):
+    """The candidate settings of one row: SELECT_GRID, or one point fixed by the command line.
+
+    A ``warm`` of ``"half"`` becomes ``epochs // 2`` (the same rule for every corpus).
+    """
     grid = SELECT_GRID.get((loss, reg), [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0}])
     fixed = {k: getattr(args, k) for k in ("optimizer", "lr", "gamma", "warm") if getattr(args, k) is not None}
-    if fixed or args.no_select:
-        return [{"warm": 0, **grid[0], **fixed}]
-    return [dict({"warm": 0}, **hp) for hp in grid]
+    points = [{"warm": 0, **grid[0], **fixed}] if fixed or args.no_select else \
+        [dict({"warm": 0}, **hp) for hp in grid]
+    return [dict(hp, warm=max(1, epochs // 2)) if hp["warm"] == "half" else hp for hp in points]
+
+
+def select_epochs_of(grid, loss, select_epochs, epochs):
+    """Epochs every point of a row's grid trains before the dev comparison: ``select_epochs``,
+    and at least one epoch of a relaxed loss after the longest warm start of the grid."""
+    return min(max([select_epochs] + [hp.get("warm", 0) + (loss == "relaxed") for hp in grid]), epochs)
 
 
 def new_run(data, vocabs, reg, hp, seed):
@@ -331,16 +341,17 @@ def train_epochs(run, data, loss, n_epochs, batch_size, bar, own=False):
 def select_and_train(data, vocabs, loss, reg, grid, epochs, select_epochs, seed, batch_size, bar, own=False):
     """Train every grid point ``select_epochs`` epochs, continue the best on dev to ``epochs``.
 
-    A point with a warm start of the relaxed loss trains at least ``warm + 1``
-    epochs before the comparison.
+    Every point trains the same number of epochs before the comparison
+    (``select_epochs_of``: at least ``warm + 1`` for the longest warm start of
+    a relaxed row).
 
     Returns the model at its best dev epoch, its history and the selection
     record ``[{"hp": ..., "dev": best dev score}, ...]``.
     """
     runs = [new_run(data, vocabs, reg, hp, seed) for hp in grid]
     if len(runs) > 1:  # a relaxed row is judged on at least one epoch of its own loss after the warm start
+        n = select_epochs_of(grid, loss, select_epochs, epochs)
         for run in runs:
-            n = min(max(select_epochs, run["hp"].get("warm", 0) + (loss == "relaxed")), epochs)
             train_epochs(run, data, loss, n, batch_size, bar, own)
     winner = max(runs, key=lambda r: r["best"])  # the first of equals
     train_epochs(winner, data, loss, epochs - len(winner["history"]), batch_size, bar, own)
@@ -612,9 +623,9 @@ def main(argv=None):
         n_seeds = args.seeds or (1 if args.quick else 3)
         sizes[label] = {"train": len(data["train"]), "dev": len(data["dev"]), "test": len(data["test"]),
                         "epochs": epochs, "metric": "f1" if is_ner else "accuracy"}
-        grids = {c: row_grid(*c, args) for c in configs}
-        total = sum(sum(min(max(select_epochs, hp.get("warm", 0) + (c[0] == "relaxed")), epochs) for hp in g[1:])
-                    * (len(g) > 1) + epochs * n_seeds for c, g in grids.items())
+        grids = {c: row_grid(*c, args, epochs) for c in configs}
+        total = sum((len(g) - 1) * select_epochs_of(g, c[0], select_epochs, epochs) + epochs * n_seeds
+                    for c, g in grids.items())
         bar = tqdm(total=n_batches * total, desc=f"{task}: {len(tags)} tags")
         models = {}
         for loss, reg in configs:

@@ -170,6 +170,32 @@ def test_selection_continues_the_best_grid_point_and_restores_its_best_epoch():
     assert [h["train_loss"] for h in alone["history"]] == [h["train_loss"] for h in run["history"]]
 
 
+def test_relaxed_l2_grid_points_train_as_many_epochs_before_the_comparison(monkeypatch):
+    import argparse
+    args = argparse.Namespace(optimizer=None, lr=None, gamma=None, warm=None, no_select=False)
+    for epochs in (4, 6, 10):
+        grid = tagging.row_grid("relaxed", "l2", args, epochs)
+        warms = [hp["warm"] for hp in grid]
+        assert warms == [1, epochs // 2]  # "half": the same rule on every corpus
+        # the longest warm start decides, for every point: warm + 1 epochs (one of the relaxed loss)
+        assert tagging.select_epochs_of(grid, "relaxed", 2, epochs) == min(max(2, epochs // 2 + 1), epochs)
+    assert tagging.select_epochs_of(tagging.row_grid("surrogate", "l2", args, 10), "surrogate", 2, 10) == 2
+    trained = []
+
+    def record(run, data, loss, n, *a, **k):
+        trained.append((run["hp"]["warm"], n))
+        run["history"] += [{"f1": 0.0}] * n
+        run["best"], run["best_state"] = 0.0, run["model"].state_dict()
+        return run
+    monkeypatch.setattr(tagging, "train_epochs", record)
+    monkeypatch.setattr(tagging, "new_run", lambda data, vocabs, reg, hp, seed: {
+        "hp": hp, "history": [], "best": -1.0, "model": tagging.torch.nn.Linear(1, 1)})
+    grid = tagging.row_grid("relaxed", "l2", args, 10)
+    tagging.select_and_train(None, None, "relaxed", "l2", grid, epochs=10, select_epochs=2, seed=0,
+                             batch_size=8, bar=None)
+    assert trained[:2] == [(1, 6), (5, 6)] and trained[2] == (1, 4)  # the first of equals goes on
+
+
 def test_render_reports_mean_and_std_over_seeds():
     import statistics
     f1 = [50.0, 53.0, 47.5]
