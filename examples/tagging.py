@@ -285,13 +285,16 @@ def evaluate(model, data, itos, batch_size=64):
 def row_grid(loss, reg, args, epochs):
     """The candidate settings of one row: SELECT_GRID, or one point fixed by the command line.
 
-    A ``warm`` of ``"half"`` becomes ``epochs // 2`` (the same rule for every corpus).
+    A ``warm`` of ``"half"`` becomes ``epochs // 2`` (the same rule for every corpus);
+    a warm start leaves at least one epoch of the row's own loss.
     """
     grid = SELECT_GRID.get((loss, reg), [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0}])
     fixed = {k: getattr(args, k) for k in ("optimizer", "lr", "gamma", "warm") if getattr(args, k) is not None}
     points = [{"warm": 0, **grid[0], **fixed}] if fixed or args.no_select else \
         [dict({"warm": 0}, **hp) for hp in grid]
-    return [dict(hp, warm=max(1, epochs // 2)) if hp["warm"] == "half" else hp for hp in points]
+    points = [dict(hp, warm=epochs // 2) if hp["warm"] == "half" else hp for hp in points]
+    return [dict(hp, warm=min(hp["warm"], epochs - 1)) if loss == "relaxed" else dict(hp, warm=0)
+            for hp in points]
 
 
 def select_epochs_of(grid, loss, select_epochs, epochs):
@@ -331,7 +334,9 @@ def train_epochs(run, data, loss, n_epochs, batch_size, bar, own=False):
             bar.update(1)
         dev = evaluate(model, data["dev"], itos)
         run["history"].append({"epoch": epoch + 1, "loss": row_loss, "train_loss": total / max(n, 1), **dev})
-        if dev[metric] > run["best"]:
+        # the model kept is the best dev epoch of the row's own loss: a relaxed row is
+        # never reported with (or selected on) a model of its warm-start epochs
+        if row_loss == loss and dev[metric] > run["best"]:
             run["best"] = dev[metric]
             run["best_state"] = {k: v.clone() for k, v in model.state_dict().items()}
     run["torch_rng"] = torch.get_rng_state()

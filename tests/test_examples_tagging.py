@@ -196,6 +196,23 @@ def test_relaxed_l2_grid_points_train_as_many_epochs_before_the_comparison(monke
     assert trained[:2] == [(1, 6), (5, 6)] and trained[2] == (1, 4)  # the first of equals goes on
 
 
+def test_a_relaxed_row_keeps_its_best_epoch_of_the_relaxed_loss_not_of_its_warm_start(monkeypatch):
+    rng = random.Random(2)
+    sents = [([rng.choice("abxy") for _ in range(4)], ["O", "B-X", "I-X", "O"]) for _ in range(12)]
+    words = tagging.Vocab(w for s in sents for w in s[0])
+    chars = tagging.Vocab(c for s in sents for w in s[0] for c in w)
+    tags = tagging.Vocab((t for s in sents for t in s[1]), specials=())
+    enc = tagging.encode(sents, words, chars, tags)
+    data = {"train": enc[:8], "dev": enc[8:], "test": enc[8:], "is_ner": True, "tags": tags}
+    scores = iter([90.0, 10.0, 30.0, 20.0])  # the warm-start epoch scores best on dev
+    monkeypatch.setattr(tagging, "evaluate", lambda model, d, itos: {"f1": next(scores)})
+    hp = {"optimizer": "adam", "lr": 1e-2, "gamma": 1.0, "warm": 1}
+    run = tagging.new_run(data, (words, chars, tags), "l2", hp, 0)
+    tagging.train_epochs(run, data, "relaxed", 4, 4, tagging.tqdm(total=0, disable=True))
+    assert [h["loss"] for h in run["history"]] == ["surrogate", "relaxed", "relaxed", "relaxed"]
+    assert run["best"] == 30.0  # epoch 3, the best of the relaxed epochs
+
+
 def test_render_reports_mean_and_std_over_seeds():
     import statistics
     f1 = [50.0, 53.0, 47.5]
