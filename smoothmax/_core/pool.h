@@ -376,12 +376,11 @@ static int sm_parallel_for(ptrdiff_t n, int team, sm_task_fn fn, void *ctx)
 }
 
 /*
- * Workspaces on whole cache lines: a kernel's vector loads and stores then
- * never straddle two lines. (malloc gives 16 bytes; a 64-byte AVX-512 access
- * of a misaligned buffer splits, and a split store cannot be forwarded to the
- * load that reads it back: the Viterbi step writes a row of scratch and
- * reads it at once, and ran 1.3-1.7x slower, by the luck of the heap, in
- * processes where its scratch landed off a line.)
+ * Workspaces on whole cache lines: a kernel's vector loads and stores of a
+ * slot's scratch then do not straddle two lines by the luck of the heap
+ * (malloc gives 16 bytes; a 64-byte AVX-512 access of a misaligned buffer
+ * touches two lines, and a store that does cannot be forwarded to the load
+ * that reads it back, as the Viterbi step does with its row of scratch).
  * sm_slot_len rounds a per-thread length in doubles up to whole lines.
  */
 #define SM_LINE 64
