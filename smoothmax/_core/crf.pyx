@@ -309,7 +309,7 @@ cdef void _crf_batch(const floating[:, :, ::1] em, const floating[:, :, ::1] Ze,
     x.gamma = gamma
     x.f64 = floating is double
     with nogil:
-        if pool.parallel_for_work(B, nthreads, _batch_item, &x, &x.work, x.lwork) < 0:
+        if pool.parallel_for_work(B, nthreads, _batch_item, &x, &x.work, &x.lwork) < 0:
             for b in range(B):
                 failed[b] = 1
 
@@ -415,7 +415,8 @@ ctypedef struct _DecodeCtx:
     void* score
     long long* tags
     int* bp
-    double* buf      # 2·S doubles per slot
+    double* buf      # lbuf doubles per slot (2·S, rounded to whole lines)
+    Py_ssize_t lbuf
     Py_ssize_t T, S
     bint f64
 
@@ -426,7 +427,7 @@ cdef void _decode_one(_DecodeCtx* c, Py_ssize_t b, int slot, floating* tag) noex
     cdef const double* At = c.At
     cdef long long* tags = c.tags + b * T
     cdef int* bp = c.bp + b * T * S
-    cdef double* V = c.buf + slot * 2 * S
+    cdef double* V = c.buf + slot * c.lbuf
     cdef double* Vn = V + S
     cdef double* tmp
     cdef double m, x
@@ -484,9 +485,10 @@ cdef void _decode_batch(const floating[:, :, ::1] em, const double[:, ::1] At,
     c.bp = &bp[0, 0, 0]
     c.T = em.shape[1]
     c.S = em.shape[2]
+    c.lbuf = 2 * c.S
     c.f64 = floating is double
     with nogil:
-        if pool.parallel_for_work(em.shape[0], nthreads, _decode_item, &c, &c.buf, 2 * c.S) < 0:
+        if pool.parallel_for_work(em.shape[0], nthreads, _decode_item, &c, &c.buf, &c.lbuf) < 0:
             tags[0, 0] = -2
 
 

@@ -159,7 +159,7 @@ cdef void _dag_batch(const floating[:, ::1] w, const floating[:, ::1] Z,
     c.mode = mode
     c.gamma = gamma
     c.f64 = floating is double
-    if pool.parallel_for_work(B, team, _batch_item, &c, &c.work, c.lwork) < 0:
+    if pool.parallel_for_work(B, team, _batch_item, &c, &c.work, &c.lwork) < 0:
         for b in range(B):
             failed[b] = 1
 

@@ -741,15 +741,15 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
     cdef bint ok
     # one workspace per slot: the team's threads when they share the batch,
     # the tile workspaces of the wavefront when they share a problem
-    c.lwd = _tile_work(p.TS)
+    c.lwd = pool.slot_len(_tile_work(p.TS))  # whole cache lines a slot
     c.lwi = _tile_iwork(p.TS)
-    c.ledge = _edge_work(NA, NB, p.TS)
+    c.ledge = pool.slot_len(_edge_work(NA, NB, p.TS))
     c.llohi = 2 * (NA + NB + 3)
     cdef int nslots = 1 if p.par else nthreads
     with nogil:
-        c.wd = <double*> malloc(nthreads * c.lwd * sizeof(double))
+        c.wd = <double*> pool.alloc_lines(nthreads * c.lwd * sizeof(double))
         c.wi = <Py_ssize_t*> malloc(nthreads * c.lwi * sizeof(Py_ssize_t))
-        c.edges = <double*> malloc(nslots * c.ledge * sizeof(double))
+        c.edges = <double*> pool.alloc_lines(nslots * c.ledge * sizeof(double))
         c.lohi = <Py_ssize_t*> malloc(nslots * c.llohi * sizeof(Py_ssize_t))
         wds = <double**> malloc(nthreads * sizeof(double*))
         wis = <Py_ssize_t**> malloc(nthreads * sizeof(Py_ssize_t*))
@@ -789,9 +789,9 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
             c.f64 = floating is double
             c.qbase = qbase
             pool.parallel_for(B, nthreads, _batch_item, &c)
-        free(c.wd)
+        pool.free_lines(c.wd)
         free(c.wi)
-        free(c.edges)
+        pool.free_lines(c.edges)
         free(c.lohi)
         free(wds)
         free(wis)

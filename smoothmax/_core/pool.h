@@ -376,17 +376,53 @@ static int sm_parallel_for(ptrdiff_t n, int team, sm_task_fn fn, void *ctx)
 }
 
 /*
- * sm_parallel_for with a workspace of `per_slot` doubles for each thread:
- * *work points at it while the job runs (slot s uses *work + s * per_slot)
- * and is freed after. Returns -1, running nothing, if it cannot be allocated.
+ * Workspaces on whole cache lines: a kernel's vector loads and stores of a
+ * slot's scratch then do not straddle two lines by the luck of the heap
+ * (malloc gives 16 bytes; a 64-byte AVX-512 access of a misaligned buffer
+ * touches two lines, and a store that does cannot be forwarded to the load
+ * that reads it back, as the Viterbi step does with its row of scratch).
+ * sm_slot_len rounds a per-thread length in doubles up to whole lines.
+ */
+#define SM_LINE 64
+static inline ptrdiff_t sm_slot_len(ptrdiff_t n)
+{
+    const ptrdiff_t per_line = SM_LINE / (ptrdiff_t)sizeof(double);
+    return (n + per_line - 1) / per_line * per_line;
+}
+static inline void *sm_alloc_lines(size_t bytes)
+{
+    if (bytes == 0) bytes = 1;
+#if defined(_MSC_VER)
+    return _aligned_malloc(bytes, SM_LINE);
+#else
+    void *p = NULL;
+    return posix_memalign(&p, SM_LINE, bytes) == 0 ? p : NULL;
+#endif
+}
+static inline void sm_free_lines(void *p)
+{
+#if defined(_MSC_VER)
+    _aligned_free(p);
+#else
+    free(p);
+#endif
+}
+
+/*
+ * sm_parallel_for with a workspace for each thread: *per_slot doubles, first
+ * rounded up to whole cache lines (sm_slot_len, written back), so that slot s
+ * uses *work + s * *per_slot, line-aligned. *work points at it while the job
+ * runs and is freed after. Returns -1, running nothing, if it cannot be
+ * allocated.
  */
 static int sm_parallel_for_work(ptrdiff_t n, int team, sm_task_fn fn, void *ctx,
-                                double **work, ptrdiff_t per_slot)
+                                double **work, ptrdiff_t *per_slot)
 {
-    *work = (double *)malloc((size_t)team * (size_t)per_slot * sizeof(double) + 1);
+    *per_slot = sm_slot_len(*per_slot);
+    *work = (double *)sm_alloc_lines((size_t)team * (size_t)*per_slot * sizeof(double));
     if (*work == NULL) return -1;
     team = sm_parallel_for(n, team, fn, ctx);
-    free(*work);
+    sm_free_lines(*work);
     *work = NULL;
     return team;
 }

@@ -12,8 +12,11 @@ cdef extern from "pool.h" nogil:
     int sm_num_threads()
     int sm_openmp_threads()
     int sm_parallel_for(Py_ssize_t n, int team, c_task_fn fn, void* ctx)
+    Py_ssize_t sm_slot_len(Py_ssize_t n)
+    void* sm_alloc_lines(size_t nbytes)
+    void sm_free_lines(void* p)
     int sm_parallel_for_work(Py_ssize_t n, int team, c_task_fn fn, void* ctx, double** work,
-                             Py_ssize_t per_slot)
+                             Py_ssize_t* per_slot)
     int sm_wavefront(Py_ssize_t nI, Py_ssize_t nJ, int reverse, c_tile_fn fn, void* ctx,
                      int* done, int team)
     int sm_setting
@@ -41,8 +44,20 @@ cdef int parallel_for(Py_ssize_t n, int nthreads, sm_task_fn fn, void* ctx) noex
     return sm_parallel_for(n, nthreads, <c_task_fn> fn, ctx)
 
 
+cdef Py_ssize_t slot_len(Py_ssize_t n) noexcept nogil:
+    return sm_slot_len(n)
+
+
+cdef void* alloc_lines(size_t nbytes) noexcept nogil:
+    return sm_alloc_lines(nbytes)
+
+
+cdef void free_lines(void* p) noexcept nogil:
+    sm_free_lines(p)
+
+
 cdef int parallel_for_work(Py_ssize_t n, int nthreads, sm_task_fn fn, void* ctx, double** work,
-                           Py_ssize_t per_slot) noexcept nogil:
+                           Py_ssize_t* per_slot) noexcept nogil:
     return sm_parallel_for_work(n, nthreads, <c_task_fn> fn, ctx, work, per_slot)
 
 

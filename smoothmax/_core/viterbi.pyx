@@ -191,7 +191,7 @@ cdef void _viterbi_batch(const floating[:, :, :, ::1] theta,
     c.gamma = gamma
     c.f64 = floating is double
     with nogil:
-        if pool.parallel_for_work(B, team, _batch_item, &c, &c.work, c.lwork) < 0:
+        if pool.parallel_for_work(B, team, _batch_item, &c, &c.work, &c.lwork) < 0:
             for b in range(B):
                 failed[b] = 1
 
@@ -248,7 +248,8 @@ ctypedef struct _DecodeCtx:
     long long* tags
     int* bp
     signed char* bad
-    double* buf      # 2·S doubles per slot
+    double* buf      # lbuf doubles per slot (2·S, rounded to whole lines)
+    Py_ssize_t lbuf
     Py_ssize_t T, S
     bint f64
 
@@ -258,7 +259,7 @@ cdef void _decode_one(_DecodeCtx* c, Py_ssize_t b, int slot, floating* tag) noex
     cdef const floating* th = <const floating*> c.theta + b * T * S * S
     cdef long long* tags = c.tags + b * T
     cdef int* bp = c.bp + b * T * S
-    cdef double* V = c.buf + slot * 2 * S
+    cdef double* V = c.buf + slot * c.lbuf
     cdef double* Vn = V + S
     cdef double* tmp
     cdef double m, x
@@ -321,9 +322,10 @@ cdef void _decode_batch(const floating[:, :, :, ::1] theta,
     c.bad = &bad[0]
     c.T = T
     c.S = S
+    c.lbuf = 2 * S
     c.f64 = floating is double
     with nogil:
-        if pool.parallel_for_work(B, team, _decode_item, &c, &c.buf, 2 * S) < 0:
+        if pool.parallel_for_work(B, team, _decode_item, &c, &c.buf, &c.lbuf) < 0:
             tags[0, 0] = -2
 
 
