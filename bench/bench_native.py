@@ -262,8 +262,8 @@ def write(tag, res):
     m = res["machine"]
     lines = [f"# Native framework integration ({tag})", "",
              f"Machine: {_machine.one_line(m)}; torch {m['versions']['torch']}; one thread.",
-             f"Load average at start {m['loadavg_at_start']}, at end {res['loadavg_at_end']} "
-             "(a shared 2-core machine: other jobs ran at the same time).",
+             f"Load average at start {m['loadavg_at_start']}, at end {res['loadavg_at_end']}"
+             + (" (other jobs ran at the same time)." if m["loadavg_at_start"][0] > 0.5 else "."),
              f"Command: `{res['command']}`", "",
              "## Graph breaks (`torch._dynamo.explain` of one forward)", "",
              "| model | graphs | graph breaks | warnings | first break reasons |",

@@ -17,22 +17,20 @@ block is reused only when this module's references are the only ones left.
 Blocks come back uninitialised: the kernels write every entry of a result
 they are given (docs/engines.md) and every workspace entry they read.
 
-A new workspace block is an anonymous mapping advised for transparent huge
-pages (``MADV_HUGEPAGE``, where the OS has it): the DTW weights are written
-tile by tile, all over the block, and a first call's fresh pages then fault
-in 2 MiB at a time instead of 4 KiB (docs/threads.md, "Cold calls"). Result
-blocks are not advised: a result is written front to back, and a 4 KiB page
-that the kernel has just zeroed is still in the cache when the kernel writes
-it, where a 2 MiB one is not (measured, a Viterbi gradient at
-32 x 128 x 64 x 64 float64 whose results are all kept, so every call gets
-new blocks: 60 ms on 4 KiB pages, 112-138 ms on huge pages).
+New blocks are plain ``np.empty`` memory. Advising them for transparent huge
+pages (``MADV_HUGEPAGE``) was tried and measured, one thread, float64, on
+the benchmark VM: a first ``dtw_grad`` at 4096² got faster (0.60 s against
+0.88 s), but warm calls on a reused huge-page workspace got slower (the same
+``dtw_grad``: 338-473 ms against 281-333 ms on 4 KiB pages, and 288-328 ms
+for commit 4098f52, before issue 11), and a result block that is new on every call
+(every result kept) cost a Viterbi gradient at 32 x 128 x 64 x 64 112-138 ms
+against 60 ms. Training loops are warm calls.
 
 ``SMOOTHMAX_BUFFER_CACHE_MB`` (default 1024) caps the bytes kept; 0 turns
 reuse off. Results below 16 MiB and workspaces below 1 MiB come from
 ``np.empty`` (malloc reuses those by itself). ``smoothmax.clear_cache()`` forgets every kept block.
 """
 import math
-import mmap
 import os
 import sys
 import threading
@@ -53,27 +51,14 @@ def _limit():
         return DEFAULT_MB << 20
 
 
-def _fresh(nbytes, huge):
-    """A new uint8 block of ``nbytes``: with ``huge``, anonymous memory advised
-    for huge pages where the platform has ``madvise``; else ``np.empty``."""
-    advise = getattr(mmap, "MADV_HUGEPAGE", None) if huge else None
-    if advise is None or not hasattr(mmap.mmap, "madvise"):
-        return np.empty(nbytes, np.uint8)
-    try:
-        m = mmap.mmap(-1, nbytes)
-    except (OSError, ValueError):
-        return np.empty(nbytes, np.uint8)
-    try:
-        m.madvise(advise)
-    except OSError:
-        pass  # huge pages off: plain pages
-    return np.frombuffer(m, np.uint8)
+def _fresh(nbytes):
+    """A new uint8 block of ``nbytes`` (uninitialised)."""
+    return np.empty(nbytes, np.uint8)
 
 
-def empty(shape, dtype, min_bytes=None, huge=False):
+def empty(shape, dtype, min_bytes=None):
     """An uninitialised C-contiguous array, from a reused block when large
-    (``min_bytes`` and up; default ``MIN_BYTES``); a new block is advised for
-    huge pages with ``huge`` (workspaces)."""
+    (``min_bytes`` and up; default ``MIN_BYTES``)."""
     dtype = np.dtype(dtype)
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
@@ -81,7 +66,7 @@ def empty(shape, dtype, min_bytes=None, huge=False):
     small = nbytes < (MIN_BYTES if min_bytes is None else min_bytes)
     if small or nbytes > limit:
         return np.empty(shape, dtype) if small else \
-            np.frombuffer(_fresh(nbytes, huge), dtype, count=count).reshape(shape)
+            np.frombuffer(_fresh(nbytes), dtype, count=count).reshape(shape)
     with _lock:
         found = None
         for k in range(len(_blocks)):
@@ -93,7 +78,7 @@ def empty(shape, dtype, min_bytes=None, huge=False):
             held = nbytes + sum(b.nbytes for b in _blocks)
             while _blocks and held > limit:  # drop the least recently used first
                 held -= _blocks.pop(0).nbytes
-            found = _fresh(nbytes, huge)
+            found = _fresh(nbytes)
         _blocks.append(found)
     return np.frombuffer(found, dtype, count=count).reshape(shape)
 
@@ -103,7 +88,7 @@ def workspace(n, dtype):
     the kept blocks from 1 MiB (``WORK_MIN_BYTES``): between 1 and 16 MiB
     malloc hands back memory it trimmed, fresh pages that the kernel zeroes on
     every call. It is free for reuse once the caller drops it."""
-    return empty((max(int(n), 0),), dtype, min(WORK_MIN_BYTES, MIN_BYTES), huge=True)
+    return empty((max(int(n), 0),), dtype, min(WORK_MIN_BYTES, MIN_BYTES))
 
 
 def clear():
