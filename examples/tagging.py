@@ -33,7 +33,8 @@ split 80/10/10 at random). Any CoNLL-U or token/tag file works too::
 
 Cost in epochs over the training set (one core): a row with a grid of g points
 takes (g - 1) x select-epochs + epochs for its first seed and epochs for each
-other seed; with the shipped grids (2 points, 5 rows) and 8 epochs that is 50
+other seed (select-epochs is at least the longest warm start + 1 for a relaxed
+row); with the shipped grids (2 points, 5 rows) and 8 epochs that is 53
 epochs for the first seed and 40 for each other one.
 """
 import argparse
