@@ -669,10 +669,12 @@ cdef _Plan _plan(Py_ssize_t B, Py_ssize_t NA, Py_ssize_t NB, int mode,
     return p
 
 
-def _qwork_len(Py_ssize_t B, Py_ssize_t NA, Py_ssize_t NB, int mode):
-    """Length of the q workspace ``_dtw_batch`` takes: one problem's worth per
-    thread when threads share the batch, one when they share a problem."""
-    cdef _Plan p = _plan(B, NA, NB, mode, _tile_override[0])
+cdef inline Py_ssize_t _qwork_len(_Plan p) noexcept nogil:
+    """Length of the q workspace ``_dtw_batch`` takes under plan ``p``: one
+    problem's worth per thread when threads share the batch, one when they
+    share a problem. (The plan is made once per call and passed along: the
+    team can change between two plans, with the thread setting or the pool's
+    co-tenant guard.)"""
     return p.nq * (1 if p.par else p.team)
 
 
@@ -723,14 +725,13 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
                      Py_ssize_t band, int reg, double gamma, int mode,
                      floating[::1] value, floating[:, :, ::1] E,
                      floating[:, :, ::1] Ed, signed char[::1] failed,
-                     Py_ssize_t override, floating[::1] qwork) noexcept:
+                     _Plan p, floating[::1] qwork) noexcept:
     """Batch loop (``_plan``). Threads sharing the batch: ``pool.parallel_for``
     over the problems, each problem's tiles in order on its thread. Threads
     sharing a problem: the problems one after the other, each one's tiles a
     wavefront over the team."""
     cdef Py_ssize_t B = theta.shape[0], NA = theta.shape[1], NB = theta.shape[2]
     cdef Py_ssize_t b, t
-    cdef _Plan p = _plan(B, NA, NB, mode, override)
     cdef int nthreads = p.team
     cdef floating* qbase = &qwork[0] if qwork.shape[0] > 0 else NULL
     cdef double* wd = NULL
@@ -816,14 +817,16 @@ def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode, out
     value, E, Ed = _pass_outputs(out, B, theta.shape, theta.dtype, mode, written, (0, 1, 1))
     Zarr = Z if mode == MODE_HVP else E[:0]
     failed = np.zeros(B, dtype=np.int8)
+    cdef _Plan p
     if B > 0 and NA > 0 and NB > 0:
-        qwork = _workspace(_qwork_len(B, NA, NB, mode), theta.dtype)
+        p = _plan(B, NA, NB, mode, _tile_override[0])
+        qwork = _workspace(_qwork_len(p), theta.dtype)
         if theta.dtype == np.float64:
             _dtw_batch[double](theta, Zarr, la, lb, band, reg, gamma, mode,
-                               value, E, Ed, failed, _tile_override[0], qwork)
+                               value, E, Ed, failed, p, qwork)
         else:
             _dtw_batch[float](theta, Zarr, la, lb, band, reg, gamma, mode,
-                              value, E, Ed, failed, _tile_override[0], qwork)
+                              value, E, Ed, failed, p, qwork)
         del qwork  # free for the next call (smoothmax._buffers)
     if failed.any():
         raise MemoryError("smoothmax._core.dtw: could not allocate the workspace")

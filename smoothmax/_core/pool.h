@@ -90,10 +90,14 @@ static int sm_num_threads(void)
 
 /* Threads for a job of `units` independent pieces and `work` elementary
  * operations (cells, edges): 1 below min_work, never more than units. */
+static int sm_guard_backing_off(void);
 static int sm_team(ptrdiff_t units, double work, double min_work)
 {
     int n = sm_num_threads();
-    if (work < min_work || units < 2) n = 1;
+    /* while the co-tenant guard runs calls on one thread, plan for one thread
+       (a DTW wavefront's tiles are sized for its team: its small parallel
+       tiles run in order were slower than the one-thread tiles) */
+    if (work < min_work || units < 2 || sm_guard_backing_off()) n = 1;
     else if ((ptrdiff_t)n > units) n = (int)units;
     sm_last_planned = n;
     return n;
@@ -278,6 +282,16 @@ static int sm_try_begin(void)
                                        __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
 }
 #endif /* SM_POOL_THREADS */
+
+/* Whether the co-tenant guard runs calls on one thread now. */
+static int sm_guard_backing_off(void)
+{
+#ifdef SM_POOL_THREADS
+    return sm_guard_on && sm_now(CLOCK_MONOTONIC) < __atomic_load_n(&sm_pool.backoff_until, __ATOMIC_RELAXED);
+#else
+    return 0;
+#endif
+}
 
 /* Tests: run calls on one thread for the next `ns` nanoseconds (0: stop). */
 static void sm_force_backoff(long long ns)
