@@ -314,8 +314,7 @@ static int sm_parallel_for(ptrdiff_t n, int team, sm_task_fn fn, void *ctx)
     ptrdiff_t i;
 #ifdef SM_POOL_THREADS
     if (team > SM_POOL_MAX) team = SM_POOL_MAX;
-    if (team > 1 && n > 1 && n < (ptrdiff_t)UINT32_MAX && sm_guard_on
-            && sm_now(CLOCK_MONOTONIC) < __atomic_load_n(&sm_pool.backoff_until, __ATOMIC_RELAXED))
+    if (team > 1 && n > 1 && n < (ptrdiff_t)UINT32_MAX && sm_guard_backing_off())
         team = 1;
     if (team > 1 && n > 1 && n < (ptrdiff_t)UINT32_MAX && sm_try_begin()) {
         int64_t w0, c0, t0, wall, cpu = 0;
