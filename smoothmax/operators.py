@@ -14,12 +14,19 @@ compiled and GPU engines implement the same formulas as inline C functions.
 ``−inf`` entries get gradient exactly ``0`` (Lemma 1 of the paper).
 """
 
+from array_api_compat import device as _device
+
 REGS = ("negentropy", "l2", "hard")
 REG_CODES = {name: code for code, name in enumerate(REGS)}
 
 
+def _const(xp, value, x):
+    """A 0-d array of ``x``'s dtype on ``x``'s device (CUDA tensors, array-API devices)."""
+    return xp.asarray(value, dtype=x.dtype, device=_device(x))
+
+
 def _finite_or(xp, x, fill):
-    return xp.where(xp.isinf(x) & (x < 0), xp.asarray(fill, dtype=x.dtype), x)
+    return xp.where(xp.isinf(x) & (x < 0), _const(xp, fill, x), x)
 
 
 def max_value_grad(xp, x, reg, gamma):
@@ -44,12 +51,12 @@ def max_value_grad(xp, x, reg, gamma):
     if reg == "hard":
         D = x.shape[-1]
         idx = xp.argmax(x, axis=-1, keepdims=True)
-        q = xp.astype(xp.arange(D) == idx, x.dtype)
+        q = xp.astype(xp.arange(D, device=_device(x)) == idx, x.dtype)
         q = xp.where(all_masked, xp.zeros_like(q), q)
         return xp.squeeze(m, axis=-1), q
     if reg == "negentropy":
         z = (x - m_safe) / gamma
-        z = xp.where(neg_inf, xp.asarray(-xp.inf, dtype=x.dtype), z)
+        z = xp.where(neg_inf, _const(xp, -xp.inf, x), z)
         ez = xp.exp(z)
         s = xp.sum(ez, axis=-1, keepdims=True)
         s_safe = xp.where(all_masked, xp.ones_like(s), s)
@@ -74,7 +81,7 @@ def _sparsemax(xp, z, neg_inf):
     low = xp.min(xp.where(neg_inf, xp.zeros_like(z), z), axis=-1, keepdims=True) - 2.0
     zf = xp.where(neg_inf, low, z)
     zs = -xp.sort(-zf, axis=-1)
-    k = xp.astype(xp.arange(1, D + 1), z.dtype)
+    k = xp.astype(xp.arange(1, D + 1, device=_device(z)), z.dtype)
     cs = xp.cumulative_sum(zs, axis=-1)
     support = (1.0 + k * zs) > cs  # a prefix of the sorted entries
     ksup = xp.sum(xp.astype(support, z.dtype), axis=-1, keepdims=True)

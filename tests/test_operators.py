@@ -165,3 +165,27 @@ def test_inputs_not_modified(array_backend, reg):
 def test_negentropy_closed_form():
     x = np.array([1.0, 2.0, 3.0])
     np.testing.assert_allclose(sm.smooth_max(x, gamma=2.0), 2 * math.log(np.exp(x / 2).sum()), rtol=1e-14)
+
+
+def test_arrays_stay_on_the_callers_device(reg, rng):
+    """No intermediate is made on a default device.
+
+    array-api-strict's second device refuses to combine arrays of two devices,
+    as torch does with a CUDA tensor and a CPU one; this is how the
+    ``torch-cuda`` failures of l2 and hard (an ``arange`` without ``device=``)
+    are caught on a CPU-only machine.
+    """
+    xps = pytest.importorskip("array_api_strict")
+    dev = xps.Device("device1")
+    x = (rng.normal(size=(3, 5)) * 2).astype(np.float64)
+    x[0, 1] = -np.inf
+    xd = xps.asarray(x, device=dev)
+    val = sm.smooth_max(xd, reg=reg, gamma=0.7)
+    q = sm.smooth_argmax(xd, reg=reg, gamma=0.7, axis=0)
+    assert val.device == dev and q.device == dev
+    cpu = xps.Device("CPU_DEVICE")
+    val_ref, _ = _oracle_rows(x, reg, 0.7)
+    _, q_ref = _oracle_rows(np.moveaxis(x, 0, -1), reg, 0.7)
+    np.testing.assert_allclose(np.asarray(xps.asarray(val, device=cpu)), val_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.moveaxis(np.asarray(xps.asarray(q, device=cpu)), 0, -1), q_ref,
+                               rtol=1e-12, atol=1e-12)
