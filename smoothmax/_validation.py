@@ -69,9 +69,14 @@ def check_axis(axis, ndim, name="axis"):
 
 
 def check_dense(x, name):
-    """Reject sparse (and other non-strided) torch tensors, which no engine reads."""
+    """Reject sparse (and other non-strided) torch tensors, which no engine reads.
+
+    Only a ``torch.layout`` is looked at: other libraries use the attribute
+    name for other things (JAX >= 0.11 arrays and tracers carry a memory
+    ``layout``, e.g. ``AutoLayout``, on every array).
+    """
     layout = getattr(x, "layout", None)
-    if layout is not None and str(layout) != "torch.strided":
+    if type(layout).__module__ == "torch" and str(layout) != "torch.strided":
         raise TypeError(f"{name} must be a dense (strided) tensor, got a tensor with layout {layout} "
                         f"(convert it with .to_dense())")
 

@@ -365,3 +365,22 @@ def test_Z_check_huge_finite_accepted_and_each_non_finite_rejected(dtype):
         Zb = Z.copy()
         Zb[1, 2, 0] = bad
         check_raises(ValueError, lambda: sm.viterbi_hvp(t, Zb), "Z", word)
+
+
+def test_sparse_torch_tensor_is_a_type_error_naming_the_argument():
+    torch = pytest.importorskip("torch")
+    theta = torch.rand(1, 3, 4).to_sparse()
+    with pytest.raises(TypeError, match=r"theta must be a dense \(strided\).*sparse_coo"):
+        sm.dtw(theta)
+
+
+class _WithLayout(np.ndarray):
+    """An array carrying a non-torch ``layout`` attribute, as JAX >= 0.11 arrays
+    and tracers do (``AutoLayout``): not a sparse tensor."""
+
+    layout = "AutoLayout"
+
+
+def test_a_layout_attribute_of_another_library_is_not_a_torch_layout():
+    theta = np.random.default_rng(0).random((1, 3, 4))
+    assert sm.dtw(theta.view(_WithLayout)) == pytest.approx(sm.dtw(theta))
