@@ -55,6 +55,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import _dispatch
+from ._array_api import device_kind
 from ._problem import PER_ITEM_FIELDS, STRUCT_FIELDS, register_adapter
 from ._typing import DTWLengths, Reg
 
@@ -427,7 +428,11 @@ def _engine(problem, op, theta, Z=None, decode_spec=None):
         # traced on a machine with an accelerator: the platform is known at lowering only
         out = jax.lax.platform_dependent(*args, default=callback, **paths)
     else:
-        out = paths.get(problem.device, callback)(*args)
+        # the device of the array in hand, not problem.device: a custom rule
+        # (jax.grad outside jit) gets concrete arrays for a problem prepared from
+        # tracers, whose device read as "cpu" -- a GPU DAG then took the CPU FFI
+        # target and XLA found no CUDA handler for it
+        out = paths.get(device_kind(theta, "jax"), callback)(*args)
     return tuple(_match_vma(y, theta) for y in out)
 
 

@@ -54,7 +54,9 @@ needs_ffi = pytest.mark.skipif(not HAVE_FFI, reason="the XLA FFI handlers were n
 
 
 def _run_two_devices(path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    # the two devices are host devices: on a machine with a GPU, JAX's default
+    # platform would otherwise be the one GPU
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                SMOOTHMAX_JAX_FFI="1" if path == "ffi" else "0")
     env.pop("JAX_ENABLE_X64", None)
@@ -95,7 +97,10 @@ def test_jit_over_batch_sharded_theta_through_the_callback_gathers(any_path):
         r = any_path[f"jit_{struct}"]
         assert r["value_ok"] and r["values_ok"] and r["grad_ok"] and r["hvp_ok"]
         if any_path["path"] == "pure_callback":
-            assert r["all_gather"] and any_path["remat_warnings"] > 0
+            # the gather is read off the compiled HLO; XLA's "[SPMD] Involuntary
+            # full rematerialization" warning that goes with it is not printed by
+            # every jaxlib (0.11.2 on a GPU machine printed none), so it is not asserted
+            assert r["all_gather"]
             if any_path["compiled"]:
                 assert r["grad_calls"] == [[f"{struct}_grad", 6]]
     assert any_path["jit_decode"]["ok"]
@@ -207,8 +212,10 @@ def test_ffi_matches_callback_and_numpy(struct, dtype, monkeypatch):
 def test_ffi_engine_error_reaches_the_caller():
     theta = np.zeros((2, 3, 2, 2))
     theta[1, 2, 0, 1] = np.nan  # found by the compiled Viterbi kernels inside the call
+    # on the host: the compiled CPU kernels are the ones that check for NaN
+    t = jax.device_put(theta, jax.devices("cpu")[0])
     with pytest.raises(Exception, match="NaN"):
-        jax.block_until_ready(jax.jit(sm.viterbi)(jnp.asarray(theta)))
+        jax.block_until_ready(jax.jit(sm.viterbi)(t))
 
 
 @needs_ffi
