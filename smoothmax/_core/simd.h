@@ -244,29 +244,34 @@ struct NegentropyRow {
  * formed here from the stored q and the forward's Vdot of steps t - 1 (Vdp)
  * and t (Vdt), Ed[i, j] = ebd[i] q + eb[i] qdot, nbd[j] = sum_i Ed[i, j].
  */
-/* x = row + V, a row of the step in double; NaN or +inf scores counted in 8
- * lanes kept across rows (no per-row horizontal sum) */
+/* x = row + V, a row of the step in double; NaN or +inf scores counted in
+ * *bad */
 template <typename T>
 SMX_HD void vit_row(ptrdiff_t S, const T *SMX_R row, const double *SMX_R V, double *SMX_R x,
-                    double *SMX_R badl)
+                    double *SMX_R bad)
 {
-    ptrdiff_t j, l;
-    for (j = 0; j + 8 <= S; j += 8)
-        for (l = 0; l < 8; ++l) {
-            x[j + l] = (double)row[j + l] + V[j + l];
-            badl[l] += (double)row[j + l] < SM_INF ? 0.0 : 1.0;
-        }
-    for (; j < S; ++j) {
-        x[j] = (double)row[j] + V[j];
-        badl[0] += (double)row[j] < SM_INF ? 0.0 : 1.0;
+    /* One loop over j, so that the loop vectorizer (not the SLP one) runs it
+     * at the full double width for float scores too: in an 8-lane unrolled
+     * body, float scores were widened in half-width vectors whose stores of
+     * x then stalled the full-width loads of rowmax (store forwarding), and
+     * float ran 1.5x slower than double at S = 16. The check reads the sum:
+     * V is finite or -inf, so the sum is NaN or +inf exactly when the score
+     * is; an integer count is a reduction the vectorizer may reorder. */
+    ptrdiff_t j;
+    long nbad = 0;
+    for (j = 0; j < S; ++j) {
+        double v = (double)row[j] + V[j];
+        x[j] = v;
+        nbad += !(v < SM_INF);
     }
+    *bad += (double)nbad;
 }
 
 template <typename T>
 SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
                                const double *SMX_R V, const double *SMX_R Vd, double *SMX_R Vn,
                                double *SMX_R Vdn, T *SMX_R E, T *SMX_R Ed, double *SMX_R inv,
-                               double *SMX_R x, double gamma, double *SMX_R badl)
+                               double *SMX_R x, double gamma, double *SMX_R bad)
 {
     const double ig = 1.0 / gamma;
     double acc[8];
@@ -274,7 +279,7 @@ SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
     double *SMX_R msum = x + 2 * S;  /* row max, then row sum: 2 S */
     ptrdiff_t i, j, l;
     for (i = 0; i < S; ++i) {
-        vit_row(S, th + i * S, V, x, badl);
+        vit_row(S, th + i * S, V, x, bad);
         double m = rowmax(S, x, y);
         msum[i] = m;
         if (!(m > -SM_INF)) {
@@ -287,10 +292,11 @@ SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
             continue;
         }
         for (l = 0; l < 8; ++l) acc[l] = 0.0;
-        if constexpr (sizeof(T) == sizeof(float)) if (z == NULL && S >= 32) {
+        if constexpr (sizeof(T) == sizeof(float)) if (z == NULL && S >= 16) {
             /* float value, gradient: the unnormalized exps in float (twice
-             * the lanes), straight into E when it is wanted (from S = 32: at
-             * S = 16 the double loops below measured faster) */
+             * the lanes), straight into E when it is wanted (at S = 16, 5%
+             * faster than the double loops below once vit_row stopped
+             * stalling; slower before) */
             float accf[16];
             for (l = 0; l < 16; ++l) accf[l] = 0.0f;
             T *SMX_R erow = E != NULL ? E + i * S : NULL;
@@ -382,15 +388,15 @@ struct VitFwdRows {
     static SMX_HD void run(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
                            const double *SMX_R V, const double *SMX_R Vd, double *SMX_R Vn,
                            double *SMX_R Vdn, T *SMX_R E, T *SMX_R Ed, double *SMX_R inv,
-                           double *SMX_R x, double gamma, double *SMX_R badl)
+                           double *SMX_R x, double gamma, double *SMX_R bad)
     {
         if constexpr (REG == NEGENTROPY) {  /* the vectorized log-sum-exp above */
-            vit_fwd_negentropy<T>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, badl);
+            vit_fwd_negentropy<T>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, bad);
         } else {
             double *SMX_R q = x + S;
             ptrdiff_t i, j;
             for (i = 0; i < S; ++i) {
-                vit_row(S, th + i * S, V, x, badl);
+                vit_row(S, th + i * S, V, x, bad);
                 Vn[i] = smx::row_max<double, REG>(x, q, S, gamma);
                 if (E != NULL) for (j = 0; j < S; ++j) E[i * S + j] = (T)q[j];
                 if (z != NULL) {
@@ -409,9 +415,7 @@ struct VitFwd {
                            double *Vn, double *Vdn, T *E, T *Ed, double *inv, double *x,
                            int reg, double gamma, double *bad)
     {
-        double badl[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-        with_reg<VitFwdRows<T>>(reg, S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, badl);
-        for (int l = 0; l < 8; ++l) *bad += badl[l];
+        with_reg<VitFwdRows<T>>(reg, S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, bad);
     }
 };
 
