@@ -137,10 +137,14 @@ def check_values(x, xp, name, forbid):
     if math.prod(x.shape) == 0:
         return
     if forbid == "inf" and isinstance(x, np.ndarray):
-        # one pass instead of min and max: the sum of squares is finite only
-        # if every entry is (an overflow just falls through to the exact test)
-        flat = x.ravel()
-        if math.isfinite(float(np.vdot(flat, flat))):
+        # one pass instead of min and max: the sum is finite only if every
+        # entry is (inf - inf is NaN; an overflow just falls through to the
+        # exact test). Not np.vdot: a BLAS dot wakes OpenBLAS's threads, which
+        # then spin on the cores the engine's own threads are about to use
+        # (two-thread HVPs ran no faster than one: docs/threads.md)
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = float(np.sum(x))
+        if math.isfinite(total):
             return
     extremes = []
     if forbid in ("+inf", "inf"):

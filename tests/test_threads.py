@@ -293,3 +293,32 @@ def test_reused_dirty_workspace_is_rewritten(monkeypatch):
             for a, b in zip(got, want):
                 np.testing.assert_array_equal(a, b)
     sm.clear_cache()
+
+
+def test_the_job_that_starts_the_workers_is_not_judged_by_the_guard():
+    """A new worker's start (tens of ms on a VM) made the first parallel job
+    of a process look like a busy core to the co-tenant guard, and the next
+    calls ran on one thread for 50 ms. Nothing else runs in the child before
+    its first two-thread job."""
+    code = ("import numpy as np, smoothmax as sm; from smoothmax._core import pool; "
+            "pool._set_guard(True); sm.set_num_threads(2); "
+            "sm.dtw_grad(np.random.default_rng(0).random((2, 200, 200))); "
+            "p = pool._probe(); print(p['used'], p['guard_trips'])")
+    assert _child(code).stdout.split() == ["2", "0"]
+
+
+def test_input_checks_call_no_blas(monkeypatch):
+    """The checks of theta and Z must not call a BLAS routine: OpenBLAS's
+    threads then spin for a while on the cores the engine's threads are about
+    to use (np.vdot in the finiteness check made two-thread HVPs no faster
+    than one-thread ones)."""
+    def no_blas(*a, **k):
+        raise AssertionError("a BLAS routine was called")
+
+    for name in ("dot", "vdot", "inner", "matmul", "tensordot", "einsum"):
+        monkeypatch.setattr(np, name, no_blas)
+    rng = np.random.default_rng(0)
+    theta = rng.random((2, 30, 30))
+    sm.dtw_hvp(theta, rng.normal(size=theta.shape))
+    th = rng.normal(size=(2, 5, 4, 4))
+    sm.viterbi_hvp(th, rng.normal(size=th.shape))

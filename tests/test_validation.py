@@ -1,6 +1,7 @@
 """Bad input (docs/spec.md §6): the exception type, a message naming the argument and
 what was received, and inputs left untouched -- for every public function."""
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -384,3 +385,14 @@ class _WithLayout(np.ndarray):
 def test_a_layout_attribute_of_another_library_is_not_a_torch_layout():
     theta = np.random.default_rng(0).random((1, 3, 4))
     assert sm.dtw(theta.view(_WithLayout)) == pytest.approx(sm.dtw(theta))
+
+
+def test_huge_finite_values_pass_the_finiteness_check():
+    """The fast check sums the entries; a sum that overflows must fall through
+    to the exact test rather than reject a finite input."""
+    Z = np.full((1, 3, 3), 1e308)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no overflow warning from the check
+        sm.dtw_hvp(np.ones((1, 3, 3)), Z)
+    with pytest.raises(ValueError, match="Z must not contain"):
+        sm.dtw_hvp(np.ones((1, 3, 3)), np.array([[[1e308, np.inf, -np.inf]] * 3]))

@@ -69,6 +69,7 @@ static int sm_last_planned = 0;     /* probes: the team the last job asked for, 
 static int sm_last_used = 0;        /* the team it ran with, */
 static int sm_last_joined = 0;      /* and the threads that ran at least one item */
 static long long sm_guard_trips = 0;
+static long long sm_spawns = 0;     /* worker threads started, ever (the guard skips those jobs) */
 static long long sm_last_lag = -1;   /* ns from posting the last job to worker 1 starting on it */
 
 static int sm_openmp_threads(void)
@@ -271,6 +272,7 @@ static int sm_start_workers(int want)
         pthread_attr_destroy(&attr);
         if (!ok) break;
         ++sm_pool.nworkers;
+        ++sm_spawns;
     }
     return sm_pool.nworkers + 1;
 }
@@ -319,8 +321,12 @@ static int sm_parallel_for(ptrdiff_t n, int team, sm_task_fn fn, void *ctx)
     if (team > 1 && n > 1 && n < (ptrdiff_t)UINT32_MAX && sm_try_begin()) {
         int64_t w0, c0, t0, wall, cpu = 0;
         int s, k = 0, joined = 1, slow = 0;
+        const long long spawns = sm_spawns;
         uint32_t g;
         team = sm_start_workers(team) < team ? sm_pool.nworkers + 1 : team;
+        /* a job that started threads is not judged: a new thread's start
+           (tens of ms on a VM) says nothing about another process's load */
+        const int spawned = sm_spawns != spawns;
         if (team > 1) {
             for (s = 0; s < team; ++s) sm_pool.stat[s].wall = sm_pool.stat[s].cpu = 0;
             g = sm_pool.gen + 1;
@@ -363,7 +369,7 @@ static int sm_parallel_for(ptrdiff_t n, int team, sm_task_fn fn, void *ctx)
             /* the job took about as long as its CPU time on one thread would have
                (or longer: a worker that woke too late to help took the CPU
                from the caller) */
-            slow = wall > SM_GUARD_MIN_NS && wall > SM_GUARD_RATIO * cpu;
+            slow = !spawned && wall > SM_GUARD_MIN_NS && wall > SM_GUARD_RATIO * cpu;
             if (slow) {
                 int64_t b = sm_pool.backoff ? 2 * sm_pool.backoff : SM_BACKOFF_MIN_NS;
                 sm_pool.backoff = b > SM_BACKOFF_MAX_NS ? SM_BACKOFF_MAX_NS : b;
