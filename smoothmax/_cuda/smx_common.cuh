@@ -27,3 +27,22 @@
 #define SMX_WARP 32
 
 template <typename T> SMX_DEVICE bool smx_isfinite(T x) { return x < smx_inf<T>() && x > -smx_inf<T>(); }
+
+// The end of hard decoding (Viterbi and the CRF): the tags of sequence b,
+// tags[b, :] (TT entries), from its best last tag amax and the back-pointers
+// bp (B, TT, S) int32; -1 past the length L, and everywhere when amax < 0
+// (every path -inf). One thread runs it.
+SMX_DEVICE void smx_backtrack(long long* tags, const int* bp, int b, int TT, int L, int S, int amax)
+{
+    long long* tg = tags + (smx_size)b * TT;
+    for (int t = L; t < TT; ++t) tg[t] = -1;
+    if (amax < 0) {
+        for (int t = 0; t < L; ++t) tg[t] = -1;
+        return;
+    }
+    int k = amax;
+    for (int t = L - 1; t >= 0; --t) {
+        tg[t] = k;
+        if (t > 0) k = bp[((smx_size)b * TT + t) * S + k];
+    }
+}

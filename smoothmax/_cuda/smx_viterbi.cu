@@ -252,17 +252,7 @@ SMX_GLOBAL void smx_vit_decode(const T* __restrict__ theta, const long long* __r
                                         nullptr, nullptr, nullptr, nullptr, nullptr, &amax);
         if (lane == 0) {
             score[b] = val;
-            long long* tg = tags + (smx_size)b * TT;
-            for (int t = L; t < TT; ++t) tg[t] = -1;
-            if (amax < 0) {
-                for (int t = 0; t < L; ++t) tg[t] = -1;
-            } else {
-                int k = amax;
-                for (int t = L - 1; t >= 0; --t) {
-                    tg[t] = k;
-                    if (t > 0) k = bp[((smx_size)b * TT + t) * S + k];
-                }
-            }
+            smx_backtrack(tags, bp, b, TT, L, S, amax);
         }
     }
 }
