@@ -22,7 +22,8 @@ per-diagonal operator kernels of ``simd.h`` shared with ``dtw.pyx``
   extra memory is ``≈ 2·√(3·NA)·NB`` doubles, O((NA + NB)·√NA) instead of the
   ``4·NA·NB`` values of ``theta``, q and ``E``; the work is two forward
   passes and one reverse pass. ``h = NA`` (one strip) is the stored
-  backward, the special case the tests compare the checkpointed one with.
+  backward, one forward storing q and one reverse, the special case the
+  tests compare the checkpointed one with.
 
 Costs (``COST_*``): the caller passes ``X``, ``Y`` as float64 and, for the
 cosine cost, the rows already normalised (``xhat``; zero rows stay zero) so
@@ -283,16 +284,20 @@ cdef double _one(const _Strip* p, Py_ssize_t h, bint grad, double* gx, double* g
                        wd, slo, shi, soff)
             _report(progress, hs)
         return rows[(nS % 2) * L + lb]
-    # forward keeping the row above every strip (checkpoint s at rows + s·L)
-    for s in range(nS):
-        i0 = s * h + 1
-        hs = min(h, la - i0 + 1)
-        _strip_ranges(p, i0, hs, slo, shi, soff)
-        _strip_fwd(p, i0, hs, rows + s * L, rows + (s + 1) * L, NULL, 0, wd, slo, shi, soff)
-        _report(progress, hs)
-    value = rows[nS * L + lb]
-    if value == INFINITY:
-        return value  # unreachable end cell: E = 0, gradients 0
+    # forward keeping the row above every strip (checkpoint s at rows + s·L);
+    # one strip (the stored backward) needs no such pass: the reverse loop's
+    # forward of the strip is the whole forward (it was run twice: a third of
+    # a small problem's gradient)
+    if nS > 1:
+        for s in range(nS):
+            i0 = s * h + 1
+            hs = min(h, la - i0 + 1)
+            _strip_ranges(p, i0, hs, slo, shi, soff)
+            _strip_fwd(p, i0, hs, rows + s * L, rows + (s + 1) * L, NULL, 0, wd, slo, shi, soff)
+            _report(progress, hs)
+        value = rows[nS * L + lb]
+        if value == INFINITY:
+            return value  # unreachable end cell: E = 0, gradients 0
     q = rows + (nS + 1) * L + QPAD
     Ein = q + 3 * P
     Eout = Ein + L
@@ -305,6 +310,11 @@ cdef double _one(const _Strip* p, Py_ssize_t h, bint grad, double* gx, double* g
         hs = min(h, la - i0 + 1)
         _strip_ranges(p, i0, hs, slo, shi, soff)
         _strip_fwd(p, i0, hs, rows + s * L, rows + nS * L, q, P, wd, slo, shi, soff)
+        if nS == 1:  # the forward, reported as such
+            _report(progress, hs)
+            value = rows[L + lb]
+            if value == INFINITY:
+                return value
         _strip_bwd(p, i0, hs, Ein, Eout, q, P, wd, slo, shi, soff, gx, gy)
         tmp = Ein; Ein = Eout; Eout = tmp
         _report(progress, hs)
