@@ -73,6 +73,12 @@ def test_team_never_exceeds_the_work(threads):
     g, _ = sm.DAG.for_dtw(100, 100)
     assert _planned(lambda: sm.dag(np.zeros((2, g.n_edges)), g)) == 2
     assert _planned(lambda: sm.dag(np.zeros((2, 6)), sm.DAG.for_dtw(2, 2)[0])) == 1
+    # one problem is shared by threads (a wavefront) only from 512² cells
+    threads(2)
+    assert _planned(lambda: sm.dtw_grad(_big_dtw(1, 400))) == 1
+    assert _planned(lambda: sm.dtw_grad(_big_dtw(1, 520))) == 2
+    assert _planned(lambda: sm.dtw_grad(_big_dtw(2, 400))) == 2      # a batch: one problem a thread
+    threads(8)
     # a batch smaller than the team shares each problem's tiles: at most one thread per tile
     core_dtw._set_small_work(0)
     try:

@@ -604,6 +604,10 @@ cdef enum:
 
 # Below this many cells a call runs on one thread (a parallel job costs a
 # wake-up, ~10-50 µs, and a core may be busy elsewhere: docs/threads.md).
+# Threads share one problem's tiles (a wavefront) only from WAVEFRONT_WORK =
+# 8·SMALL_WORK cells (512²): below, the tiles' hand-offs cost what the second
+# thread gains (one 256² float32 gradient: 0.48 ms on two threads, 0.43 on
+# one; 384² HVP: 2.60 against 2.47).
 cdef Py_ssize_t SMALL_WORK = 1 << 15
 _tile_override = [0]
 
@@ -622,14 +626,16 @@ def _set_tile(Py_ssize_t ts):
 cdef Py_ssize_t _pick_tile(Py_ssize_t NA, Py_ssize_t NB, bint par, int nthreads,
                            Py_ssize_t override) noexcept nogil:
     """Tile side: a whole problem up to 2·SEQ_TILE, else SEQ_TILE, when each
-    thread has its own problem; about 8 tiles per thread along the longer
-    side (PAR_TILE_MIN to SEQ_TILE cells) when threads share one."""
+    thread has its own problem; about 4 tiles per thread along the longer
+    side (PAR_TILE_MIN to SEQ_TILE cells) when threads share one (8 made
+    tiles of 64 at 1024² on two threads: 7.6 ms for a gradient against 6.4
+    with 128, float32 5.9 against 4.6)."""
     cdef Py_ssize_t n = max(NA, NB), ts
     if override > 0:
         return override
     if not par:
         return n if n <= 2 * SEQ_TILE else SEQ_TILE
-    ts = _ceil_div(n, 8 * nthreads)
+    ts = _ceil_div(n, 4 * nthreads)
     ts = ((ts + 7) // 8) * 8
     return max(PAR_TILE_MIN, min(SEQ_TILE, ts))
 
@@ -653,10 +659,11 @@ cdef _Plan _plan(Py_ssize_t B, Py_ssize_t NA, Py_ssize_t NB, int mode,
     """Threads and tiles of a call. The team is never larger than the work
     can use: one thread below SMALL_WORK cells, at most B threads on a batch;
     a batch smaller than the thread count shares each problem's tiles instead
-    (a wavefront, when the problem has more than one tile)."""
+    (a wavefront, when the problem has WAVEFRONT_WORK cells and more than one
+    tile)."""
     cdef _Plan p
     cdef int n = pool.num_threads()
-    p.par = B < n
+    p.par = B < n and <double> NA * NB >= 8.0 * SMALL_WORK
     if p.par:
         p.TS = _pick_tile(NA, NB, True, n, override)
         p.team = pool.team(_ceil_div(NA, p.TS) * _ceil_div(NB, p.TS), <double> B * NA * NB,
