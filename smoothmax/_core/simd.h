@@ -254,15 +254,16 @@ SMX_HD void vit_row(ptrdiff_t S, const T *SMX_R row, const double *SMX_R V, doub
      * at the full double width for float scores too: in an 8-lane unrolled
      * body, float scores were widened in half-width vectors whose stores of
      * x then stalled the full-width loads of rowmax (store forwarding), and
-     * float ran 1.5x slower than double at S = 16. The check reads the sum:
-     * V is finite or -inf, so the sum is NaN or +inf exactly when the score
-     * is; an integer count is a reduction the vectorizer may reorder. */
+     * float ran 1.5x slower than double at S = 16. The check reads the
+     * score, not the sum (V can be +inf when gamma is near the largest float:
+     * the caller's overflow rescue needs that value, not an error); an integer
+     * count is a reduction the vectorizer may reorder. */
     ptrdiff_t j;
     long nbad = 0;
     for (j = 0; j < S; ++j) {
-        double v = (double)row[j] + V[j];
-        x[j] = v;
-        nbad += !(v < SM_INF);
+        double r = (double)row[j];
+        x[j] = r + V[j];
+        nbad += !(r < SM_INF);
     }
     *bad += (double)nbad;
 }
