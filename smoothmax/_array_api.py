@@ -8,6 +8,20 @@ import numpy as np
 import array_api_compat as aac
 
 
+# NumPy >= 2.1 is an array-API namespace itself (array_api_compat.numpy wraps
+# older NumPy). Using it directly spares every process's first call the
+# import of array_api_compat.numpy (about 100 ms here: it walks NumPy's lazily
+# loaded submodules, numpy.f2py and numpy.testing among them).
+_NUMPY_IS_XP = np.lib.NumpyVersion(np.__version__) >= "2.1.0"
+
+
+def array_namespace(x):
+    """The array-API namespace of ``x`` (``numpy`` itself for NumPy >= 2.1 arrays)."""
+    if _NUMPY_IS_XP and aac.is_numpy_array(x):
+        return np
+    return aac.array_namespace(x)
+
+
 # (array type, namespace, backend) registered by framework adapters: checked
 # first, by isinstance, which tracers such as torch.compile's follow without
 # reading data or caches.
@@ -29,7 +43,7 @@ def namespace_of(x):
         if isinstance(x, cls):
             return xp, backend
     if aac.is_numpy_array(x):
-        return aac.array_namespace(x), "numpy"
+        return array_namespace(x), "numpy"
     if aac.is_torch_array(x):
         return aac.array_namespace(x), "torch"
     if aac.is_jax_array(x):

@@ -22,9 +22,9 @@ __all__ = ["dag_value", "dag_grad", "dag_hvp", "dag_path"]
 
 
 def _namespace(x):
-    import array_api_compat as aac
+    from ._array_api import array_namespace
 
-    return aac.array_namespace(x)
+    return array_namespace(x)
 
 
 def _device(x):

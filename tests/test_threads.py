@@ -328,3 +328,16 @@ def test_input_checks_call_no_blas(monkeypatch):
     sm.dtw_hvp(theta, rng.normal(size=theta.shape))
     th = rng.normal(size=(2, 5, 4, 4))
     sm.viterbi_hvp(th, rng.normal(size=th.shape))
+
+
+def test_numpy_calls_do_not_import_the_compat_namespace():
+    """NumPy >= 2.1 is its own array-API namespace: a NumPy call must not pay
+    for importing array_api_compat.numpy (about 100 ms on a first call: it
+    walks NumPy's lazy submodules)."""
+    if np.lib.NumpyVersion(np.__version__) < "2.1.0":
+        pytest.skip("NumPy < 2.1 goes through array_api_compat.numpy")
+    code = ("import sys, numpy as np, smoothmax as sm; rng = np.random.default_rng(0); "
+            "sm.dtw_hvp(rng.random((2, 5, 5)), rng.random((2, 5, 5))); "
+            "sm.viterbi_grad(rng.random((2, 3, 4, 4))); sm.smooth_max(rng.random(4), reg='l2'); "
+            "print('array_api_compat.numpy' in sys.modules)")
+    assert _child(code).stdout.split() == ["False"]
