@@ -276,6 +276,25 @@ def test_cuda_handler_body_on_the_kernel_emulation(rng):
     np.testing.assert_array_equal(tags, t_np)
     with pytest.raises(ValueError, match="no viterbi op 'hvp'"):
         xla_ffi._execute(VITERBI, [scores, scores, L], [value], {"op": "hvp", "reg": 0, "gamma": 1.0}, np, gpu)
+    # the GPU kernels do not check their input: the handler does, as the NumPy API
+    # (found on an H200: a NaN reached them silently under jax.jit)
+    for bad, name in ((np.nan, "NaN"), (np.inf, r"\+inf")):
+        s2 = scores.copy()
+        s2[1, 0, 2, 1] = bad
+        with pytest.raises(ValueError, match=f"theta must not contain {name}"):
+            xla_ffi._execute(VITERBI, [s2, L], [value], {"op": "value", "reg": 0, "gamma": 1.0}, np, gpu)
+        with pytest.raises(ValueError, match=f"theta must not contain {name}"):
+            xla_ffi._execute(VITERBI, [s2, L], [score, tags], {"op": "decode"}, np, gpu)
+    t2 = theta.copy()
+    t2[0, 1, 2, 2] = -np.inf
+    with pytest.raises(ValueError, match="theta must not contain -inf"):
+        xla_ffi._execute(DTW, [t2, la, lb], [v, E], dict(attrs, op="grad"), np, gpu)
+    t2[0, 1, 2, 2] = np.inf  # a forbidden cell: allowed
+    xla_ffi._execute(DTW, [t2, la, lb], [v, E], dict(attrs, op="grad"), np, gpu)
+    Z2 = Z.copy()
+    Z2[1, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="Z must not contain"):
+        xla_ffi._execute(DTW, [theta, Z2], [Ed], dict(attrs, op="hvp", int0=la, int1=lb), np, gpu)
 
 
 def _cuda_available():

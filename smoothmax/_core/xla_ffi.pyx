@@ -45,6 +45,7 @@ import numpy as np
 
 from .. import _extremes
 from .._buffers import empty as _scratch
+from .._validation import check_values as _check_values
 from . import dag as _dag
 from . import dtw as _dtw
 from . import viterbi as _viterbi
@@ -181,6 +182,8 @@ cdef enum:
 # trailing (non-batch) rank of theta per structure
 _TRAILING = {DTW: 2, VITERBI: 3, DAG: 1}
 _PREFIX = {DTW: "dtw", VITERBI: "viterbi", DAG: "dag"}
+# the infinity each structure's scores may not hold (NaN never): as the NumPy API checks
+_FORBID = {DTW: "-inf", VITERBI: "+inf", DAG: "+inf"}
 
 
 _DTYPES = {XLA_FFI_DataType_F32: np.float32, XLA_FFI_DataType_F64: np.float64,
@@ -297,6 +300,12 @@ def _execute(int which, list args, list rets, dict attrs, xp=np, engine=None):
         # values beyond the dtype's range: rerun rescaled, into the same buffers
         _extremes.rescue_overflow(prefix, op, fn, [*head, *fixed, *tail], out, fixed, into=out)
         return
+    # the GPU kernels do not check their input (the compiled core does, inside
+    # its pass): the NumPy API's check, on the device, on XLA's stream (a
+    # synchronisation; inside jax.jit no Python check sees values)
+    _check_values(flat, xp, "theta", _FORBID[which])
+    if Z is not None:
+        _check_values(Z, xp, "Z", "inf")
     res = fn(*head, *fixed, *tail)
     res = res if isinstance(res, tuple) else (res,)
     res = _extremes.rescue_overflow(prefix, op, fn, [*head, *fixed, *tail], res, fixed)
