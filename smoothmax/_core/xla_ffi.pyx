@@ -45,7 +45,7 @@ import numpy as np
 
 from .. import _extremes
 from .._buffers import empty as _scratch
-from .._validation import check_values as _check_values
+from .._values import check_values as _check_values
 from . import dag as _dag
 from . import dtw as _dtw
 from . import viterbi as _viterbi
