@@ -43,7 +43,7 @@ def namespace_of(x):
         if isinstance(x, cls):
             return xp, backend
     if aac.is_numpy_array(x):
-        return array_namespace(x), "numpy"
+        return (np if _NUMPY_IS_XP else aac.array_namespace(x)), "numpy"
     if aac.is_torch_array(x):
         return aac.array_namespace(x), "torch"
     if aac.is_jax_array(x):

@@ -14,7 +14,7 @@ compiled and GPU engines implement the same formulas as inline C functions.
 ``−inf`` entries get gradient exactly ``0`` (Lemma 1 of the paper).
 """
 
-from array_api_compat import device as _device
+from ._array_api import device_of as _device
 
 REGS = ("negentropy", "l2", "hard")
 REG_CODES = {name: code for code, name in enumerate(REGS)}

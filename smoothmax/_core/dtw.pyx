@@ -604,8 +604,8 @@ cdef enum:
 
 # Below this many cells a call runs on one thread (a parallel job costs a
 # wake-up, ~10-50 µs, and a core may be busy elsewhere: docs/threads.md).
-# Threads share one problem's tiles (a wavefront) only from WAVEFRONT_WORK =
-# 8·SMALL_WORK cells (512²): below, the tiles' hand-offs cost what the second
+# Threads share one problem's tiles (a wavefront) only from 8·SMALL_WORK
+# cells (512², in _plan): below, the tiles' hand-offs cost what the second
 # thread gains (one 256² float32 gradient: 0.48 ms on two threads, 0.43 on
 # one; 384² HVP: 2.60 against 2.47).
 cdef Py_ssize_t SMALL_WORK = 1 << 15
@@ -659,7 +659,7 @@ cdef _Plan _plan(Py_ssize_t B, Py_ssize_t NA, Py_ssize_t NB, int mode,
     """Threads and tiles of a call. The team is never larger than the work
     can use: one thread below SMALL_WORK cells, at most B threads on a batch;
     a batch smaller than the thread count shares each problem's tiles instead
-    (a wavefront, when the problem has WAVEFRONT_WORK cells and more than one
+    (a wavefront, when the problem has 8·SMALL_WORK cells and more than one
     tile)."""
     cdef _Plan p
     cdef int n = pool.num_threads()
