@@ -34,7 +34,7 @@ split 80/10/10 at random). Any CoNLL-U or token/tag file works too::
 Cost in epochs over the training set (one core): a row with a grid of g points
 takes (g - 1) x select-epochs + epochs for its first seed and epochs for each
 other seed (select-epochs is at least the longest warm start + 1 for a relaxed
-row); with the shipped grids (2 points, 5 rows) and 8 epochs that is 53
+row); with the shipped grids (2 points, 5 rows) and 8 epochs that is 50
 epochs for the first seed and 40 for each other one.
 """
 import argparse
@@ -75,18 +75,22 @@ ROW_NAMES = {("surrogate", "negentropy"): "Negentropy, surrogate (CRF)",
 # accuracy (POS) wins and goes on training to the full epoch count; further seeds
 # reuse the winner. The same grids for every corpus: no per-corpus constant.
 # ``warm``: epochs of the row's surrogate loss (same Ω, γ) before its relaxed
-# loss, the warm start that keeps the relaxed ℓ2 gradient alive (docs/examples.md).
-# γ only matters through the optimisation: Vit_γΩ(θ) = γ Vit_Ω(θ/γ), and the
-# network can rescale θ; with Ω = 0 (perceptron) γ is unused.
+# loss; ``mix``: weight of that surrogate added to the relaxed loss. Either keeps
+# the relaxed ℓ2 gradient alive from a start where it is exactly zero
+# (docs/examples.md). γ only matters through the optimisation: Vit_γΩ(θ) =
+# γ Vit_Ω(θ/γ), and the network can rescale θ; but for ℓ2 a γ of 3 or more keeps
+# more tags in the support of the marginals while the scores are small, and beat
+# γ = 1 (and 0.3) on NEMO's dev set (docs/examples.md); with Ω = 0 (perceptron)
+# γ is unused.
 SELECT_GRID = {
     ("surrogate", "negentropy"): [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0},
                                   {"optimizer": "adam", "lr": 3e-3, "gamma": 1.0}],
     ("relaxed", "negentropy"): [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0},
                                 {"optimizer": "adam", "lr": 3e-3, "gamma": 1.0}],
-    ("surrogate", "l2"): [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0},
+    ("surrogate", "l2"): [{"optimizer": "adam", "lr": 1e-2, "gamma": 3.0},
                           {"optimizer": "adam", "lr": 1e-2, "gamma": 10.0}],
-    ("relaxed", "l2"): [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0, "warm": 1},
-                        {"optimizer": "adam", "lr": 1e-2, "gamma": 1.0, "warm": "half"}],
+    ("relaxed", "l2"): [{"optimizer": "adam", "lr": 1e-2, "gamma": 3.0, "warm": 1},
+                        {"optimizer": "adam", "lr": 1e-2, "gamma": 3.0, "mix": 0.5}],
     ("surrogate", "hard"): [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0},
                             {"optimizer": "adam", "lr": 1e-3, "gamma": 1.0}],
 }
@@ -95,9 +99,9 @@ SELECT_NOTE = (
     "Parameters picked on the dev set for each row (first seed; the other seeds reuse them): every "
     "point of the row's grid trains {k} epoch(s) from the same seed and the best dev score goes on "
     "training (every point of a row the same number of epochs). `warm` = epochs of the row's "
-    "surrogate loss (same Ω, γ) before the relaxed loss (`half`: half the row's epochs): "
-    "without it the relaxed ℓ2 marginals collapse onto O, where its gradient is exactly zero "
-    "(docs/examples.md).")
+    "surrogate loss (same Ω, γ) before the relaxed loss; `mix` = weight of that surrogate added to "
+    "the relaxed loss: without one of them the relaxed ℓ2 marginals collapse onto O, where its "
+    "gradient is exactly zero (docs/examples.md).")
 
 
 # ---------------------------------------------------------------- data
@@ -181,7 +185,7 @@ class Tagger(nn.Module):
         return self.unary(self.drop(h))  # (B, T, S)
 
 
-def loss_fn(model, emissions, tags, lengths, loss, own=False):
+def loss_fn(model, emissions, tags, lengths, loss, own=False, mix=0.0):
     """The paper's losses on a batch, averaged over tokens.
 
     The CRF layer (``own=False``), else the same losses on the full potentials
@@ -189,6 +193,9 @@ def loss_fn(model, emissions, tags, lengths, loss, own=False):
     they agree to rounding, up to the constant ``γ/2`` per sentence of the l2
     surrogate; ``--own-losses`` runs these).
     """
+    if loss == "relaxed" and mix:  # the relaxed loss plus ``mix`` times the surrogate of the same Ω, γ
+        return (loss_fn(model, emissions, tags, lengths, "relaxed", own)
+                + mix * loss_fn(model, emissions, tags, lengths, "surrogate", own))
     crf = model.crf
     n_tokens = lengths.sum()
     if own:
@@ -286,14 +293,12 @@ def evaluate(model, data, itos, batch_size=64):
 def row_grid(loss, reg, args, epochs):
     """The candidate settings of one row: SELECT_GRID, or one point fixed by the command line.
 
-    A ``warm`` of ``"half"`` becomes ``epochs // 2`` (the same rule for every corpus);
-    a warm start leaves at least one epoch of the row's own loss.
+    A warm start leaves at least one epoch of the row's own loss.
     """
     grid = SELECT_GRID.get((loss, reg), [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0}])
-    fixed = {k: getattr(args, k) for k in ("optimizer", "lr", "gamma", "warm") if getattr(args, k) is not None}
+    fixed = {k: getattr(args, k) for k in ("optimizer", "lr", "gamma", "warm", "mix") if getattr(args, k) is not None}
     points = [{"warm": 0, **grid[0], **fixed}] if fixed or args.no_select else \
         [dict({"warm": 0}, **hp) for hp in grid]
-    points = [dict(hp, warm=epochs // 2) if hp["warm"] == "half" else hp for hp in points]
     return [dict(hp, warm=min(hp["warm"], epochs - 1)) if loss == "relaxed" else dict(hp, warm=0)
             for hp in points]
 
@@ -326,7 +331,8 @@ def train_epochs(run, data, loss, n_epochs, batch_size, bar, own=False):
         model.train()
         total, n = 0.0, 0
         for w, c, t, lengths, _ in batches(data["train"], batch_size, run["rng"]):
-            value = loss_fn(model, model(w, c, lengths), t, lengths, row_loss, own)
+            value = loss_fn(model, model(w, c, lengths), t, lengths, row_loss, own,
+                            run["hp"].get("mix", 0.0) if row_loss == "relaxed" else 0.0)
             opt.zero_grad()
             value.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -450,7 +456,8 @@ def fmt_seeds(values):
 
 
 def fmt_hp(hp):
-    return f"{hp['optimizer']} {hp['lr']:g}, γ {hp['gamma']:g}" + (f", warm {hp['warm']}" if hp.get("warm") else "")
+    return f"{hp['optimizer']} {hp['lr']:g}, γ {hp['gamma']:g}" + (f", warm {hp['warm']}" if hp.get("warm") else "") \
+        + (f", mix {hp['mix']:g}" if hp.get("mix") else "")
 
 
 def render(payload, mode):
@@ -492,6 +499,9 @@ def render(payload, mode):
                           "grid: dev score", "seeds", "train s / seed"], detail)]
     if any(len(r.get("selection") or []) > 1 for r in payload["results"]):
         md += ["", SELECT_NOTE.format(k=args.get("select_epochs") or SELECT_EPOCHS[mode])]
+    if payload.get("earlier_runs"):
+        md += ["", "Rows not rerun by the command below (`--update`) come from the runs: " + "; ".join(
+            f"`python examples/{m['command']}` ({m['date']})" for m in payload["earlier_runs"]) + "."]
     if payload.get("sources"):
         md += ["", "Combined (`--combine`) from the runs: " + "; ".join(
             f"`python examples/{m['command']}` ({m['date']})" for m in payload["sources"]) + "."]
@@ -499,9 +509,46 @@ def render(payload, mode):
         md += ["", f"### Sparse ℓ2 marginals, {lab}: a test sentence ({ex['ambiguous_tokens']} tokens "
                "with more than one tag of non-zero probability)", "",
                "| token | gold | tags with p > 0 (ℓ2 surrogate model) |", "|---|---|---|"]
+        if ex.get("model_run"):  # kept by an --update that reran the l2 surrogate row
+            md[-2:-2] = [f"(The ℓ2 surrogate model of the earlier run `python examples/{ex['model_run']['command']}`"
+                         f", {ex['model_run']['date']}.)", ""]
         md += [f"| {r['token']} | {r['gold']} | " + ", ".join(f"{t} {p:.2f}" for t, p in r["nonzero"])
                + (" …" if r["support"] > 4 else "") + " |" for r in ex["tokens"]]
     return "\n".join(md)
+
+
+def read_results(stem, mode):
+    """The payload of ``results/{stem}[_quick].json``."""
+    import json
+    from _common import RESULTS
+    path = os.path.join(RESULTS, stem + ("_quick" if mode == "quick" else "") + ".json")
+    if not os.path.exists(path):
+        raise SystemExit(f"--update: {path} is missing (run without --update first)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def merge_update(old, new):
+    """``old``'s payload with the rows that ``new`` reran replaced, in ``old``'s order.
+
+    The other rows, the sparse examples ``new`` did not make and ``old``'s
+    settings are kept; ``earlier_runs`` names the runs the kept rows come from.
+    """
+    def row(r):
+        return r["task"], r["loss"], r["reg"]
+    rerun = {row(r) for r in new["results"]}
+    results, placed = [], set()
+    for r in old["results"]:
+        if row(r) not in rerun:
+            results.append(r)
+        elif row(r) not in placed:
+            placed.add(row(r))
+            results += [x for x in new["results"] if row(x) == row(r)]
+    results += [x for x in new["results"] if row(x) not in placed]
+    examples = {lab: ex if ex.get("model_run") or (lab, "surrogate", "l2") not in rerun
+                else dict(ex, model_run=old["meta"]) for lab, ex in old["sparse_examples"].items()}
+    return dict(old, results=results, sparse_examples={**examples, **new["sparse_examples"]},
+                earlier_runs=old.get("earlier_runs", []) + [old["meta"]])
 
 
 def combine(tasks=("nemo", "petrogold")):
@@ -519,7 +566,8 @@ def combine(tasks=("nemo", "petrogold")):
                "sizes": {k: v for p in parts for k, v in p["sizes"].items()},
                "results": [r for p in parts for r in p["results"]],
                "sparse_examples": {k: v for p in parts for k, v in p["sparse_examples"].items()},
-               "args": parts[0]["args"], "sources": [p["meta"] for p in parts]}
+               "args": parts[0]["args"],
+               "sources": [m for p in parts for m in p.get("earlier_runs", []) + [p["meta"]]]}
     md = render(payload, "full")
     json_path, md_path = write_results("tagging", payload, md, "full")
     print(md)
@@ -575,6 +623,8 @@ def main(argv=None):
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="optimizer of every row (fixes it)")
     parser.add_argument("--warm", type=int, default=None,
                         help="epochs of the surrogate loss before a relaxed loss (fixes it)")
+    parser.add_argument("--mix", type=float, default=None,
+                        help="weight of the surrogate loss added to a relaxed loss (fixes it)")
     parser.add_argument("--no-select", action="store_true",
                         help="no dev selection: the first point of each row's grid (SELECT_GRID)")
     parser.add_argument("--select-epochs", type=int, default=None,
@@ -594,6 +644,9 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true",
                         help="keep each finished (row, seed) in results/.partial/ and skip the ones already "
                              "there: a long full run stopped half way goes on where it stopped")
+    parser.add_argument("--update", action="store_true",
+                        help="rerun only the rows of --configs and keep the other rows (and the sparse example, "
+                             "unless the l2 surrogate row is rerun) of the existing results file")
     parser.add_argument("--combine", action="store_true",
                         help="only write results/tagging.md from the full runs tagging_nemo / tagging_petrogold")
     args = parser.parse_args(argv)
@@ -664,7 +717,8 @@ def main(argv=None):
                 models.setdefault((loss, reg), model)  # the first seed's model for the figure
         bar.close()
         # sparse l2 marginals vs dense negentropy ones on one test sentence
-        if ("surrogate", "l2") in models:
+        # (an --update that reruns the l2 surrogate row without the CRF keeps the earlier example and figure)
+        if ("surrogate", "l2") in models and not (args.update and ("surrogate", "negentropy") not in models):
             ex, marg_l2 = sparse_example(models[("surrogate", "l2")], data["test"], vocabs, split["test"])
             margs = {"l2": marg_l2}
             toks = [r["token"] for r in ex["tokens"]]
@@ -682,6 +736,8 @@ def main(argv=None):
 
     payload = {"columns": columns, "sizes": sizes, "results": list(results.values()),
                "sparse_examples": examples, "args": vars(args)}
+    if args.update:
+        payload = merge_update(read_results(stem, mode), payload)
     md = render(payload, mode)
     json_path, md_path = write_results(stem, payload, md, mode)
     print(md)

@@ -172,13 +172,18 @@ def test_selection_continues_the_best_grid_point_and_restores_its_best_epoch():
 
 def test_relaxed_l2_grid_points_train_as_many_epochs_before_the_comparison(monkeypatch):
     import argparse
-    args = argparse.Namespace(optimizer=None, lr=None, gamma=None, warm=None, no_select=False)
+    args = argparse.Namespace(optimizer=None, lr=None, gamma=None, warm=None, mix=None, no_select=False)
+    shipped = tagging.row_grid("relaxed", "l2", args, 10)
+    assert [hp["warm"] for hp in shipped] == [1, 0]  # a warm start, or the surrogate mixed in from the start
+    assert tagging.select_epochs_of(shipped, "relaxed", 2, 10) == 2
+    hp = {"optimizer": "adam", "lr": 1e-2, "gamma": 3.0}
+    monkeypatch.setitem(tagging.SELECT_GRID, ("relaxed", "l2"), [dict(hp, warm=1), dict(hp, warm=5)])
     for epochs in (4, 6, 10):
         grid = tagging.row_grid("relaxed", "l2", args, epochs)
-        warms = [hp["warm"] for hp in grid]
-        assert warms == [1, epochs // 2]  # "half": the same rule on every corpus
+        warm = min(5, epochs - 1)  # at least one epoch of the relaxed loss
+        assert [hp["warm"] for hp in grid] == [1, warm]
         # the longest warm start decides, for every point: warm + 1 epochs (one of the relaxed loss)
-        assert tagging.select_epochs_of(grid, "relaxed", 2, epochs) == min(max(2, epochs // 2 + 1), epochs)
+        assert tagging.select_epochs_of(grid, "relaxed", 2, epochs) == min(max(2, warm + 1), epochs)
     assert tagging.select_epochs_of(tagging.row_grid("surrogate", "l2", args, 10), "surrogate", 2, 10) == 2
     trained = []
 
@@ -268,3 +273,58 @@ def test_resume_skips_finished_rows_and_reports_the_same_results(tmp_path, monke
     relaxed = next(r for r in first["results"] if r["loss"] == "relaxed" and r["seed"] == 0)
     assert [(c[0], c[1]) for c in calls] == [("relaxed", "l2")]
     assert all(calls[0][2][0][h] == relaxed[h] for h in calls[0][2][0])
+
+
+def test_update_reruns_only_the_given_rows_and_keeps_the_others(tmp_path, monkeypatch):
+    import json
+    import _common
+    rng = random.Random(3)
+    lines = []
+    for _ in range(50):
+        toks = [rng.choice(["a", "b", "x", "y"]) for _ in range(rng.randint(2, 5))]
+        for i, t in enumerate(toks):
+            lines.append(f"{t}\t" + ("B-X" if t == "x" else "I-X" if t == "y" and i and toks[i - 1] == "x" else "O"))
+        lines.append("")
+    corpus = tmp_path / "toy.tsv"
+    corpus.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(_common, "RESULTS", str(tmp_path / "results"))
+    common = ["--tsv", str(corpus), "--epochs", "2", "--select-epochs", "1", "--seeds", "2"]
+    tagging.main(common + ["--configs", "surrogate:negentropy", "relaxed:l2", "surrogate:hard"])
+    first = json.loads((tmp_path / "results" / "tagging_toy.json").read_text())
+    with pytest.raises(SystemExit):  # nothing to update in another mode
+        tagging.main(common + ["--quick", "--configs", "relaxed:l2", "--update"])
+    tagging.main(common + ["--configs", "relaxed:l2", "--mix", "0.5", "--update"])
+    after = json.loads((tmp_path / "results" / "tagging_toy.json").read_text())
+    rows = [(r["loss"], r["reg"], r["seed"]) for r in after["results"]]
+    assert rows == [(r["loss"], r["reg"], r["seed"]) for r in first["results"]]  # the same rows, in order
+    for old, new in zip(first["results"], after["results"]):
+        if old["loss"] == "relaxed":  # rerun with the new setting
+            assert new["mix"] == 0.5 and "mix" not in old
+        else:  # kept as they were
+            assert new == old
+    assert after["earlier_runs"] == [first["meta"]]
+    md = (tmp_path / "results" / "tagging_toy.md").read_text()
+    assert first["meta"]["command"] in md and "mix 0.5" in md
+
+
+def test_the_surrogate_term_keeps_the_relaxed_l2_gradient_alive_where_marginals_are_one_hot():
+    """``mix``: the relaxed ℓ2 loss plus a small surrogate term trains from a collapsed start."""
+    import types
+    import torch
+    import smoothmax.torch as smt
+
+    S, T = 4, 5
+    emissions = torch.zeros(1, T, S, dtype=torch.float64)
+    emissions[..., 0] = 3.0  # every token: tag 0 by a margin of 3, one-hot ℓ2 marginals
+    target = torch.full((1, T), 2)
+    lengths = torch.tensor([T])
+    model = types.SimpleNamespace(crf=smt.CRF(S, batch_first=True, reg="l2", gamma=1.0).double())
+    for p in model.crf.parameters():
+        torch.nn.init.zeros_(p)
+    grads = {}
+    for mix in (0.0, 0.1):
+        x = emissions.clone().requires_grad_(True)
+        tagging.loss_fn(model, x, target, lengths, "relaxed", mix=mix).backward()
+        grads[mix] = x.grad
+    assert torch.equal(grads[0.0], torch.zeros_like(grads[0.0]))  # the relaxed loss alone: stuck
+    assert (grads[0.1][..., 2] < 0).all() and (grads[0.1][..., 0] > 0).all()  # raises the gold tag, lowers tag 0
