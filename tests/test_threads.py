@@ -313,6 +313,18 @@ def test_the_job_that_starts_the_workers_is_not_judged_by_the_guard():
     assert _child(code).stdout.split() == ["2", "0"]
 
 
+def test_the_job_that_starts_the_workers_runs_on_them():
+    """A worker started by a job joins that job. It used to read the job
+    counter when its thread began running, after the job was posted, and
+    then waited for the next one: the first parallel call of every process
+    ran on one thread (a cold first call about twice a warm one)."""
+    code = ("import numpy as np, smoothmax as sm; from smoothmax._core import pool; "
+            "pool._set_guard(False); sm.set_num_threads(2); "
+            "sm.dtw_grad(np.random.default_rng(0).random((8, 300, 300))); "
+            "p = pool._probe(); print(p['used'], p['joined'])")
+    assert _child(code).stdout.split() == ["2", "2"]
+
+
 def test_input_checks_call_no_blas(monkeypatch):
     """The checks of theta and Z must not call a BLAS routine: OpenBLAS's
     threads then spin for a while on the cores the engine's threads are about

@@ -215,10 +215,16 @@ static ptrdiff_t sm_run_items(uint32_t g, int slot)
     }
 }
 
+/* The job counter when each worker was started (written before
+   pthread_create, which orders it before the worker's reads). A worker must
+   not read the counter itself: its thread may begin running after the job
+   that started it was posted, and would then wait for the next one. */
+static uint32_t sm_start_gen[SM_POOL_MAX];
+
 static void *sm_worker(void *arg)
 {
     int slot = (int)(intptr_t)arg;
-    uint32_t seen = __atomic_load_n(&sm_pool.gen, __ATOMIC_ACQUIRE), g;
+    uint32_t seen = sm_start_gen[slot], g;
     for (;;) {
         int64_t t0 = sm_now(CLOCK_MONOTONIC);
         int k = 0;
@@ -268,6 +274,7 @@ static int sm_start_workers(int want)
         int ok;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        sm_start_gen[sm_pool.nworkers + 1] = sm_pool.gen;
         ok = pthread_create(&t, &attr, sm_worker, (void *)(intptr_t)(sm_pool.nworkers + 1)) == 0;
         pthread_attr_destroy(&attr);
         if (!ok) break;
@@ -325,7 +332,7 @@ static int sm_parallel_for(ptrdiff_t n, int team, sm_task_fn fn, void *ctx)
         uint32_t g;
         team = sm_start_workers(team) < team ? sm_pool.nworkers + 1 : team;
         /* a job that started threads is not judged: a new thread's start
-           (tens of ms on a VM) says nothing about another process's load */
+           says nothing about another process's load */
         const int spawned = sm_spawns != spawns;
         if (team > 1) {
             for (s = 0; s < team; ++s) sm_pool.stat[s].wall = sm_pool.stat[s].cpu = 0;
