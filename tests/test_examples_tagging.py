@@ -234,18 +234,23 @@ def test_render_reports_mean_and_std_over_seeds():
     assert "adam 0.003, γ 1: 55.0" in md
 
 
-def test_resume_skips_finished_rows_and_reports_the_same_results(tmp_path, monkeypatch):
-    import json
-    import _common
-    rng = random.Random(1)
+def toy_tsv(tmp_path, rng, n, words, longest):
+    """A token<TAB>tag file of ``n`` random sentences: x is B-X, a y after x is I-X, the rest O."""
     lines = []
-    for _ in range(60):
-        toks = [rng.choice(["a", "b", "c", "x", "y"]) for _ in range(rng.randint(2, 6))]
+    for _ in range(n):
+        toks = [rng.choice(words) for _ in range(rng.randint(2, longest))]
         for i, t in enumerate(toks):
             lines.append(f"{t}\t" + ("B-X" if t == "x" else "I-X" if t == "y" and i and toks[i - 1] == "x" else "O"))
         lines.append("")
     corpus = tmp_path / "toy.tsv"
     corpus.write_text("\n".join(lines) + "\n")
+    return corpus
+
+
+def test_resume_skips_finished_rows_and_reports_the_same_results(tmp_path, monkeypatch):
+    import json
+    import _common
+    corpus = toy_tsv(tmp_path, random.Random(1), 60, "abcxy", 6)
     monkeypatch.setattr(_common, "RESULTS", str(tmp_path / "results"))
     monkeypatch.setattr(tagging, "PARTIAL", str(tmp_path / "partial"))
     argv = ["--tsv", str(corpus), "--epochs", "2", "--select-epochs", "1", "--seeds", "2",
@@ -278,15 +283,7 @@ def test_resume_skips_finished_rows_and_reports_the_same_results(tmp_path, monke
 def test_update_reruns_only_the_given_rows_and_keeps_the_others(tmp_path, monkeypatch):
     import json
     import _common
-    rng = random.Random(3)
-    lines = []
-    for _ in range(50):
-        toks = [rng.choice(["a", "b", "x", "y"]) for _ in range(rng.randint(2, 5))]
-        for i, t in enumerate(toks):
-            lines.append(f"{t}\t" + ("B-X" if t == "x" else "I-X" if t == "y" and i and toks[i - 1] == "x" else "O"))
-        lines.append("")
-    corpus = tmp_path / "toy.tsv"
-    corpus.write_text("\n".join(lines) + "\n")
+    corpus = toy_tsv(tmp_path, random.Random(3), 50, "abxy", 5)
     monkeypatch.setattr(_common, "RESULTS", str(tmp_path / "results"))
     common = ["--tsv", str(corpus), "--epochs", "2", "--select-epochs", "1", "--seeds", "2"]
     tagging.main(common + ["--configs", "surrogate:negentropy", "relaxed:l2", "surrogate:hard"])
