@@ -299,7 +299,8 @@ def row_grid(loss, reg, args, epochs):
     fixed = {k: getattr(args, k) for k in ("optimizer", "lr", "gamma", "warm", "mix") if getattr(args, k) is not None}
     points = [{"warm": 0, **grid[0], **fixed}] if fixed or args.no_select else \
         [dict({"warm": 0}, **hp) for hp in grid]
-    return [dict(hp, warm=min(hp["warm"], epochs - 1)) if loss == "relaxed" else dict(hp, warm=0)
+    return [dict(hp, warm=min(hp["warm"], epochs - 1)) if loss == "relaxed"
+            else {k: v for k, v in dict(hp, warm=0).items() if k != "mix"}  # warm and mix: relaxed rows only
             for hp in points]
 
 
@@ -645,8 +646,8 @@ def main(argv=None):
                         help="keep each finished (row, seed) in results/.partial/ and skip the ones already "
                              "there: a long full run stopped half way goes on where it stopped")
     parser.add_argument("--update", action="store_true",
-                        help="rerun only the rows of --configs and keep the other rows (and the sparse example, "
-                             "unless the l2 surrogate row is rerun) of the existing results file")
+                        help="rerun only the rows of --configs and keep the other rows of the existing results "
+                             "file (and its sparse example, unless the CRF and l2 surrogate rows are both rerun)")
     parser.add_argument("--combine", action="store_true",
                         help="only write results/tagging.md from the full runs tagging_nemo / tagging_petrogold")
     args = parser.parse_args(argv)

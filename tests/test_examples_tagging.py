@@ -185,6 +185,9 @@ def test_relaxed_l2_grid_points_train_as_many_epochs_before_the_comparison(monke
         # the longest warm start decides, for every point: warm + 1 epochs (one of the relaxed loss)
         assert tagging.select_epochs_of(grid, "relaxed", 2, epochs) == min(max(2, warm + 1), epochs)
     assert tagging.select_epochs_of(tagging.row_grid("surrogate", "l2", args, 10), "surrogate", 2, 10) == 2
+    fixed = argparse.Namespace(optimizer=None, lr=None, gamma=None, warm=2, mix=0.5, no_select=False)
+    assert [(hp["warm"], hp.get("mix")) for hp in tagging.row_grid("surrogate", "l2", fixed, 10)] == [(0, None)]
+    assert [(hp["warm"], hp.get("mix")) for hp in tagging.row_grid("relaxed", "l2", fixed, 10)] == [(2, 0.5)]
     trained = []
 
     def record(run, data, loss, n, *a, **k):
