@@ -172,7 +172,8 @@ def test_selection_continues_the_best_grid_point_and_restores_its_best_epoch():
 
 def test_relaxed_l2_grid_points_train_as_many_epochs_before_the_comparison(monkeypatch):
     import argparse
-    args = argparse.Namespace(optimizer=None, lr=None, gamma=None, warm=None, mix=None, no_select=False)
+    args = argparse.Namespace(optimizer=None, lr=None, gamma=None, warm=None, mix=None, decay=None,
+                              no_select=False)
     shipped = tagging.row_grid("relaxed", "l2", args, 10)
     assert [hp["warm"] for hp in shipped] == [1, 0]  # a warm start, or the surrogate mixed in from the start
     assert tagging.select_epochs_of(shipped, "relaxed", 2, 10) == 2
@@ -185,7 +186,8 @@ def test_relaxed_l2_grid_points_train_as_many_epochs_before_the_comparison(monke
         # the longest warm start decides, for every point: warm + 1 epochs (one of the relaxed loss)
         assert tagging.select_epochs_of(grid, "relaxed", 2, epochs) == min(max(2, warm + 1), epochs)
     assert tagging.select_epochs_of(tagging.row_grid("surrogate", "l2", args, 10), "surrogate", 2, 10) == 2
-    fixed = argparse.Namespace(optimizer=None, lr=None, gamma=None, warm=2, mix=0.5, no_select=False)
+    fixed = argparse.Namespace(optimizer=None, lr=None, gamma=None, warm=2, mix=0.5, decay=None,
+                               no_select=False)
     assert [(hp["warm"], hp.get("mix")) for hp in tagging.row_grid("surrogate", "l2", fixed, 10)] == [(0, None)]
     assert [(hp["warm"], hp.get("mix")) for hp in tagging.row_grid("relaxed", "l2", fixed, 10)] == [(2, 0.5)]
     trained = []
@@ -219,6 +221,40 @@ def test_a_relaxed_row_keeps_its_best_epoch_of_the_relaxed_loss_not_of_its_warm_
     tagging.train_epochs(run, data, "relaxed", 4, 4, tagging.tqdm(total=0, disable=True))
     assert [h["loss"] for h in run["history"]] == ["surrogate", "relaxed", "relaxed", "relaxed"]
     assert run["best"] == 30.0  # epoch 3, the best of the relaxed epochs
+
+
+@pytest.mark.parametrize("decay", ["plateau", "none"])
+def test_plateau_halves_the_rate_after_each_epoch_of_the_rows_loss_that_is_not_a_new_best(monkeypatch, decay):
+    rng = random.Random(3)
+    sents = [([rng.choice("abxy") for _ in range(4)], ["O", "B-X", "I-X", "O"]) for _ in range(12)]
+    words = tagging.Vocab(w for s in sents for w in s[0])
+    chars = tagging.Vocab(c for s in sents for w in s[0] for c in w)
+    tags = tagging.Vocab((t for s in sents for t in s[1]), specials=())
+    enc = tagging.encode(sents, words, chars, tags)
+    data = {"train": enc[:8], "dev": enc[8:], "test": enc[8:], "is_ner": True, "tags": tags}
+    hp = {"optimizer": "adam", "lr": 1e-2, "gamma": 1.0, "warm": 1, "decay": decay}
+    run = tagging.new_run(data, (words, chars, tags), "l2", hp, 0)
+    # dev scores of the epochs; the warm-start epoch (90) must not count as the relaxed loss's best
+    scores, used = iter([90.0, 10.0, 30.0, 20.0, 25.0, 40.0]), []
+
+    def evaluate(model, d, itos):  # called after each epoch's updates: the rate that epoch used
+        used.append(run["opt"].param_groups[0]["lr"])
+        return {"f1": next(scores)}
+    monkeypatch.setattr(tagging, "evaluate", evaluate)
+    tagging.train_epochs(run, data, "relaxed", 6, 4, tagging.tqdm(total=0, disable=True))
+    expected = [1e-2] * 4 + [5e-3, 2.5e-3] if decay == "plateau" else [1e-2] * 6
+    assert used == pytest.approx(expected)
+    assert run["best"] == 40.0
+
+
+def test_every_grid_point_gets_the_plateau_schedule_unless_the_command_line_fixes_it():
+    import argparse
+    args = argparse.Namespace(optimizer=None, lr=None, gamma=None, warm=None, mix=None, decay=None,
+                              no_select=False)
+    for loss, reg in tagging.CONFIGS:
+        assert {hp["decay"] for hp in tagging.row_grid(loss, reg, args, 10)} == {"plateau"}
+    args.decay = "none"
+    assert [hp["decay"] for hp in tagging.row_grid("surrogate", "l2", args, 10)] == ["none"]
 
 
 def test_render_reports_mean_and_std_over_seeds():
