@@ -206,14 +206,20 @@ def test_relaxed_l2_grid_points_train_as_many_epochs_before_the_comparison(monke
     assert trained[:2] == [(1, 6), (5, 6)] and trained[2] == (1, 4)  # the first of equals goes on
 
 
-def test_a_relaxed_row_keeps_its_best_epoch_of_the_relaxed_loss_not_of_its_warm_start(monkeypatch):
-    rng = random.Random(2)
+def twelve_sentences(seed):
+    """A tiny NER corpus (8 train, 4 dev/test sentences) and its vocabularies."""
+    rng = random.Random(seed)
     sents = [([rng.choice("abxy") for _ in range(4)], ["O", "B-X", "I-X", "O"]) for _ in range(12)]
     words = tagging.Vocab(w for s in sents for w in s[0])
     chars = tagging.Vocab(c for s in sents for w in s[0] for c in w)
     tags = tagging.Vocab((t for s in sents for t in s[1]), specials=())
     enc = tagging.encode(sents, words, chars, tags)
     data = {"train": enc[:8], "dev": enc[8:], "test": enc[8:], "is_ner": True, "tags": tags}
+    return data, (words, chars, tags)
+
+
+def test_a_relaxed_row_keeps_its_best_epoch_of_the_relaxed_loss_not_of_its_warm_start(monkeypatch):
+    data, (words, chars, tags) = twelve_sentences(2)
     scores = iter([90.0, 10.0, 30.0, 20.0])  # the warm-start epoch scores best on dev
     monkeypatch.setattr(tagging, "evaluate", lambda model, d, itos: {"f1": next(scores)})
     hp = {"optimizer": "adam", "lr": 1e-2, "gamma": 1.0, "warm": 1}
@@ -225,13 +231,7 @@ def test_a_relaxed_row_keeps_its_best_epoch_of_the_relaxed_loss_not_of_its_warm_
 
 @pytest.mark.parametrize("decay", ["plateau", "none"])
 def test_plateau_halves_the_rate_after_each_epoch_of_the_rows_loss_that_is_not_a_new_best(monkeypatch, decay):
-    rng = random.Random(3)
-    sents = [([rng.choice("abxy") for _ in range(4)], ["O", "B-X", "I-X", "O"]) for _ in range(12)]
-    words = tagging.Vocab(w for s in sents for w in s[0])
-    chars = tagging.Vocab(c for s in sents for w in s[0] for c in w)
-    tags = tagging.Vocab((t for s in sents for t in s[1]), specials=())
-    enc = tagging.encode(sents, words, chars, tags)
-    data = {"train": enc[:8], "dev": enc[8:], "test": enc[8:], "is_ner": True, "tags": tags}
+    data, (words, chars, tags) = twelve_sentences(3)
     hp = {"optimizer": "adam", "lr": 1e-2, "gamma": 1.0, "warm": 1, "decay": decay}
     run = tagging.new_run(data, (words, chars, tags), "l2", hp, 0)
     # dev scores of the epochs; the warm-start epoch (90) must not count as the relaxed loss's best
