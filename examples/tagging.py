@@ -713,6 +713,9 @@ def main(argv=None):
                 seed = args.seed + k
                 key = f"{stem}_{mode}_{task.replace(':', '_').replace('/', '_')}_{loss}_{reg}_seed{seed}"
                 done = load_partial(key) if args.resume else None
+                if done is not None and done[1] not in grid:  # kept by a run with other settings
+                    print(f"not resumed {key}: its settings {done[1]} are not this run's", file=sys.stderr)
+                    done = None
                 if done is not None:  # a finished (row, seed) of an earlier, stopped run
                     entry, hp, state = done
                     model = new_run(data, vocabs, reg, hp, seed)["model"]

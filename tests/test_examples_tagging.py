@@ -317,6 +317,11 @@ def test_resume_skips_finished_rows_and_reports_the_same_results(tmp_path, monke
     relaxed = next(r for r in first["results"] if r["loss"] == "relaxed" and r["seed"] == 0)
     assert [(c[0], c[1]) for c in calls] == [("relaxed", "l2")]
     assert all(calls[0][2][0][h] == relaxed[h] for h in calls[0][2][0])
+    # kept with other settings (here the schedule): trained again, not resumed
+    calls.clear()
+    with pytest.raises(AssertionError):
+        tagging.main(argv + ["--decay", "none"])
+    assert [(c[0], c[1]) for c in calls] == [("surrogate", "negentropy")]
 
 
 def test_update_reruns_only_the_given_rows_and_keeps_the_others(tmp_path, monkeypatch):
