@@ -322,6 +322,14 @@ def test_resume_skips_finished_rows_and_reports_the_same_results(tmp_path, monke
     with pytest.raises(AssertionError):
         tagging.main(argv + ["--decay", "none"])
     assert [(c[0], c[1]) for c in calls] == [("surrogate", "negentropy")]
+    # the first seed kept from a selection over another grid: selected again, even though
+    # its settings are still a point of the new grid
+    chosen = {h: relaxed[h] for h in ("optimizer", "lr", "gamma", "warm", "mix") if h in relaxed}
+    monkeypatch.setitem(tagging.SELECT_GRID, ("relaxed", "l2"), [chosen, dict(chosen, gamma=7.0)])
+    calls.clear()
+    with pytest.raises(AssertionError):
+        tagging.main(argv)
+    assert [(c[0], c[1], len(c[2])) for c in calls] == [("relaxed", "l2", 2)]
 
 
 def test_update_reruns_only_the_given_rows_and_keeps_the_others(tmp_path, monkeypatch):
