@@ -81,11 +81,11 @@ ROW_NAMES = {("surrogate", "negentropy"): "Negentropy, surrogate (CRF)",
 # the relaxed ℓ2 gradient alive from a start where it is exactly zero; the mix
 # also after the warm start, where tokens whose ℓ2 marginals are one-hot on a
 # wrong tag get none from the relaxed loss: warm 1 + mix 0.5 beat warm 1 alone
-# on NEMO's dev set for each of 5 seeds (docs/examples.md). γ only matters through the optimisation: Vit_γΩ(θ) =
-# γ Vit_Ω(θ/γ), and the network can rescale θ; but for ℓ2 a γ of 3 or more keeps
-# more tags in the support of the marginals while the scores are small, and beat
-# γ = 1 (and 0.3) on NEMO's dev set (docs/examples.md); with Ω = 0 (perceptron)
-# γ is unused. ``decay`` (every point, ROW_DEFAULTS): "plateau" halves the learning
+# on NEMO's dev set for each of 5 seeds (docs/examples.md). γ only matters
+# through the optimisation: Vit_γΩ(θ) = γ Vit_Ω(θ/γ), and the network can
+# rescale θ; but for ℓ2 a γ of 3 or more keeps more tags in the support of the
+# marginals while the scores are small, and beat γ = 1 (and 0.3) on NEMO's dev
+# set (docs/examples.md); with Ω = 0 (perceptron) γ is unused. ``decay`` (every point, ROW_DEFAULTS): "plateau" halves the learning
 # rate after each epoch of the row's own loss whose dev score is not a new best,
 # the paper's schedule; with a constant rate the dev score swung by ±3 F1 from
 # epoch to epoch on NEMO and the best dev epoch was a poor pick for the test set
@@ -630,7 +630,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="1200 NER / 500 POS training sentences, 4 epochs (about 4 min)")
     parser.add_argument("--conllu", help="a CoNLL-U file instead of the shipped corpora")
     parser.add_argument("--column", default="upos", help="upos | xpos | ner (MISC biose=) | misc:KEY")
-    parser.add_argument("--tsv", help="a token<TAB>tag file instead of the shipped corpora; full mode: 8 epochs, 3 seeds, about 12 min on one core for 2,000 training sentences")
+    parser.add_argument("--tsv", help="a token<TAB>tag file instead of the shipped corpora; full mode: 8 "
+                                      "epochs, 3 seeds, about 12 min on one core for 2,000 training sentences")
     parser.add_argument("--tasks", nargs="+", default=["nemo", "petrogold"])
     parser.add_argument("--configs", nargs="+", default=None, help="e.g. surrogate:l2 relaxed:negentropy")
     parser.add_argument("--epochs", type=int, default=None,
