@@ -526,6 +526,26 @@ def test_viterbi_wide_against_reference(engine, dtype, reg, rng):
     _viterbi_against_reference(engine, dtype, reg, 300, 4, rng)
 
 
+@pytest.mark.parametrize("engine", engines("viterbi", only={"compiled", "cuda"}), indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_viterbi_value_grad_every_row_width(engine, dtype, rng):
+    """S = 1..40 with negentropy: the CPU core splits a row of S >= 8 into
+    vectors of 8 doubles / 16 floats and a tail of halving vectors, and runs
+    shorter rows in loops; every split is met here, masked edges included."""
+    from smoothmax import _reference as R
+
+    code = REGS["negentropy"]
+    for S in range(1, 41):
+        theta, _, L = _viterbi_moderate(rng, dtype, S, T=4)
+        v = engine.call("viterbi_value", theta, L, code, GAMMA)
+        v_g, E = engine.call("viterbi_grad", theta, L, code, GAMMA)
+        want_v, want_E = R.viterbi_grad(theta.astype(np.float64), L, code, GAMMA)
+        scale = 1 + float(np.abs(want_v).max())
+        _close(v, want_v, dtype, f"S={S} value", scale)
+        _close(v_g, want_v, dtype, f"S={S} value (grad)", scale)
+        _close(E, want_E, dtype, f"S={S} E")
+
+
 # ---------------------------------------------------------------------------
 # DAG
 

@@ -309,6 +309,23 @@ def test_Z_of_other_float_dtype_is_cast():
     np.testing.assert_allclose(out, sm.dtw_hvp(t, Z.astype(np.float64), reg="l2"), rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+def test_viterbi_bad_score_in_any_lane(dtype, bad):
+    """The compiled Viterbi checks theta as it reads it, in vectors and their
+    tails: a NaN or +inf at any column of a row (S across the vector widths
+    and tail splits) is an error for the value and the gradient."""
+    rng = np.random.default_rng(3)
+    for S in (5, 7, 8, 9, 12, 14, 15, 16, 17, 23, 24, 31):
+        theta = rng.normal(size=(2, 3, S, S)).astype(dtype)
+        for col in range(S):
+            t = theta.copy()
+            t[1, 2, S - 1, col] = bad
+            for fn in (sm.viterbi, sm.viterbi_grad):
+                with pytest.raises(ValueError, match="theta"):
+                    fn(t)
+
+
 # ---------------------------------------------------------------------------
 # on every backend: the same errors, inputs untouched
 

@@ -38,6 +38,8 @@
 #include <stdint.h>
 #include <string.h>
 
+/* 64-byte vectors (vec<T> below) in functions that are always inlined: no ABI */
+#pragma GCC diagnostic ignored "-Wpsabi"
 #include "include/smx_ops.hpp"
 
 #define SM_INF (__builtin_inf())
@@ -77,6 +79,63 @@ SMX_HD double rowmax(ptrdiff_t n, const double *SMX_R x, double *SMX_R y)
     for (j = n8; j < n; ++j) m = x[j] > m ? x[j] : m;
     return m;
 }
+
+/*
+ * A small vector abstraction for loops whose reductions the loop vectorizer
+ * does not vectorize (a max or a sum over a row; it keeps them scalar without
+ * -ffast-math): vec<T>::type is a GCC/Clang vector of 64 bytes (8 doubles,
+ * 16 floats), compiled at the width of the dispatch's ISA (one AVX-512
+ * register, two AVX2 ones, four SSE2 ones, NEON pairs on arm64), and
+ * smx::exp_nonpos runs on it unchanged (fp<> below). This file is GCC/Clang
+ * only already (__builtin_inf, __restrict__).
+ */
+template <typename T, int N> struct vecn {  /* N lanes of T */
+    typedef T type __attribute__((vector_size(N * sizeof(T))));
+    typedef typename fp<T>::bits_t bits __attribute__((vector_size(N * sizeof(T))));
+    enum { n = N };
+};
+template <typename T> struct vec;  /* 64 bytes: one AVX-512 register */
+template <> struct vec<double> : vecn<double, 8> {};
+template <> struct vec<float> : vecn<float, 16> {};
+}  // namespace cpu
+/* fp<> of the vector types (smx::exp_nonpos on them): the widths a row's
+ * vectors and its tail's halving vectors use */
+#define SMX_FP_VEC(T, N) \
+    template <> struct fp<cpu::vecn<T, N>::type> : fp<T> { typedef cpu::vecn<T, N>::bits bits_t; };
+SMX_FP_VEC(double, 8) SMX_FP_VEC(double, 4) SMX_FP_VEC(double, 2)
+SMX_FP_VEC(float, 16) SMX_FP_VEC(float, 8) SMX_FP_VEC(float, 4) SMX_FP_VEC(float, 2)
+#undef SMX_FP_VEC
+namespace cpu {
+
+/* max / sum of the N lanes of v, halving it (log2 N vector steps) */
+template <typename T, int N, typename V> SMX_HD T lanes_max(V v)
+{
+    if constexpr (N == 1) {
+        return v[0];
+    } else {
+        typedef T H __attribute__((vector_size(N * sizeof(T) / 2)));
+        H a, b;
+        memcpy(&a, &v, sizeof a);
+        memcpy(&b, (const char *)&v + sizeof a, sizeof b);
+        return lanes_max<T, N / 2>(a > b ? a : b);
+    }
+}
+template <typename T, int N, typename V> SMX_HD T lanes_sum(V v)
+{
+    if constexpr (N == 1) {
+        return v[0];
+    } else {
+        typedef T H __attribute__((vector_size(N * sizeof(T) / 2)));
+        H a, b;
+        memcpy(&a, &v, sizeof a);
+        memcpy(&b, (const char *)&v + sizeof a, sizeof b);
+        return lanes_sum<T, N / 2>(a + b);
+    }
+}
+template <typename T> SMX_HD T vmax_lanes(typename vec<T>::type v) { return lanes_max<T, vec<T>::n>(v); }
+template <typename T> SMX_HD T vsum_lanes(typename vec<T>::type v) { return lanes_sum<T, vec<T>::n>(v); }
+template <typename V> SMX_HD V vload(const void *p) { V v; memcpy(&v, p, sizeof v); return v; }
+template <typename V> SMX_HD void vstore(void *p, V v) { memcpy(p, &v, sizeof v); }
 
 /*
  * DTW over the n cells of one diagonal (first cell i0, then i0+1, ...).
@@ -268,7 +327,121 @@ SMX_HD void vit_row(ptrdiff_t S, const T *SMX_R row, const double *SMX_R V, doub
     *bad += (double)nbad;
 }
 
+/* A row's tail of fewer than 2N entries, from j: one vector of N lanes if N
+ * are left, then N/2, ..., 1 (each remainder is a sum of distinct powers of
+ * two). vit_max_tail: x = row + V, its max into m, NaN / +inf scores counted
+ * in nbad; vit_exps_tail: e = exp((x - m) ig) in T, into erow (unless NULL)
+ * and added to sum. */
+template <typename T, int N>
+SMX_HD void vit_max_tail(ptrdiff_t S, ptrdiff_t &j, const T *SMX_R row, const double *SMX_R V,
+                         double *SMX_R x, double &m, double &nbad)
+{
+    if constexpr (N == 1) {
+        if (j < S) {
+            const double r = (double)row[j];
+            nbad += !(r < SM_INF);
+            x[j] = r + V[j];
+            m = x[j] > m ? x[j] : m;
+            ++j;
+        }
+    } else {
+        if (j + N <= S) {
+            typedef typename vecn<double, N>::type VH;
+            VH rv;
+            for (int l = 0; l < N; ++l) rv[l] = (double)row[j + l];
+            for (int l = 0; l < N; ++l) nbad += !(rv[l] < SM_INF);
+            const VH xv = rv + vload<VH>(V + j);
+            vstore(x + j, xv);
+            const double mh = lanes_max<double, N>(xv);
+            m = mh > m ? mh : m;
+            j += N;
+        }
+        vit_max_tail<T, N / 2>(S, j, row, V, x, m, nbad);
+    }
+}
+
+template <typename T, int N>
+SMX_HD void vit_exps_tail(ptrdiff_t S, ptrdiff_t &j, const double *SMX_R x, double m, double ig,
+                          T *SMX_R erow, T &sum)
+{
+    if constexpr (N == 1) {
+        if (j < S) {
+            const T e = exp_nonpos((T)((x[j] - m) * ig));
+            if (erow != NULL) erow[j] = e;
+            sum += e;
+            ++j;
+        }
+    } else {
+        if (j + N <= S) {
+            typedef typename vecn<T, N>::type VH;
+            VH yv;
+            for (int l = 0; l < N; ++l) yv[l] = (T)((x[j + l] - m) * ig);
+            const VH e = exp_nonpos(yv);
+            if (erow != NULL) vstore(erow + j, e);
+            sum += lanes_sum<T, N>(e);
+            j += N;
+        }
+        vit_exps_tail<T, N / 2>(S, j, x, m, ig, erow, sum);
+    }
+}
+
+/* value and gradient (z == NULL): x = row + V, its max m and the exps
+ * e = exp((x - m)/gamma) in vectors of T (x and m in double, the exps and
+ * their sum in T: float keeps twice the lanes), the max and the sum reduced in
+ * vector steps, a row's tail in halving vectors (scalar tails ran S = 12
+ * 1.3x slower than the loops); msum[i] = m, msum[S + i] = sum. Returns the
+ * NaN / +inf count. */
 template <typename T>
+SMX_HD double vit_rows_negentropy(ptrdiff_t S, const T *SMX_R th, const double *SMX_R V,
+                                  T *SMX_R E, double *SMX_R x, double *SMX_R msum, double gamma)
+{
+    typedef typename vec<double>::type VD;
+    typedef typename vec<T>::type VT;
+    const int nd = vec<double>::n, nt = vec<T>::n;
+    const double ig = 1.0 / gamma;
+    decltype(VD{} < 0.0) vok = {};  /* integer lanes */
+    double nbad = 0.0;
+    ptrdiff_t nvec = 0;               /* scores counted in vok */
+    for (ptrdiff_t i = 0; i < S; ++i) {
+        const T *SMX_R row = th + i * S;
+        VD mx = VD{} - SM_INF;
+        ptrdiff_t j = 0;
+        for (; j + nd <= S; j += nd) {
+            VD rv;
+            for (int l = 0; l < nd; ++l) rv[l] = (double)row[j + l];
+            vok += rv < SM_INF;  /* -1 in each lane of a score that is not NaN or +inf */
+            const VD xv = rv + vload<VD>(V + j);
+            vstore(x + j, xv);
+            mx = xv > mx ? xv : mx;
+        }
+        nvec += j;
+        double m = vmax_lanes<double>(mx);  /* S >= nd: one vector at least */
+        vit_max_tail<T, nd / 2>(S, j, row, V, x, m, nbad);
+        msum[i] = m;
+        if (!(m > -SM_INF)) {  /* a row of -inf: value -inf, q = 0 */
+            msum[S + i] = 1.0;
+            if (E != NULL) for (j = 0; j < S; ++j) E[i * S + j] = (T)0;
+            continue;
+        }
+        T *SMX_R erow = E != NULL ? E + i * S : NULL;
+        VT acc = VT{};
+        for (j = 0; j + nt <= S; j += nt) {
+            VT yv;
+            for (int l = 0; l < nt; ++l) yv[l] = (T)((x[j + l] - m) * ig);
+            const VT e = exp_nonpos(yv);
+            if (erow != NULL) vstore(erow + j, e);
+            acc += e;
+        }
+        T sum = j > 0 ? vsum_lanes<T>(acc) : T(0);
+        vit_exps_tail<T, nt / 2>(S, j, x, m, ig, erow, sum);
+        msum[S + i] = (double)sum;  /* >= 1: the max contributes exp(0) */
+    }
+    long long ok = 0;  /* the lanes' sum, in an integer: exact */
+    for (int l = 0; l < nd; ++l) ok -= (long long)vok[l];
+    return nbad + (double)(nvec - ok);
+}
+
+template <typename T, bool VEC>
 SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
                                const double *SMX_R V, const double *SMX_R Vd, double *SMX_R Vn,
                                double *SMX_R Vdn, T *SMX_R E, T *SMX_R Ed, double *SMX_R inv,
@@ -279,82 +452,45 @@ SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
     double *SMX_R y = x + S;
     double *SMX_R msum = x + 2 * S;  /* row max, then row sum: 2 S */
     ptrdiff_t i, j, l;
-    for (i = 0; i < S; ++i) {
+    if constexpr (VEC) {
+        *bad += vit_rows_negentropy<T>(S, th, V, E, x, msum, gamma);
+    } else for (i = 0; i < S; ++i) {
+        /* the HVP (the weights and the tangent), and the value and gradient
+         * of rows shorter than a vector (see vit_fwd) */
         vit_row(S, th + i * S, V, x, bad);
         double m = rowmax(S, x, y);
         msum[i] = m;
         if (!(m > -SM_INF)) {
             msum[S + i] = 1.0;
             if (E != NULL) for (j = 0; j < S; ++j) E[i * S + j] = (T)0;
-            if (z != NULL) {
-                Vdn[i] = 0.0;
-                for (j = 0; j < S; ++j) Ed[i * S + j] = (T)0;
-            }
+            if (z == NULL) continue;
+            Vdn[i] = 0.0;
+            for (j = 0; j < S; ++j) Ed[i * S + j] = (T)0;
             continue;
         }
         for (l = 0; l < 8; ++l) acc[l] = 0.0;
-        if constexpr (sizeof(T) == sizeof(float)) if (z == NULL && S >= 16) {
-            /* float value, gradient: the unnormalized exps in float (twice
-             * the lanes), straight into E when it is wanted (at S = 16, 5%
-             * faster than the double loops below once vit_row stopped
-             * stalling; slower before) */
-            float accf[16];
-            for (l = 0; l < 16; ++l) accf[l] = 0.0f;
-            T *SMX_R erow = E != NULL ? E + i * S : NULL;
-            if (erow != NULL) {
-                for (j = 0; j + 16 <= S; j += 16)
-                    for (l = 0; l < 16; ++l) {
-                        float e = smx::exp_nonpos(float((x[j + l] - m) * ig));
-                        erow[j + l] = e;
-                        accf[l] += e;
-                    }
-            } else {
-                for (j = 0; j + 16 <= S; j += 16)
-                    for (l = 0; l < 16; ++l) accf[l] += smx::exp_nonpos(float((x[j + l] - m) * ig));
+        for (j = 0; j + 8 <= S; j += 8)
+            for (l = 0; l < 8; ++l) {
+                double e = smx::exp_nonpos((x[j + l] - m) * ig);
+                x[j + l] = e;
+                acc[l] += e;
             }
+        if (z == NULL) {  /* S < 8: the unnormalized exps, as the vector rows */
             for (; j < S; ++j) {
-                float e = smx::exp_nonpos(float((x[j] - m) * ig));
-                if (erow != NULL) erow[j] = e;
-                accf[0] += e;
+                double e = smx::exp_nonpos((x[j] - m) * ig);
+                if (E != NULL) E[i * S + j] = (T)e;
+                acc[0] += e;
             }
-            for (l = 0; l < 8; ++l) acc[l] = (double)accf[l] + (double)accf[l + 8];
-            msum[S + i] = sum8(acc);  /* >= 1: the max contributes exp(0) */
+            msum[S + i] = sum8(acc);
             continue;
         }
-        if (E != NULL && z == NULL && sizeof(T) == sizeof(double)) {
-            T *SMX_R erow = E + i * S;
-            for (j = 0; j + 8 <= S; j += 8)
-                for (l = 0; l < 8; ++l) {
-                    double e = smx::exp_nonpos((x[j + l] - m) * ig);
-                    erow[j + l] = (T)e;
-                    acc[l] += e;
-                }
-            for (; j < S; ++j) {
-                double e = smx::exp_nonpos((x[j] - m) * ig);
-                erow[j] = (T)e;
-                acc[0] += e;
-            }
-        } else {
-            for (j = 0; j + 8 <= S; j += 8)
-                for (l = 0; l < 8; ++l) {
-                    double e = smx::exp_nonpos((x[j + l] - m) * ig);
-                    x[j + l] = e;
-                    acc[l] += e;
-                }
-            for (; j < S; ++j) {
-                double e = smx::exp_nonpos((x[j] - m) * ig);
-                x[j] = e;
-                acc[0] += e;
-            }
-            /* float E: a separate narrowing loop keeps the exp loop in full-
-             * width double vectors (fused, it ran 2-3x slower); the HVP
-             * writes E below, from x */
-            if (E != NULL && z == NULL)
-                for (j = 0; j < S; ++j) E[i * S + j] = (T)x[j];
+        for (; j < S; ++j) {
+            double e = smx::exp_nonpos((x[j] - m) * ig);
+            x[j] = e;
+            acc[0] += e;
         }
         double sum = sum8(acc);
         msum[S + i] = sum;  /* >= 1: the max contributes exp(0) */
-        if (z == NULL) continue;
         const double inv_i = 1.0 / sum;
         T *SMX_R erow = E + i * S;
         const T *SMX_R zrow = z + i * S;
@@ -383,7 +519,7 @@ SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
 }
 
 /* the rows of the other operators (smx::row_max: no reduction worth vectorizing) */
-template <typename T>
+template <typename T, bool VEC>
 struct VitFwdRows {
     template <int REG>
     static SMX_HD void run(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
@@ -392,7 +528,7 @@ struct VitFwdRows {
                            double *SMX_R x, double gamma, double *SMX_R bad)
     {
         if constexpr (REG == NEGENTROPY) {  /* the vectorized log-sum-exp above */
-            vit_fwd_negentropy<T>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, bad);
+            vit_fwd_negentropy<T, VEC>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, bad);
         } else {
             double *SMX_R q = x + S;
             ptrdiff_t i, j;
@@ -410,13 +546,13 @@ struct VitFwdRows {
     }
 };
 
-struct VitFwd {
+template <bool VEC> struct VitFwd {
     template <typename T>
     static SMX_HD void run(ptrdiff_t S, const T *th, const T *z, const double *V, const double *Vd,
                            double *Vn, double *Vdn, T *E, T *Ed, double *inv, double *x,
                            int reg, double gamma, double *bad)
     {
-        with_reg<VitFwdRows<T>>(reg, S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, bad);
+        with_reg<VitFwdRows<T, VEC>>(reg, S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, bad);
     }
 };
 
@@ -585,7 +721,16 @@ template <typename T>
 inline void vit_fwd(ptrdiff_t S, const T *th, const T *z, const double *V, const double *Vd,
                     double *Vn, double *Vdn, T *E, T *Ed, double *inv, double *x, int reg,
                     double gamma, double *bad)
-{ dispatch<VitFwd>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, reg, gamma, bad); }
+{
+    /* Two instantiations, each its own ISA-dispatched function: the negentropy
+     * value and gradient of rows of at least one vector of doubles in vector
+     * code (vit_rows_negentropy), the rest (the HVP, shorter rows) in loops.
+     * In one function, the short rows ran 1.2-1.5x slower than alone (S = 3). */
+    if (z == NULL && S >= vec<double>::n)
+        dispatch<VitFwd<true>>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, reg, gamma, bad);
+    else
+        dispatch<VitFwd<false>>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, reg, gamma, bad);
+}
 
 template <typename T>
 inline void vit_bwd(ptrdiff_t S, const double *eb, const double *ebd, const double *inv,

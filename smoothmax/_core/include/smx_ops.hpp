@@ -135,19 +135,21 @@ template <typename T> SMX_HD T from_bits(typename fp<T>::bits_t u)
 
 // exp(x) for x <= 0 or x = -inf; results below e^exp_lo are flushed to 0 (no
 // subnormals). Taylor series on |r| <= ln2/2 after x = k ln2 + r: about 1 ulp
-// (double), 2 ulp (float). Exact on exp(0) = 1 and exp(-inf) = 0.
+// (double), 2 ulp (float). Exact on exp(0) = 1 and exp(-inf) = 0. T is a float
+// type or a GCC/Clang vector of one (simd.h gives fp<> for those): constants
+// enter through T{} + c, which broadcasts them to every lane.
 template <typename T> SMX_HD T exp_nonpos(T x)
 {
     typedef fp<T> F;
-    const T xc = x < F::exp_lo ? F::exp_lo : x;  // also maps -inf
+    const T xc = x < F::exp_lo ? T{} + F::exp_lo : x;  // also maps -inf
     const T t = xc * F::log2e + F::shift;
     const T k = t - F::shift;                   // round(x / ln2), a normal exponent
     const T r = (xc - k * F::ln2hi) - k * F::ln2lo;
-    T p = F::inv_fact[F::exp_deg];
+    T p = T{} + F::inv_fact[F::exp_deg];
     for (int i = F::exp_deg - 1; i >= 0; --i) p = p * r + F::inv_fact[i];
     const typename F::bits_t ki = to_bits(t) - to_bits(F::shift);  // k, two's complement
     const T scale = from_bits<T>((ki + F::bias) << F::mant);       // 2^k
-    return x < F::exp_lo ? T(0) : p * scale;
+    return x < F::exp_lo ? T{} : p * scale;
 }
 
 // log(x) for finite normal x > 0 (fdlibm/musl's method: x = 2^k (1 + f) with
