@@ -108,7 +108,9 @@ SMX_FP_VEC(float, 16) SMX_FP_VEC(float, 8) SMX_FP_VEC(float, 4) SMX_FP_VEC(float
 namespace cpu {
 
 /* max / sum of the N lanes of v, halving it (log2 N vector steps) */
-template <typename T, int N, typename V> SMX_HD T lanes_max(V v)
+struct LanesMax { template <class H> static SMX_HD H op(H a, H b) { return a > b ? a : b; } };
+struct LanesSum { template <class H> static SMX_HD H op(H a, H b) { return a + b; } };
+template <typename T, int N, class Op, typename V> SMX_HD T lanes_reduce(V v)
 {
     if constexpr (N == 1) {
         return v[0];
@@ -117,21 +119,11 @@ template <typename T, int N, typename V> SMX_HD T lanes_max(V v)
         H a, b;
         memcpy(&a, &v, sizeof a);
         memcpy(&b, (const char *)&v + sizeof a, sizeof b);
-        return lanes_max<T, N / 2>(a > b ? a : b);
+        return lanes_reduce<T, N / 2, Op>(Op::op(a, b));
     }
 }
-template <typename T, int N, typename V> SMX_HD T lanes_sum(V v)
-{
-    if constexpr (N == 1) {
-        return v[0];
-    } else {
-        typedef T H __attribute__((vector_size(N * sizeof(T) / 2)));
-        H a, b;
-        memcpy(&a, &v, sizeof a);
-        memcpy(&b, (const char *)&v + sizeof a, sizeof b);
-        return lanes_sum<T, N / 2>(a + b);
-    }
-}
+template <typename T, int N, typename V> SMX_HD T lanes_max(V v) { return lanes_reduce<T, N, LanesMax>(v); }
+template <typename T, int N, typename V> SMX_HD T lanes_sum(V v) { return lanes_reduce<T, N, LanesSum>(v); }
 template <typename T> SMX_HD T vmax_lanes(typename vec<T>::type v) { return lanes_max<T, vec<T>::n>(v); }
 template <typename T> SMX_HD T vsum_lanes(typename vec<T>::type v) { return lanes_sum<T, vec<T>::n>(v); }
 template <typename V> SMX_HD V vload(const void *p) { V v; memcpy(&v, p, sizeof v); return v; }
