@@ -124,8 +124,6 @@ template <typename T, int N, class Op, typename V> SMX_HD T lanes_reduce(V v)
 }
 template <typename T, int N, typename V> SMX_HD T lanes_max(V v) { return lanes_reduce<T, N, LanesMax>(v); }
 template <typename T, int N, typename V> SMX_HD T lanes_sum(V v) { return lanes_reduce<T, N, LanesSum>(v); }
-template <typename T> SMX_HD T vmax_lanes(typename vec<T>::type v) { return lanes_max<T, vec<T>::n>(v); }
-template <typename T> SMX_HD T vsum_lanes(typename vec<T>::type v) { return lanes_sum<T, vec<T>::n>(v); }
 template <typename V> SMX_HD V vload(const void *p) { V v; memcpy(&v, p, sizeof v); return v; }
 template <typename V> SMX_HD void vstore(void *p, V v) { memcpy(p, &v, sizeof v); }
 
@@ -407,7 +405,7 @@ SMX_HD double vit_rows_negentropy(ptrdiff_t S, const T *SMX_R th, const double *
             mx = xv > mx ? xv : mx;
         }
         nvec += j;
-        double m = vmax_lanes<double>(mx);  /* S >= nd: one vector at least */
+        double m = lanes_max<double, nd>(mx);  /* S >= nd: one vector at least */
         vit_max_tail<T, nd / 2>(S, j, row, V, x, m, nbad);
         msum[i] = m;
         if (!(m > -SM_INF)) {  /* a row of -inf: value -inf, q = 0 */
@@ -424,7 +422,7 @@ SMX_HD double vit_rows_negentropy(ptrdiff_t S, const T *SMX_R th, const double *
             if (erow != NULL) vstore(erow + j, e);
             acc += e;
         }
-        T sum = j > 0 ? vsum_lanes<T>(acc) : T(0);
+        T sum = j > 0 ? lanes_sum<T, nt>(acc) : T(0);
         vit_exps_tail<T, nt / 2>(S, j, x, m, ig, erow, sum);
         msum[S + i] = (double)sum;  /* >= 1: the max contributes exp(0) */
     }
@@ -455,9 +453,10 @@ SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
         if (!(m > -SM_INF)) {
             msum[S + i] = 1.0;
             if (E != NULL) for (j = 0; j < S; ++j) E[i * S + j] = (T)0;
-            if (z == NULL) continue;
-            Vdn[i] = 0.0;
-            for (j = 0; j < S; ++j) Ed[i * S + j] = (T)0;
+            if (z != NULL) {
+                Vdn[i] = 0.0;
+                for (j = 0; j < S; ++j) Ed[i * S + j] = (T)0;
+            }
             continue;
         }
         for (l = 0; l < 8; ++l) acc[l] = 0.0;
@@ -716,9 +715,10 @@ inline void vit_fwd(ptrdiff_t S, const T *th, const T *z, const double *V, const
 {
     /* Two instantiations, each its own ISA-dispatched function: the negentropy
      * value and gradient of rows of at least one vector of doubles in vector
-     * code (vit_rows_negentropy), the rest (the HVP, shorter rows) in loops.
+     * code (vit_rows_negentropy), the rest (the HVP, shorter rows, the other
+     * operators: VEC only matters for negentropy) in loops.
      * In one function, the short rows ran 1.2-1.5x slower than alone (S = 3). */
-    if (z == NULL && S >= vec<double>::n)
+    if (reg == NEGENTROPY && z == NULL && S >= vec<double>::n)
         dispatch<VitFwd<true>>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, reg, gamma, bad);
     else
         dispatch<VitFwd<false>>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, reg, gamma, bad);
