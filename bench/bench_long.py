@@ -44,9 +44,9 @@ MEM_LIMIT = 16 * 2 ** 30   # bytes a case may need (24 GB machine, shared)
 def _need_bytes(method, N, d):
     """Rough memory a case needs; None: it fits whatever N."""
     if method == "features":
-        return 8 * 4 * N * d + 8 * 2 * int(np.sqrt(3 * N)) * N
+        return 8 * 4 * N * d + 8 * 2 * int(np.sqrt(2 * N)) * N
     if method == "cost-matrix":
-        return 8 * 6 * N * N   # theta, E, 3 weights a cell, the x·yᵀ temporary
+        return 8 * 5 * N * N   # theta, E, 2 weights a cell, the x·yᵀ temporary
     return 8 * 4 * N * N       # tslearn: D, R (padded), E, temporaries
 
 

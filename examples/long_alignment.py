@@ -14,7 +14,7 @@ norm, so that the squared Euclidean cost is ``2·(1 − cos)``.
 Alignment. ``smoothmax.dtw_features_grad`` computes soft-DTW (negentropy)
 and hard DTW between the two feature sequences and the gradients with
 respect to the features without ever forming the 30k × 30k cost matrix
-(the cost-matrix path would need ``theta``, ``E`` and three weights a cell:
+(the cost-matrix path would need ``theta``, ``E`` and two weights a cell:
 tens of GB). The alignment is read from the gradient: two auxiliary
 feature columns, ``0`` on the x side and ``(s·j, s)`` on the y side
 (s = 1e-9: a cell's cost moves by at most 1e-9), give
@@ -129,7 +129,7 @@ def main():
         payload["runs"].append({"reg": reg, "gamma": gamma, "value": v, "mad_s": float(err.mean()),
                                 "median_s": float(np.median(err)), "p95_s": float(np.percentile(err, 95)),
                                 "grad_seconds": seconds, "grad_peak_bytes": peak})
-    matrix_gb = 5 * 8 * NA * NB / 1e9
+    matrix_gb = 4 * 8 * NA * NB / 1e9
     md = [f"## Long alignment: two renderings of Beethoven op. 59 no. 3, i ({NA} × {NB} frames)", "",
           markdown_table(["Alignment", "DTW value", "MAD (s)", "median (s)", "95th pct (s)",
                           "value + gradient time (s)", "peak MiB"], rows), "",
@@ -137,7 +137,7 @@ def main():
           f"the alignment off the gradient); squared Euclidean cost. The value alone (soft-DTW) took "
           f"{seconds_value:.1f} s and {peak_value / 2 ** 20:.1f} MiB. One thread, float64; peak = growth of "
           f"the resident set's high-water mark during the call. The cost-matrix path would need about "
-          f"{matrix_gb:.0f} GB (θ, E and three weights per cell in float64). One frame is "
+          f"{matrix_gb:.0f} GB (θ, E and two weights per cell in float64). One frame is "
           f"{1 / FPS * 1000:.0f} ms."]
     json_path, md_path = write_results("long_alignment", payload, "\n".join(md), mode)
     plot(t_x, true_t_y, curves, figure_path("long_alignment", mode), args.gamma)

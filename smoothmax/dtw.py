@@ -230,15 +230,15 @@ def checkpoint_rows(NA, NB, band=None):
     """Rows of R between two checkpoints for the gradient of an NA×NB problem.
 
     The checkpointed gradient keeps ``ceil(NA / h)`` rows of R (NB + 1
-    doubles each) and the weights of one strip of ``h`` rows (3·h·w doubles,
-    ``w`` the cells of a row: NB, or the band's width); ``h = √(NA·NB / 3w)``
-    minimises their sum, ``≈ 2·√(3·NA)·NB`` doubles without a band. Small
+    doubles each) and the weights of one strip of ``h`` rows (2·h·w doubles,
+    ``w`` the cells of a row: NB, or the band's width); ``h = √(NA·NB / 2w)``
+    minimises their sum, ``≈ 2·√(2·NA)·NB`` doubles without a band. Small
     problems (weights under 64 MiB) are one strip: the stored backward.
     """
     w = NB if band is None or band < 0 else min(NB, 2 * band + 1 + abs(NA - NB))
-    if 24 * NA * w <= _STORED_BYTES:
+    if 16 * NA * w <= _STORED_BYTES:
         return NA
-    return max(16, min(NA, math.ceil(math.sqrt(NA * (NB + 1) / (3.0 * w)))))
+    return max(16, min(NA, math.ceil(math.sqrt(NA * (NB + 1) / (2.0 * w)))))
 
 
 def _prepare_features(x, y, cost, reg, gamma, lengths, band, checkpoint, progress):
@@ -349,7 +349,7 @@ _FEATURES_DOC = """
         Gradient only: rows of the DP between two stored rows of R (the
         weights of that many rows are kept at a time). None picks
         :func:`checkpoint_rows` (the stored backward for small problems,
-        about ``√(NA/3)`` rows otherwise).
+        about ``√(NA/2)`` rows otherwise).
     progress : None, bool or callable ``(done, total)``
         Progress of the compiled kernel in rows of the DP: a ``tqdm`` bar
         (when installed) for large calls that run longer than 3 s (None), always

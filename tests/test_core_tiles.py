@@ -112,3 +112,27 @@ def test_float32_gradient_close_to_float64(reg, gamma, tol):
     assert E32.dtype == np.float32
     np.testing.assert_allclose(v32, v64, rtol=1e-6)
     assert np.max(np.abs(E32.astype(np.float64) - E64)) <= tol
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reg, gamma", [(1, 0.3), (1, 2.0), (2, 1.0), (0, 0.05)])
+@pytest.mark.parametrize("ts", [8, 64])
+def test_derived_diagonal_weight_keeps_exact_zeros(tile, dtype, reg, gamma, ts):
+    """The gradient keeps two weights a cell (q_up, q_left) and the reverse
+    pass derives q_diag = 1 - q_up - q_left (``simd.h``, ``dtw_q_diag``).
+    Where the reference E is exactly 0 (off the sparsemax or hard support,
+    masked and unreachable cells, past the lengths, outside the band), the
+    compiled E is exactly 0 as well; E is never negative; and it stays close
+    to the reference, with tiles of 8 and 64 cells."""
+    rng = np.random.default_rng(11)
+    tile(ts)
+    for B, NA, NB, band in [(3, 30, 41, 6), (2, 70, 50, -1), (1, 129, 131, 20)]:
+        theta, _, la, lb = _problem(rng, B, NA, NB, dtype, masks=True)
+        v, E = core.dtw_grad(theta, la, lb, band, reg, gamma)
+        v_ref, E_ref = _reference.dtw_grad(theta.astype(np.float64), la, lb, band, reg, gamma)
+        assert np.isfinite(v_ref).all(), "degenerate case: an end cell is unreachable"
+        if reg != 0:  # negentropy: exp underflows at thresholds of its own
+            assert np.all(E[E_ref == 0] == 0), np.max(np.abs(E[E_ref == 0]))
+        assert E.min() >= 0
+        tol = 1e-9 if dtype == np.float64 else 2e-4
+        np.testing.assert_allclose(E, E_ref, rtol=tol, atol=tol)

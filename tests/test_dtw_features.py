@@ -110,8 +110,8 @@ def test_long_checkpointed_against_oracle():
 def test_checkpoint_rows_from_sizes():
     assert checkpoint_rows(100, 100) == 100                 # small: stored backward
     h = checkpoint_rows(100_000, 100_000)
-    assert 150 <= h <= 200                                   # about sqrt(NA / 3)
-    extra = 8 * ((100_000 // h + 2) * 100_002 + 3 * h * 100_000)
+    assert 200 <= h <= 250                                   # about sqrt(NA / 2)
+    extra = 8 * ((100_000 // h + 2) * 100_002 + 2 * h * 100_000)
     assert extra < 0.95 * 2 ** 30
     assert checkpoint_rows(100_000, 100_000, band=50) > h    # a band: fewer cells a row
 

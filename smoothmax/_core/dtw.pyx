@@ -5,11 +5,13 @@ R[0, 0] = 0, R[i, 0] = R[0, j] = +inf and
 R[i, j] = theta[i-1, j-1] + min_Ω(R[i-1, j], R[i, j-1], R[i-1, j-1]) with
 min_Ω(r) = -max_Ω(-r) on all three predecessors everywhere.
 
-Design: the forward pass stores the local weights q (3 per cell, order up,
-left, diagonal), so that the reverse pass
+Design: the forward pass stores the local weights q (order up, left,
+diagonal), so that the reverse pass
 E[i, j] = Σ_children ebar_child·q_child[toward (i, j)] needs no exp, is
-accurate in float32 and never meets ``inf - inf``; the HVP stores their
-tangents qdot = -H(-r)·Rdot as well (3 more per cell).
+accurate in float32 and never meets ``inf - inf``. The gradient keeps two
+of them a cell, q_up and q_left, and the reverse pass takes
+q_diag = 1 - q_up - q_left (``dtw_q_diag`` in ``simd.h``, exact zeros kept);
+the HVP keeps all three and their tangents qdot = -H(-r)·Rdot (6 per cell).
 
 * ``_dtw_tiled`` (value, gradient, HVP, hard path) cuts a problem into tiles
   of TS×TS cells. Inside a tile (``_tile_fwd``, ``_tile_bwd``) the passes
@@ -48,7 +50,7 @@ from .band cimport _diag_range
 from .operators cimport sm_init_isa, sm_isa_name
 
 
-from .dtw_kernels cimport dtw_bwd, dtw_bwd_hvp, dtw_fwd, dtw_fwd_hvp
+from .dtw_kernels cimport dtw_bwd, dtw_bwd_hvp, dtw_fwd, dtw_fwd_hvp, dtw_q_diag
 from . cimport pool
 
 
@@ -69,7 +71,7 @@ cdef enum:
 cdef enum:
     QPAD = 4   # zero padding around each stored-q plane of a tile
     BLOCK = 8  # diagonals of theta / E moved at a time between rows and diagonals
-    NEDGE = 4  # edge arrays of each kind (see _Grid)
+    NEDGE = 4  # edge arrays of each kind (see _Grid): the HVP's; a gradient uses 2
 
 
 ctypedef struct _Grid:
@@ -99,8 +101,9 @@ cdef inline Py_ssize_t _ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 
 
 cdef inline Py_ssize_t _tile_work(Py_ssize_t TS) noexcept nogil:
-    """Doubles of per-thread workspace of a tile: 6 rolling diagonals, 2 blocks."""
-    return (6 + 2 * BLOCK) * (TS + 2)
+    """Doubles of per-thread workspace of a tile: 6 rolling diagonals, 2 blocks,
+    a diagonal of scratch weights."""
+    return (7 + 2 * BLOCK) * (TS + 2)
 
 
 cdef inline Py_ssize_t _tile_iwork(Py_ssize_t TS) noexcept nogil:
@@ -111,8 +114,15 @@ cdef inline Py_ssize_t _q_plane(Py_ssize_t TS) noexcept nogil:
     return TS * TS + 2 * QPAD
 
 
-cdef inline Py_ssize_t _edge_work(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t TS) noexcept nogil:
-    return NEDGE * ((_ceil_div(NA, TS) + 1) * (NB + 1) + (_ceil_div(NB, TS) + 1) * (NA + 1))
+cdef inline int _nedge(int mode) noexcept nogil:
+    """Edge arrays of each kind a mode uses: R, ebar·q_up (q_left), ebar·q_diag,
+    and for the HVP the tangents of all three (h[1]/v[1] in the forward)."""
+    return NEDGE if mode == MODE_HVP else 2
+
+
+cdef inline Py_ssize_t _edge_work(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t TS,
+                                  int mode) noexcept nogil:
+    return _nedge(mode) * ((_ceil_div(NA, TS) + 1) * (NB + 1) + (_ceil_div(NB, TS) + 1) * (NA + 1))
 
 
 cdef Py_ssize_t _tile_ranges(const _Grid* g, Py_ssize_t i0, Py_ssize_t th, Py_ssize_t j0,
@@ -217,6 +227,7 @@ cdef void _tile_fwd(const _Grid* g, const floating* theta, const floating* Z,
     cdef Py_ssize_t whi[3]
     cdef double* blk = wd + 6 * W
     cdef double* blkz = blk + BLOCK * W
+    cdef floating* qs = <floating*> (blkz + BLOCK * W)  # q_diag of one diagonal (dtw_fwd)
     cdef double* cur
     cdef double* curd
     cdef double* p1
@@ -294,7 +305,7 @@ cdef void _tile_fwd(const _Grid* g, const floating* theta, const floating* Z,
             elif q != NULL:
                 qp = q + toff[dl]
                 dtw_fwd(n, blk + boff, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
-                        qp, qp + P, qp + 2 * P, g.reg, g.gamma)
+                        qp, qp + P, qs, g.reg, g.gamma)
             else:
                 dtw_fwd(n, blk + boff, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
                         <floating*> NULL, <floating*> NULL, <floating*> NULL, g.reg, g.gamma)
@@ -321,6 +332,15 @@ cdef void _tile_fwd(const _Grid* g, const floating* theta, const floating* Z,
                 curd[dl] = vD_in[i0 + dl - 1]
             wlo[c] = min(wlo[c], dl)
             whi[c] = max(whi[c], dl)
+
+
+cdef inline double _q_diag(const floating* qU, const floating* qL, const floating* qD,
+                          Py_ssize_t pos) noexcept nogil:
+    """The diagonal weight of the cell at ``pos`` of a tile's planes: stored
+    (HVP, ``qD`` not NULL) or derived from the pair the gradient keeps."""
+    if qD != NULL:
+        return qD[pos]
+    return dtw_q_diag(qU[pos], qL[pos])
 
 
 cdef void _tile_bwd(const _Grid* g, floating* E, floating* Ed,
@@ -389,8 +409,9 @@ cdef void _tile_bwd(const _Grid* g, floating* E, floating* Ed,
     total = _tile_ranges(g, i0, th, j0, tw, tlo, thi, toff)
     qU = wq + (I * g.nTJ + J) * g.nplanes * P + QPAD
     qL = qU + P
-    qD = qU + 2 * P
+    qD = NULL
     if hvp:
+        qD = qU + 2 * P
         qdU = qU + 3 * P
         qdL = qU + 4 * P
         qdD = qU + 5 * P
@@ -429,7 +450,7 @@ cdef void _tile_bwd(const _Grid* g, floating* E, floating* Ed,
                             qdD + offD, cur + a, curd + a)
             else:
                 dtw_bwd(n, p1 + a + 1, p1 + a, p2 + a + 1,
-                        qU + offU, qL + offL, qD + offD, cur + a)
+                        qU + offU, qL + offL, qU + offD, qL + offD, cur + a)
             if a <= th <= z:  # last row: children below the tile
                 j = j0 + dl - th - 1
                 cur[th] += hU_in[j] + hG_in[j]
@@ -449,7 +470,7 @@ cdef void _tile_bwd(const _Grid* g, floating* E, floating* Ed,
                 pos = toff[dl]
                 e = cur[1]
                 hU_out[j] = e * qU[pos]
-                hG_out[j - 1] = e * qD[pos]
+                hG_out[j - 1] = e * _q_diag(qU, qL, qD, pos)
                 if hvp:
                     f = curd[1]
                     hUd_out[j] = f * qU[pos] + e * qdU[pos]
@@ -464,7 +485,7 @@ cdef void _tile_bwd(const _Grid* g, floating* E, floating* Ed,
                     f = curd[li]
                     vLd_out[i] = f * qL[pos] + e * qdL[pos]
                 if li >= 2:  # (1, 1) sends its diagonal share through the row edge
-                    vG_out[i - 1] = e * qD[pos]
+                    vG_out[i - 1] = e * _q_diag(qU, qL, qD, pos)
                     if hvp:
                         vGd_out[i - 1] = f * qD[pos] + e * qdD[pos]
             for k in range(a, z + 1):
@@ -539,11 +560,11 @@ cdef double _dtw_tiled(const floating* theta, const floating* Z, floating* E, fl
     g.nTI = _ceil_div(la, TS)
     g.nTJ = _ceil_div(lb, TS)
     g.P = _q_plane(TS)
-    g.nplanes = 6 if mode == MODE_HVP else 3
+    g.nplanes = 6 if mode == MODE_HVP else 2
     g.hs = (g.nTI + 1) * (lb + 1)
     g.vs = (g.nTJ + 1) * (la + 1)
     g.h = edges
-    g.v = edges + NEDGE * g.hs
+    g.v = edges + _nedge(mode) * g.hs
     g.lo = lohi
     g.hi = lohi + (la + lb + 3)
     g.reg = reg
@@ -581,9 +602,9 @@ cdef double _dtw_tiled(const floating* theta, const floating* Z, floating* E, fl
     value = g.h[g.nTI * (lb + 1) + lb]
     if mode == MODE_VALUE or value == INFINITY:
         return value  # unreachable end cell: E = 0
-    for x in range(NEDGE * g.hs):
+    for x in range(_nedge(mode) * g.hs):
         g.h[x] = 0.0
-    for x in range(NEDGE * g.vs):
+    for x in range(_nedge(mode) * g.vs):
         g.v[x] = 0.0
     if par:
         if floating is double:
@@ -644,7 +665,7 @@ cdef inline Py_ssize_t _q_len(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t TS, int m
     """Stored weights (and tangents) of one problem, in values of the caller's dtype."""
     if mode == MODE_VALUE:
         return 0
-    return _ceil_div(NA, TS) * _ceil_div(NB, TS) * (6 if mode == MODE_HVP else 3) * _q_plane(TS)
+    return _ceil_div(NA, TS) * _ceil_div(NB, TS) * (6 if mode == MODE_HVP else 2) * _q_plane(TS)
 
 
 ctypedef struct _Plan:
@@ -751,7 +772,7 @@ cdef void _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :, ::1] 
     # the tile workspaces of the wavefront when they share a problem
     c.lwd = pool.slot_len(_tile_work(p.TS))  # whole cache lines a slot
     c.lwi = _tile_iwork(p.TS)
-    c.ledge = pool.slot_len(_edge_work(NA, NB, p.TS))
+    c.ledge = pool.slot_len(_edge_work(NA, NB, p.TS, mode))
     c.llohi = 2 * (NA + NB + 3)
     cdef int nslots = 1 if p.par else nthreads
     with nogil:

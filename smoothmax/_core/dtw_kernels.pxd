@@ -8,9 +8,11 @@ the pointers a fused ``floating`` function passes."""
 
 cdef extern from "simd.h" namespace "smx::cpu" nogil:
     void dtw_fwd[T](Py_ssize_t n, const double* theta, const double* up, const double* left,
-                    const double* dg, double* out, T* qu, T* ql, T* qd, int reg, double gamma)
+                    const double* dg, double* out, T* qu, T* ql, T* qd, int reg,
+                    double gamma)
     void dtw_bwd[T](Py_ssize_t n, const double* eu, const double* el, const double* ed,
-                    const T* qu, const T* ql, const T* qd, double* out)
+                    const T* qu, const T* ql, const T* du, const T* dl, double* out)
+    double dtw_q_diag[T](T qu, T ql)
     void dtw_fwd_hvp[T](Py_ssize_t n, const double* theta, const double* z, const double* up,
                         const double* left, const double* dg, double* out, const double* dup,
                         const double* dleft, const double* ddg, double* dout,

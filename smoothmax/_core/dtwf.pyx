@@ -17,9 +17,10 @@ per-diagonal operator kernels of ``simd.h`` shared with ``dtw.pyx``
 * value: strips in order, two rows of R (O(NB) memory);
 * gradient, checkpointed: a first forward keeps R on the row above every
   strip (``nS`` rows of NB + 1), then the strips are visited last to first:
-  each is recomputed from its checkpoint row storing its weights q (3 per
-  cell, ``3·h·NB`` doubles) and swept backward. With ``h ≈ √(NA / 3)`` the
-  extra memory is ``≈ 2·√(3·NA)·NB`` doubles, O((NA + NB)·√NA) instead of the
+  each is recomputed from its checkpoint row storing its weights q (2 per
+  cell, q_up and q_left; the reverse pass derives q_diag, as ``dtw.pyx``;
+  ``2·h·NB`` doubles) and swept backward. With ``h ≈ √(NA / 2)`` the extra
+  memory is ``≈ 2·√(2·NA)·NB`` doubles, O((NA + NB)·√NA) instead of the
   ``4·NA·NB`` values of ``theta``, q and ``E``; the work is two forward
   passes and one reverse pass. ``h = NA`` (one strip) is the stored
   backward, one forward storing q and one reverse, the special case the
@@ -48,7 +49,7 @@ import numpy as np
 from .._buffers import workspace as _workspace
 
 from .band cimport _diag_range
-from .dtw_kernels cimport dtw_bwd, dtw_fwd
+from .dtw_kernels cimport dtw_bwd, dtw_fwd, dtw_q_diag
 from .operators cimport sm_init_isa
 
 
@@ -112,8 +113,9 @@ cdef Py_ssize_t _strip_ranges(const _Strip* p, Py_ssize_t i0, Py_ssize_t h,
 
 
 cdef inline Py_ssize_t _strip_work(Py_ssize_t h) noexcept nogil:
-    """Doubles of workspace of a strip sweep: 3 rolling diagonals and a cost buffer."""
-    return 4 * (h + 2)
+    """Doubles of workspace of a strip sweep: 3 rolling diagonals, a cost buffer
+    and a diagonal of scratch weights."""
+    return 5 * (h + 2)
 
 
 cdef void _strip_fwd(const _Strip* p, Py_ssize_t i0, Py_ssize_t h, const double* Rin,
@@ -134,6 +136,7 @@ cdef void _strip_fwd(const _Strip* p, Py_ssize_t i0, Py_ssize_t h, const double*
     cdef Py_ssize_t wlo[3]
     cdef Py_ssize_t whi[3]
     cdef double* cb = wd + 3 * W
+    cdef double* qs = wd + 4 * W  # q_diag of one diagonal (dtw_fwd)
     cdef double* cur
     cdef double* p1
     cdef double* p2
@@ -167,7 +170,7 @@ cdef void _strip_fwd(const _Strip* p, Py_ssize_t i0, Py_ssize_t h, const double*
             sm_cost_diag(n, p.cost, p.X + (i0 + a - 2) * d, p.Y + (dl - a - 1) * d, d, cb)
             if q != NULL:
                 dtw_fwd(n, cb, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
-                        q + soff[dl], q + P + soff[dl], q + 2 * P + soff[dl], p.reg, p.gamma)
+                        q + soff[dl], q + P + soff[dl], qs, p.reg, p.gamma)
             else:
                 dtw_fwd(n, cb, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
                         <double*> NULL, <double*> NULL, <double*> NULL, p.reg, p.gamma)
@@ -204,7 +207,6 @@ cdef void _strip_bwd(const _Strip* p, Py_ssize_t i0, Py_ssize_t h, const double*
     cdef double* p2
     cdef const double* qU = q
     cdef const double* qL = q + P
-    cdef const double* qD = q + 2 * P
     cdef bint last = i0 + h - 1 == p.la
     cdef double e
     for c in range(3):
@@ -233,7 +235,8 @@ cdef void _strip_bwd(const _Strip* p, Py_ssize_t i0, Py_ssize_t h, const double*
         offU = soff[dl + 1] + (a + 1 - slo[dl + 1])
         offL = soff[dl + 1] + (a - slo[dl + 1])
         offD = soff[dl + 2] + (a + 1 - slo[dl + 2])
-        dtw_bwd(n, p1 + a + 1, p1 + a, p2 + a + 1, qU + offU, qL + offL, qD + offD, cur + a)
+        dtw_bwd(n, p1 + a + 1, p1 + a, p2 + a + 1, qU + offU, qL + offL, qU + offD, qL + offD,
+                cur + a)
         if a <= h <= z:  # last row: children below the strip
             cur[h] += Ein[dl - h]
         if last and dl == Dl:  # the end cell
@@ -245,7 +248,7 @@ cdef void _strip_bwd(const _Strip* p, Py_ssize_t i0, Py_ssize_t h, const double*
             pos = soff[dl]
             e = cur[1]
             Eout[j] += e * qU[pos]
-            Eout[j - 1] += e * qD[pos]
+            Eout[j - 1] += e * dtw_q_diag(qU[pos], qL[pos])
 
 
 cdef inline void _report(void* progress, Py_ssize_t rows) noexcept nogil:
@@ -299,11 +302,11 @@ cdef double _one(const _Strip* p, Py_ssize_t h, bint grad, double* gx, double* g
         if value == INFINITY:
             return value  # unreachable end cell: E = 0, gradients 0
     q = rows + (nS + 1) * L + QPAD
-    Ein = q + 3 * P
+    Ein = q + 2 * P
     Eout = Ein + L
     for k in range(L):
         Ein[k] = 0.0
-    for k in range(-QPAD, 3 * P - QPAD):
+    for k in range(-QPAD, 2 * P - QPAD):
         q[k] = 0.0
     for s in range(nS - 1, -1, -1):
         i0 = s * h + 1
@@ -333,7 +336,7 @@ cdef inline Py_ssize_t _work_len(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t h, bin
     cdef Py_ssize_t nS = (NA + h - 1) // h, L = NB + 2, P = h * NB + 2 * QPAD
     if not grad:
         return _strip_work(h) + 2 * L
-    return _strip_work(h) + (nS + 1) * L + 3 * P + 2 * L + 2 * QPAD
+    return _strip_work(h) + (nS + 1) * L + 2 * P + 2 * L + 2 * QPAD
 
 
 def work_bytes(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t d, Py_ssize_t h, bint grad):

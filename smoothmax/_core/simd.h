@@ -132,16 +132,24 @@ template <typename V> SMX_HD void vstore(void *p, V v) { memcpy(p, &v, sizeof v)
  * Forward:
  *   out[k] = theta[k] + min_Omega(up[k], left[k], dg[k]),
  *   min_Omega(r) = -max_Omega(-r), weights q = grad max_Omega(-r),
- * with up = R[i-1, j], left = R[i, j-1], dg = R[i-1, j-1]; the weights go to
- * qu/ql/qd[k] when qu is not NULL. All three +inf: value +inf, q = 0.
+ * with up = R[i-1, j], left = R[i, j-1], dg = R[i-1, j-1]; when qu is not
+ * NULL, two weights a cell are kept, qu[k] and ql[k] (qd: n values of
+ * scratch): the third is qd = 1 - qu - ql (dtw_q_diag). Where qd is exactly 0
+ * (sparsemax, the hard max, an underflow), ql is kept as 1 - qu rounded in T,
+ * so that dtw_q_diag gives exactly 0 again. All three +inf: value +inf,
+ * q = 0, and dtw_q_diag says 0 as well.
  * Reverse over one diagonal:
- *   out[k] = eu[k]*qu[k] + el[k]*ql[k] + ed[k]*qd[k]
+ *   out[k] = eu[k]*qu[k] + el[k]*ql[k] + ed[k]*dtw_q_diag(du[k], dl[k])
  * with eu = ebar(i+1, j), el = ebar(i, j+1), ed = ebar(i+1, j+1) and the
- * weights of those children toward (i, j). theta and E along a diagonal are
+ * weights of those children toward (i, j) (du, dl: the stored pair of the
+ * diagonal child). theta and E along a diagonal are
  * strided in memory (stride NB - 1, one row each): the caller copies theta
  * into / E out of contiguous diagonal buffers, eight diagonals at a time, so
  * that each row of theta / E is visited once per eight diagonals (strided
  * gathers and scatters in these loops cost a cache and TLB miss per cell).
+ *
+ * The HVP stores all three weights (and their three tangents): its reverse
+ * pass reads each of them twice and is short of compute, not of memory.
  *
  * HVP (docs/spec.md §2), forward, per cell, with u the tangents Rdot of the
  * predecessors (up, left, diagonal):
@@ -151,6 +159,16 @@ template <typename V> SMX_HD void vstore(void *p, V v) { memcpy(p, &v, sizeof v)
  *   dout = fu qu + eu qdu + fl ql + el qdl + fd qd + ed qdd.
  * A q of 0 multiplies a finite tangent, so masked cells give exact zeros.
  */
+/* The diagonal weight of a cell from its stored pair (qu, ql): 1 - qu - ql,
+ * rounded in T as the forward pass rounded ql where qd is 0 (so that those
+ * cells give exactly 0), and never below 0 (a float32 qd under the rounding
+ * of qu + ql). */
+template <typename T> SMX_HD double dtw_q_diag(T qu, T ql)
+{
+    T d = (T(1) - qu) - ql;
+    return d > T(0) ? (double)d : 0.0;
+}
+
 template <typename T, bool STORE>
 struct DtwFwdLoop {
     template <int REG>
@@ -164,13 +182,21 @@ struct DtwFwdLoop {
             out[k] = theta[k] - v;
             if (STORE) { qu[k] = qa; ql[k] = qb; qd[k] = qc; }
         }
+        /* ql where qd is 0, in a loop of its own: a test of qc in the loop
+         * above changes how the compiler contracts the value's products into
+         * fused multiply-adds (measured: the value differed from the value
+         * pass's in the last bit), and the value and gradient passes must
+         * agree to the bit */
+        if (STORE)
+            for (ptrdiff_t k = 0; k < n; ++k) ql[k] = qd[k] == T(0) ? T(1) - qu[k] : ql[k];
     }
 };
 
 struct DtwFwd {
     template <typename T>
     static SMX_HD void run(ptrdiff_t n, const double *theta, const double *up, const double *left,
-                           const double *dg, double *out, T *qu, T *ql, T *qd, int reg, double gamma)
+                           const double *dg, double *out, T *qu, T *ql, T *qd, int reg,
+                           double gamma)
     {
         const double ig = 1.0 / gamma;
         if (qu != NULL)
@@ -184,10 +210,11 @@ struct DtwBwd {
     template <typename T>
     static SMX_HD void run(ptrdiff_t n, const double *SMX_R eu, const double *SMX_R el,
                            const double *SMX_R ed, const T *SMX_R qu, const T *SMX_R ql,
-                           const T *SMX_R qd, double *SMX_R out)
+                           const T *SMX_R du, const T *SMX_R dl, double *SMX_R out)
     {
         for (ptrdiff_t k = 0; k < n; ++k)
-            out[k] = eu[k] * (double)qu[k] + el[k] * (double)ql[k] + ed[k] * (double)qd[k];
+            out[k] = eu[k] * (double)qu[k] + el[k] * (double)ql[k]
+                     + ed[k] * dtw_q_diag(du[k], dl[k]);
     }
 };
 
@@ -688,8 +715,8 @@ inline void dtw_fwd(ptrdiff_t n, const double *theta, const double *up, const do
 
 template <typename T>
 inline void dtw_bwd(ptrdiff_t n, const double *eu, const double *el, const double *ed,
-                    const T *qu, const T *ql, const T *qd, double *out)
-{ dispatch<DtwBwd>(n, eu, el, ed, qu, ql, qd, out); }
+                    const T *qu, const T *ql, const T *du, const T *dl, double *out)
+{ dispatch<DtwBwd>(n, eu, el, ed, qu, ql, du, dl, out); }
 
 template <typename T>
 inline void dtw_fwd_hvp(ptrdiff_t n, const double *theta, const double *z, const double *up,
