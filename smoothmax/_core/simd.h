@@ -186,9 +186,12 @@ struct DtwFwdLoop {
          * above changes how the compiler contracts the value's products into
          * fused multiply-adds (measured: the value differed from the value
          * pass's in the last bit), and the value and gradient passes must
-         * agree to the bit */
-        if (STORE)
+         * agree to the bit. Negentropy too: a +inf predecessor (a masked
+         * cell) has weight exactly 0, and its E must be exactly 0 */
+        if (STORE) {
+#pragma GCC ivdep
             for (ptrdiff_t k = 0; k < n; ++k) ql[k] = qd[k] == T(0) ? T(1) - qu[k] : ql[k];
+        }
     }
 };
 
