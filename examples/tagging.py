@@ -306,8 +306,9 @@ def row_grid(loss, reg, args, epochs):
     A warm start leaves at least one epoch of the row's own loss.
     """
     grid = SELECT_GRID.get((loss, reg), [{"optimizer": "adam", "lr": 1e-2, "gamma": 1.0}])
-    fixed = {k: getattr(args, k) for k in ("optimizer", "lr", "gamma", "warm", "mix", "decay")
-             if getattr(args, k) is not None}
+    fixed = {k: getattr(args, k) for k in ("optimizer", "lr", "gamma", "warm", "mix", "decay",
+                                           "gamma_from", "gamma_epochs")
+             if getattr(args, k, None) is not None}
     points = [{**ROW_DEFAULTS, **grid[0], **fixed}] if fixed or args.no_select else \
         [{**ROW_DEFAULTS, **hp} for hp in grid]
     return [dict(hp, warm=min(hp["warm"], epochs - 1)) if loss == "relaxed"
@@ -345,6 +346,7 @@ def train_epochs(run, data, loss, n_epochs, batch_size, bar, own=False):
     for _ in range(n_epochs):
         epoch = len(run["history"])
         row_loss = "surrogate" if epoch < run["hp"].get("warm", 0) else loss  # warm start
+        model.crf.gamma = gamma_of_epoch(run["hp"], epoch - run["hp"].get("warm", 0))
         model.train()
         total, n = 0.0, 0
         for w, c, t, lengths, _ in batches(data["train"], batch_size, run["rng"]):
@@ -366,7 +368,19 @@ def train_epochs(run, data, loss, n_epochs, batch_size, bar, own=False):
         if row_loss == loss and run["sched"] is not None:
             run["sched"].step(dev[metric])
     run["torch_rng"] = torch.get_rng_state()
+    model.crf.gamma = run["hp"]["gamma"]
     return run
+
+
+def gamma_of_epoch(hp, k):
+    """γ of the row's own-loss epoch ``k`` (0: the first after the warm start; < 0: a
+    warm-start epoch): ``gamma``, or with ``gamma_from`` a geometric schedule from
+    ``gamma_from`` down to ``gamma`` over ``gamma_epochs`` epochs (a diagnostic: a
+    larger γ keeps the ℓ2 support open while the model is still wrong)."""
+    g, g0, n = hp["gamma"], hp.get("gamma_from"), hp.get("gamma_epochs", 4)
+    if g0 is None or k < 0 or k >= n:
+        return g
+    return g0 * (g / g0) ** (k / n)
 
 
 def select_and_train(data, vocabs, loss, reg, grid, epochs, select_epochs, seed, batch_size, bar, own=False):
@@ -646,6 +660,11 @@ def main(argv=None):
                         help="epochs of the surrogate loss before a relaxed loss (fixes it)")
     parser.add_argument("--mix", type=float, default=None,
                         help="weight of the surrogate loss added to a relaxed loss (fixes it)")
+    parser.add_argument("--gamma-from", type=float, default=None,
+                        help="diagnostic: γ of the first epoch of a row's own loss, decreasing "
+                             "geometrically to --gamma over --gamma-epochs epochs (fixes it)")
+    parser.add_argument("--gamma-epochs", type=int, default=None,
+                        help="epochs of the --gamma-from schedule (default 4)")
     parser.add_argument("--decay", choices=("none", "plateau"), default=None,
                         help="learning-rate schedule of every row (fixes it): plateau halves it after each "
                              "epoch whose dev score is not a new best")

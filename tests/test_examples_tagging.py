@@ -247,6 +247,22 @@ def test_plateau_halves_the_rate_after_each_epoch_of_the_rows_loss_that_is_not_a
     assert run["best"] == 40.0
 
 
+def test_gamma_schedule_runs_from_gamma_from_down_to_gamma_after_the_warm_start(monkeypatch):
+    data, (words, chars, tags) = twelve_sentences(3)
+    hp = {"optimizer": "adam", "lr": 1e-2, "gamma": 3.0, "warm": 1, "gamma_from": 12.0, "gamma_epochs": 2}
+    run = tagging.new_run(data, (words, chars, tags), "l2", hp, 0)
+    used = []
+
+    def evaluate(model, d, itos):  # called after each epoch's updates: the γ that epoch used
+        used.append(model.crf.gamma)
+        return {"f1": 1.0}
+    monkeypatch.setattr(tagging, "evaluate", evaluate)
+    tagging.train_epochs(run, data, "relaxed", 5, 4, tagging.tqdm(total=0, disable=True))
+    # warm-start epoch at γ; then 12·(3/12)^(k/2) for k = 0, 1; then γ
+    assert used == pytest.approx([3.0, 12.0, 6.0, 3.0, 3.0])
+    assert run["model"].crf.gamma == 3.0
+
+
 def test_every_grid_point_gets_the_plateau_schedule_unless_the_command_line_fixes_it():
     import argparse
     args = argparse.Namespace(optimizer=None, lr=None, gamma=None, warm=None, mix=None, decay=None,
