@@ -135,9 +135,10 @@ template <typename V> SMX_HD void vstore(void *p, V v) { memcpy(p, &v, sizeof v)
  * with up = R[i-1, j], left = R[i, j-1], dg = R[i-1, j-1]; when qu is not
  * NULL, two weights a cell are kept, qu[k] and ql[k] (qd: n values of
  * scratch): the third is qd = 1 - qu - ql (dtw_q_diag). Where qd is exactly 0
- * (sparsemax, the hard max, an underflow), ql is kept as 1 - qu rounded in T,
- * so that dtw_q_diag gives exactly 0 again. All three +inf: value +inf,
- * q = 0, and dtw_q_diag says 0 as well.
+ * (sparsemax, the hard max, a +inf diagonal predecessor, an underflow), ql is
+ * kept as 1 - qu rounded in T, so that dtw_q_diag gives exactly 0 again. All
+ * three +inf: value +inf and the pair (0, 1); no path reaches such a cell, so
+ * its ebar is exactly 0 and its pair never reaches E.
  * Reverse over one diagonal:
  *   out[k] = eu[k]*qu[k] + el[k]*ql[k] + ed[k]*dtw_q_diag(du[k], dl[k])
  * with eu = ebar(i+1, j), el = ebar(i, j+1), ed = ebar(i+1, j+1) and the
