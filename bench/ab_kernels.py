@@ -33,6 +33,7 @@ CASES = [  # (function, shape, reg); value + gradient unless named otherwise
     ("dtw_grad", (32, 256, 256), "l2"),
     ("dtw_hvp", (2, 200, 200), "negentropy"),
     ("dtw_hvp", (1, 1024, 1024), "negentropy"),
+    ("viterbi_grad", (64, 128, 8, 8), "negentropy"),
     ("viterbi_grad", (32, 128, 16, 16), "negentropy"),
     ("viterbi_grad", (8, 64, 64, 64), "negentropy"),
     ("viterbi_grad", (32, 128, 16, 16), "l2"),

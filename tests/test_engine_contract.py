@@ -529,9 +529,11 @@ def test_viterbi_wide_against_reference(engine, dtype, reg, rng):
 @pytest.mark.parametrize("engine", engines("viterbi", only={"compiled", "cuda"}), indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 def test_viterbi_value_grad_every_row_width(engine, dtype, rng):
-    """S = 1..40 with negentropy: the CPU core splits a row of S >= 8 into
-    vectors of 8 doubles / 16 floats and a tail of halving vectors, and runs
-    shorter rows in loops; every split is met here, masked edges included."""
+    """S = 1..40 with negentropy: the CPU core splits a row of at least one
+    vector of doubles into vectors of the ISA's width (2, 4 or 8 doubles, twice
+    as many floats) and a tail of halving vectors, and runs shorter rows in
+    loops; every split is met here, masked edges included
+    (``test_viterbi_rows_at_every_isa_width`` runs it at the other widths)."""
     from smoothmax import _reference as R
 
     code = REGS["negentropy"]
@@ -544,6 +546,39 @@ def test_viterbi_value_grad_every_row_width(engine, dtype, rng):
         _close(v, want_v, dtype, f"S={S} value", scale)
         _close(v_g, want_v, dtype, f"S={S} value (grad)", scale)
         _close(E, want_E, dtype, f"S={S} E")
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_viterbi_rows_at_every_isa_width(isa):
+    """The CPU core compiles its kernels once per x86 ISA, the Viterbi rows at
+    that ISA's vector width (simd.h ``dispatch_w``: 16 bytes baseline, 32 AVX2,
+    64 AVX-512); ``SMOOTHMAX_ISA`` caps the dispatch, so that the widths below
+    this CPU's own run here too: the row-width and reference tests in a
+    subprocess at each, which reports the ISA it ran."""
+    import subprocess
+    import sys
+
+    if _compiled_reason() is not None:
+        pytest.skip(_compiled_reason())
+    from smoothmax._core import dtw as core
+
+    native = core._simd_isa()
+    if native not in ("avx512", "avx2+fma", "baseline"):
+        pytest.skip(f"one ISA built ({native}): nothing to cap")
+    if isa == "avx2" and native == "baseline":
+        pytest.skip("this CPU has no AVX2 + FMA")
+    env = dict(os.environ, SMOOTHMAX_ISA=isa)
+    name = subprocess.run(
+        [sys.executable, "-c", "from smoothmax._core import dtw; print(dtw._simd_isa())"],
+        env=env, capture_output=True, text=True, timeout=120).stdout.strip()
+    assert name == {"baseline": "baseline", "avx2": "avx2+fma"}[isa]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "compiled",
+         f"{__file__}::test_viterbi_value_grad_every_row_width",
+         f"{__file__}::test_viterbi_against_reference"],
+        env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(__file__))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
 
 
 # ---------------------------------------------------------------------------

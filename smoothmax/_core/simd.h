@@ -36,9 +36,10 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-/* 64-byte vectors (vec<T> below) in functions that are always inlined: no ABI */
+/* vectors of up to 64 bytes (vec<T, W> below) in functions that are always inlined: no ABI */
 #pragma GCC diagnostic ignored "-Wpsabi"
 #include "include/smx_ops.hpp"
 
@@ -83,20 +84,21 @@ SMX_HD double rowmax(ptrdiff_t n, const double *SMX_R x, double *SMX_R y)
 /*
  * A small vector abstraction for loops whose reductions the loop vectorizer
  * does not vectorize (a max or a sum over a row; it keeps them scalar without
- * -ffast-math): vec<T>::type is a GCC/Clang vector of 64 bytes (8 doubles,
- * 16 floats), compiled at the width of the dispatch's ISA (one AVX-512
- * register, two AVX2 ones, four SSE2 ones, NEON pairs on arm64), and
- * smx::exp_nonpos runs on it unchanged (fp<> below). This file is GCC/Clang
- * only already (__builtin_inf, __restrict__).
+ * -ffast-math): vec<T, W>::type is a GCC/Clang vector of W bytes, W the
+ * register width of the dispatch's ISA (dispatch_w below: 64 for AVX-512, 32
+ * for AVX2, 16 for SSE2 and NEON), and smx::exp_nonpos runs on it unchanged
+ * (fp<> below). One width for every ISA does not do: 64-byte vectors compiled
+ * for AVX2 (two registers each) spilled to the stack, and the Viterbi
+ * negentropy rows ran 3-6x slower than with 32-byte ones (bench/results/
+ * core_ops_vec_width.md, docs/engines.md). This file is GCC/Clang only already
+ * (__builtin_inf, __restrict__).
  */
 template <typename T, int N> struct vecn {  /* N lanes of T */
     typedef T type __attribute__((vector_size(N * sizeof(T))));
     typedef typename fp<T>::bits_t bits __attribute__((vector_size(N * sizeof(T))));
     enum { n = N };
 };
-template <typename T> struct vec;  /* 64 bytes: one AVX-512 register */
-template <> struct vec<double> : vecn<double, 8> {};
-template <> struct vec<float> : vecn<float, 16> {};
+template <typename T, int W> struct vec : vecn<T, W / (int)sizeof(T)> {};  /* W bytes */
 }  // namespace cpu
 /* fp<> of the vector types (smx::exp_nonpos on them): the widths a row's
  * vectors and its tail's halving vectors use */
@@ -412,13 +414,13 @@ SMX_HD void vit_exps_tail(ptrdiff_t S, ptrdiff_t &j, const double *SMX_R x, doub
  * vector steps, a row's tail in halving vectors (scalar tails ran S = 12
  * 1.3x slower than the loops); msum[i] = m, msum[S + i] = sum. Returns the
  * NaN / +inf count. */
-template <typename T>
+template <typename T, int W>
 SMX_HD double vit_rows_negentropy(ptrdiff_t S, const T *SMX_R th, const double *SMX_R V,
                                   T *SMX_R E, double *SMX_R x, double *SMX_R msum, double gamma)
 {
-    typedef typename vec<double>::type VD;
-    typedef typename vec<T>::type VT;
-    const int nd = vec<double>::n, nt = vec<T>::n;
+    typedef typename vec<double, W>::type VD;
+    typedef typename vec<T, W>::type VT;
+    const int nd = vec<double, W>::n, nt = vec<T, W>::n;
     const double ig = 1.0 / gamma;
     decltype(VD{} < 0.0) vok = {};  /* integer lanes */
     double nbad = 0.0;
@@ -462,7 +464,7 @@ SMX_HD double vit_rows_negentropy(ptrdiff_t S, const T *SMX_R th, const double *
     return nbad + (double)(nvec - ok);
 }
 
-template <typename T, bool VEC>
+template <typename T, int W>
 SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
                                const double *SMX_R V, const double *SMX_R Vd, double *SMX_R Vn,
                                double *SMX_R Vdn, T *SMX_R E, T *SMX_R Ed, double *SMX_R inv,
@@ -473,8 +475,8 @@ SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
     double *SMX_R y = x + S;
     double *SMX_R msum = x + 2 * S;  /* row max, then row sum: 2 S */
     ptrdiff_t i, j, l;
-    if constexpr (VEC) {
-        *bad += vit_rows_negentropy<T>(S, th, V, E, x, msum, gamma);
+    if constexpr (W > 0) {
+        *bad += vit_rows_negentropy<T, W>(S, th, V, E, x, msum, gamma);
     } else for (i = 0; i < S; ++i) {
         /* the HVP (the weights and the tangent), and the value and gradient
          * of rows shorter than a vector (see vit_fwd) */
@@ -541,7 +543,7 @@ SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
 }
 
 /* the rows of the other operators (smx::row_max: no reduction worth vectorizing) */
-template <typename T, bool VEC>
+template <typename T, int W>
 struct VitFwdRows {
     template <int REG>
     static SMX_HD void run(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
@@ -550,7 +552,7 @@ struct VitFwdRows {
                            double *SMX_R x, double gamma, double *SMX_R bad)
     {
         if constexpr (REG == NEGENTROPY) {  /* the vectorized log-sum-exp above */
-            vit_fwd_negentropy<T, VEC>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, bad);
+            vit_fwd_negentropy<T, W>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, bad);
         } else {
             double *SMX_R q = x + S;
             ptrdiff_t i, j;
@@ -568,13 +570,15 @@ struct VitFwdRows {
     }
 };
 
-template <bool VEC> struct VitFwd {
+/* W: the vector width in bytes of the negentropy rows (vit_rows_negentropy), 0
+ * for the loops */
+template <int W> struct VitFwd {
     template <typename T>
     static SMX_HD void run(ptrdiff_t S, const T *th, const T *z, const double *V, const double *Vd,
                            double *Vn, double *Vdn, T *E, T *Ed, double *inv, double *x,
                            int reg, double gamma, double *bad)
     {
-        with_reg<VitFwdRows<T, VEC>>(reg, S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, bad);
+        with_reg<VitFwdRows<T, W>>(reg, S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, bad);
     }
 };
 
@@ -656,6 +660,8 @@ struct VitBwd {
  * ISA chosen once by init_isa(): 0 baseline, 1 AVX2 + FMA, 2 AVX-512; -1
  * until init_isa() ran. Modules call init_isa() at import; dispatch also runs
  * it lazily (a benign race: every thread would store the same value).
+ * dispatch_w<K>(args...) runs K<W>::run(args...), W the ISA's vector width in
+ * bytes (vec_bytes()), for kernels written over vec<T, W>.
  */
 static int isa_level = -1;
 
@@ -669,16 +675,23 @@ template <class K, class... A> SM_ATTR_AVX512 auto on_avx512(A... a) { return K:
 template <class K, class... A> SM_ATTR_AVX2 auto on_avx2(A... a) { return K::run(a...); }
 template <class K, class... A> auto on_base(A... a) { return K::run(a...); }
 
+/* SMOOTHMAX_ISA=baseline|avx2 caps the level (the tests run each ISA's code
+ * on one machine; a level the CPU lacks is never chosen) */
 inline void init_isa()
 {
     __builtin_cpu_init();
+    int level;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
-        isa_level = 2;
+        level = 2;
     else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        isa_level = 1;
+        level = 1;
     else
-        isa_level = 0;
+        level = 0;
+    const char *cap = getenv("SMOOTHMAX_ISA");
+    if (cap != NULL && strcmp(cap, "baseline") == 0) level = 0;
+    else if (cap != NULL && strcmp(cap, "avx2") == 0 && level > 1) level = 1;
+    isa_level = level;
 }
 
 inline const char *isa_name()
@@ -695,6 +708,22 @@ template <class K, class... A> inline auto dispatch(A... a)
     default: return on_base<K>(a...);
     }
 }
+
+inline int vec_bytes()
+{
+    if (isa_level < 0) init_isa();
+    return isa_level == 2 ? 64 : isa_level == 1 ? 32 : 16;
+}
+
+template <template <int> class K, class... A> inline auto dispatch_w(A... a)
+{
+    if (isa_level < 0) init_isa();
+    switch (isa_level) {
+    case 2: return on_avx512<K<64>>(a...);
+    case 1: return on_avx2<K<32>>(a...);
+    default: return on_base<K<16>>(a...);
+    }
+}
 #else
 inline void init_isa() { isa_level = 0; }
 inline const char *isa_name()
@@ -708,6 +737,17 @@ inline const char *isa_name()
 #endif
 }
 template <class K, class... A> inline auto dispatch(A... a) { return K::run(a...); }
+/* the width the compiler targets: -march=native's, or 16 bytes (SSE2, NEON) */
+#if defined(__AVX512F__)
+#define SMX_VEC_BYTES 64
+#elif defined(__AVX2__)
+#define SMX_VEC_BYTES 32
+#else
+#define SMX_VEC_BYTES 16
+#endif
+inline int vec_bytes() { return SMX_VEC_BYTES; }
+template <template <int> class K, class... A> inline auto dispatch_w(A... a)
+{ return K<SMX_VEC_BYTES>::run(a...); }
 #endif
 
 /* The entry points the Cython modules declare (dtw_kernels.pxd, operators.pxd,
@@ -746,13 +786,14 @@ inline void vit_fwd(ptrdiff_t S, const T *th, const T *z, const double *V, const
 {
     /* Two instantiations, each its own ISA-dispatched function: the negentropy
      * value and gradient of rows of at least one vector of doubles in vector
-     * code (vit_rows_negentropy), the rest (the HVP, shorter rows, the other
-     * operators: VEC only matters for negentropy) in loops.
+     * code of the ISA's width (vit_rows_negentropy), the rest (the HVP,
+     * shorter rows, the other operators: the width only matters for
+     * negentropy) in loops (VitFwd<0>).
      * In one function, the short rows ran 1.2-1.5x slower than alone (S = 3). */
-    if (reg == NEGENTROPY && z == NULL && S >= vec<double>::n)
-        dispatch<VitFwd<true>>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, reg, gamma, bad);
+    if (reg == NEGENTROPY && z == NULL && S * (ptrdiff_t)sizeof(double) >= vec_bytes())
+        dispatch_w<VitFwd>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, reg, gamma, bad);
     else
-        dispatch<VitFwd<false>>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, reg, gamma, bad);
+        dispatch<VitFwd<0>>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, reg, gamma, bad);
 }
 
 template <typename T>
