@@ -37,6 +37,7 @@ CASES = [  # (function, shape, reg); value + gradient unless named otherwise
     ("viterbi_grad", (32, 128, 16, 16), "negentropy"),
     ("viterbi_grad", (8, 64, 64, 64), "negentropy"),
     ("viterbi_grad", (32, 128, 16, 16), "l2"),
+    ("viterbi_grad", (8, 64, 64, 64), "l2"),
     ("viterbi_hvp", (32, 128, 16, 16), "negentropy"),
     ("viterbi_hvp", (32, 128, 16, 16), "l2"),
 ]

@@ -528,15 +528,16 @@ def test_viterbi_wide_against_reference(engine, dtype, reg, rng):
 
 @pytest.mark.parametrize("engine", engines("viterbi", only={"compiled", "cuda"}), indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
-def test_viterbi_value_grad_every_row_width(engine, dtype, rng):
-    """S = 1..40 with negentropy: the CPU core splits a row of at least one
+@pytest.mark.parametrize("reg", ["negentropy", "l2"])
+def test_viterbi_value_grad_every_row_width(engine, dtype, reg, rng):
+    """S = 1..40 with negentropy and l2: the CPU core splits a row of at least one
     vector of doubles into vectors of the ISA's width (2, 4 or 8 doubles, twice
     as many floats) and a tail of halving vectors, and runs shorter rows in
     loops; every split is met here, masked edges included
     (``test_viterbi_rows_at_every_isa_width`` runs it at the other widths)."""
     from smoothmax import _reference as R
 
-    code = REGS["negentropy"]
+    code = REGS[reg]
     for S in range(1, 41):
         theta, _, L = _viterbi_moderate(rng, dtype, S, T=4)
         v = engine.call("viterbi_value", theta, L, code, GAMMA)

@@ -542,6 +542,76 @@ SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
     }
 }
 
+/* l2 value and gradient (z == NULL) of rows of at least one vector of
+ * doubles: smx::row_max<double, L2>'s steps (the max, Michelot's passes over
+ * the support, the weights and the value), each sum over the row in vectors
+ * of the ISA's width. In the loops, these sums stay scalar (the vectorizer
+ * does not reorder a float sum), and a row of 16 took 8x the time of the
+ * negentropy row. x (4 S doubles) holds the row padded with -inf to whole
+ * vectors (Sp <= 2S - 1), then its weights. */
+template <typename T, int W>
+SMX_HD void vit_rows_l2(ptrdiff_t S, const T *SMX_R th, const double *SMX_R V,
+                        double *SMX_R Vn, T *SMX_R E, double *SMX_R x, double gamma,
+                        double *SMX_R bad)
+{
+    typedef typename vec<double, W>::type VD;
+    const int nd = vec<double, W>::n;
+    const ptrdiff_t Sp = (S + nd - 1) / nd * nd;
+    const double ig = 1.0 / gamma;
+    const VD zero = VD{}, one = zero + 1.0;
+    ptrdiff_t i, j;
+    for (i = 0; i < S; ++i) {
+        vit_row(S, th + i * S, V, x, bad);
+        for (j = S; j < Sp; ++j) x[j] = -SM_INF;
+        VD mx = zero - SM_INF;
+        for (j = 0; j < Sp; j += nd) {
+            const VD xv = vload<VD>(x + j);
+            mx = xv > mx ? xv : mx;
+        }
+        const double m = lanes_max<double, nd>(mx);
+        T *SMX_R erow = E != NULL ? E + i * S : NULL;
+        if (!(m > -SM_INF)) {  /* a row of -inf: value -inf, q = 0 */
+            Vn[i] = m;
+            if (erow != NULL) for (j = 0; j < S; ++j) erow[j] = (T)0;
+            continue;
+        }
+        /* the support starts as the finite entries; every pass drops those
+         * with y <= tau (the argmax, y = 0 > tau, stays) */
+        VD sv = zero, cv = zero;
+        for (j = 0; j < Sp; j += nd) {
+            const VD xv = vload<VD>(x + j);
+            const auto in = xv > -SM_INF;
+            sv += in ? (xv - m) * ig : zero;
+            cv += in ? one : zero;
+        }
+        double sum = lanes_sum<double, nd>(sv), count = lanes_sum<double, nd>(cv), tau;
+        for (ptrdiff_t pass = 0;; ++pass) {
+            tau = smx::sparsemax_tau(sum, count);
+            VD s2 = zero, c2 = zero;
+            for (j = 0; j < Sp; j += nd) {
+                const VD yv = (vload<VD>(x + j) - m) * ig;
+                const auto in = yv > tau;
+                s2 += in ? yv : zero;
+                c2 += in ? one : zero;
+            }
+            const double count2 = lanes_sum<double, nd>(c2);
+            if (count2 == count || pass > S) break;  /* S + 1 passes at most: never a hang */
+            sum = lanes_sum<double, nd>(s2);
+            count = count2;
+        }
+        VD acc = zero;
+        for (j = 0; j < Sp; j += nd) {
+            const VD yv = (vload<VD>(x + j) - m) * ig;
+            const VD d = yv - tau;
+            const VD qv = d > zero ? d : zero;
+            acc += qv > zero ? qv * (yv - 0.5 * qv) : zero;
+            vstore(x + j, qv);
+        }
+        Vn[i] = smx::value<double, L2>(m, lanes_sum<double, nd>(acc), gamma);
+        if (erow != NULL) for (j = 0; j < S; ++j) erow[j] = (T)x[j];
+    }
+}
+
 /* the rows of the other operators (smx::row_max: no reduction worth vectorizing) */
 template <typename T, int W>
 struct VitFwdRows {
@@ -553,6 +623,8 @@ struct VitFwdRows {
     {
         if constexpr (REG == NEGENTROPY) {  /* the vectorized log-sum-exp above */
             vit_fwd_negentropy<T, W>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, bad);
+        } else if constexpr (REG == L2 && W > 0) {  /* z == NULL (vit_fwd) */
+            vit_rows_l2<T, W>(S, th, V, Vn, E, x, gamma, bad);
         } else {
             double *SMX_R q = x + S;
             ptrdiff_t i, j;
@@ -570,8 +642,8 @@ struct VitFwdRows {
     }
 };
 
-/* W: the vector width in bytes of the negentropy rows (vit_rows_negentropy), 0
- * for the loops */
+/* W: the vector width in bytes of the negentropy and l2 rows
+ * (vit_rows_negentropy, vit_rows_l2), 0 for the loops */
 template <int W> struct VitFwd {
     template <typename T>
     static SMX_HD void run(ptrdiff_t S, const T *th, const T *z, const double *V, const double *Vd,
@@ -785,12 +857,13 @@ inline void vit_fwd(ptrdiff_t S, const T *th, const T *z, const double *V, const
                     double gamma, double *bad)
 {
     /* Two instantiations, each its own ISA-dispatched function: the negentropy
-     * value and gradient of rows of at least one vector of doubles in vector
-     * code of the ISA's width (vit_rows_negentropy), the rest (the HVP,
-     * shorter rows, the other operators: the width only matters for
-     * negentropy) in loops (VitFwd<0>).
+     * and l2 value and gradient of rows of at least one vector of doubles in
+     * vector code of the ISA's width (vit_rows_negentropy, vit_rows_l2), the
+     * rest (the HVP, shorter rows, the hard max: the width does not matter to
+     * it) in loops (VitFwd<0>).
      * In one function, the short rows ran 1.2-1.5x slower than alone (S = 3). */
-    if (reg == NEGENTROPY && z == NULL && S * (ptrdiff_t)sizeof(double) >= vec_bytes())
+    if ((reg == NEGENTROPY || reg == L2) && z == NULL &&
+        S * (ptrdiff_t)sizeof(double) >= vec_bytes())
         dispatch_w<VitFwd>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, reg, gamma, bad);
     else
         dispatch<VitFwd<0>>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, reg, gamma, bad);

@@ -53,7 +53,7 @@ cdef enum:
 
 cdef inline Py_ssize_t _work_len(Py_ssize_t T, Py_ssize_t S) noexcept nogil:
     """Doubles of per-thread workspace of ``_viterbi_one``: 10 rows of S (the
-    negentropy kernel uses x..x + 4S as scratch) and (T + 1)·S for ``inv``
+    negentropy and l2 row kernels use x..x + 4S as scratch) and (T + 1)·S for ``inv``
     (gradient) or ``hist`` (HVP)."""
     return 10 * S + (T + 1) * S + 1
 
