@@ -54,7 +54,10 @@ def worker(folder, calls):
         raise RuntimeError(f"imported {sm.__file__}, not the build in {folder}")
     rng = np.random.default_rng(0)
     out = {}
+    only = os.environ.get("SMOOTHMAX_AB_ONLY", "")
     for fn, shape, reg in CASES:
+        if only and only not in f"{fn} {'x'.join(map(str, shape))} {reg}":
+            continue
         for dt in DTYPES:
             theta = rng.standard_normal(shape).astype(dt)
             args = (theta, rng.standard_normal(shape).astype(dt)) if fn.endswith("hvp") else (theta,)
@@ -88,8 +91,8 @@ def accuracy(folder, n):
     json.dump(out, sys.stdout)
 
 
-def _run(mode, folder, arg, threads):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+def _run(mode, folder, arg, threads, only=""):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), SMOOTHMAX_AB_ONLY=only)
     res = subprocess.run([sys.executable, __file__, f"--{mode}", folder, "--arg", str(arg)],
                          capture_output=True, text=True, env=env, check=True)
     return json.loads(res.stdout)
@@ -104,6 +107,8 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=15)
     ap.add_argument("--accuracy-size", type=int, default=4096)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default="", help="time only the cases whose name contains this "
+                    "(e.g. 'viterbi_grad'; the accuracy check is skipped)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--accuracy", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--arg", type=int, default=5, help=argparse.SUPPRESS)
@@ -117,9 +122,9 @@ def main(argv=None):
     runs = {"before": [], "after": []}
     for _ in range(args.repeats):
         for name, folder in (("before", before), ("after", after)):
-            runs[name].append(_run("worker", folder, args.calls, args.threads))
-    acc = {name: _run("accuracy", folder, args.accuracy_size, args.threads)
-           for name, folder in (("before", before), ("after", after))}
+            runs[name].append(_run("worker", folder, args.calls, args.threads, args.only))
+    acc = {} if args.only else {name: _run("accuracy", folder, args.accuracy_size, args.threads)
+                                for name, folder in (("before", before), ("after", after))}
     load1 = os.getloadavg()
     best = {name: {k: min(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     from _machine import describe, one_line
@@ -130,7 +135,7 @@ def main(argv=None):
         f"Machine: {one_line(describe())}.",
         f"`python bench/ab_kernels.py {args.before} {args.after}` with OMP_NUM_THREADS={args.threads}; "
         f"CPU time of the process, minimum over {args.repeats} alternating subprocess runs of the "
-        f"minimum of {args.calls} calls; "
+        f"minimum of {args.calls} calls{'; cases matching ' + repr(args.only) if args.only else ''}; "
         f"load average {load0[0]:.1f} before, {load1[0]:.1f} after the run.",
         "",
         "| case | before ns | after ns | after / before | f32 / f64 after |",
@@ -142,9 +147,11 @@ def main(argv=None):
         if k.endswith("float32"):
             f32 = f"{a / best['after'][k[:-len('float32')] + 'float64']:.2f}"
         lines.append(f"| {k} | {b:.2f} | {a:.2f} | {a / b:.2f} | {f32} |")
-    lines += ["", "float32 against float64 on the same input (value: relative, E: max absolute):", "",
-              "| case | before value | before E | after value | after E |", "|---|---:|---:|---:|---:|"]
-    for k in acc["before"]:
+    if acc:
+        lines += ["", "float32 against float64 on the same input (value: relative, E: max absolute):",
+                  "", "| case | before value | before E | after value | after E |",
+                  "|---|---:|---:|---:|---:|"]
+    for k in acc.get("before", {}):
         (bv, be), (av, ae) = acc["before"][k], acc["after"][k]
         lines.append(f"| {k} | {bv:.1e} | {be:.1e} | {av:.1e} | {ae:.1e} |")
     text = "\n".join(lines) + "\n"
