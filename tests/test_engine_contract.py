@@ -530,16 +530,17 @@ def test_viterbi_wide_against_reference(engine, dtype, reg, rng):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("reg", ["negentropy", "l2"])
 def test_viterbi_value_grad_every_row_width(engine, dtype, reg, rng):
-    """S = 1..40 with negentropy and l2: the CPU core splits a row of at least one
-    vector of doubles into vectors of the ISA's width (2, 4 or 8 doubles, twice
-    as many floats) and a tail of halving vectors, and runs shorter rows in
-    loops; every split is met here, masked edges included
+    """S = 1..40 with negentropy and l2, value, gradient and HVP: the CPU core
+    splits a row of at least one vector of doubles into vectors of the ISA's
+    width (2, 4 or 8 doubles, twice as many floats) and a tail of halving
+    vectors, and runs shorter rows in loops; every split is met here, masked
+    edges included
     (``test_viterbi_rows_at_every_isa_width`` runs it at the other widths)."""
     from smoothmax import _reference as R
 
     code = REGS[reg]
     for S in range(1, 41):
-        theta, _, L = _viterbi_moderate(rng, dtype, S, T=4)
+        theta, Z, L = _viterbi_moderate(rng, dtype, S, T=4)
         v = engine.call("viterbi_value", theta, L, code, GAMMA)
         v_g, E = engine.call("viterbi_grad", theta, L, code, GAMMA)
         want_v, want_E = R.viterbi_grad(theta.astype(np.float64), L, code, GAMMA)
@@ -547,6 +548,12 @@ def test_viterbi_value_grad_every_row_width(engine, dtype, reg, rng):
         _close(v, want_v, dtype, f"S={S} value", scale)
         _close(v_g, want_v, dtype, f"S={S} value (grad)", scale)
         _close(E, want_E, dtype, f"S={S} E")
+        # the HVP's forward step runs the l2 rows in vector code too
+        got = engine.call("viterbi_hvp", theta, Z, L, code, GAMMA)
+        want = R.viterbi_hvp(theta.astype(np.float64), Z.astype(np.float64), L, code, GAMMA)
+        _close(got[0], want[0], dtype, f"S={S} value (hvp)", scale)
+        _close(got[1], want[1], dtype, f"S={S} E (hvp)")
+        _close(got[2], want[2], dtype, f"S={S} Edot", scale=10 / GAMMA)
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])

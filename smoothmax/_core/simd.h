@@ -542,16 +542,18 @@ SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
     }
 }
 
-/* l2 value and gradient (z == NULL) of rows of at least one vector of
- * doubles: smx::row_max<double, L2>'s steps (the max, Michelot's passes over
- * the support, the weights and the value), each sum over the row in vectors
- * of the ISA's width. In the loops, these sums stay scalar (the vectorizer
- * does not reorder a float sum), and a row of 16 took 8x the time of the
- * negentropy row. x (4 S doubles) holds the row padded with -inf to whole
- * vectors (Sp <= 2S - 1), then its weights. */
+/* l2 rows of at least one vector of doubles (value, gradient and the HVP's
+ * forward step): smx::row_max<double, L2>'s steps (the max, Michelot's
+ * passes over the support, the weights and the value), each sum over the row
+ * in vectors of the ISA's width; with z, Vdn[i] = <q_i, z[i, :] + Vd> as in
+ * the loops. In the loops, these sums stay scalar (the vectorizer does not
+ * reorder a float sum), and a row of 16 took 8x the time of the negentropy
+ * row. x (4 S doubles) holds the row padded with -inf to whole vectors
+ * (Sp <= 2S - 1), then its weights. */
 template <typename T, int W>
-SMX_HD void vit_rows_l2(ptrdiff_t S, const T *SMX_R th, const double *SMX_R V,
-                        double *SMX_R Vn, T *SMX_R E, double *SMX_R x, double gamma,
+SMX_HD void vit_rows_l2(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
+                        const double *SMX_R V, const double *SMX_R Vd, double *SMX_R Vn,
+                        double *SMX_R Vdn, T *SMX_R E, double *SMX_R x, double gamma,
                         double *SMX_R bad)
 {
     typedef typename vec<double, W>::type VD;
@@ -573,6 +575,7 @@ SMX_HD void vit_rows_l2(ptrdiff_t S, const T *SMX_R th, const double *SMX_R V,
         if (!(m > -SM_INF)) {  /* a row of -inf: value -inf, q = 0 */
             Vn[i] = m;
             if (erow != NULL) for (j = 0; j < S; ++j) erow[j] = (T)0;
+            if (z != NULL) Vdn[i] = 0.0;
             continue;
         }
         /* the support starts as the finite entries; every pass drops those
@@ -609,6 +612,18 @@ SMX_HD void vit_rows_l2(ptrdiff_t S, const T *SMX_R th, const double *SMX_R V,
         }
         Vn[i] = smx::value<double, L2>(m, lanes_sum<double, nd>(acc), gamma);
         if (erow != NULL) for (j = 0; j < S; ++j) erow[j] = (T)x[j];
+        if (z != NULL) {
+            const T *SMX_R zrow = z + i * S;
+            VD vd = zero;
+            for (j = 0; j + nd <= S; j += nd) {
+                VD u;
+                for (int l = 0; l < nd; ++l) u[l] = (double)zrow[j + l];
+                vd += vload<VD>(x + j) * (u + vload<VD>(Vd + j));
+            }
+            double vds = lanes_sum<double, nd>(vd);
+            for (; j < S; ++j) vds += x[j] * ((double)zrow[j] + Vd[j]);
+            Vdn[i] = vds;
+        }
     }
 }
 
@@ -623,8 +638,8 @@ struct VitFwdRows {
     {
         if constexpr (REG == NEGENTROPY) {  /* the vectorized log-sum-exp above */
             vit_fwd_negentropy<T, W>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, bad);
-        } else if constexpr (REG == L2 && W > 0) {  /* z == NULL (vit_fwd) */
-            vit_rows_l2<T, W>(S, th, V, Vn, E, x, gamma, bad);
+        } else if constexpr (REG == L2 && W > 0) {
+            vit_rows_l2<T, W>(S, th, z, V, Vd, Vn, Vdn, E, x, gamma, bad);
         } else {
             double *SMX_R q = x + S;
             ptrdiff_t i, j;
@@ -856,13 +871,13 @@ inline void vit_fwd(ptrdiff_t S, const T *th, const T *z, const double *V, const
                     double *Vn, double *Vdn, T *E, T *Ed, double *inv, double *x, int reg,
                     double gamma, double *bad)
 {
-    /* Two instantiations, each its own ISA-dispatched function: the negentropy
-     * and l2 value and gradient of rows of at least one vector of doubles in
-     * vector code of the ISA's width (vit_rows_negentropy, vit_rows_l2), the
-     * rest (the HVP, shorter rows, the hard max: the width does not matter to
-     * it) in loops (VitFwd<0>).
+    /* Two instantiations, each its own ISA-dispatched function: rows of at
+     * least one vector of doubles in vector code of the ISA's width, for the
+     * negentropy value and gradient (vit_rows_negentropy) and every l2 step
+     * (vit_rows_l2); the rest (the negentropy HVP, shorter rows, the hard
+     * max: the width does not matter to it) in loops (VitFwd<0>).
      * In one function, the short rows ran 1.2-1.5x slower than alone (S = 3). */
-    if ((reg == NEGENTROPY || reg == L2) && z == NULL &&
+    if (((reg == NEGENTROPY && z == NULL) || reg == L2) &&
         S * (ptrdiff_t)sizeof(double) >= vec_bytes())
         dispatch_w<VitFwd>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, reg, gamma, bad);
     else
