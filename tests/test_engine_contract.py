@@ -556,13 +556,14 @@ def test_viterbi_value_grad_every_row_width(engine, dtype, reg, rng):
         _close(got[2], want[2], dtype, f"S={S} Edot", scale=10 / GAMMA)
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx2-w64"])
 def test_viterbi_rows_at_every_isa_width(isa):
     """The CPU core compiles its kernels once per x86 ISA, the Viterbi rows at
     that ISA's vector width (simd.h ``dispatch_w``: 16 bytes baseline, 32 AVX2,
     64 AVX-512); ``SMOOTHMAX_ISA`` caps the dispatch, so that the widths below
-    this CPU's own run here too: the row-width and reference tests in a
-    subprocess at each, which reports the ISA it ran."""
+    this CPU's own run here too, and ``avx2-w64`` runs AVX-512's width in the
+    AVX2 build (its logic tested without AVX-512): the row-width and reference
+    tests in a subprocess at each, which reports the ISA it ran."""
     import subprocess
     import sys
 
@@ -573,13 +574,14 @@ def test_viterbi_rows_at_every_isa_width(isa):
     native = core._simd_isa()
     if native not in ("avx512", "avx2+fma", "baseline"):
         pytest.skip(f"one ISA built ({native}): nothing to cap")
-    if isa == "avx2" and native == "baseline":
+    if isa.startswith("avx2") and native == "baseline":
         pytest.skip("this CPU has no AVX2 + FMA")
     env = dict(os.environ, SMOOTHMAX_ISA=isa)
     name = subprocess.run(
         [sys.executable, "-c", "from smoothmax._core import dtw; print(dtw._simd_isa())"],
         env=env, capture_output=True, text=True, timeout=120).stdout.strip()
-    assert name == {"baseline": "baseline", "avx2": "avx2+fma"}[isa]
+    assert name == {"baseline": "baseline", "avx2": "avx2+fma",
+                    "avx2-w64": "avx2+fma, 64-byte vectors"}[isa]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "compiled",
          f"{__file__}::test_viterbi_value_grad_every_row_width",

@@ -785,7 +785,11 @@ template <class K, class... A> SM_ATTR_AVX2 auto on_avx2(A... a) { return K::run
 template <class K, class... A> auto on_base(A... a) { return K::run(a...); }
 
 /* SMOOTHMAX_ISA=baseline|avx2 caps the level (the tests run each ISA's code
- * on one machine; a level the CPU lacks is never chosen) */
+ * on one machine; a level the CPU lacks is never chosen); avx2-w64 runs the
+ * AVX2 build with AVX-512's 64-byte vectors in dispatch_w, so that the
+ * AVX-512 width's logic (8 doubles, 16 floats a vector) is tested on a CPU
+ * without AVX-512 too (slow there: two registers a vector). */
+static int wide64 = 0;
 inline void init_isa()
 {
     __builtin_cpu_init();
@@ -800,12 +804,17 @@ inline void init_isa()
     const char *cap = getenv("SMOOTHMAX_ISA");
     if (cap != NULL && strcmp(cap, "baseline") == 0) level = 0;
     else if (cap != NULL && strcmp(cap, "avx2") == 0 && level > 1) level = 1;
+    else if (cap != NULL && strcmp(cap, "avx2-w64") == 0 && level >= 1) {
+        level = 1;
+        wide64 = 1;
+    }
     isa_level = level;
 }
 
 inline const char *isa_name()
 {
-    return isa_level == 2 ? "avx512" : isa_level == 1 ? "avx2+fma" : "baseline";
+    return isa_level == 2 ? "avx512" : isa_level == 1 ? (wide64 ? "avx2+fma, 64-byte vectors" :
+           "avx2+fma") : "baseline";
 }
 
 template <class K, class... A> inline auto dispatch(A... a)
@@ -821,7 +830,7 @@ template <class K, class... A> inline auto dispatch(A... a)
 inline int vec_bytes()
 {
     if (isa_level < 0) init_isa();
-    return isa_level == 2 ? 64 : isa_level == 1 ? 32 : 16;
+    return isa_level == 2 || wide64 ? 64 : isa_level == 1 ? 32 : 16;
 }
 
 template <template <int> class K, class... A> inline auto dispatch_w(A... a)
@@ -829,7 +838,7 @@ template <template <int> class K, class... A> inline auto dispatch_w(A... a)
     if (isa_level < 0) init_isa();
     switch (isa_level) {
     case 2: return on_avx512<K<64>>(a...);
-    case 1: return on_avx2<K<32>>(a...);
+    case 1: return wide64 ? on_avx2<K<64>>(a...) : on_avx2<K<32>>(a...);
     default: return on_base<K<16>>(a...);
     }
 }
