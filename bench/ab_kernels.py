@@ -40,6 +40,11 @@ CASES = [  # (function, shape, reg); value + gradient unless named otherwise
     ("viterbi_grad", (8, 64, 64, 64), "l2"),
     ("viterbi_hvp", (32, 128, 16, 16), "negentropy"),
     ("viterbi_hvp", (32, 128, 16, 16), "l2"),
+    # the CRF layer's engine: emissions (B, T, S) and transitions (S, S); per edge B·T·S²
+    ("crf_grad", (32, 128, 16), "negentropy"),
+    ("crf_grad", (32, 128, 16), "l2"),
+    ("crf_grad", (32, 40, 9), "l2"),
+    ("crf_grad", (8, 64, 64), "l2"),
 ]
 DTYPES = ("float64", "float32")
 
@@ -61,14 +66,18 @@ def worker(folder, calls):
         for dt in DTYPES:
             theta = rng.standard_normal(shape).astype(dt)
             args = (theta, rng.standard_normal(shape).astype(dt)) if fn.endswith("hvp") else (theta,)
-            f = getattr(sm, fn)
+            f, cells = getattr(sm, fn, None), float(np.prod(shape))
+            if fn == "crf_grad":
+                S = shape[-1]
+                args, f, cells = (theta, rng.standard_normal((S, S)).astype(dt)), sm.crf.crf_grad, \
+                    cells * S
             f(*args, reg=reg)
             best = float("inf")
             for _ in range(calls):
                 t = time.process_time()
                 f(*args, reg=reg)
                 best = min(best, time.process_time() - t)
-            out[f"{fn} {'x'.join(map(str, shape))} {reg} {dt}"] = best / float(np.prod(shape)) * 1e9
+            out[f"{fn} {'x'.join(map(str, shape))} {reg} {dt}"] = best / cells * 1e9
     json.dump(out, sys.stdout)
 
 

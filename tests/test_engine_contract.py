@@ -563,7 +563,8 @@ def test_viterbi_rows_at_every_isa_width(isa):
     64 AVX-512); ``SMOOTHMAX_ISA`` caps the dispatch, so that the widths below
     this CPU's own run here too, and ``avx2-w64`` runs AVX-512's width in the
     AVX2 build (its logic tested without AVX-512): the row-width and reference
-    tests in a subprocess at each, which reports the ISA it ran."""
+    tests (and the CRF engine's, whose l2 rows run the same ``L2Row``) in a
+    subprocess at each, which reports the ISA it ran."""
     import subprocess
     import sys
 
@@ -585,7 +586,8 @@ def test_viterbi_rows_at_every_isa_width(isa):
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "compiled",
          f"{__file__}::test_viterbi_value_grad_every_row_width",
-         f"{__file__}::test_viterbi_against_reference"],
+         f"{__file__}::test_viterbi_against_reference",
+         f"{__file__}::test_crf_against_reference"],
         env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(__file__))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
@@ -730,11 +732,13 @@ def test_crf_against_enumeration(engine, dtype, reg, S, rng):
                          indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("reg", list(REGS))
-def test_crf_against_reference(engine, dtype, reg, rng):
-    """S = 33 (more tags than a warp), T = 3; the reference engine in float64."""
+@pytest.mark.parametrize("S", [11, 33])
+def test_crf_against_reference(engine, dtype, reg, S, rng):
+    """S = 33 (more tags than a warp) and 11 (l2 rows of whole vectors and a
+    tail on the CPU: ``L2Row``), T = 3; the reference engine in float64."""
     from smoothmax import _reference as R
 
-    (em, A, st, en), L, w, Z = _crf_case(rng, dtype, B=2, T=3, S=33)
+    (em, A, st, en), L, w, Z = _crf_case(rng, dtype, B=2, T=3, S=S)
     code = REGS[reg]
     f64 = [a.astype(np.float64) for a in (em, A, st, en)]
     Z64 = [z.astype(np.float64) for z in Z]

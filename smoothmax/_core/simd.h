@@ -464,6 +464,34 @@ SMX_HD double vit_rows_negentropy(ptrdiff_t S, const T *SMX_R th, const double *
     return nbad + (double)(nvec - ok);
 }
 
+/* A row's weights into E and, with zrow, the tangent <q, zrow + Vd>:
+ * erow[j] = q_j = ex[j] c (ex: the row's unnormalized exps with c = 1/sum, or
+ * its weights with c = 1; ex may be erow itself). Returns the tangent (0
+ * without zrow). */
+template <typename T, typename X>
+SMX_HD double vit_weights_row(ptrdiff_t S, const X *ex, double c, T *erow, const T *zrow,
+                              const double *SMX_R Vd)
+{
+    ptrdiff_t j = 0;
+    if (zrow == NULL) {
+        for (; j < S; ++j) erow[j] = (T)((double)ex[j] * c);
+        return 0.0;
+    }
+    double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0}, vd = 0.0;
+    for (; j + 8 <= S; j += 8)
+        for (int l = 0; l < 8; ++l) {
+            const double q = (double)ex[j + l] * c;
+            erow[j + l] = (T)q;
+            acc[l] += q * ((double)zrow[j + l] + Vd[j + l]);
+        }
+    for (; j < S; ++j) {
+        const double q = (double)ex[j] * c;
+        erow[j] = (T)q;
+        vd += q * ((double)zrow[j] + Vd[j]);
+    }
+    return vd + sum8(acc);
+}
+
 template <typename T, int W>
 SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
                                const double *SMX_R V, const double *SMX_R Vd, double *SMX_R Vn,
@@ -480,23 +508,8 @@ SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
         if (z != NULL) for (i = 0; i < S; ++i) {
             /* the HVP: E holds the exps; the weights q = exp / sum into E,
              * Vdn[i] = <q_i, z[i, :] + Vd> (a row of -inf: E = 0, sum 1) */
-            const double inv_i = 1.0 / msum[S + i];
-            T *SMX_R erow = E + i * S;
-            const T *SMX_R zrow = z + i * S;
-            for (l = 0; l < 8; ++l) acc[l] = 0.0;
-            for (j = 0; j + 8 <= S; j += 8)
-                for (l = 0; l < 8; ++l) {
-                    double q = (double)erow[j + l] * inv_i;
-                    erow[j + l] = (T)q;
-                    acc[l] += q * ((double)zrow[j + l] + Vd[j + l]);
-                }
-            double vd = 0.0;
-            for (; j < S; ++j) {
-                double q = (double)erow[j] * inv_i;
-                erow[j] = (T)q;
-                vd += q * ((double)zrow[j] + Vd[j]);
-            }
-            Vdn[i] = vd + sum8(acc);
+            T *erow = E + i * S;
+            Vdn[i] = vit_weights_row(S, erow, 1.0 / msum[S + i], erow, z + i * S, Vd);
             if (!(msum[i] > -SM_INF)) for (j = 0; j < S; ++j) Ed[i * S + j] = (T)0;
         }
     } else for (i = 0; i < S; ++i) {
@@ -537,24 +550,7 @@ SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
         }
         double sum = sum8(acc);
         msum[S + i] = sum;  /* >= 1: the max contributes exp(0) */
-        const double inv_i = 1.0 / sum;
-        T *SMX_R erow = E + i * S;
-        const T *SMX_R zrow = z + i * S;
-        for (l = 0; l < 8; ++l) acc[l] = 0.0;
-        for (j = 0; j + 8 <= S; j += 8)
-            for (l = 0; l < 8; ++l) {
-                double q = x[j + l] * inv_i;
-                erow[j + l] = (T)q;
-                acc[l] += q * ((double)zrow[j + l] + Vd[j + l]);
-            }
-        double vd = 0.0;
-        for (; j < S; ++j) {
-            double q = x[j] * inv_i;
-            erow[j] = (T)q;
-            vd += q * ((double)zrow[j] + Vd[j]);
-        }
-        vd += sum8(acc);
-        Vdn[i] = vd;
+        Vdn[i] = vit_weights_row(S, x, 1.0 / sum, E + i * S, z + i * S, Vd);
     }
     for (i = 0; i < S; ++i) {  /* m + gamma log(sum), -inf rows stay -inf */
         double m = msum[i], sum = msum[S + i];
@@ -564,92 +560,88 @@ SMX_HD void vit_fwd_negentropy(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
     }
 }
 
-/* l2 rows of at least one vector of doubles (value, gradient and the HVP's
- * forward step): smx::row_max<double, L2>'s steps (the max, Michelot's
- * passes over the support, the weights and the value), each sum over the row
- * in vectors of the ISA's width; with z, Vdn[i] = <q_i, z[i, :] + Vd> as in
- * the loops. In the loops, these sums stay scalar (the vectorizer does not
- * reorder a float sum), and a row of 16 took 8x the time of the negentropy
- * row. x (4 S doubles) holds the row padded with -inf to whole vectors
- * (Sp <= 2S - 1), then its weights. */
-template <typename T, int W>
-SMX_HD void vit_rows_l2(ptrdiff_t S, const T *SMX_R th, const T *SMX_R z,
-                        const double *SMX_R V, const double *SMX_R Vd, double *SMX_R Vn,
-                        double *SMX_R Vdn, T *SMX_R E, double *SMX_R x, double gamma,
-                        double *SMX_R bad)
-{
-    typedef typename vec<double, W>::type VD;
-    const int nd = vec<double, W>::n;
-    const ptrdiff_t Sp = (S + nd - 1) / nd * nd;
-    const double ig = 1.0 / gamma;
-    const VD zero = VD{}, one = zero + 1.0;
-    ptrdiff_t i, j;
-    for (i = 0; i < S; ++i) {
-        vit_row(S, th + i * S, V, x, bad);
-        for (j = S; j < Sp; ++j) x[j] = -SM_INF;
+/* max_Omega of one row x[:n] with l2 (sparsemax) and its weights q[:n], for
+ * rows of at least one vector of doubles: smx::row_max<double, L2>'s steps
+ * (the max, Michelot's passes over the support, the weights and the value)
+ * with every sum over the row in vectors of W bytes (a scalar tail after the
+ * whole vectors). In the loops these sums stay scalar (the vectorizer does
+ * not reorder a float sum), and a Viterbi row of 16 took 8x the time of the
+ * negentropy row. The Viterbi rows (VitFwdRows) and max_omega (the CRF, DAG
+ * and Viterbi engines' rows) run it. */
+template <int W> struct L2Row {
+    static SMX_HD double run(ptrdiff_t n, const double *SMX_R x, double *SMX_R q, double gamma)
+    {
+        typedef typename vec<double, W>::type VD;
+        const int nd = vec<double, W>::n;
+        const ptrdiff_t nv = n - n % nd;  /* entries in whole vectors */
+        const double ig = 1.0 / gamma;
+        const VD zero = VD{}, one = zero + 1.0;
+        ptrdiff_t j;
         VD mx = zero - SM_INF;
-        for (j = 0; j < Sp; j += nd) {
+        for (j = 0; j < nv; j += nd) {
             const VD xv = vload<VD>(x + j);
             mx = xv > mx ? xv : mx;
         }
-        const double m = lanes_max<double, nd>(mx);
-        T *SMX_R erow = E != NULL ? E + i * S : NULL;
+        double m = lanes_max<double, nd>(mx);
+        for (; j < n; ++j) m = x[j] > m ? x[j] : m;
         if (!(m > -SM_INF)) {  /* a row of -inf: value -inf, q = 0 */
-            Vn[i] = m;
-            if (erow != NULL) for (j = 0; j < S; ++j) erow[j] = (T)0;
-            if (z != NULL) Vdn[i] = 0.0;
-            continue;
+            for (j = 0; j < n; ++j) q[j] = 0.0;
+            return m;
         }
         /* the support starts as the finite entries; every pass drops those
          * with y <= tau (the argmax, y = 0 > tau, stays) */
         VD sv = zero, cv = zero;
-        for (j = 0; j < Sp; j += nd) {
+        for (j = 0; j < nv; j += nd) {
             const VD xv = vload<VD>(x + j);
             const auto in = xv > -SM_INF;
             sv += in ? (xv - m) * ig : zero;
             cv += in ? one : zero;
         }
         double sum = lanes_sum<double, nd>(sv), count = lanes_sum<double, nd>(cv), tau;
+        for (; j < n; ++j) {
+            const bool in = x[j] > -SM_INF;
+            sum += in ? (x[j] - m) * ig : 0.0;
+            count += in ? 1.0 : 0.0;
+        }
         for (ptrdiff_t pass = 0;; ++pass) {
             tau = smx::sparsemax_tau(sum, count);
             VD s2 = zero, c2 = zero;
-            for (j = 0; j < Sp; j += nd) {
+            for (j = 0; j < nv; j += nd) {
                 const VD yv = (vload<VD>(x + j) - m) * ig;
                 const auto in = yv > tau;
                 s2 += in ? yv : zero;
                 c2 += in ? one : zero;
             }
-            const double count2 = lanes_sum<double, nd>(c2);
-            if (count2 == count || pass > S) break;  /* S + 1 passes at most: never a hang */
-            sum = lanes_sum<double, nd>(s2);
+            double sum2 = lanes_sum<double, nd>(s2), count2 = lanes_sum<double, nd>(c2);
+            for (; j < n; ++j) {
+                const double y = (x[j] - m) * ig;
+                sum2 += y > tau ? y : 0.0;
+                count2 += y > tau ? 1.0 : 0.0;
+            }
+            if (count2 == count || pass > n) break;  /* n + 1 passes at most: never a hang */
+            sum = sum2;
             count = count2;
         }
         VD acc = zero;
-        for (j = 0; j < Sp; j += nd) {
+        for (j = 0; j < nv; j += nd) {
             const VD yv = (vload<VD>(x + j) - m) * ig;
             const VD d = yv - tau;
             const VD qv = d > zero ? d : zero;
             acc += qv > zero ? qv * (yv - 0.5 * qv) : zero;
-            vstore(x + j, qv);
+            vstore(q + j, qv);
         }
-        Vn[i] = smx::value<double, L2>(m, lanes_sum<double, nd>(acc), gamma);
-        if (erow != NULL) for (j = 0; j < S; ++j) erow[j] = (T)x[j];
-        if (z != NULL) {
-            const T *SMX_R zrow = z + i * S;
-            VD vd = zero;
-            for (j = 0; j + nd <= S; j += nd) {
-                VD u;
-                for (int l = 0; l < nd; ++l) u[l] = (double)zrow[j + l];
-                vd += vload<VD>(x + j) * (u + vload<VD>(Vd + j));
-            }
-            double vds = lanes_sum<double, nd>(vd);
-            for (; j < S; ++j) vds += x[j] * ((double)zrow[j] + Vd[j]);
-            Vdn[i] = vds;
+        double a = lanes_sum<double, nd>(acc);
+        for (; j < n; ++j) {
+            const double y = (x[j] - m) * ig;
+            q[j] = smx::weight<double, L2>(y, tau);
+            a += smx::l2_term(y, q[j]);
         }
+        return smx::value<double, L2>(m, a, gamma);
     }
-}
+};
 
-/* the rows of the other operators (smx::row_max: no reduction worth vectorizing) */
+/* the rows of the other operators: l2 in L2Row<W> (W > 0), the rest in
+ * smx::row_max (no reduction worth vectorizing) */
 template <typename T, int W>
 struct VitFwdRows {
     template <int REG>
@@ -660,27 +652,23 @@ struct VitFwdRows {
     {
         if constexpr (REG == NEGENTROPY) {  /* the vectorized log-sum-exp above */
             vit_fwd_negentropy<T, W>(S, th, z, V, Vd, Vn, Vdn, E, Ed, inv, x, gamma, bad);
-        } else if constexpr (REG == L2 && W > 0) {
-            vit_rows_l2<T, W>(S, th, z, V, Vd, Vn, Vdn, E, x, gamma, bad);
         } else {
             double *SMX_R q = x + S;
-            ptrdiff_t i, j;
-            for (i = 0; i < S; ++i) {
+            for (ptrdiff_t i = 0; i < S; ++i) {
                 vit_row(S, th + i * S, V, x, bad);
-                Vn[i] = smx::row_max<double, REG>(x, q, S, gamma);
-                if (E != NULL) for (j = 0; j < S; ++j) E[i * S + j] = (T)q[j];
-                if (z != NULL) {
-                    double vd = 0.0;
-                    for (j = 0; j < S; ++j) vd += q[j] * ((double)z[i * S + j] + Vd[j]);
-                    Vdn[i] = vd;
-                }
+                if constexpr (REG == L2 && W > 0) Vn[i] = L2Row<W>::run(S, x, q, gamma);
+                else Vn[i] = smx::row_max<double, REG>(x, q, S, gamma);
+                if (E == NULL) continue;  /* the value alone */
+                const double vd = vit_weights_row(S, q, 1.0, E + i * S,
+                                                  z != NULL ? z + i * S : NULL, Vd);
+                if (z != NULL) Vdn[i] = vd;
             }
         }
     }
 };
 
 /* W: the vector width in bytes of the negentropy and l2 rows
- * (vit_rows_negentropy, vit_rows_l2), 0 for the loops */
+ * (vit_rows_negentropy, L2Row), 0 for the loops */
 template <int W> struct VitFwd {
     template <typename T>
     static SMX_HD void run(ptrdiff_t S, const T *th, const T *z, const double *V, const double *Vd,
@@ -904,7 +892,7 @@ inline void vit_fwd(ptrdiff_t S, const T *th, const T *z, const double *V, const
 {
     /* Two instantiations, each its own ISA-dispatched function: rows of at
      * least one vector of doubles in vector code of the ISA's width, for
-     * negentropy (vit_rows_negentropy) and l2 (vit_rows_l2); the rest
+     * negentropy (vit_rows_negentropy) and l2 (L2Row); the rest
      * (shorter rows, the hard max: the width does not matter to it) in loops
      * (VitFwd<0>).
      * In one function, the short rows ran 1.2-1.5x slower than alone (S = 3). */
@@ -926,7 +914,11 @@ struct RowMax {
     static double run(const double *x, double *q, ptrdiff_t n, double gamma)
     {
         if constexpr (REG == NEGENTROPY) return dispatch<NegentropyRow>(n, x, q, gamma);
-        else return smx::row_max<double, REG>(x, q, n, gamma);
+        else if constexpr (REG == L2) {
+            if (n * (ptrdiff_t)sizeof(double) >= vec_bytes())
+                return dispatch_w<L2Row>(n, x, q, gamma);
+            return smx::row_max<double, L2>(x, q, n, gamma);
+        } else return smx::row_max<double, REG>(x, q, n, gamma);
     }
 };
 struct RowHvp {
