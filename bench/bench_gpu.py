@@ -6,8 +6,8 @@ float64. Peers, each skipped when not installed (or when it fails, with the
 reason): pysdtw (CUDA soft-DTW), a jax.lax.scan anti-diagonal soft-DTW,
 torch-struct LinearChainCRF and pytorch-crf. Timing: CUDA events on the
 current stream after warm-up, median of repeats. The bandwidth column is
-the traffic the engine must move (DTW grad: read theta, write+read the 3
-local weights, write E = 8 values per cell; Viterbi grad: read theta, write
+the traffic the engine must move (DTW grad: read theta, write+read the 2
+local weights kept a cell, write E = 6 values per cell; Viterbi grad: read theta, write
 q, read q and write E, read E for the column sums = 5 values per entry)
 over the time, as a fraction of the card's peak DRAM bandwidth.
 
@@ -257,7 +257,7 @@ def main(argv=None):
             theta = cupy.asarray(theta_np)
             la = cupy.full((B,), N, dtype=cupy.int64)
             ms = timeit_cupy(lambda: engine.dtw_grad(theta, la, la, -1, 0, 1.0))
-            record(case, dtype, "smoothmax", ms, traffic_bytes=8 * B * N * N * np.dtype(dtype).itemsize)
+            record(case, dtype, "smoothmax", ms, traffic_bytes=6 * B * N * N * np.dtype(dtype).itemsize)
             msv = timeit_cupy(lambda: engine.dtw_value(theta, la, la, -1, 0, 1.0))
             record(case.replace("grad", "value"), dtype, "smoothmax", msv,
                    traffic_bytes=B * N * N * np.dtype(dtype).itemsize)

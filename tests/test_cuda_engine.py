@@ -8,6 +8,7 @@ operators; outputs' namespace, dtype and device). Here:
 
 * GPU (marker ``gpu``): 4096² and 8192² DTW problems finish without NaN.
   Skipped, with the reason, where CuPy or a CUDA device is missing.
+* Memory: the DTW gradient keeps two weights a cell (on the emulation).
 * Packaging: ``import smoothmax._cuda`` works without CuPy; the nvcc compile
   check passes where nvcc exists (``slow``).
 """
@@ -51,6 +52,64 @@ def test_gpu_long_dtw_no_nan(n):
     # banded, hard
     c, Y = engine.dtw_path(theta, la, la, 64)
     assert bool(cupy.isfinite(c).all()) and int(Y.sum()) >= n
+
+
+# ---------------------------------------------------------------------------
+# memory of the DTW gradient, on the kernels' CPU emulation
+
+
+class _CountingBackend:
+    """The emulated backend, recording the size of every array the engine allocates."""
+
+    def __init__(self, be):
+        import numpy as np
+
+        self.be, self.sizes = be, []
+        outer = self
+
+        class _Xp:
+            def __getattr__(self, name):
+                fn = getattr(np, name)
+                if name not in ("empty", "zeros", "full"):
+                    return fn
+
+                def alloc(shape, *a, **k):
+                    out = fn(shape, *a, **k)
+                    outer.sizes.append(out.nbytes)
+                    return out
+                return alloc
+        self.xp = _Xp()
+
+    def launch(self, *a, **k):
+        return self.be.launch(*a, **k)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dtw_grad_keeps_two_weights_a_cell(dtype):
+    """The GPU engine's dtw_grad allocates E, the strip edges and two weights a
+    cell (q_up, q_left; docs/gpu.md): at most 2.2 values a cell besides E at
+    64 x 512 (the lane layout pads each strip by 31 steps), where three weights
+    were 3.2; and its E is the CPU engine's."""
+    import numpy as np
+
+    from smoothmax import _reference as R
+    from smoothmax._cuda import emulate
+
+    if not emulate.available():
+        pytest.skip("no C++20 compiler for the CUDA emulation")
+    be = _CountingBackend(emulate.EmulatedBackend(max_resident=2))
+    rng = np.random.default_rng(3)
+    NA, NB = 64, 512
+    theta = rng.random((1, NA, NB)).astype(dtype)
+    la, lb = np.array([NA]), np.array([NB])
+    v, E = engine.dtw_run(be, theta, None, la, lb, -1, 1, 1.0, 1)
+    cell = NA * NB * np.dtype(dtype).itemsize
+    kept = (sum(be.sizes) - E.nbytes) / cell
+    assert kept <= 2.2, f"{kept:.2f} values kept a cell besides E"
+    v_ref, E_ref = R.dtw_grad(theta.astype(np.float64), la, lb, -1, 1, 1.0)
+    tol = 1e-9 if dtype == "float64" else 2e-4
+    np.testing.assert_allclose(E, E_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(v, v_ref, rtol=tol)
 
 
 # ---------------------------------------------------------------------------

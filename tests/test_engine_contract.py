@@ -426,6 +426,37 @@ def test_dtw_against_reference(engine, dtype, reg, band, rng):
         np.testing.assert_array_equal(Y, Y_ref)
 
 
+@pytest.mark.parametrize("engine", engines("dtw", only={"compiled", "compiled-tiled",
+                                                          "emulated-cuda", "cuda"}),
+                         indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("reg", list(REGS))
+@pytest.mark.parametrize("band", [-1, 4], ids=["noband", "band4"])
+def test_dtw_grad_two_weights_keep_exact_zeros(engine, dtype, reg, band, rng):
+    """The gradient keeps two weights a cell, (q_up, q_left), and its reverse pass
+    derives q_diag = 1 - q_up - q_left (``smx::dtw_q_diag``) on the CPU and the GPU
+    alike. Where the reference E is exactly 0 (off the l2 or hard support, masked
+    and unreachable cells, past the lengths, outside the band) the engine's E is
+    exactly 0 too, E is never negative, and E is the reference's; two strips of 32
+    rows."""
+    from smoothmax import _reference as R
+
+    theta, _, la, lb = _dtw_moderate(rng, dtype)
+    code = REGS[reg]
+    v, E = engine.call("dtw_grad", theta, la, lb, band, code, GAMMA)
+    v_ref, E_ref = R.dtw_grad(theta.astype(np.float64), la, lb, band, code, GAMMA)
+    assert np.isfinite(v_ref).all(), "degenerate case: an end cell is unreachable"
+    _close(v, v_ref, dtype, "value", scale=1 + float(np.abs(v_ref).max()))
+    _close(E, E_ref, dtype, "E")
+    assert E.min() >= 0
+    # negentropy: its exp underflows at thresholds of its own, but masked cells and
+    # cells past the lengths are exact zeros for every operator
+    zero = (E_ref == 0) if reg != "negentropy" else np.isinf(theta)
+    assert np.all(E[zero] == 0), f"{reg}: E is not exactly 0 where the reference's is"
+    for b in range(len(la)):
+        assert np.all(E[b, la[b]:] == 0) and np.all(E[b, :, lb[b]:] == 0)
+
+
 # ---------------------------------------------------------------------------
 # Viterbi
 

@@ -162,15 +162,9 @@ template <typename V> SMX_HD void vstore(void *p, V v) { memcpy(p, &v, sizeof v)
  *   dout = fu qu + eu qdu + fl ql + el qdl + fd qd + ed qdd.
  * A q of 0 multiplies a finite tangent, so masked cells give exact zeros.
  */
-/* The diagonal weight of a cell from its stored pair (qu, ql): 1 - qu - ql,
- * rounded in T as the forward pass rounded ql where qd is 0 (so that those
- * cells give exactly 0), and never below 0 (a float32 qd under the rounding
- * of qu + ql). */
-template <typename T> SMX_HD double dtw_q_diag(T qu, T ql)
-{
-    T d = (T(1) - qu) - ql;
-    return d > T(0) ? (double)d : 0.0;
-}
+/* The diagonal weight of a cell from its stored pair (smx::dtw_q_diag, the
+ * rule the GPU kernels share), widened to the double of the reverse pass. */
+template <typename T> SMX_HD double dtw_q_diag(T qu, T ql) { return (double)smx::dtw_q_diag(qu, ql); }
 
 template <typename T, bool STORE>
 struct DtwFwdLoop {
@@ -193,7 +187,7 @@ struct DtwFwdLoop {
          * cell) has weight exactly 0, and its E must be exactly 0 */
         if (STORE) {
 #pragma GCC ivdep
-            for (ptrdiff_t k = 0; k < n; ++k) ql[k] = qd[k] == T(0) ? T(1) - qu[k] : ql[k];
+            for (ptrdiff_t k = 0; k < n; ++k) ql[k] = smx::dtw_stored_left(qu[k], ql[k], qd[k]);
         }
     }
 };

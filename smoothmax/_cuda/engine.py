@@ -12,8 +12,9 @@ The launch logic is written against a small *backend* (``xp`` plus
 arrays) runs exactly the same code path in the tests.
 
 Memory (docs/gpu.md): value-only DTW needs ``B*ceil(NA/32)*NB`` values for
-the strip edges; gradient adds the local weights q, ``3*B*32*ceil(NA/32)*(NB+31)``
-values (about 3*B*NA*NB), and the HVP doubles that (qdot).
+the strip edges; the gradient adds two local weights a cell (q_up, q_left),
+``2*B*32*ceil(NA/32)*(NB+31)`` values (about 2*B*NA*NB); the HVP keeps all three
+and their tangents qdot (about 6*B*NA*NB).
 """
 import functools
 
@@ -126,7 +127,8 @@ def dtw_run(be, theta, Z, la, lb, band, reg, gamma, mode):
     edged = xp.empty((B * ns * NB,), dtype=dt) if mode == 2 else dummy
     nsync = 1 + B * ns
     sync = xp.zeros((2 * nsync,), dtype=np.int32)
-    qsize = B * ns * (NB + 31) * 3 * _WARP
+    # weights kept a cell: (q_up, q_left) for the gradient, all three for the HVP
+    qsize = B * ns * (NB + 31) * (3 if mode == 2 else 2) * _WARP
     qbuf = xp.empty((qsize,), dtype=dt) if mode >= 1 else dummy
     qdbuf = xp.empty((qsize,), dtype=dt) if mode == 2 else dummy
     i32 = np.int32
@@ -151,14 +153,14 @@ def dtw_run(be, theta, Z, la, lb, band, reg, gamma, mode):
 def dtwf_segment_strips(NA, NB):
     """Strips of 32 rows per segment, ``K``.
 
-    The weights of a segment take ``96·K·(NB + 31)`` values and the checkpoint
-    rows ``⌈ns/K⌉·NB`` (``ns = ⌈NA/32⌉`` strips), which balance at
-    ``K = √(ns/96)``; four times that keeps more SMs busy (the strips of a
+    The weights of a segment take ``64·K·(NB + 31)`` values (two a cell) and
+    the checkpoint rows ``⌈ns/K⌉·NB`` (``ns = ⌈NA/32⌉`` strips), which balance
+    at ``K = √(ns/64)``; four times that keeps more SMs busy (the strips of a
     segment run concurrently) for four times the weights. At least 1, at most
     all strips.
     """
     ns = _nstrips(NA)
-    return max(1, min(ns, int(np.ceil(np.sqrt(ns / 96.0))) * 4))
+    return max(1, min(ns, int(np.ceil(np.sqrt(ns / 64.0))) * 4))
 
 
 def dtwf_run(be, X, Y, la, lb, band, reg, gamma, cost, grad, K=None):
@@ -170,7 +172,7 @@ def dtwf_run(be, X, Y, la, lb, band, reg, gamma, cost, grad, K=None):
     forward runs segment by segment (``K`` strips of 32 rows each), keeping
     the R row above every segment; the gradient recomputes each segment from
     its row, storing its weights, and runs it backward: memory
-    ``O(B·NB·(NA/(32K) + 96K))`` values instead of ``O(B·NA·NB)``.
+    ``O(B·NB·(NA/(32K) + 64K))`` values instead of ``O(B·NA·NB)``.
     """
     xp = be.xp
     dt = _np_dtype(X.dtype)
@@ -215,7 +217,7 @@ def dtwf_run(be, X, Y, la, lb, band, reg, gamma, cost, grad, K=None):
         return value
     gx = xp.zeros((B, NA, d), dtype=dt)
     gy = xp.zeros((B, NB, d), dtype=dt)
-    qbuf = xp.empty((B * K * (NB + 31) * 3 * _WARP,), dtype=dt)
+    qbuf = xp.empty((B * K * (NB + 31) * 2 * _WARP,), dtype=dt)  # (q_up, q_left) a cell
     carry = xp.zeros((B, NB), dtype=dt)
     for s0, row in reversed(list(zip(starts, checkpoints))):
         nseg = min(K, ns - s0)

@@ -14,10 +14,16 @@
 //
 // The backward pass runs the same pipeline bottom-up and right-to-left on the
 // adjoints ebar (E = ebar). The forward of grad/hvp stores the local weights q
-// (3 per cell) -- and for the hvp also qdot -- in a lane-coalesced internal
-// layout: q[((strip*NSTEP + t)*3 + k)*32 + lane], NSTEP = NB + 31.
+// in a lane-coalesced internal layout q[((strip*NSTEP + t)*K + k)*32 + lane],
+// NSTEP = NB + 31: the gradient K = 2 of them, (q_up, q_left), the backward
+// taking q_diag = 1 - q_up - q_left (smx::dtw_q_diag, the CPU core's rule,
+// exact zeros kept); the HVP all K = 3, and their tangents qdot in a second
+// buffer of the same layout.
 //
 // MODE: 0 value only, 1 value and q (gradient), 2 value, q and qdot (HVP).
+
+// Weights kept per cell by a MODE (the layout's K).
+template <int MODE> SMX_DEVICE constexpr int smx_dtw_kept() { return MODE == 2 ? 3 : 2; }
 
 #define SMX_PUB 16
 
@@ -66,8 +72,9 @@ SMX_GLOBAL void smx_dtw_fwd(const T* __restrict__ theta, const T* __restrict__ Z
     const T* th_row = theta + cell0;
     const T* z_row = (MODE == 2) ? Z + cell0 : nullptr;
     const smx_size NSTEP = (smx_size)NB + 31;
-    T* q_strip = (MODE >= 1) ? qbuf + ((smx_size)b * nstrips + s) * NSTEP * 96 : nullptr;
-    T* qd_strip = (MODE == 2) ? qdbuf + ((smx_size)b * nstrips + s) * NSTEP * 96 : nullptr;
+    constexpr int QS = 32 * smx_dtw_kept<MODE>();    // q values a step
+    T* q_strip = (MODE >= 1) ? qbuf + ((smx_size)b * nstrips + s) * NSTEP * QS : nullptr;
+    T* qd_strip = (MODE == 2) ? qdbuf + ((smx_size)b * nstrips + s) * NSTEP * QS : nullptr;
 
     // R_pad[0][0] = 0 is the diagonal predecessor of cell (0, 0)
     T out = inf, outd = T(0);                 // this lane's result of the previous step
@@ -109,13 +116,14 @@ SMX_GLOBAL void smx_dtw_fwd(const T* __restrict__ theta, const T* __restrict__ Z
                     h0 = -h0; h1 = -h1; h2 = -h2;   // qdot = -H(-r)·rdot for min_Ω
                 }
             }
-            if (MODE >= 1) {
-                T* qp = q_strip + (smx_size)t * 96 + lane;
+            if (MODE == 1) {
+                T* qp = q_strip + (smx_size)t * QS + lane;
+                qp[0] = q0; qp[32] = smx::dtw_stored_left(q0, q1, q2);
+            } else if (MODE == 2) {
+                T* qp = q_strip + (smx_size)t * QS + lane;
                 qp[0] = q0; qp[32] = q1; qp[64] = q2;
-                if (MODE == 2) {
-                    T* hp = qd_strip + (smx_size)t * 96 + lane;
-                    hp[0] = h0; hp[32] = h1; hp[64] = h2;
-                }
+                T* hp = qd_strip + (smx_size)t * QS + lane;
+                hp[0] = h0; hp[32] = h1; hp[64] = h2;
             }
             if (writes_edge) {
                 edge_mine[j] = R;
@@ -167,8 +175,9 @@ SMX_GLOBAL void smx_dtw_bwd(const long long* __restrict__ la, const long long* _
     T* edge_mine = edge + ((smx_size)b * nstrips + s) * NB;
     T* edged_mine = edged + ((smx_size)b * nstrips + s) * NB;
     const smx_size NSTEP = (smx_size)NB + 31;
-    const T* q_strip = qbuf + ((smx_size)b * nstrips + s) * NSTEP * 96;
-    const T* qd_strip = (MODE == 2) ? qdbuf + ((smx_size)b * nstrips + s) * NSTEP * 96 : nullptr;
+    constexpr int QS = 32 * smx_dtw_kept<MODE>();
+    const T* q_strip = qbuf + ((smx_size)b * nstrips + s) * NSTEP * QS;
+    const T* qd_strip = (MODE == 2) ? qdbuf + ((smx_size)b * nstrips + s) * NSTEP * QS : nullptr;
     T* erow = E + ((smx_size)b * NA + (smx_size)(active ? i : 0)) * NB;
     T* edrow = (MODE == 2) ? Edot + ((smx_size)b * NA + (smx_size)(active ? i : 0)) * NB : nullptr;
     const T seed = smx_isfinite(value[b]) ? T(1) : T(0);
@@ -206,12 +215,13 @@ SMX_GLOBAL void smx_dtw_bwd(const long long* __restrict__ la, const long long* _
                 eb = carry + inU + D;
                 if (MODE == 2) ebd = carryd + inUd + Dd;
             }
-            const T* qp = q_strip + (smx_size)(j + lane) * 96 + lane;
-            const T q0 = qp[0], q1 = qp[32], q2 = qp[64];
+            const T* qp = q_strip + (smx_size)(j + lane) * QS + lane;
+            const T q0 = qp[0], q1 = qp[32];
+            const T q2 = (MODE == 2) ? qp[64] : smx::dtw_q_diag(q0, q1);
             outU = eb * q0; carry = eb * q1; outD = eb * q2;
             erow[j] = eb;
             if (MODE == 2) {
-                const T* hp = qd_strip + (smx_size)(j + lane) * 96 + lane;
+                const T* hp = qd_strip + (smx_size)(j + lane) * QS + lane;
                 outUd = ebd * q0 + eb * hp[0];
                 carryd = ebd * q1 + eb * hp[32];
                 outDd = ebd * q2 + eb * hp[64];

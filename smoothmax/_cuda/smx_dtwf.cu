@@ -10,8 +10,9 @@
 //     below), slot ls + 1 (forward) / ls (backward) what local strip ls
 //     publishes; the host presets the progress counter of the input slot.
 //   sync: [0] the ticket counter, [1 + b*(nseg+1) + slot] progress per slot.
-// The forward with MODE 1 stores the weights q of the segment (3 per cell,
-// layout of smx_dtw.cu); the backward pulls ebar through them and, instead
+// The forward with MODE 1 stores two weights of each cell of the segment,
+// (q_up, q_left) (layout of smx_dtw.cu's gradient; the backward derives
+// q_diag with smx::dtw_q_diag); the backward pulls ebar through them and, instead
 // of writing E, adds ebar·∂c/∂x to grad_x (row i belongs to one lane) and
 // ebar·∂c/∂y to grad_y with atomics (a column is shared by every row).
 //
@@ -82,7 +83,7 @@ SMX_GLOBAL void smx_dtwf_fwd(const T* __restrict__ X, const T* __restrict__ Y,
     const T* xrow = X + ((smx_size)b * NA + (smx_size)(active ? i : 0)) * d;
     const T* ybase = Y + (smx_size)b * NB * d;
     const smx_size NSTEP = (smx_size)NB + 31;
-    T* q_strip = (MODE >= 1) ? qbuf + ((smx_size)b * nseg + ls) * NSTEP * 96 : nullptr;
+    T* q_strip = (MODE >= 1) ? qbuf + ((smx_size)b * nseg + ls) * NSTEP * 64 : nullptr;
 
     T out = inf;
     T up_prev = (s == 0 && lane == 0) ? T(0) : inf;   // R[-1][-1] = 0 is the corner
@@ -113,8 +114,8 @@ SMX_GLOBAL void smx_dtwf_fwd(const T* __restrict__ X, const T* __restrict__ Y,
                 if (!(R < inf)) { R = inf; q0 = q1 = q2 = T(0); }
             }
             if (MODE >= 1) {
-                T* qp = q_strip + (smx_size)t * 96 + lane;
-                qp[0] = q0; qp[32] = q1; qp[64] = q2;
+                T* qp = q_strip + (smx_size)t * 64 + lane;
+                qp[0] = q0; qp[32] = smx::dtw_stored_left(q0, q1, q2);
             }
             if (writes_edge) {
                 edge_mine[j] = R;
@@ -150,7 +151,7 @@ SMX_GLOBAL void smx_dtwf_bwd(const T* __restrict__ X, const T* __restrict__ Y,
     const T* edge_below = edge + ((smx_size)b * nslot + ls + 1) * NB;
     T* edge_mine = edge + ((smx_size)b * nslot + ls) * NB;
     const smx_size NSTEP = (smx_size)NB + 31;
-    const T* q_strip = qbuf + ((smx_size)b * nseg + ls) * NSTEP * 96;
+    const T* q_strip = qbuf + ((smx_size)b * nseg + ls) * NSTEP * 64;
     const smx_size row = (smx_size)b * NA + (smx_size)(active ? i : 0);
     const T* xrow = X + row * d;
     T* gxrow = gx + row * d;
@@ -181,8 +182,8 @@ SMX_GLOBAL void smx_dtwf_bwd(const T* __restrict__ X, const T* __restrict__ Y,
         outU = T(0); outD = T(0);
         if (in) {
             const T eb = (i == n - 1 && j == m - 1) ? seed : carry + inU + D;
-            const T* qp = q_strip + (smx_size)(j + lane) * 96 + lane;
-            outU = eb * qp[0]; carry = eb * qp[32]; outD = eb * qp[64];
+            const T* qp = q_strip + (smx_size)(j + lane) * 64 + lane;
+            outU = eb * qp[0]; carry = eb * qp[32]; outD = eb * smx::dtw_q_diag(qp[0], qp[32]);
             if (eb != T(0))
                 smx_feat_grad<T, COST>(eb, xrow, ybase + (smx_size)j * d, d, gxrow, gybase + (smx_size)j * d);
             if (writes_edge) {

@@ -258,6 +258,24 @@ SMX_HD T max3(T a, T b, T c, T gamma, T inv_gamma, U& qa, U& qb, U& qc)
     return m;
 }
 
+// The DTW gradient keeps two of a cell's three weights, (q_up, q_left), in
+// the stored type T (the CPU core and the GPU kernels alike). The diagonal
+// weight is q_diag = 1 - q_up - q_left rounded in T and never below 0 (a
+// float q_diag under the rounding of q_up + q_left). Where q_diag is exactly
+// 0 (sparsemax, the hard max, a +inf diagonal predecessor, an underflow), the
+// stored q_left is 1 - q_up rounded in T, so that q_diag is exactly 0 again.
+// A cell with no finite predecessor stores (0, 1): no path reaches it, its
+// adjoint is exactly 0 and its pair never reaches E.
+template <typename T> SMX_HD T dtw_stored_left(T q_up, T q_left, T q_diag)
+{
+    return q_diag == T(0) ? T(1) - q_up : q_left;
+}
+template <typename T> SMX_HD T dtw_q_diag(T q_up, T q_left)
+{
+    const T d = (T(1) - q_up) - q_left;
+    return d > T(0) ? d : T(0);
+}
+
 // H·u for the three-entry cell where the gradient is q; returns <q, u>.
 template <typename T, int REG>
 SMX_HD T hvp3(T qa, T qb, T qc, T ua, T ub, T uc, T inv_gamma, T& ha, T& hb, T& hc)
