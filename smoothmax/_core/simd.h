@@ -346,44 +346,42 @@ SMX_HD void vit_row(ptrdiff_t S, const T *SMX_R row, const double *SMX_R V, doub
 
 /* A row's tail of fewer than 2N entries, from j: one vector of N lanes if N
  * are left, then N/2, ..., 1 (each remainder is a sum of distinct powers of
- * two). vit_max_tail: x = row + V, its max into m, NaN / +inf scores counted
- * in nbad; vit_exps_tail: e = exp((x - m) ig) in T, into erow (unless NULL)
- * and added to sum. */
+ * two). vit_max_tail: x = row + vs, its max into m, NaN / +inf scores counted
+ * in nbad; vit_exps_tail: e = exp((x - m) ig), into erow (unless NULL) and
+ * added to sum. All in T. */
 template <typename T, int N>
-SMX_HD void vit_max_tail(ptrdiff_t S, ptrdiff_t &j, const T *SMX_R row, const double *SMX_R V,
-                         double *SMX_R x, double &m, double &nbad)
+SMX_HD void vit_max_tail(ptrdiff_t S, ptrdiff_t &j, const T *SMX_R row, const T *SMX_R vs,
+                         T *SMX_R x, T &m, double &nbad)
 {
     if constexpr (N == 1) {
         if (j < S) {
-            const double r = (double)row[j];
-            nbad += !(r < SM_INF);
-            x[j] = r + V[j];
+            nbad += !(row[j] < smx::inf<T>());
+            x[j] = row[j] + vs[j];
             m = x[j] > m ? x[j] : m;
             ++j;
         }
     } else {
         if (j + N <= S) {
-            typedef typename vecn<double, N>::type VH;
-            VH rv;
-            for (int l = 0; l < N; ++l) rv[l] = (double)row[j + l];
-            for (int l = 0; l < N; ++l) nbad += !(rv[l] < SM_INF);
-            const VH xv = rv + vload<VH>(V + j);
+            typedef typename vecn<T, N>::type VH;
+            const VH rv = vload<VH>(row + j);
+            for (int l = 0; l < N; ++l) nbad += !(rv[l] < smx::inf<T>());
+            const VH xv = rv + vload<VH>(vs + j);
             vstore(x + j, xv);
-            const double mh = lanes_max<double, N>(xv);
+            const T mh = lanes_max<T, N>(xv);
             m = mh > m ? mh : m;
             j += N;
         }
-        vit_max_tail<T, N / 2>(S, j, row, V, x, m, nbad);
+        vit_max_tail<T, N / 2>(S, j, row, vs, x, m, nbad);
     }
 }
 
 template <typename T, int N>
-SMX_HD void vit_exps_tail(ptrdiff_t S, ptrdiff_t &j, const double *SMX_R x, double m, double ig,
+SMX_HD void vit_exps_tail(ptrdiff_t S, ptrdiff_t &j, const T *SMX_R x, T m, T ig,
                           T *SMX_R erow, T &sum)
 {
     if constexpr (N == 1) {
         if (j < S) {
-            const T e = exp_nonpos((T)((x[j] - m) * ig));
+            const T e = exp_nonpos((x[j] - m) * ig);
             if (erow != NULL) erow[j] = e;
             sum += e;
             ++j;
@@ -391,9 +389,7 @@ SMX_HD void vit_exps_tail(ptrdiff_t S, ptrdiff_t &j, const double *SMX_R x, doub
     } else {
         if (j + N <= S) {
             typedef typename vecn<T, N>::type VH;
-            VH yv;
-            for (int l = 0; l < N; ++l) yv[l] = (T)((x[j + l] - m) * ig);
-            const VH e = exp_nonpos(yv);
+            const VH e = exp_nonpos((vload<VH>(x + j) - m) * ig);
             if (erow != NULL) vstore(erow + j, e);
             sum += lanes_sum<T, N>(e);
             j += N;
@@ -402,50 +398,74 @@ SMX_HD void vit_exps_tail(ptrdiff_t S, ptrdiff_t &j, const double *SMX_R x, doub
     }
 }
 
-/* value and gradient (z == NULL): x = row + V, its max m and the exps
- * e = exp((x - m)/gamma) in vectors of T (x and m in double, the exps and
- * their sum in T: float keeps twice the lanes), the max and the sum reduced in
- * vector steps, a row's tail in halving vectors (scalar tails ran S = 12
- * 1.3x slower than the loops); msum[i] = m, msum[S + i] = sum. Returns the
+/* value and gradient (z == NULL), all in the caller's type T (float keeps
+ * twice the lanes of double in every loop, with no conversions):
+ *   the step's shift c = max_j V[j] (0 when V is all -inf) and
+ *   vs = V - c in T, once for the S rows (for T narrower than double: in
+ *   double, vs = V and c = 0); per row x = row + vs, its max m,
+ *   the exps e = exp((x - m)/gamma) and their sum, the max and the sum
+ *   reduced in vector steps, a row's tail in halving vectors (scalar tails
+ *   ran S = 12 1.3x slower than the loops); msum[i] = c + m (in double),
+ *   msum[S + i] = sum.
+ * Shifting V by its max keeps the entries of x at the scale of the scores
+ * (x <= max row), so float rounds x as it rounds the scores themselves; the
+ * value c + m + gamma log(sum) is exact for the rounded x (log-sum-exp does
+ * not depend on the shift). Until wave 2, x and m were in double and only the
+ * exps in T: float32 ran 1.2-1.5x float64 at S = 16, the conversions and the
+ * double-width max pass taking what the float exps saved. Returns the
  * NaN / +inf count. */
 template <typename T, int W>
 SMX_HD double vit_rows_negentropy(ptrdiff_t S, const T *SMX_R th, const double *SMX_R V,
-                                  T *SMX_R E, double *SMX_R x, double *SMX_R msum, double gamma)
+                                  T *SMX_R E, double *SMX_R scratch, double *SMX_R msum,
+                                  double gamma)
 {
-    typedef typename vec<double, W>::type VD;
     typedef typename vec<T, W>::type VT;
-    const int nd = vec<double, W>::n, nt = vec<T, W>::n;
-    const double ig = 1.0 / gamma;
-    decltype(VD{} < 0.0) vok = {};  /* integer lanes */
+    const int nt = vec<T, W>::n;
+    const T inf = smx::inf<T>();
+    const T ig = (T)(1.0 / gamma);
+    T *SMX_R x = (T *)scratch;  /* S values of T */
+    const T *SMX_R vs;
+    double c = 0.0;
+    if constexpr (sizeof(T) < sizeof(double)) {
+        T *SMX_R v = (T *)(scratch + S);  /* S values of T */
+        c = -SM_INF;
+        for (ptrdiff_t j = 0; j < S; ++j) c = V[j] > c ? V[j] : c;
+        c = c > -SM_INF ? c : 0.0;  /* V all -inf (no path yet): no shift. (V is finite
+                                     * otherwise: float scores sum far below double's range) */
+        for (ptrdiff_t j = 0; j < S; ++j) v[j] = (T)(V[j] - c);
+        vs = v;
+    } else {
+        vs = V;  /* double needs no shift: x = row + V as before (measured: the
+                  * shift's two passes cost 6% at S = 8) */
+    }
+    decltype(VT{} < T(0)) vok = {};  /* integer lanes */
     double nbad = 0.0;
     ptrdiff_t nvec = 0;               /* scores counted in vok */
     for (ptrdiff_t i = 0; i < S; ++i) {
         const T *SMX_R row = th + i * S;
-        VD mx = VD{} - SM_INF;
+        VT mx = VT{} - inf;
         ptrdiff_t j = 0;
-        for (; j + nd <= S; j += nd) {
-            VD rv;
-            for (int l = 0; l < nd; ++l) rv[l] = (double)row[j + l];
-            vok += rv < SM_INF;  /* -1 in each lane of a score that is not NaN or +inf */
-            const VD xv = rv + vload<VD>(V + j);
+        for (; j + nt <= S; j += nt) {
+            const VT rv = vload<VT>(row + j);
+            vok += rv < inf;  /* -1 in each lane of a score that is not NaN or +inf */
+            const VT xv = rv + vload<VT>(vs + j);
             vstore(x + j, xv);
             mx = xv > mx ? xv : mx;
         }
         nvec += j;
-        double m = lanes_max<double, nd>(mx);  /* S >= nd: one vector at least */
-        vit_max_tail<T, nd / 2>(S, j, row, V, x, m, nbad);
-        msum[i] = m;
-        if (!(m > -SM_INF)) {  /* a row of -inf: value -inf, q = 0 */
+        T m = j > 0 ? lanes_max<T, nt>(mx) : -inf;
+        vit_max_tail<T, nt / 2>(S, j, row, vs, x, m, nbad);
+        if (!(m > -inf)) {  /* a row of -inf: value -inf, q = 0 */
+            msum[i] = -SM_INF;
             msum[S + i] = 1.0;
             if (E != NULL) for (j = 0; j < S; ++j) E[i * S + j] = (T)0;
             continue;
         }
+        msum[i] = c + (double)m;
         T *SMX_R erow = E != NULL ? E + i * S : NULL;
         VT acc = VT{};
         for (j = 0; j + nt <= S; j += nt) {
-            VT yv;
-            for (int l = 0; l < nt; ++l) yv[l] = (T)((x[j + l] - m) * ig);
-            const VT e = exp_nonpos(yv);
+            const VT e = exp_nonpos((vload<VT>(x + j) - m) * ig);
             if (erow != NULL) vstore(erow + j, e);
             acc += e;
         }
@@ -454,7 +474,7 @@ SMX_HD double vit_rows_negentropy(ptrdiff_t S, const T *SMX_R th, const double *
         msum[S + i] = (double)sum;  /* >= 1: the max contributes exp(0) */
     }
     long long ok = 0;  /* the lanes' sum, in an integer: exact */
-    for (int l = 0; l < nd; ++l) ok -= (long long)vok[l];
+    for (int l = 0; l < nt; ++l) ok -= (long long)vok[l];
     return nbad + (double)(nvec - ok);
 }
 
