@@ -41,6 +41,13 @@ record the ``smoothmax`` they imported; the commit recorded is ``DIR``'s.
 load on a shared machine falls on both alike; it writes both result files
 and the comparison.
 
+``--processes N`` runs every warm and co-tenant job in N worker processes
+(alternating between the checkouts) and keeps, per case, the process with
+the smallest time: on a VM where one process can run the same kernel 1.3x
+slower than another (docs/engines.md), one process per case decides a
+before/after ratio by the draw of processes; the minimum over several is
+what the kernel does. Every process's time is kept in ``process_seconds``.
+
 ``--compare BEFORE AFTER`` reads ``core_BEFORE.json`` and ``core_AFTER.json``
 and writes ``core_compare.md`` (+ ``.json``): the ratio after / before of every
 entry (flagged where after is more than 5% slower), the outputs' agreement,
@@ -53,6 +60,7 @@ Usage::
     python bench/bench_core.py --tag after
     python bench/bench_core.py --compare before after       # core_compare.md
     python bench/bench_core.py --pair before=/work/wt-before after=.   # both, interleaved
+    python bench/bench_core.py --pair before=/work/wt-before after=. --processes 3
 """
 import argparse
 import gc
@@ -374,15 +382,37 @@ def run_all(args, runs):
                 for tag, root in runs}
     entries = {tag: [] for tag, _ in runs}
     t_start = time.time()
+    turn = 0
     for k, job in enumerate(jobs):
         scenario, dtype, threads = job[:3]
         print(f"[{k + 1}/{len(jobs)}] {scenario} {dtype} {threads} thread(s)"
               + (f" {bench_cpu.case_name(*job[3])}" if len(job) > 3 else ""),
               flush=True)
-        for tag, root in (runs if k % 2 == 0 else runs[::-1]):
-            entries[tag] += _run_job(args, root, job, plain)
-    return [_result(args, tag, root, machines[tag], entries[tag], time.time() - t_start, runs)
+        for _ in range(args.processes if scenario in ("warm", "cotenant") else 1):
+            for tag, root in (runs if turn % 2 == 0 else runs[::-1]):
+                entries[tag] += _run_job(args, root, job, plain)
+            turn += 1
+    return [_result(args, tag, root, machines[tag], best_of_processes(entries[tag]),
+                    time.time() - t_start, runs)
             for tag, root in runs]
+
+
+def best_of_processes(entries):
+    """One entry per (scenario, case, dtype, threads): the process with the smallest
+    time (entries that failed only where no process succeeded); ``process_seconds``
+    lists every process's time, in the order run."""
+    best, order = {}, []
+    for e in entries:
+        k = (e["scenario"], e["case"], e["dtype"], e["threads"])
+        if k not in best:
+            best[k] = dict(e, process_seconds=[])
+            order.append(k)
+        b = best[k]
+        if e.get("status") == "ok" and e.get("seconds") is not None:
+            b["process_seconds"].append(e["seconds"])
+            if b.get("status") != "ok" or e["seconds"] < b["seconds"]:
+                best[k] = dict(e, process_seconds=b["process_seconds"])
+    return [best[k] for k in order]
 
 
 def _result(args, tag, root, machine, entries, wall, runs):
@@ -390,9 +420,11 @@ def _result(args, tag, root, machine, entries, wall, runs):
             "interleaved_with": [t for t, _ in runs if t != tag],
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
             "quick": args.quick, "threads": args.threads, "gamma": GAMMA,
-            "wall_seconds": wall,
+            "processes": args.processes, "wall_seconds": wall,
             "definitions": {
-                "seconds": f"minimum of at least {MIN_REPEATS} calls after a warm-up call",
+                "seconds": f"minimum of at least {MIN_REPEATS} calls after a warm-up call"
+                           + (f", the fastest of {args.processes} worker processes (warm and "
+                              "co-tenant)" if args.processes > 1 else ""),
                 "ns_per_cell": "seconds / cells * 1e9; cells = B*NA*NB (DTW), B*T*S*S (Viterbi)",
                 "cotenant": "2 threads while a busy loop spins on one CPU",
                 "first_seconds": "the first call at this size in a fresh process (after one "
@@ -689,6 +721,9 @@ def main(argv=None):
     p.add_argument("--pair", nargs=2, metavar=("BEFORE=ROOT", "AFTER=ROOT"),
                    help="time two checkouts in one run, their jobs alternating, and compare "
                         "them (writes core_BEFORE.*, core_AFTER.* and core_compare.*)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="worker processes per warm / co-tenant job; per case the fastest "
+                        "process is kept (default 1)")
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
                    help="compare two runs' tags; writes core_compare.json/.md")
     p.add_argument("--worker", choices=["warm", "cold", "accuracy", "describe"],
@@ -723,6 +758,8 @@ def main(argv=None):
             p.error("--pair takes TAG=ROOT TAG=ROOT with two different tags")
     else:
         runs = [(args.tag, args.root)]
+    # roots as the caller means them (the workers run in bench/)
+    runs = [(tag, os.path.abspath(root)) for tag, root in runs]
     results = run_all(args, runs)
     for res in results:
         _write(os.path.join(out_dir, f"core_{res['tag']}.json"), res, to_markdown(res))
