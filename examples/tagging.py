@@ -311,6 +311,9 @@ def row_grid(loss, reg, args, epochs):
              if getattr(args, k, None) is not None}
     points = [{**ROW_DEFAULTS, **grid[0], **fixed}] if fixed or args.no_select else \
         [{**ROW_DEFAULTS, **hp} for hp in grid]
+    average = getattr(args, "average", None) or "none"
+    if average != "none":  # an evaluation rule for every point, not a grid setting ("none": records as before)
+        points = [dict(hp, average=average) for hp in points]
     return [dict(hp, warm=min(hp["warm"], epochs - 1)) if loss == "relaxed"
             else {k: v for k, v in dict(hp, warm=0).items() if k != "mix"}  # warm and mix: relaxed rows only
             for hp in points]
@@ -338,10 +341,36 @@ def new_run(data, vocabs, reg, hp, seed):
             "history": [], "best": -1.0, "best_state": None}
 
 
+def average_state(run, decay):
+    """``run``'s model state with its parameters replaced by their exponential moving average.
+
+    ``run["ema"]`` starts at zero and takes ``ema = d ema + (1 - d) p`` after every
+    optimizer step; divided by ``1 - d^k`` after k steps (Adam's bias correction) it
+    is the average of the iterates ``p_1 .. p_k`` with weights ``d^(k - i)``.
+    """
+    state = {k: v.clone() for k, v in run["model"].state_dict().items()}
+    for name, avg in run["ema"].items():
+        state[name] = avg / (1 - decay ** run["ema_steps"])
+    return state
+
+
 def train_epochs(run, data, loss, n_epochs, batch_size, bar, own=False):
-    """``n_epochs`` more epochs of ``run``; keeps the state of the best dev epoch."""
+    """``n_epochs`` more epochs of ``run``; keeps the state of the best dev epoch.
+
+    ``average: ema`` (``--average``): the dev score of each epoch, the choice of the
+    best epoch and the model kept are those of an exponential moving average of the
+    parameters over about one epoch of steps (``average_state``). The updates are the
+    same (only the plateau schedule, which reads the dev score, sees the average's).
+    The last iterate of a noisy row (relaxed ℓ2 on NEMO: dev F1 swings from epoch to
+    epoch, its best dev epoch overstates its test score most) is one draw; an average
+    of the iterates is less noisy (a pilot: docs/examples.md, "Weight averaging").
+    """
     model, opt, itos = run["model"], run["opt"], data["tags"].itos
     metric = "f1" if data["is_ner"] else "accuracy"
+    ema = run["hp"].get("average") == "ema"
+    decay = 1 - 1 / -(-len(data["train"]) // batch_size)  # a horizon of one epoch of steps
+    if ema and "ema" not in run:
+        run["ema"], run["ema_steps"] = {k: torch.zeros_like(p) for k, p in model.named_parameters()}, 0
     torch.set_rng_state(run["torch_rng"])  # interleaved runs: each as if trained alone
     for _ in range(n_epochs):
         epoch = len(run["history"])
@@ -356,15 +385,26 @@ def train_epochs(run, data, loss, n_epochs, batch_size, bar, own=False):
             value.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
+            if ema:
+                with torch.no_grad():
+                    for k, p in model.named_parameters():
+                        run["ema"][k].mul_(decay).add_(p, alpha=1 - decay)
+                run["ema_steps"] += 1
             total, n = total + float(value.detach()), n + 1
             bar.update(1)
+        state = last = None
+        if ema:  # evaluate (and keep) the average; training goes on from the last iterate
+            state, last = average_state(run, decay), {k: v.clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(state)
         dev = evaluate(model, data["dev"], itos)
+        if ema:
+            model.load_state_dict(last)
         run["history"].append({"epoch": epoch + 1, "loss": row_loss, "train_loss": total / max(n, 1), **dev})
         # the model kept is the best dev epoch of the row's own loss: a relaxed row is
         # never reported with (or selected on) a model of its warm-start epochs
         if row_loss == loss and dev[metric] > run["best"]:
             run["best"] = dev[metric]
-            run["best_state"] = {k: v.clone() for k, v in model.state_dict().items()}
+            run["best_state"] = state or {k: v.clone() for k, v in model.state_dict().items()}
         if row_loss == loss and run["sched"] is not None:
             run["sched"].step(dev[metric])
     run["torch_rng"] = torch.get_rng_state()
@@ -491,7 +531,8 @@ def fmt_seeds(values):
 def fmt_hp(hp):
     return f"{hp['optimizer']} {hp['lr']:g}, γ {hp['gamma']:g}" + (f", warm {hp['warm']}" if hp.get("warm") else "") \
         + (f", mix {hp['mix']:g}" if hp.get("mix") else "") \
-        + (", plateau" if hp.get("decay") == "plateau" else "")
+        + (", plateau" if hp.get("decay") == "plateau" else "") \
+        + (f", {hp['average']} average" if hp.get("average", "none") != "none" else "")
 
 
 def render(payload, mode):
@@ -668,6 +709,10 @@ def main(argv=None):
     parser.add_argument("--decay", choices=("none", "plateau"), default=None,
                         help="learning-rate schedule of every row (fixes it): plateau halves it after each "
                              "epoch whose dev score is not a new best")
+    parser.add_argument("--average", choices=("none", "ema"), default="none",
+                        help="ema: evaluate, select the epoch on and keep an exponential moving average of the "
+                             "parameters over about one epoch of steps instead of the last iterate (every row; "
+                             "the same updates, the plateau schedule reads the average's dev score)")
     parser.add_argument("--no-select", action="store_true",
                         help="no dev selection: the first point of each row's grid (SELECT_GRID)")
     parser.add_argument("--select-epochs", type=int, default=None,

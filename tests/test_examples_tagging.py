@@ -338,6 +338,10 @@ def test_resume_skips_finished_rows_and_reports_the_same_results(tmp_path, monke
     with pytest.raises(AssertionError):
         tagging.main(argv + ["--decay", "none"])
     assert [(c[0], c[1]) for c in calls] == [("surrogate", "negentropy")]
+    calls.clear()  # or another evaluation rule (kept without averaging, asked with it)
+    with pytest.raises(AssertionError):
+        tagging.main(argv + ["--average", "ema"])
+    assert [(c[0], c[1]) for c in calls] == [("surrogate", "negentropy")]
     # the first seed kept from a selection over another grid: selected again, even though
     # its settings are still a point of the new grid
     chosen = {h: relaxed[h] for h in ("optimizer", "lr", "gamma", "warm", "mix") if h in relaxed}
@@ -393,3 +397,62 @@ def test_the_surrogate_term_keeps_the_relaxed_l2_gradient_alive_where_marginals_
         grads[mix] = x.grad
     assert torch.equal(grads[0.0], torch.zeros_like(grads[0.0]))  # the relaxed loss alone: stuck
     assert (grads[0.1][..., 2] < 0).all() and (grads[0.1][..., 0] > 0).all()  # raises the gold tag, lowers tag 0
+
+
+def test_ema_average_is_the_weighted_mean_of_the_iterates_and_training_is_unchanged(monkeypatch):
+    """``average: ema``: dev scores and the kept model use the average of the iterates; ``none``: the last one.
+
+    The iterates themselves are the same (no plateau schedule here: it would read the average's dev score).
+    """
+    import torch
+    data, (words, chars, tags) = twelve_sentences(4)
+    hp = {"optimizer": "adam", "lr": 3e-2, "gamma": 1.0, "warm": 0}
+    runs = {}
+    for average in ("none", "ema"):
+        run = tagging.new_run(data, (words, chars, tags), "negentropy", dict(hp, average=average), 0)
+        iterates, seen, step = [], [], run["opt"].step
+
+        def recorded_step(*a, step=step, iterates=iterates, model=run["model"], **k):
+            out = step(*a, **k)
+            iterates.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            return out
+        run["opt"].step = recorded_step
+        scores = iter([10.0, 30.0, 20.0])  # epoch 2 is the best on dev
+
+        def evaluate(model, d, itos, seen=seen):  # the parameters each epoch is evaluated with
+            seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            return {"f1": next(scores)}
+        monkeypatch.setattr(tagging, "evaluate", evaluate)
+        tagging.train_epochs(run, data, "surrogate", 3, 2, tagging.tqdm(total=0, disable=True))
+        runs[average] = run, iterates, seen
+    (plain, it0, seen0), (ema, it1, seen1) = runs["none"], runs["ema"]
+    assert len(it1) == 12  # 8 sentences in batches of 2: 4 steps an epoch, 3 epochs
+    for a, b in zip(it0, it1):  # the same training: the same iterates, step by step
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    assert [h["train_loss"] for h in plain["history"]] == [h["train_loss"] for h in ema["history"]]
+    assert all(torch.equal(p, it1[-1][n]) for n, p in ema["model"].named_parameters())  # goes on from the last
+    d = 1 - 1 / 4  # a horizon of one epoch
+    for epoch, (last, avg) in enumerate(zip(seen0, seen1)):
+        k = 4 * (epoch + 1)
+        assert all(torch.equal(last[n], it0[k - 1][n]) for n in last)  # none: the last iterate, as before
+        w = [d ** (k - i) for i in range(1, k + 1)]
+        for n in avg:  # ema: sum_i d^(k-i) p_i / sum_i d^(k-i), computed here from the iterates
+            expected = sum(wi * it1[i][n].double() for i, wi in enumerate(w)) / sum(w)
+            torch.testing.assert_close(avg[n].double(), expected, rtol=1e-5, atol=1e-6)
+        assert any(not torch.allclose(avg[n], it1[k - 1][n]) for n in avg)  # not the last iterate
+    for n, p in seen1[1].items():  # the kept model: the average at the best dev epoch (2)
+        assert torch.equal(ema["best_state"][n], p)
+        assert torch.equal(plain["best_state"][n], it0[7][n])
+
+
+def test_average_none_leaves_the_grid_as_before_and_ema_applies_to_every_point():
+    import argparse
+    args = argparse.Namespace(optimizer=None, lr=None, gamma=None, warm=None, mix=None, decay=None,
+                              no_select=False)
+    for loss, reg in tagging.CONFIGS:
+        before = tagging.row_grid(loss, reg, args, 10)
+        assert all("average" not in hp for hp in before)
+        assert tagging.row_grid(loss, reg, argparse.Namespace(**vars(args), average="none"), 10) == before
+        ema = tagging.row_grid(loss, reg, argparse.Namespace(**vars(args), average="ema"), 10)
+        assert ema == [dict(hp, average="ema") for hp in before]  # still a selection over the grid
+    assert "ema average" in tagging.fmt_hp(ema[0]) and "average" not in tagging.fmt_hp(before[0])
