@@ -191,13 +191,15 @@ template <typename T, int REG, typename U> SMX_HD T value(T m, U acc, T gamma)
     if (REG == L2) return m + gamma * T(acc);
     return m;
 }
+// (l2_term and weight also run on GCC/Clang vectors, as exp_nonpos does: the
+// CPU's vector rows call them; T{} is 0, and 0.5f converts exactly to T.)
 // the l2 value's term of one entry, 0 off the support
-template <typename T> SMX_HD T l2_term(T y, T q) { return q > T(0) ? q * (y - T(0.5) * q) : T(0); }
+template <typename T> SMX_HD T l2_term(T y, T q) { return q > T{} ? q * (y - q * 0.5f) : T{}; }
 // weight of one entry: stat is 1/Σ exp(y) (negentropy) or τ (l2)
 template <typename T, int REG> SMX_HD T weight(T y, T stat)
 {
     if (REG == NEGENTROPY) return exp_nonpos(y) * stat;
-    return max2(y - stat, T(0));
+    return max2(y - stat, T{});
 }
 // the sparsemax threshold of a candidate support: Σ_S y and |S|
 template <typename T> SMX_HD T sparsemax_tau(T sum, T count) { return (sum - T(1)) / count; }
