@@ -45,6 +45,11 @@ CASES = [  # (function, shape, reg); value + gradient unless named otherwise
     ("crf_grad", (32, 128, 16), "l2"),
     ("crf_grad", (32, 40, 9), "l2"),
     ("crf_grad", (8, 64, 64), "l2"),
+    # DTW between features (the SoftDTW layer's default): x (B, NA, d), y (B, NB, d); per cell B·NA·NB
+    ("dtw_features", (32, 128, 128, 8), "negentropy"),
+    ("dtw_features_grad", (32, 128, 128, 8), "negentropy"),
+    ("dtw_features_grad", (32, 128, 128, 8), "l2"),
+    ("dtw_features_grad", (1, 1024, 1024, 8), "negentropy"),
 ]
 DTYPES = ("float64", "float32")
 
@@ -67,6 +72,10 @@ def worker(folder, calls):
             theta = rng.standard_normal(shape).astype(dt)
             args = (theta, rng.standard_normal(shape).astype(dt)) if fn.endswith("hvp") else (theta,)
             f, cells = getattr(sm, fn, None), float(np.prod(shape))
+            if fn.startswith("dtw_features"):
+                B, NA, NB, d = shape
+                args = (rng.standard_normal((B, NA, d)).astype(dt), rng.standard_normal((B, NB, d)).astype(dt))
+                cells = float(B * NA * NB)
             if fn == "crf_grad":
                 S = shape[-1]
                 args, f, cells = (theta, rng.standard_normal((S, S)).astype(dt)), sm.crf.crf_grad, \

@@ -196,8 +196,9 @@ def run_features(fp, x, y, grad):
 
     Returns NumPy ``(value (B,), grad_x, grad_y)`` in ``x``'s dtype (the
     gradients ``None`` unless ``grad``). Features are read as float64; for
-    the cosine cost the rows are normalised here and the kernel's sums scaled
-    by ``−1/‖row‖`` (see ``smoothmax/_core/dtwf.pyx``).
+    float32 the operator's weights are float32, as for a float32 cost matrix.
+    For the cosine cost the rows are normalised here and the kernel's sums
+    scaled by ``−1/‖row‖`` (see ``smoothmax/_core/dtwf.pyx``).
     """
     from . import _reference
 
@@ -211,7 +212,8 @@ def run_features(fp, x, y, grad):
     if fp.progress is not None:
         fp.progress.expect(int(np.sum(fp.la)) * (2 if grad else 1))
     value, gx, gy = mod._run(X, Y, _int_host(fp.la), _int_host(fp.lb), fp.band, mod.COSTS[fp.cost],
-                             fp.reg_code, fp.gamma, fp.rows, bool(grad), fp.progress)
+                             fp.reg_code, fp.gamma, fp.rows, bool(grad), fp.progress,
+                             dtype == np.float32)
     if not grad:
         return value.astype(dtype, copy=False), None, None
     if fp.cost == "cosine":

@@ -19,12 +19,17 @@ per-diagonal operator kernels of ``simd.h`` shared with ``dtw.pyx``
   strip (``nS`` rows of NB + 1), then the strips are visited last to first:
   each is recomputed from its checkpoint row storing its weights q (2 per
   cell, q_up and q_left; the reverse pass derives q_diag, as ``dtw.pyx``;
-  ``2·h·NB`` doubles) and swept backward. With ``h ≈ √(NA / 2)`` the extra
+  ``2·h·NB`` values) and swept backward. With ``h ≈ √(NA / 2)`` the extra
   memory is ``≈ 2·√(2·NA)·NB`` doubles, O((NA + NB)·√NA) instead of the
   ``4·NA·NB`` values of ``theta``, q and ``E``; the work is two forward
   passes and one reverse pass. ``h = NA`` (one strip) is the stored
   backward, one forward storing q and one reverse, the special case the
   tests compare the checkpointed one with.
+
+Types: features, R, ebar and the gradients are float64. For float32 inputs
+(``single``) the operator's weight arithmetic and the stored weights are
+float32, as the cost-matrix engine's are for a float32 ``theta`` (``simd.h``):
+twice the lanes for the exps, half the weight memory.
 
 Costs (``COST_*``): the caller passes ``X``, ``Y`` as float64 and, for the
 cosine cost, the rows already normalised (``xhat``; zero rows stay zero) so
@@ -43,6 +48,7 @@ a barrier per diagonal; see docs/decisions.md).
 from . cimport pool
 from libc.stdlib cimport malloc, free
 from libc.math cimport INFINITY
+from cython cimport floating
 
 import numpy as np
 
@@ -119,7 +125,7 @@ cdef inline Py_ssize_t _strip_work(Py_ssize_t h) noexcept nogil:
 
 
 cdef void _strip_fwd(const _Strip* p, Py_ssize_t i0, Py_ssize_t h, const double* Rin,
-                     double* Rout, double* q, Py_ssize_t P, double* wd,
+                     double* Rout, floating* q, Py_ssize_t P, double* wd,
                      const Py_ssize_t* slo, const Py_ssize_t* shi,
                      const Py_ssize_t* soff) noexcept nogil:
     """Forward over rows i0 .. i0 + h - 1 (1-based) from Rin = R[i0 - 1, 0 .. lb].
@@ -136,7 +142,7 @@ cdef void _strip_fwd(const _Strip* p, Py_ssize_t i0, Py_ssize_t h, const double*
     cdef Py_ssize_t wlo[3]
     cdef Py_ssize_t whi[3]
     cdef double* cb = wd + 3 * W
-    cdef double* qs = wd + 4 * W  # q_diag of one diagonal (dtw_fwd)
+    cdef floating* qs = <floating*> (wd + 4 * W)  # q_diag of one diagonal (dtw_fwd)
     cdef double* cur
     cdef double* p1
     cdef double* p2
@@ -173,7 +179,7 @@ cdef void _strip_fwd(const _Strip* p, Py_ssize_t i0, Py_ssize_t h, const double*
                         q + soff[dl], q + P + soff[dl], qs, p.reg, p.gamma)
             else:
                 dtw_fwd(n, cb, p1 + a - 1, p1 + a, p2 + a - 1, cur + a,
-                        <double*> NULL, <double*> NULL, <double*> NULL, p.reg, p.gamma)
+                        <floating*> NULL, <floating*> NULL, <floating*> NULL, p.reg, p.gamma)
             wlo[c] = a
             whi[c] = z
             if a <= h <= z:  # last row of the strip
@@ -185,7 +191,7 @@ cdef void _strip_fwd(const _Strip* p, Py_ssize_t i0, Py_ssize_t h, const double*
 
 
 cdef void _strip_bwd(const _Strip* p, Py_ssize_t i0, Py_ssize_t h, const double* Ein,
-                     double* Eout, const double* q, Py_ssize_t P, double* wd,
+                     double* Eout, const floating* q, Py_ssize_t P, double* wd,
                      const Py_ssize_t* slo, const Py_ssize_t* shi, const Py_ssize_t* soff,
                      double* gx, double* gy) noexcept nogil:
     """Reverse over the strip of ``_strip_fwd`` (its weights in q), pull form.
@@ -205,8 +211,8 @@ cdef void _strip_bwd(const _Strip* p, Py_ssize_t i0, Py_ssize_t h, const double*
     cdef double* cur
     cdef double* p1
     cdef double* p2
-    cdef const double* qU = q
-    cdef const double* qL = q + P
+    cdef const floating* qU = q
+    cdef const floating* qL = q + P
     cdef bint last = i0 + h - 1 == p.la
     cdef double e
     for c in range(3):
@@ -260,14 +266,15 @@ cdef inline void _report(void* progress, Py_ssize_t rows) noexcept nogil:
 
 
 cdef double _one(const _Strip* p, Py_ssize_t h, bint grad, double* gx, double* gy,
-                 double* work, Py_ssize_t* iwork, void* progress) noexcept nogil:
+                 double* work, floating* qwork, Py_ssize_t* iwork, void* progress) noexcept nogil:
     """One problem; returns R[la, lb] and (grad) accumulates into gx, gy
-    (la·d and lb·d doubles, zero on entry). ``work``/``iwork``: ``_work_len``."""
+    (la·d and lb·d doubles, zero on entry). ``work`` (doubles), ``qwork`` (the
+    weight planes, ``floating``), ``iwork``: ``_work_len``, ``_q_len``."""
     cdef Py_ssize_t la = p.la, lb = p.lb, nS = (la + h - 1) // h, s, i0, hs, k, L = lb + 2
     cdef Py_ssize_t P = h * lb + 2 * QPAD  # a weight plane: the cells of a strip and pads
     cdef double* wd = work
     cdef double* rows = wd + _strip_work(h)      # value: 2 rows; grad: nS checkpoint rows + 1
-    cdef double* q
+    cdef floating* q
     cdef double* Ein
     cdef double* Eout
     cdef double* tmp
@@ -283,8 +290,8 @@ cdef double _one(const _Strip* p, Py_ssize_t h, bint grad, double* gx, double* g
             i0 = s * h + 1
             hs = min(h, la - i0 + 1)
             _strip_ranges(p, i0, hs, slo, shi, soff)
-            _strip_fwd(p, i0, hs, rows + (s % 2) * L, rows + ((s + 1) % 2) * L, NULL, 0,
-                       wd, slo, shi, soff)
+            _strip_fwd(p, i0, hs, rows + (s % 2) * L, rows + ((s + 1) % 2) * L, <floating*> NULL,
+                       0, wd, slo, shi, soff)
             _report(progress, hs)
         return rows[(nS % 2) * L + lb]
     # forward keeping the row above every strip (checkpoint s at rows + s·L);
@@ -296,14 +303,15 @@ cdef double _one(const _Strip* p, Py_ssize_t h, bint grad, double* gx, double* g
             i0 = s * h + 1
             hs = min(h, la - i0 + 1)
             _strip_ranges(p, i0, hs, slo, shi, soff)
-            _strip_fwd(p, i0, hs, rows + s * L, rows + (s + 1) * L, NULL, 0, wd, slo, shi, soff)
+            _strip_fwd(p, i0, hs, rows + s * L, rows + (s + 1) * L, <floating*> NULL, 0, wd,
+                       slo, shi, soff)
             _report(progress, hs)
         value = rows[nS * L + lb]
         if value == INFINITY:
             return value  # unreachable end cell: E = 0, gradients 0
-    q = rows + (nS + 1) * L + QPAD
-    Ein = q + 2 * P
+    Ein = rows + (nS + 1) * L
     Eout = Ein + L
+    q = qwork + QPAD
     for k in range(L):
         Ein[k] = 0.0
     for k in range(-QPAD, 2 * P - QPAD):
@@ -326,23 +334,40 @@ cdef double _one(const _Strip* p, Py_ssize_t h, bint grad, double* gx, double* g
 
 cdef double _solve(const double* X, const double* Y, Py_ssize_t d, Py_ssize_t la, Py_ssize_t lb,
                    Py_ssize_t r, int cost, int reg, double gamma, Py_ssize_t h, bint grad,
-                   double* gx, double* gy, double* work, Py_ssize_t* iwork,
+                   double* gx, double* gy, double* work, floating* qwork, Py_ssize_t* iwork,
                    void* progress) noexcept nogil:
     cdef _Strip p = _Strip(X=X, Y=Y, d=d, la=la, lb=lb, r=r, cost=cost, reg=reg, gamma=gamma)
-    return _one(&p, min(h, la), grad, gx, gy, work, iwork, progress)
+    return _one(&p, min(h, la), grad, gx, gy, work, qwork, iwork, progress)
 
 
-cdef inline Py_ssize_t _work_len(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t h, bint grad) noexcept nogil:
-    cdef Py_ssize_t nS = (NA + h - 1) // h, L = NB + 2, P = h * NB + 2 * QPAD
+cdef inline Py_ssize_t _dbl_len(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t h, bint grad) noexcept nogil:
+    """Doubles of a problem's workspace before its weight planes: the strip
+    sweep's scratch, the rows of R (two, or the checkpoints) and, for the
+    gradient, the two rows of products between strips."""
+    cdef Py_ssize_t nS = (NA + h - 1) // h, L = NB + 2
     if not grad:
         return _strip_work(h) + 2 * L
-    return _strip_work(h) + (nS + 1) * L + 2 * P + 2 * L + 2 * QPAD
+    return _strip_work(h) + (nS + 1) * L + 2 * L
 
 
-def work_bytes(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t d, Py_ssize_t h, bint grad):
+cdef inline Py_ssize_t _q_len(Py_ssize_t NB, Py_ssize_t h, bint grad) noexcept nogil:
+    """Weights of a strip (gradient only): two planes of h·NB cells and pads,
+    in the stored type."""
+    return 2 * (h * NB + 2 * QPAD) + 2 * QPAD if grad else 0
+
+
+cdef inline Py_ssize_t _work_len(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t h, bint grad,
+                                 Py_ssize_t qsize) noexcept nogil:
+    """Doubles of a problem's workspace, weights of ``qsize`` bytes each."""
+    return _dbl_len(NA, NB, h, grad) + (_q_len(NB, h, grad) * qsize + 7) // 8
+
+
+def work_bytes(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t d, Py_ssize_t h, bint grad,
+               bint single=False):
     """Bytes of workspace one problem of NA×NB with strips of h rows takes
-    (besides the float64 features and, for the gradient, the accumulators)."""
-    return 8 * _work_len(NA, NB, h, grad)
+    (besides the float64 features and, for the gradient, the accumulators);
+    ``single``: the weights stored as float32."""
+    return 8 * _work_len(NA, NB, h, grad, 4 if single else 8)
 
 
 ctypedef struct _BatchCtx:
@@ -356,24 +381,36 @@ ctypedef struct _BatchCtx:
     double* work        # per slot: wlen doubles
     Py_ssize_t* iwork   # per slot: liwork
     void* hook
-    Py_ssize_t NA, NB, d, band, h, wlen, liwork
+    Py_ssize_t NA, NB, d, band, h, wlen, wdbl, liwork
     int cost, reg
     double gamma
-    bint grad
+    bint grad, single
 
 
 cdef void _batch_item(void* ctx, Py_ssize_t b, int slot) noexcept nogil:
     cdef _BatchCtx* c = <_BatchCtx*> ctx
-    c.value[b] = _solve(c.X + b * c.NA * c.d, c.Y + b * c.NB * c.d, c.d, c.la[b], c.lb[b],
-                        c.band, c.cost, c.reg, c.gamma, c.h, c.grad,
-                        c.gx + b * c.NA * c.d if c.grad else NULL,
-                        c.gy + b * c.NB * c.d if c.grad else NULL,
-                        c.work + slot * c.wlen, c.iwork + slot * c.liwork, c.hook)
+    cdef double* work = c.work + slot * c.wlen
+    cdef double* gx = c.gx + b * c.NA * c.d if c.grad else NULL
+    cdef double* gy = c.gy + b * c.NB * c.d if c.grad else NULL
+    if c.single:
+        c.value[b] = _solve(c.X + b * c.NA * c.d, c.Y + b * c.NB * c.d, c.d, c.la[b], c.lb[b],
+                            c.band, c.cost, c.reg, c.gamma, c.h, c.grad, gx, gy, work,
+                            <float*> (work + c.wdbl), c.iwork + slot * c.liwork, c.hook)
+    else:
+        c.value[b] = _solve(c.X + b * c.NA * c.d, c.Y + b * c.NB * c.d, c.d, c.la[b], c.lb[b],
+                            c.band, c.cost, c.reg, c.gamma, c.h, c.grad, gx, gy, work,
+                            work + c.wdbl, c.iwork + slot * c.liwork, c.hook)
 
 
 def _run(const double[:, :, ::1] X, const double[:, :, ::1] Y,
          const long long[::1] la, const long long[::1] lb, Py_ssize_t band,
-         int cost, int reg, double gamma, Py_ssize_t h, bint grad, object progress):
+         int cost, int reg, double gamma, Py_ssize_t h, bint grad, object progress,
+         bint single=False):
+    """Values (B,) and, if ``grad``, the gradients (B, NA, d), (B, NB, d), float64.
+
+    ``single``: float32 arithmetic for the operator's weights (smx::max3's
+    ``U``) and float32 stored weights, as the cost-matrix engine does for
+    float32 ``theta``; features, R, ebar and the gradients stay float64."""
     cdef Py_ssize_t B = X.shape[0], NA = X.shape[1], NB = Y.shape[1], d = X.shape[2]
     cdef Py_ssize_t b
     cdef int nthreads = pool.team(B, <double> B * NA * NB * (d + 1), SMALL_WORK)
@@ -393,7 +430,8 @@ def _run(const double[:, :, ::1] X, const double[:, :, ::1] Y,
     h = max(1, min(h, NA))
     # one workspace per thread, from smoothmax._buffers' kept blocks when
     # large (fresh pages cost a third of a 1000² gradient)
-    c.wlen = _work_len(NA, NB, h, grad)
+    c.wdbl = _dbl_len(NA, NB, h, grad)
+    c.wlen = _work_len(NA, NB, h, grad, 4 if single else 8)
     work_np = _workspace(nthreads * c.wlen, np.float64)
     work_all = work_np
     c.X = &X[0, 0, 0]
@@ -415,6 +453,7 @@ def _run(const double[:, :, ::1] X, const double[:, :, ::1] Y,
     c.reg = reg
     c.gamma = gamma
     c.grad = grad
+    c.single = single
     with nogil:
         c.iwork = <Py_ssize_t*> malloc(nthreads * c.liwork * sizeof(Py_ssize_t))
         if c.iwork == NULL:
