@@ -86,7 +86,7 @@ def get_num_threads() -> int:
 def clear_cache() -> None:
     """Release the memory the compiled engine keeps between calls.
 
-    Large results and workspaces (16 MiB and up: DTW weights, feature-DTW
+    Large results and workspaces (256 KiB and up: DTW weights, feature-DTW
     checkpoints, ``E``/``Edot`` blocks) are kept for the next call of the
     same size, up to ``SMOOTHMAX_BUFFER_CACHE_MB`` (default 1024) in all.
     This forgets every kept block; the memory returns to the system once no

@@ -63,7 +63,12 @@ typedef void (*sm_task_fn)(void *ctx, ptrdiff_t item, int slot);
 
 static int sm_setting = 0;          /* set_num_threads(n); 0: follow OpenMP */
 static int sm_guard_on = 1;         /* the co-tenant guard (tests turn it off) */
-static long long sm_spin_ns = 200000;  /* idle spin of a worker, and of a waiting caller */
+/* idle spin of a worker, and of a waiting caller: 1 ms covers the Python work
+   between two calls of a loop (a 2 x 200^2 dtw_hvp call spends 0.2-0.3 ms
+   outside its kernel); with 200 us the worker slept between calls, woke
+   0.06-1.3 ms late on the benchmark VM and tripped the co-tenant guard, and
+   two threads gave 1.1-1.3x there instead of 1.8x (docs/threads.md) */
+static long long sm_spin_ns = 1000000;
 static int sm_spin_yield = 256;     /* spins before a spinning worker starts yielding (<0: never) */
 static int sm_last_planned = 0;     /* probes: the team the last job asked for, */
 static int sm_last_used = 0;        /* the team it ran with, */
@@ -71,6 +76,8 @@ static int sm_last_joined = 0;      /* and the threads that ran at least one ite
 static long long sm_guard_trips = 0;
 static long long sm_spawns = 0;     /* worker threads started, ever (the guard skips those jobs) */
 static long long sm_last_lag = -1;   /* ns from posting the last job to worker 1 starting on it */
+static int sm_last_woke = 0;        /* the last job was posted while a worker slept */
+static long long sm_last_waited = 0; /* ns the caller waited for workers after its own items */
 
 static int sm_openmp_threads(void)
 {
@@ -349,7 +356,8 @@ static int sm_parallel_for(ptrdiff_t n, int team, sm_task_fn fn, void *ctx)
             sm_pool.posted = sm_now(CLOCK_MONOTONIC);
             sm_pool.lag = -1;
             __atomic_store_n(&sm_pool.gen, g, __ATOMIC_SEQ_CST);
-            if (__atomic_load_n(&sm_pool.sleepers, __ATOMIC_SEQ_CST) > 0)
+            const int woke = __atomic_load_n(&sm_pool.sleepers, __ATOMIC_SEQ_CST) > 0;
+            if (woke)
                 sm_wake_all(&sm_pool.gen);
             w0 = sm_now(CLOCK_MONOTONIC);
             c0 = sm_now(CLOCK_THREAD_CPUTIME_ID);
@@ -374,12 +382,19 @@ static int sm_parallel_for(ptrdiff_t n, int team, sm_task_fn fn, void *ctx)
                 }
             }
             wall = sm_now(CLOCK_MONOTONIC) - w0;
+            const int64_t waited = wall - sm_pool.stat[0].wall;
             for (s = 1; s < team; ++s) joined += sm_pool.stat[s].wall > 0;
             for (s = 0; s < team; ++s) cpu += sm_pool.stat[s].cpu;
             /* the job took about as long as its CPU time on one thread would have
                (or longer: a worker that woke too late to help took the CPU
-               from the caller) */
-            slow = !spawned && wall > SM_GUARD_MIN_NS && wall > SM_GUARD_RATIO * cpu;
+               from the caller). A job posted while a worker slept is judged
+               only if the caller then waited for a worker: waking a sleeping
+               thread (a halted virtual CPU) took 0.06-1.3 ms on the benchmark
+               VM with no other process about, the caller ran the items alone,
+               and the trip sent the next 50 ms of calls to one thread (the
+               first call after every pause of a loop) */
+            slow = !spawned && wall > SM_GUARD_MIN_NS && wall > SM_GUARD_RATIO * cpu
+                   && (!woke || waited > SM_GUARD_MIN_NS);
             if (slow) {
                 int64_t b = sm_pool.backoff ? 2 * sm_pool.backoff : SM_BACKOFF_MIN_NS;
                 sm_pool.backoff = b > SM_BACKOFF_MAX_NS ? SM_BACKOFF_MAX_NS : b;
@@ -392,6 +407,8 @@ static int sm_parallel_for(ptrdiff_t n, int team, sm_task_fn fn, void *ctx)
             sm_last_used = team;
             sm_last_joined = joined;
             sm_last_lag = sm_pool.lag;
+            sm_last_woke = woke;
+            sm_last_waited = waited;
             __atomic_store_n(&sm_pool.busy, 0, __ATOMIC_RELEASE);
             return team;
         }

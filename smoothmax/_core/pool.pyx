@@ -28,6 +28,8 @@ cdef extern from "pool.h" nogil:
     int sm_last_joined
     long long sm_guard_trips
     long long sm_last_lag
+    int sm_last_woke
+    long long sm_last_waited
     int SM_POOL_MAX
     void sm_force_backoff(long long ns)
 
@@ -131,9 +133,12 @@ def _probe():
     """The last parallel job of this process: the team it planned (from the
     setting and the work), the team it ran with (after the co-tenant guard),
     the threads that ran at least one item, how often the guard tripped, and
-    how long worker 1 took to start on it (µs; -1: it did not)."""
+    how long worker 1 took to start on it (µs; -1: it did not), whether a
+    worker was asleep when it was posted, and how long the caller waited for
+    the workers after its own items (µs)."""
     return {"planned": sm_last_planned, "used": sm_last_used, "joined": sm_last_joined,
-            "guard_trips": sm_guard_trips, "lag_us": sm_last_lag / 1e3}
+            "guard_trips": sm_guard_trips, "lag_us": sm_last_lag / 1e3,
+            "woke": bool(sm_last_woke), "waited_us": sm_last_waited / 1e3}
 
 
 set_setting(env_setting())
