@@ -181,6 +181,16 @@ def _timed(run, budget):
     return times[0], times[len(times) // 2], times
 
 
+def _guard_trips():
+    """The co-tenant guard's trips so far in this process (None: a build without
+    the thread pool, e.g. before issue 11)."""
+    try:
+        from smoothmax._core import pool
+    except ImportError:
+        return None
+    return pool._probe().get("guard_trips")
+
+
 def _entry(scenario, struct, shape, dtype, threads):
     return {"scenario": scenario, "struct": struct, "shape": list(shape),
             "case": bench_cpu.case_name(struct, shape), "dtype": dtype, "threads": threads,
@@ -197,10 +207,13 @@ def worker_warm(args):
             try:
                 inp = bench_cpu.make_inputs(struct, tuple(shape))
                 run, to_numpy, _ = bench_cpu.setup_smoothmax(struct, inp, args.dtype)
+                trips = _guard_trips()
                 out = run()  # warm-up
                 e["summary"] = _summary(to_numpy(out))
                 del out
                 e["seconds"], e["median"], e["times"] = _timed(run, args.budget)
+                if trips is not None:  # trips during this case (each: 50 ms to 2 s on one thread)
+                    e["guard_trips"] = _guard_trips() - trips
                 e["ns_per_cell"] = e["seconds"] / e["cells"] * 1e9
                 e["status"] = "ok"
             except Exception as exc:  # a failing case is a result, not a crash of the run
