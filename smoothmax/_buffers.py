@@ -72,11 +72,11 @@ def empty(shape, dtype, min_bytes=None):
     dtype = np.dtype(dtype)
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
+    if nbytes < (MIN_BYTES if min_bytes is None else min_bytes):
+        return np.empty(shape, dtype)  # before reading the environment: a small call's fixed cost
     limit = _limit()
-    small = nbytes < (MIN_BYTES if min_bytes is None else min_bytes)
-    if small or nbytes > limit:
-        return np.empty(shape, dtype) if small else \
-            np.frombuffer(_fresh(nbytes), dtype, count=count).reshape(shape)
+    if nbytes > limit:
+        return np.frombuffer(_fresh(nbytes), dtype, count=count).reshape(shape)
     with _lock:
         found = None
         for k in range(len(_blocks)):

@@ -167,7 +167,7 @@ def as_int_host(v, name):
 
 def check_lengths(lengths, batch_shape, maximum, name="lengths"):
     """Broadcast ``lengths`` to ``batch_shape`` as a flat int64 host array in ``1..maximum``."""
-    B = int(np.prod(batch_shape, dtype=np.int64))
+    B = math.prod(int(s) for s in batch_shape)  # not np.prod: a call's fixed cost (tiny problems)
     if lengths is None:
         return np.full(B, maximum, dtype=np.int64)
     a = as_int_host(lengths, name)
