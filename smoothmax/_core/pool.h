@@ -67,7 +67,8 @@ static int sm_guard_on = 1;         /* the co-tenant guard (tests turn it off) *
    between two calls of a loop (a 2 x 200^2 dtw_hvp call spends 0.2-0.3 ms
    outside its kernel); with 200 us the worker slept between calls, woke
    0.06-1.3 ms late on the benchmark VM and tripped the co-tenant guard, and
-   two threads gave 1.1-1.3x there instead of 1.8x (docs/threads.md) */
+   two threads gave 1.1-1.3x one thread there (1.4-1.9x with 1 ms, with the
+   rule for woken jobs below; docs/threads.md) */
 static long long sm_spin_ns = 1000000;
 static int sm_spin_yield = 256;     /* spins before a spinning worker starts yielding (<0: never) */
 static int sm_last_planned = 0;     /* probes: the team the last job asked for, */
