@@ -66,13 +66,13 @@ def _fresh(nbytes):
     return np.empty(nbytes, np.uint8)
 
 
-def empty(shape, dtype, min_bytes=None):
+def empty(shape, dtype):
     """An uninitialised C-contiguous array, from a reused block when large
-    (``min_bytes`` and up; default ``MIN_BYTES``)."""
+    (``MIN_BYTES`` and up)."""
     dtype = np.dtype(dtype)
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
-    if nbytes < (MIN_BYTES if min_bytes is None else min_bytes):
+    if nbytes < MIN_BYTES:
         return np.empty(shape, dtype)  # before reading the environment: a small call's fixed cost
     limit = _limit()
     if nbytes > limit:

@@ -332,14 +332,6 @@ cdef double _one(const _Strip* p, Py_ssize_t h, bint grad, double* gx, double* g
     return value
 
 
-cdef double _solve(const double* X, const double* Y, Py_ssize_t d, Py_ssize_t la, Py_ssize_t lb,
-                   Py_ssize_t r, int cost, int reg, double gamma, Py_ssize_t h, bint grad,
-                   double* gx, double* gy, double* work, floating* qwork, Py_ssize_t* iwork,
-                   void* progress) noexcept nogil:
-    cdef _Strip p = _Strip(X=X, Y=Y, d=d, la=la, lb=lb, r=r, cost=cost, reg=reg, gamma=gamma)
-    return _one(&p, min(h, la), grad, gx, gy, work, qwork, iwork, progress)
-
-
 cdef inline Py_ssize_t _dbl_len(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t h, bint grad) noexcept nogil:
     """Doubles of a problem's workspace before its weight planes: the strip
     sweep's scratch, the rows of R (two, or the checkpoints) and, for the
@@ -362,14 +354,6 @@ cdef inline Py_ssize_t _work_len(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t h, bin
     return _dbl_len(NA, NB, h, grad) + (_q_len(NB, h, grad) * qsize + 7) // 8
 
 
-def work_bytes(Py_ssize_t NA, Py_ssize_t NB, Py_ssize_t d, Py_ssize_t h, bint grad,
-               bint single=False):
-    """Bytes of workspace one problem of NA×NB with strips of h rows takes
-    (besides the float64 features and, for the gradient, the accumulators);
-    ``single``: the weights stored as float32."""
-    return 8 * _work_len(NA, NB, h, grad, 4 if single else 8)
-
-
 ctypedef struct _BatchCtx:
     const double* X
     const double* Y
@@ -387,19 +371,21 @@ ctypedef struct _BatchCtx:
     bint grad, single
 
 
+cdef double _item(const _BatchCtx* c, Py_ssize_t b, int slot, floating* qwork) noexcept nogil:
+    """Batch item ``b`` on thread slot ``slot``; ``qwork``: its weight planes, after
+    the slot's ``wdbl`` doubles of workspace, in the weights' type."""
+    cdef _Strip p = _Strip(X=c.X + b * c.NA * c.d, Y=c.Y + b * c.NB * c.d, d=c.d, la=c.la[b],
+                           lb=c.lb[b], r=c.band, cost=c.cost, reg=c.reg, gamma=c.gamma)
+    return _one(&p, min(c.h, <Py_ssize_t> c.la[b]), c.grad,
+                c.gx + b * c.NA * c.d if c.grad else NULL,
+                c.gy + b * c.NB * c.d if c.grad else NULL,
+                c.work + slot * c.wlen, qwork, c.iwork + slot * c.liwork, c.hook)
+
+
 cdef void _batch_item(void* ctx, Py_ssize_t b, int slot) noexcept nogil:
     cdef _BatchCtx* c = <_BatchCtx*> ctx
-    cdef double* work = c.work + slot * c.wlen
-    cdef double* gx = c.gx + b * c.NA * c.d if c.grad else NULL
-    cdef double* gy = c.gy + b * c.NB * c.d if c.grad else NULL
-    if c.single:
-        c.value[b] = _solve(c.X + b * c.NA * c.d, c.Y + b * c.NB * c.d, c.d, c.la[b], c.lb[b],
-                            c.band, c.cost, c.reg, c.gamma, c.h, c.grad, gx, gy, work,
-                            <float*> (work + c.wdbl), c.iwork + slot * c.liwork, c.hook)
-    else:
-        c.value[b] = _solve(c.X + b * c.NA * c.d, c.Y + b * c.NB * c.d, c.d, c.la[b], c.lb[b],
-                            c.band, c.cost, c.reg, c.gamma, c.h, c.grad, gx, gy, work,
-                            work + c.wdbl, c.iwork + slot * c.liwork, c.hook)
+    cdef double* q = c.work + slot * c.wlen + c.wdbl
+    c.value[b] = _item(c, b, slot, <float*> q) if c.single else _item(c, b, slot, q)
 
 
 def _run(const double[:, :, ::1] X, const double[:, :, ::1] Y,
