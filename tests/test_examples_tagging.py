@@ -175,7 +175,8 @@ def test_relaxed_l2_grid_points_train_as_many_epochs_before_the_comparison(monke
     args = argparse.Namespace(optimizer=None, lr=None, gamma=None, warm=None, mix=None, decay=None,
                               no_select=False)
     shipped = tagging.row_grid("relaxed", "l2", args, 10)
-    assert [hp["warm"] for hp in shipped] == [1, 0]  # a warm start, or the surrogate mixed in from the start
+    # a warm start with the surrogate's weight 1 or 0.5, or the surrogate mixed in from the start
+    assert [(hp["warm"], hp["mix"]) for hp in shipped] == [(1, 1.0), (1, 0.5), (0, 0.5)]
     assert tagging.select_epochs_of(shipped, "relaxed", 2, 10) == 2
     hp = {"optimizer": "adam", "lr": 1e-2, "gamma": 3.0}
     monkeypatch.setitem(tagging.SELECT_GRID, ("relaxed", "l2"), [dict(hp, warm=1), dict(hp, warm=5)])
