@@ -446,9 +446,10 @@ def select_and_train(data, vocabs, loss, reg, grid, epochs, select_epochs, seed,
         for run in runs:
             train_epochs(run, data, loss, n, batch_size, bar, own)
     winner = max(runs, key=lambda r: r["best"])  # the first of equals
+    selection = [{"hp": r["hp"], "dev": r["best"]} for r in runs]  # the scores compared, before the winner goes on
     train_epochs(winner, data, loss, epochs - len(winner["history"]), batch_size, bar, own)
     winner["model"].load_state_dict(winner["best_state"])
-    return winner["model"], winner, [{"hp": r["hp"], "dev": r["best"]} for r in runs]
+    return winner["model"], winner, selection
 
 
 PARTIAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", ".partial")
@@ -581,6 +582,8 @@ def render(payload, mode):
                           "grid: dev score", "seeds", "train s / seed"], detail)]
     if any(len(r.get("selection") or []) > 1 for r in payload["results"]):
         md += ["", SELECT_NOTE.format(k=args.get("select_epochs") or SELECT_EPOCHS[mode])]
+    if payload.get("note"):  # how a table assembled from several runs was made
+        md += ["", payload["note"]]
     if payload.get("earlier_runs"):
         md += ["", "Rows not rerun by the command below (`--update`) come from the runs: " + "; ".join(
             f"`python examples/{m['command']}` ({m['date']})" for m in payload["earlier_runs"]) + "."]

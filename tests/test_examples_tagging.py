@@ -168,6 +168,13 @@ def test_selection_continues_the_best_grid_point_and_restores_its_best_epoch():
     alone = tagging.train_epochs(tagging.new_run(data, (words, chars, tags), "negentropy", run["hp"], 0), data,
                                  "surrogate", 4, 8, bar)
     assert [h["train_loss"] for h in alone["history"]] == [h["train_loss"] for h in run["history"]]
+    # the record holds the scores compared after the selection epochs, the winner's too (here
+    # the winner, Adam 1e-2, scores higher on dev after its third epoch than after two)
+    grid = [dict(grid[0], lr=1e-4), dict(grid[0], lr=1e-2)]
+    _, run, selection = tagging.select_and_train(data, (words, chars, tags), "surrogate", "negentropy", grid,
+                                                 epochs=4, select_epochs=2, seed=0, batch_size=8, bar=bar)
+    assert run["hp"] == grid[1] and max(h["f1"] for h in run["history"]) > max(h["f1"] for h in run["history"][:2])
+    assert [x["dev"] for x in selection] == [selection[0]["dev"], max(h["f1"] for h in run["history"][:2])]
 
 
 def test_relaxed_l2_grid_points_train_as_many_epochs_before_the_comparison(monkeypatch):
@@ -288,6 +295,8 @@ def test_render_reports_mean_and_std_over_seeds():
     cell = f"{statistics.mean(f1):.2f} ± {statistics.stdev(f1):.2f}"
     assert f"| Negentropy, surrogate (CRF) | {cell} |" in md  # F1 of a NER file whatever its name
     assert "adam 0.003, γ 1: 55.0" in md
+    assert "Assembled from" not in md
+    assert "Assembled from two runs." in tagging.render(dict(payload, note="Assembled from two runs."), "full")
 
 
 def toy_tsv(tmp_path, rng, n, words, longest):
