@@ -87,8 +87,8 @@ ROW_NAMES = {("surrogate", "negentropy"): "Negentropy, surrogate (CRF)",
 # wrong tag get none from the relaxed loss: warm 1 + mix 0.5 beat warm 1 alone
 # on NEMO's dev set for each of 5 seeds, and the mix's weight is picked on dev
 # from {1, 0.5} (1 had the best mean dev score over 5 seeds at 20 epochs;
-# docs/examples.md). γ only matters
-# through the optimisation: Vit_γΩ(θ) = γ Vit_Ω(θ/γ), and the network can
+# docs/examples.md). γ only matters through the optimisation:
+# Vit_γΩ(θ) = γ Vit_Ω(θ/γ), and the network can
 # rescale θ; but for ℓ2 a γ of 3 or more keeps more tags in the support of the
 # marginals while the scores are small, and beat γ = 1 (and 0.3) on NEMO's dev
 # set (docs/examples.md); with Ω = 0 (perceptron) γ is unused. ``decay`` (every point, ROW_DEFAULTS): "plateau" halves the learning
@@ -728,8 +728,8 @@ def main(argv=None):
     parser.add_argument("--select-epochs", type=int, default=None,
                         help="epochs per grid point in the dev selection (default 1 --quick, 2 full). "
                              "Budget: a row costs (grid points - 1) x select-epochs + epochs epochs for its "
-                             "first seed, epochs for each other seed; 2 points per row (3 for relaxed l2), 5 rows: 52 epochs "
-                             "(first seed) + 40 per other seed at 8 epochs")
+                             "first seed, epochs for each other seed; 2 points per row (3 for relaxed l2), "
+                             "5 rows: 52 epochs (first seed) + 40 per other seed at 8 epochs")
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per row, reported as mean ± std (default 1 --quick, 3 full); seeds "
                              "--seed, --seed+1, ...")
