@@ -18,6 +18,7 @@ the first step of the process (torch: after a one-step warm-up on another
 shape; jax: compilation included). Warm: the median of the next 150 steps.
 
     python bench/bench_e2e.py [--quick]    # writes bench/results/e2e.{md,json}
+    python bench/bench_e2e.py --split      # thread settings alternated in one process: e2e_split.*
 """
 import argparse
 import json
@@ -33,14 +34,13 @@ CASES = ("torch-softdtw", "torch-crf", "jax-softdtw", "jax-crf")
 B, N, D, T, S = 32, 128, 8, 64, 17
 
 
-def _child(case, dtype, threads, steps):
+def _build(case, dtype):
+    """The case's training step: ``(run, warm)``, ``run(*warm)`` a warm-up on another shape."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     if case.startswith("torch"):
         import torch
-
-        torch.set_num_threads(threads)
         import smoothmax.torch as smt
 
         dt = getattr(torch, dtype)
@@ -105,7 +105,15 @@ def _child(case, dtype, threads, steps):
             v, g = f(*args)
             jax.block_until_ready(g)
             return float(v)
+    return run, warm
 
+
+def _child(case, dtype, threads, steps):
+    if case.startswith("torch"):
+        import torch
+
+        torch.set_num_threads(threads)
+    run, warm = _build(case, dtype)
     if warm is not None:
         run(*warm)
     t = time.perf_counter()
@@ -120,6 +128,118 @@ def _child(case, dtype, threads, steps):
 
     return {"first_s": first, "warm_s": statistics.median(times), "min_s": min(times),
             "pool": pool._probe()}
+
+
+SPLIT = ((1, 1), (2, 2), (1, 2), (2, 1))  # (torch threads, smoothmax threads); jax: smoothmax's only
+
+
+def _child_split(case, dtype, rounds, per_round):
+    """One process, the thread settings taken in turn, ``per_round`` steps each
+    a round: per setting, the median step over all rounds.
+
+    Alternating within one process compares the settings on the same memory
+    layout and the same minutes of the VM (between fresh processes the same
+    step differs by up to 1.5x, and within one minutes apart by 1.2x).
+    """
+    import smoothmax
+    from smoothmax._core import pool
+
+    torch = None
+    if case.startswith("torch"):
+        import torch
+    run, warm = _build(case, dtype)
+    if warm is not None:
+        run(*warm)
+    run()
+    settings = SPLIT if torch is not None else ((None, 1), (None, 2))
+    times = {s: [] for s in settings}
+    trips = {s: 0 for s in settings}
+    for _ in range(rounds):
+        for s in settings:
+            if torch is not None:
+                torch.set_num_threads(s[0])
+            smoothmax.set_num_threads(s[1])
+            for _ in range(3):  # settle: the pool's workers, torch's team
+                run()
+            t0 = pool._probe()["guard_trips"]
+            for _ in range(per_round):
+                t = time.perf_counter()
+                run()
+                times[s].append(time.perf_counter() - t)
+            trips[s] += pool._probe()["guard_trips"] - t0
+    smoothmax.set_num_threads(None)
+    return [{"torch_threads": s[0], "smoothmax_threads": s[1], "warm_s": statistics.median(times[s]),
+             "steps": len(times[s]), "guard_trips": trips[s]} for s in settings]
+
+
+def _run_split(case, dtype, rounds, per_round):
+    env = dict(os.environ, OMP_NUM_THREADS="2",
+               PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("SMOOTHMAX_NUM_THREADS", "OMP_WAIT_POLICY"):
+        env.pop(k, None)
+    code = (f"import json, sys; sys.path.insert(0, {_HERE!r}); import bench_e2e; "
+            f"print(json.dumps(bench_e2e._child_split({case!r}, {dtype!r}, {rounds}, {per_round})))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=1800)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _split_main(args, machine_mod):
+    """``--split``: whose threads make a step slower, torch's or smoothmax's (e2e_split.*)."""
+    rounds, per = (2, 3) if args.quick else (args.rounds, 20)
+    t0 = time.time()
+    out = {}
+    for case in CASES:
+        for dtype in ("float64", "float32"):
+            busy = (subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                    if args.cotenant else None)
+            try:
+                r = _run_split(case, dtype, rounds, per)
+            finally:
+                if busy is not None:
+                    busy.kill()
+                    busy.wait()
+            out[(case, dtype)] = r
+            print(case, dtype, r if "error" in r else
+                  " | ".join(f"torch {x['torch_threads']} smoothmax {x['smoothmax_threads']}: "
+                             f"{1e3 * x['warm_s']:.2f} ms" for x in r), flush=True)
+    if args.quick:
+        return 0
+    machine = machine_mod.describe()
+    lines = ["# End to end, thread settings alternated within one process", "",
+             f"Machine: {machine_mod.one_line(machine)}; {time.time() - t0:.0f} s; "
+             f"`python bench/bench_e2e.py --split --rounds {rounds}"
+             f"{' --cotenant' if args.cotenant else ''}`. The cases of `e2e.md`; one "
+             f"fresh process a case with `OMP_NUM_THREADS=2`, the settings taken in turn "
+             f"({per} steps each, after 3 unmeasured ones, {rounds} rounds); warm = the median "
+             "step of a setting over all rounds. Torch's threads: `torch.set_num_threads`; "
+             "smoothmax's: `smoothmax.set_num_threads`. JAX: XLA's own pool is not limited, "
+             "smoothmax's threads alternate."
+             + (" **Co-tenant**: another process (`python -c \"while True: pass\"`) keeps one "
+                "core busy during each case." if args.cotenant else ""), "",
+             "| case | dtype | torch / smoothmax threads | warm ms | / 1-1 | guard trips |",
+             "|---|---|---|---:|---:|---:|"]
+    for (case, dtype), r in out.items():
+        if "error" in r:
+            lines.append(f"| {case} | {dtype} | {r['error']} ||||")
+            continue
+        base = r[0]["warm_s"]
+        for x in r:
+            tt = "-" if x["torch_threads"] is None else x["torch_threads"]
+            lines.append(f"| {case} | {dtype} | {tt} / {x['smoothmax_threads']} | "
+                         f"{1e3 * x['warm_s']:.2f} | {x['warm_s'] / base:.2f} | {x['guard_trips']} |")
+    os.makedirs(args.out_dir, exist_ok=True)
+    name = "e2e_split_cotenant" if args.cotenant else "e2e_split"
+    with open(os.path.join(args.out_dir, name + ".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out_dir, name + ".json"), "w") as f:
+        json.dump({"machine": machine, "rounds": rounds, "per_round": per, "cotenant": args.cotenant,
+                   "cases": [{"case": c, "dtype": d, "settings": r} for (c, d), r in out.items()]},
+                  f, indent=1)
+    print("\n".join(lines))
+    return 0
 
 
 def _run(case, dtype, threads, steps, wait_policy=None):
@@ -148,9 +268,18 @@ def main():
                    "by up to 1.5x, docs/engines.md; the fastest of three made one-thread "
                    "cases look faster than they mostly are); every process's figures are in "
                    "the JSON")
+    p.add_argument("--split", action="store_true",
+                   help="instead: one process a case, torch's and smoothmax's thread counts "
+                   "alternated within it (e2e_split.{md,json})")
+    p.add_argument("--rounds", type=int, default=15, help="--split: rounds over the settings")
+    p.add_argument("--cotenant", action="store_true",
+                   help="--split: another process keeps one core busy (e2e_split_cotenant.*)")
     args = p.parse_args()
     sys.path.insert(0, _HERE)
     import _machine
+
+    if args.split:
+        return _split_main(args, _machine)
 
     steps = 3 if args.quick else 150
     rows = []
