@@ -21,7 +21,10 @@ Usage::
 
     python bench/bench_threads.py --before /work/main --out bench/results/threads
 
-writes ``threads.json`` and ``threads.md``. Run it on a machine at rest
+writes ``threads.json`` and ``threads.md``. ``--split`` instead alternates 1 and
+2 threads within one process per condition (this tree only; the comparison
+of record for "two threads never slower", as the VM's speed moves between
+processes): ``threads_split.{md,json}``. Run it on a machine at rest
 (``/work/quiet`` here); the load average at start and end is recorded.
 """
 import argparse
@@ -148,6 +151,81 @@ print(json.dumps(dict(torch_threads=tn, min_ms=1e3 * min(ts), median_ms=1e3 * fl
 """
 
 
+SPLIT_CODE = r"""
+import json, sys, time
+import numpy as np
+import smoothmax as sm
+from smoothmax._core import pool
+cases, rounds, per = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(0)
+out = []
+for name, fn, shape in cases:
+    for dt in ("float64", "float32"):
+        if fn == "crf_grad":
+            B, T, S = shape
+            em, A = rng.standard_normal((B, T, S)).astype(dt), rng.standard_normal((S, S)).astype(dt)
+            f, cells = (lambda: sm.crf.crf_grad(em, A)), B * T * S * S
+        elif fn == "dtw_features_grad":
+            B, NA, NB, d = shape
+            x, y = rng.random((B, NA, d)).astype(dt), rng.random((B, NB, d)).astype(dt)
+            f, cells = (lambda: sm.dtw_features_grad(x, y)), B * NA * NB
+        else:
+            theta = rng.random(shape).astype(dt)
+            Z = rng.standard_normal(shape).astype(dt)
+            g = getattr(sm, fn)
+            f = (lambda: g(theta, Z)) if fn.endswith("hvp") else (lambda: g(theta))
+            cells = int(np.prod(shape))
+        times, trips = {1: [], 2: []}, {1: 0, 2: 0}
+        for _ in range(rounds):
+            for n in (1, 2):
+                sm.set_num_threads(n)
+                f()
+                t0 = pool._probe()["guard_trips"]
+                for _ in range(per):
+                    t = time.perf_counter(); f(); times[n].append(time.perf_counter() - t)
+                trips[n] += pool._probe()["guard_trips"] - t0
+        sm.set_num_threads(None)
+        out.append(dict(case=name, shape=list(shape), dtype=dt,
+                        ns1=float(np.median(times[1])) / cells * 1e9,
+                        ns2=float(np.median(times[2])) / cells * 1e9, trips2=trips[2]))
+print(json.dumps(out))
+"""
+
+
+def _split(a):
+    """``--split``: 1 and 2 threads alternated within one process, free and with a co-tenant."""
+    from _machine import describe, one_line
+
+    t0 = time.time()
+    res = {"machine": describe(), "load_start": os.getloadavg(), "rounds": a.rounds, "per_round": 3}
+    for cond in ("free", "cotenant"):
+        res[cond] = _run(ROOT, SPLIT_CODE, json.dumps(GRID), str(a.rounds), "3",
+                         cotenant=cond == "cotenant")
+    res["load_end"] = os.getloadavg()
+    lines = ["# Threads: one and two alternated within one process", "",
+             f"Machine: {one_line(res['machine'])}; {time.time() - t0:.0f} s; load average "
+             f"{res['load_start'][0]:.2f} → {res['load_end'][0]:.2f}; "
+             f"`python bench/bench_threads.py --split --rounds {a.rounds}`. One process per "
+             "condition; for each case, `smoothmax.set_num_threads` 1 and 2 in turn, a warm-up "
+             f"call and 3 timed calls each, {a.rounds} rounds; ns per cell (edge) from the "
+             "median call of each setting. Co-tenant: another process "
+             "(`python -c \"while True: pass\"`) keeps one core busy.", "",
+             "| case | dtype | free: 1t ns | 2t ns | 1t / 2t | co-tenant: 1t ns | 2t ns | 2t / 1t | "
+             "guard trips (2t, co-tenant) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for fr, co in zip(res["free"], res["cotenant"]):
+        shape = "×".join(str(x) for x in fr["shape"])
+        lines.append(f"| {fr['case']} {shape} | {fr['dtype']} | {fr['ns1']:.2f} | {fr['ns2']:.2f} | "
+                     f"{fr['ns1'] / fr['ns2']:.2f} | {co['ns1']:.2f} | {co['ns2']:.2f} | "
+                     f"{co['ns2'] / co['ns1']:.2f} | {co['trips2']} |")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out + "_split.json", "w") as f:
+        json.dump(res, f, indent=1)
+    with open(a.out + "_split.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def _run(tree, code, *args, cotenant=False):
     env = dict(os.environ, PYTHONPATH=tree)
     for k in ("OMP_NUM_THREADS", "SMOOTHMAX_NUM_THREADS"):
@@ -173,11 +251,19 @@ def _fmt(x, nd=2):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--before", required=True, help="tree (with its build) to compare with")
+    ap.add_argument("--before", help="tree (with its build) to compare with (required without --split)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "threads"))
     ap.add_argument("--parts", nargs="+", default=["grid", "cold", "kept", "crf"])
+    ap.add_argument("--split", action="store_true",
+                    help="instead: this tree only, 1 and 2 threads alternated within one process "
+                    "(free and co-tenant): <out>_split.{md,json}")
+    ap.add_argument("--rounds", type=int, default=8, help="--split: rounds over the two settings")
     a = ap.parse_args(argv)
+    if a.split:
+        return _split(a)
+    if not a.before:
+        ap.error("--before is required (or --split)")
     from _machine import describe
 
     trees = {"before": os.path.abspath(a.before), "after": ROOT}
