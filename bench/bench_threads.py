@@ -179,7 +179,10 @@ for name, fn, shape in cases:
         for _ in range(rounds):
             for n in (1, 2):
                 sm.set_num_threads(n)
+                t_end = time.perf_counter() + 0.1
                 f()
+                while time.perf_counter() < t_end:  # past a backoff the switch may have caused
+                    f()
                 t0 = pool._probe()["guard_trips"]
                 for _ in range(per):
                     t = time.perf_counter(); f(); times[n].append(time.perf_counter() - t)
@@ -206,8 +209,10 @@ def _split(a):
              f"Machine: {one_line(res['machine'])}; {time.time() - t0:.0f} s; load average "
              f"{res['load_start'][0]:.2f} → {res['load_end'][0]:.2f}; "
              f"`python bench/bench_threads.py --split --rounds {a.rounds}`. One process per "
-             "condition; for each case, `smoothmax.set_num_threads` 1 and 2 in turn, a warm-up "
-             f"call and 3 timed calls each, {a.rounds} rounds; ns per cell (edge) from the "
+             "condition; for each case, `smoothmax.set_num_threads` 1 and 2 in turn, warm-up "
+             "calls for 0.1 s (the first two-thread call after one-thread calls wakes a sleeping "
+             "worker and may trip the co-tenant guard, whose 50 ms at one thread would cover the "
+             f"timed calls) and 3 timed calls each, {a.rounds} rounds; ns per cell (edge) from the "
              "median call of each setting. Co-tenant: another process "
              "(`python -c \"while True: pass\"`) keeps one core busy.", "",
              "| case | dtype | free: 1t ns | 2t ns | 1t / 2t | co-tenant: 1t ns | 2t ns | 2t / 1t | "
