@@ -173,17 +173,8 @@ def _child_split(case, dtype, rounds, per_round):
 
 
 def _run_split(case, dtype, rounds, per_round):
-    env = dict(os.environ, OMP_NUM_THREADS="2",
-               PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for k in ("SMOOTHMAX_NUM_THREADS", "OMP_WAIT_POLICY"):
-        env.pop(k, None)
-    code = (f"import json, sys; sys.path.insert(0, {_HERE!r}); import bench_e2e; "
-            f"print(json.dumps(bench_e2e._child_split({case!r}, {dtype!r}, {rounds}, {per_round})))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=1800)
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _in_child(f"_child_split({case!r}, {dtype!r}, {rounds}, {per_round})", threads=2,
+                     timeout=1800)
 
 
 def _split_main(args, machine_mod):
@@ -242,7 +233,8 @@ def _split_main(args, machine_mod):
     return 0
 
 
-def _run(case, dtype, threads, steps, wait_policy=None):
+def _in_child(call, threads, wait_policy=None, timeout=900):
+    """``bench_e2e.<call>`` in a fresh process with ``OMP_NUM_THREADS=threads``: its JSON result."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("SMOOTHMAX_NUM_THREADS", None)
@@ -250,12 +242,16 @@ def _run(case, dtype, threads, steps, wait_policy=None):
     if wait_policy:
         env["OMP_WAIT_POLICY"] = wait_policy
     code = (f"import json, sys; sys.path.insert(0, {_HERE!r}); import bench_e2e; "
-            f"print(json.dumps(bench_e2e._child({case!r}, {dtype!r}, {threads}, {steps})))")
+            f"print(json.dumps(bench_e2e.{call}))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=900)
+                         timeout=timeout)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _run(case, dtype, threads, steps, wait_policy=None):
+    return _in_child(f"_child({case!r}, {dtype!r}, {threads}, {steps})", threads, wait_policy)
 
 
 def main():

@@ -54,13 +54,33 @@ GRID = [  # (name, function, shape)
     ("dtw_features_grad", "dtw_features_grad", (2, 1000, 1000, 16)),
 ]
 
-GRID_CODE = r"""
+# a grid case's call and its cells (edges), in the children of GRID_CODE and SPLIT_CODE
+CASE_CODE = r"""
+import numpy as np
+import smoothmax as sm
+rng = np.random.default_rng(0)
+
+def make(fn, shape, dt):
+    if fn == "crf_grad":
+        B, T, S = shape
+        em, A = rng.standard_normal((B, T, S)).astype(dt), rng.standard_normal((S, S)).astype(dt)
+        return (lambda: sm.crf.crf_grad(em, A)), B * T * S * S
+    if fn == "dtw_features_grad":
+        B, NA, NB, d = shape
+        x, y = rng.random((B, NA, d)).astype(dt), rng.random((B, NB, d)).astype(dt)
+        return (lambda: sm.dtw_features_grad(x, y)), B * NA * NB
+    theta = rng.random(shape).astype(dt)
+    Z = rng.standard_normal(shape).astype(dt)
+    g = getattr(sm, fn)
+    return ((lambda: g(theta, Z)) if fn.endswith("hvp") else (lambda: g(theta))), int(np.prod(shape))
+"""
+
+GRID_CODE = CASE_CODE + r"""
 import json, sys, time
 import numpy as np
 from threadpoolctl import threadpool_limits
 import smoothmax as sm
 cases, repeats = json.loads(sys.argv[1]), int(sys.argv[2])
-rng = np.random.default_rng(0)
 out = []
 
 def best(f):
@@ -72,20 +92,7 @@ def best(f):
 
 for name, fn, shape in cases:
     for dt in ("float64", "float32"):
-        if fn == "crf_grad":
-            B, T, S = shape
-            em, A = rng.standard_normal((B, T, S)).astype(dt), rng.standard_normal((S, S)).astype(dt)
-            f, cells = (lambda: sm.crf.crf_grad(em, A)), B * T * S * S
-        elif fn == "dtw_features_grad":
-            B, NA, NB, d = shape
-            x, y = rng.random((B, NA, d)).astype(dt), rng.random((B, NB, d)).astype(dt)
-            f, cells = (lambda: sm.dtw_features_grad(x, y)), B * NA * NB
-        else:
-            theta = rng.random(shape).astype(dt)
-            Z = rng.standard_normal(shape).astype(dt)
-            g = getattr(sm, fn)
-            f = (lambda: g(theta, Z)) if fn.endswith("hvp") else (lambda: g(theta))
-            cells = int(np.prod(shape))
+        f, cells = make(fn, shape, dt)
         for n in (1, 2):
             with threadpool_limits(n):
                 out.append(dict(case=name, shape=list(shape), dtype=dt, threads=n,
@@ -151,30 +158,16 @@ print(json.dumps(dict(torch_threads=tn, min_ms=1e3 * min(ts), median_ms=1e3 * fl
 """
 
 
-SPLIT_CODE = r"""
+SPLIT_CODE = CASE_CODE + r"""
 import json, sys, time
 import numpy as np
 import smoothmax as sm
 from smoothmax._core import pool
 cases, rounds, per = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-rng = np.random.default_rng(0)
 out = []
 for name, fn, shape in cases:
     for dt in ("float64", "float32"):
-        if fn == "crf_grad":
-            B, T, S = shape
-            em, A = rng.standard_normal((B, T, S)).astype(dt), rng.standard_normal((S, S)).astype(dt)
-            f, cells = (lambda: sm.crf.crf_grad(em, A)), B * T * S * S
-        elif fn == "dtw_features_grad":
-            B, NA, NB, d = shape
-            x, y = rng.random((B, NA, d)).astype(dt), rng.random((B, NB, d)).astype(dt)
-            f, cells = (lambda: sm.dtw_features_grad(x, y)), B * NA * NB
-        else:
-            theta = rng.random(shape).astype(dt)
-            Z = rng.standard_normal(shape).astype(dt)
-            g = getattr(sm, fn)
-            f = (lambda: g(theta, Z)) if fn.endswith("hvp") else (lambda: g(theta))
-            cells = int(np.prod(shape))
+        f, cells = make(fn, shape, dt)
         times, trips = {1: [], 2: []}, {1: 0, 2: 0}
         for _ in range(rounds):
             for n in (1, 2):
