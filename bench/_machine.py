@@ -7,6 +7,8 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import sys
+import time
 
 _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl",
               "avx512_fp16", "amx_tile")
@@ -116,6 +118,24 @@ def one_line(m):
     isa = ", ".join(f for f in m["isa"] if f in ("avx2", "avx512f"))
     commit = (m["git_commit"] or "?")[:7] + ("+dirty" if m["git_dirty"] else "")
     return f"{m['cpu']}, {m['logical_cpus']} logical CPUs ({isa}), commit {commit}"
+
+
+class BusyCore:
+    """A co-tenant: a process spinning on one CPU (the last usable one) while the
+    block runs (bench_core, bench_threads and bench_e2e use it)."""
+
+    def __enter__(self):
+        cpu = sorted(os.sched_getaffinity(0))[-1] if hasattr(os, "sched_getaffinity") else None
+        code = ("import os\n" + (f"os.sched_setaffinity(0, {{{cpu}}})\n" if cpu is not None else "")
+                + "x = 0\nwhile True:\n    x += 1\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", code])
+        self.cpu = cpu
+        time.sleep(0.2)  # let it start spinning
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
 
 
 if __name__ == "__main__":

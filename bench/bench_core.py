@@ -76,6 +76,7 @@ ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+import _machine  # noqa: E402
 import bench_cpu  # noqa: E402  (the case list, the inputs and the timed smoothmax calls)
 
 GAMMA = bench_cpu.GAMMA
@@ -290,8 +291,6 @@ def worker_accuracy(args):
 
 
 def worker_describe(args):
-    import _machine
-
     sm = _import_target(args.root)
     m = _machine.describe(root=args.root)
     m["smoothmax_file"] = sm.__file__
@@ -348,29 +347,12 @@ def _worker(args, root, kind, dtype, threads, cases, scenario="warm"):
     return got
 
 
-class BusyCore:
-    """A process spinning on one CPU (the last usable one) while the block runs."""
-
-    def __enter__(self):
-        cpu = sorted(os.sched_getaffinity(0))[-1] if hasattr(os, "sched_getaffinity") else None
-        code = ("import os\n" + (f"os.sched_setaffinity(0, {{{cpu}}})\n" if cpu is not None else "")
-                + "x = 0\nwhile True:\n    x += 1\n")
-        self.proc = subprocess.Popen([sys.executable, "-c", code])
-        self.cpu = cpu
-        time.sleep(0.2)  # let it start spinning
-        return self
-
-    def __exit__(self, *exc):
-        self.proc.kill()
-        self.proc.wait()
-
-
 def _run_job(args, root, job, plain):
     scenario, dtype, threads = job[:3]
     if scenario == "warm":
         return _worker(args, root, "warm", dtype, threads, plain)
     if scenario == "cotenant":
-        with BusyCore() as busy:
+        with _machine.BusyCore() as busy:
             got = _worker(args, root, "warm", dtype, threads, plain, scenario="cotenant")
         for e in got:
             e["busy_cpu"] = busy.cpu
@@ -549,8 +531,6 @@ def _criteria_lines(rows):
 
 
 def _header(res):
-    import _machine
-
     m = res["machine"]
     return [f"Machine: {_machine.one_line(m)}; SIMD {m.get('simd_isa')}; smoothmax from "
             f"`{res['root']}` ({m['smoothmax_engine']}); load average at start "

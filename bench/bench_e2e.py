@@ -19,8 +19,10 @@ shape; jax: compilation included). Warm: the median of the next 150 steps.
 
     python bench/bench_e2e.py [--quick]    # writes bench/results/e2e.{md,json}
     python bench/bench_e2e.py --split      # thread settings alternated in one process: e2e_split.*
+    python bench/bench_e2e.py --split --cotenant   # the same beside a busy CPU: e2e_split_cotenant.*
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -184,14 +186,8 @@ def _split_main(args, machine_mod):
     out = {}
     for case in CASES:
         for dtype in ("float64", "float32"):
-            busy = (subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                    if args.cotenant else None)
-            try:
+            with machine_mod.BusyCore() if args.cotenant else contextlib.nullcontext():
                 r = _run_split(case, dtype, rounds, per)
-            finally:
-                if busy is not None:
-                    busy.kill()
-                    busy.wait()
             out[(case, dtype)] = r
             print(case, dtype, r if "error" in r else
                   " | ".join(f"torch {x['torch_threads']} smoothmax {x['smoothmax_threads']}: "
@@ -208,8 +204,8 @@ def _split_main(args, machine_mod):
              "step of a setting over all rounds. Torch's threads: `torch.set_num_threads`; "
              "smoothmax's: `smoothmax.set_num_threads`. JAX: XLA's own pool is not limited, "
              "smoothmax's threads alternate."
-             + (" **Co-tenant**: another process (`python -c \"while True: pass\"`) keeps one "
-                "core busy during each case." if args.cotenant else ""), "",
+             + (" **Co-tenant**: another process spins on the last CPU during each case "
+                "(`_machine.BusyCore`)." if args.cotenant else ""), "",
              "| case | dtype | torch / smoothmax threads | warm ms | / 1-1 | guard trips |",
              "|---|---|---|---:|---:|---:|"]
     for (case, dtype), r in out.items():

@@ -7,7 +7,7 @@ main, with its in-place build) or from this working tree.
 * grid: ns per cell (edge) of each case, minimum of ``--repeats`` calls after
   a warm-up, on 1 and 2 threads (``threadpoolctl.threadpool_limits``: the
   OpenMP limit both versions follow), float64 and float32; ``free`` and with
-  a co-tenant (``python -c "while True: pass"`` running beside it);
+  a co-tenant (``_machine.BusyCore``: a busy loop on the last CPU, beside it);
 * cold: a first ``dtw_grad`` at 4096² in a fresh process (after a tiny call
   that loads the engine) against the best of 3 warm calls, and the peak RSS;
 * kept: the process's resident memory after one 3000² ``dtw_hvp`` whose
@@ -28,6 +28,7 @@ processes): ``threads_split.{md,json}``. Run it on a machine at rest
 (``/work/quiet`` here); the load average at start and end is recorded.
 """
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -37,6 +38,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+from _machine import BusyCore  # noqa: E402
 
 GRID = [  # (name, function, shape)
     ("dtw_hvp", "dtw_hvp", (2, 200, 200)),
@@ -77,9 +79,7 @@ def make(fn, shape, dt):
 
 GRID_CODE = CASE_CODE + r"""
 import json, sys, time
-import numpy as np
 from threadpoolctl import threadpool_limits
-import smoothmax as sm
 cases, repeats = json.loads(sys.argv[1]), int(sys.argv[2])
 out = []
 
@@ -160,8 +160,6 @@ print(json.dumps(dict(torch_threads=tn, min_ms=1e3 * min(ts), median_ms=1e3 * fl
 
 SPLIT_CODE = CASE_CODE + r"""
 import json, sys, time
-import numpy as np
-import smoothmax as sm
 from smoothmax._core import pool
 cases, rounds, per = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 out = []
@@ -206,8 +204,8 @@ def _split(a):
              "calls for 0.1 s (the first two-thread call after one-thread calls wakes a sleeping "
              "worker and may trip the co-tenant guard, whose 50 ms at one thread would cover the "
              f"timed calls) and 3 timed calls each, {a.rounds} rounds; ns per cell (edge) from the "
-             "median call of each setting. Co-tenant: another process "
-             "(`python -c \"while True: pass\"`) keeps one core busy.", "",
+             "median call of each setting. Co-tenant: another process spins on the last CPU "
+             "(`_machine.BusyCore`).", "",
              "| case | dtype | free: 1t ns | 2t ns | 1t / 2t | co-tenant: 1t ns | 2t ns | 2t / 1t | "
              "guard trips (2t, co-tenant) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -228,16 +226,9 @@ def _run(tree, code, *args, cotenant=False):
     env = dict(os.environ, PYTHONPATH=tree)
     for k in ("OMP_NUM_THREADS", "SMOOTHMAX_NUM_THREADS"):
         env.pop(k, None)
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if cotenant else None
-    try:
-        if busy:
-            time.sleep(0.3)
+    with BusyCore() if cotenant else contextlib.nullcontext():
         res = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=tree,
                              capture_output=True, text=True, timeout=900)
-    finally:
-        if busy:
-            busy.kill()
-            busy.wait()
     if res.returncode != 0:
         raise RuntimeError(f"{tree}: {res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
