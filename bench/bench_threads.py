@@ -24,7 +24,11 @@ Usage::
 writes ``threads.json`` and ``threads.md``. ``--split`` instead alternates 1 and
 2 threads within one process per condition (this tree only; the comparison
 of record for "two threads never slower", as the VM's speed moves between
-processes): ``threads_split.{md,json}``. Run it on a machine at rest
+processes): ``threads_split.{md,json}``. ``--wave-bar B`` alternates, on the
+one-problem DTW cases (a wavefront of tiles on two threads), one thread, two
+threads, and two threads with the co-tenant guard's wavefront bar set to B
+(``threads_wavebar.{md,json}``; 0.7 is the batch bar, which wavefronts had
+before). Run it on a machine at rest
 (``/work/quiet`` here); the load average at start and end is recorded.
 """
 import argparse
@@ -162,26 +166,32 @@ SPLIT_CODE = CASE_CODE + r"""
 import json, sys, time
 from smoothmax._core import pool
 cases, rounds, per = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+# settings taken in turn: (threads, the guard's wavefront bar, None: the default)
+settings = json.loads(sys.argv[4])
+bars = pool._set_guard_bars(1.0, 1.0)
+pool._set_guard_bars(*bars)
 out = []
 for name, fn, shape in cases:
     for dt in ("float64", "float32"):
         f, cells = make(fn, shape, dt)
-        times, trips = {1: [], 2: []}, {1: 0, 2: 0}
+        times, trips = [[] for _ in settings], [0 for _ in settings]
         for _ in range(rounds):
-            for n in (1, 2):
+            for k, (n, wave_bar) in enumerate(settings):
                 sm.set_num_threads(n)
+                pool._set_guard_bars(bars[0], bars[1] if wave_bar is None else wave_bar)
                 t_end = time.perf_counter() + 0.1
                 f()
                 while time.perf_counter() < t_end:  # past a backoff the switch may have caused
                     f()
                 t0 = pool._probe()["guard_trips"]
                 for _ in range(per):
-                    t = time.perf_counter(); f(); times[n].append(time.perf_counter() - t)
-                trips[n] += pool._probe()["guard_trips"] - t0
+                    t = time.perf_counter(); f(); times[k].append(time.perf_counter() - t)
+                trips[k] += pool._probe()["guard_trips"] - t0
         sm.set_num_threads(None)
-        out.append(dict(case=name, shape=list(shape), dtype=dt,
-                        ns1=float(np.median(times[1])) / cells * 1e9,
-                        ns2=float(np.median(times[2])) / cells * 1e9, trips2=trips[2]))
+        pool._set_guard_bars(*bars)
+        ns = [float(np.median(t)) / cells * 1e9 for t in times]
+        out.append(dict(case=name, shape=list(shape), dtype=dt, ns=ns, trips=trips,
+                        ns1=ns[0], ns2=ns[1], trips2=trips[1]))
 print(json.dumps(out))
 """
 
@@ -194,7 +204,7 @@ def _split(a):
     res = {"machine": describe(), "load_start": os.getloadavg(), "rounds": a.rounds, "per_round": 3}
     for cond in ("free", "cotenant"):
         res[cond] = _run(ROOT, SPLIT_CODE, json.dumps(GRID), str(a.rounds), "3",
-                         cotenant=cond == "cotenant")
+                         json.dumps([[1, None], [2, None]]), cotenant=cond == "cotenant")
     res["load_end"] = os.getloadavg()
     lines = ["# Threads: one and two alternated within one process", "",
              f"Machine: {one_line(res['machine'])}; {time.time() - t0:.0f} s; load average "
@@ -218,6 +228,51 @@ def _split(a):
     with open(a.out + "_split.json", "w") as f:
         json.dump(res, f, indent=1)
     with open(a.out + "_split.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _wave_bar(a):
+    """``--wave-bar B``: the one-problem (wavefront) cases of the grid, alternating one
+    thread, two threads with the guard's default wavefront bar, and two with bar B."""
+    from _machine import describe, one_line
+
+    t0 = time.time()
+    cases = [c for c in GRID if c[2][0] == 1 and c[1].startswith("dtw") and "features" not in c[1]]
+    settings = [[1, None], [2, None], [2, a.wave_bar]]
+    res = {"machine": describe(), "load_start": os.getloadavg(), "rounds": a.rounds, "per_round": 3,
+           "settings": settings}
+    for cond in ("free", "cotenant"):
+        res[cond] = _run(ROOT, SPLIT_CODE, json.dumps(cases), str(a.rounds), "3",
+                         json.dumps(settings), cotenant=cond == "cotenant")
+    res["load_end"] = os.getloadavg()
+    lines = ["# Threads: the co-tenant guard's bar for a wavefront", "",
+             f"Machine: {one_line(res['machine'])}; {time.time() - t0:.0f} s; load average "
+             f"{res['load_start'][0]:.2f} → {res['load_end'][0]:.2f}; "
+             f"`python bench/bench_threads.py --wave-bar {a.wave_bar} --rounds {a.rounds}`. One "
+             "process per condition; for each case, in turn: one thread, two threads with the "
+             "default bar for a wavefront, two threads with the wavefront judged against "
+             f"{a.wave_bar} (a job trips the guard when its wall time exceeds the bar times its "
+             "threads' CPU time); warm-up calls for 0.1 s and 3 timed calls each, "
+             f"{a.rounds} rounds; the ratio of the median one-thread call to the median call of "
+             "each two-thread setting, and the guard's trips during the timed calls. Co-tenant: "
+             "another process spins on the last CPU (`_machine.BusyCore`).", "",
+             f"| case | dtype | condition | 1t ms | 1t / 2t, default bar | 1t / 2t, bar {a.wave_bar} "
+             "| trips, default | trips, bar |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for cond in ("free", "cotenant"):
+        for r in res[cond]:
+            shape = "×".join(str(x) for x in r["shape"])
+            cells = 1
+            for x in r["shape"]:
+                cells *= x
+            lines.append(f"| {r['case']} {shape} | {r['dtype']} | {cond} | "
+                         f"{r['ns'][0] * cells * 1e-6:.2f} | {r['ns'][0] / r['ns'][1]:.2f} | "
+                         f"{r['ns'][0] / r['ns'][2]:.2f} | {r['trips'][1]} | {r['trips'][2]} |")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out + "_wavebar.json", "w") as f:
+        json.dump(res, f, indent=1)
+    with open(a.out + "_wavebar.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -248,7 +303,12 @@ def main(argv=None):
                     help="instead: this tree only, 1 and 2 threads alternated within one process "
                     "(free and co-tenant): <out>_split.{md,json}")
     ap.add_argument("--rounds", type=int, default=8, help="--split: rounds over the two settings")
+    ap.add_argument("--wave-bar", type=float, default=None,
+                    help="instead: the one-problem DTW cases, alternating 1 thread, 2 threads and 2 "
+                    "threads with the guard's wavefront bar set to this value: <out>_wavebar.{md,json}")
     a = ap.parse_args(argv)
+    if a.wave_bar is not None:
+        return _wave_bar(a)
     if a.split:
         return _split(a)
     if not a.before:

@@ -371,6 +371,35 @@ def test_probe_tells_a_job_that_woke_a_sleeping_worker():
     assert _child(code).stdout.split() == ["True", "True"]
 
 
+def test_a_wavefront_is_judged_by_its_own_bar():
+    """The co-tenant guard judges a DTW wavefront (one large problem's tiles
+    shared by the threads) against its own bar, lower than a batch's: its
+    fill, drain and waits for neighbour tiles made the batch bar trip on most
+    two-thread calls at 1024² on a free machine. With one bar that no job can
+    meet and the other that no job can miss, only the calls of the first kind
+    trip the guard (a few back-to-back calls each: a job that woke a sleeping
+    worker may go unjudged)."""
+    code = (
+        "import numpy as np, smoothmax as sm; from smoothmax._core import pool\n"
+        "sm.set_num_threads(2); pool._set_guard(False)\n"
+        "wave = np.random.default_rng(0).random((1, 1024, 1024))\n"
+        "batch = np.random.default_rng(1).random((4, 200, 200))\n"
+        "sm.dtw(wave); sm.dtw(batch)\n"
+        "pool._set_guard(True)\n"
+        "for bars in ((1e9, 1e-9), (1e-9, 1e9)):\n"
+        "    pool._set_guard_bars(*bars)\n"
+        "    for theta in (wave, batch):\n"
+        "        pool._force_backoff(0); t0 = pool._probe()['guard_trips']; bar = None\n"
+        "        for _ in range(5):\n"
+        "            sm.dtw(theta)\n"
+        "            if pool._probe()['used'] == 2: bar = pool._probe()['bar']\n"
+        "        print(pool._probe()['guard_trips'] > t0, bar)\n")
+    got = _child(code).stdout.split()
+    # bars (batch, wave) = (never missed, never met): the wavefront trips, the batch does not
+    assert got == ["True", "1e-09", "False", "1000000000.0",
+                   "False", "1000000000.0", "True", "1e-09"]
+
+
 def test_the_job_that_starts_the_workers_runs_on_them():
     """A worker started by a job joins that job. It used to read the job
     counter when its thread began running, after the job was posted, and

@@ -18,9 +18,10 @@
  *   OpenMP workers between two small ops), then sleep on a futex (a
  *   condition variable off Linux): passive waiting, and no lock that a
  *   preempted thread could hold while others wait for it.
- * - A co-tenant guard: a job whose wall time is more than SM_GUARD_RATIO of
- *   the CPU time its threads spent on it (so threads gave less than 1.4x: a
- *   thread waited for one that another process kept off its core) makes the
+ * - A co-tenant guard: a job whose wall time is more than a bar times the
+ *   CPU time its threads spent on it (sm_guard_bar, 0.7, for a batch: threads
+ *   gave less than 1.4x, a thread waited for one that another process kept
+ *   off its core; sm_guard_bar_wave, 0.87, for a wavefront) makes the
  *   next calls run on the calling thread alone for a while (50 ms, doubling
  *   up to 2 s while it keeps happening), then threads are tried again.
  * - One job at a time: a call made while the pool is busy (another Python
@@ -57,7 +58,18 @@ typedef void (*sm_task_fn)(void *ctx, ptrdiff_t item, int slot);
 #define SM_POOL_MAX 64
 #define SM_TILE_SPIN_NS 20000      /* spin of a thread waiting for a tile's neighbours */
 #define SM_GUARD_MIN_NS 200000     /* a job shorter than this is not judged */
-#define SM_GUARD_RATIO 0.7         /* wall > this x the threads' CPU time: threads did not pay */
+/* The guard's bars: a job trips it when its wall time is more than this x
+   the CPU time its threads spent on it. A batch job (items independent) on a
+   free machine gives 1.7-2x on two threads, so below 1.43x (0.7) a thread
+   waited for one that was not running. A wavefront's CPU-relative speed-up
+   is lower by construction (fill and drain, waits for neighbour tiles):
+   1.3-1.75x on the free benchmark VM at 1024^2, so the batch bar tripped on
+   most such calls and sent them to one thread (one dtw_grad call in four ran
+   on two threads). It is judged against what one thread would take instead:
+   the one-thread plan's larger tiles are up to 20% faster a cell
+   (docs/threads.md), so 1/1.15 (0.87) */
+static double sm_guard_bar = 0.7;
+static double sm_guard_bar_wave = 0.87;
 #define SM_BACKOFF_MIN_NS 50000000LL
 #define SM_BACKOFF_MAX_NS 2000000000LL
 
@@ -79,6 +91,7 @@ static long long sm_spawns = 0;     /* worker threads started, ever (the guard s
 static long long sm_last_lag = -1;   /* ns from posting the last job to worker 1 starting on it */
 static int sm_last_woke = 0;        /* the last job was posted while a worker slept */
 static long long sm_last_waited = 0; /* ns the caller waited for workers after its own items */
+static double sm_last_bar = 0;      /* the guard's bar the last job was judged by */
 
 static int sm_openmp_threads(void)
 {
@@ -324,9 +337,10 @@ static void sm_force_backoff(long long ns)
 
 /*
  * fn(ctx, item, slot) for item in [0, n), on up to `team` threads (the
- * calling thread among them). Returns the team it ran with.
+ * calling thread among them), judged by the co-tenant guard against `bar`.
+ * Returns the team it ran with.
  */
-static int sm_parallel_for(ptrdiff_t n, int team, sm_task_fn fn, void *ctx)
+static int sm_parallel_for_bar(ptrdiff_t n, int team, sm_task_fn fn, void *ctx, double bar)
 {
     ptrdiff_t i;
 #ifdef SM_POOL_THREADS
@@ -394,7 +408,7 @@ static int sm_parallel_for(ptrdiff_t n, int team, sm_task_fn fn, void *ctx)
                VM with no other process about, the caller ran the items alone,
                and the trip sent the next 50 ms of calls to one thread (the
                first call after every pause of a loop) */
-            slow = !spawned && wall > SM_GUARD_MIN_NS && wall > SM_GUARD_RATIO * cpu
+            slow = !spawned && wall > SM_GUARD_MIN_NS && wall > bar * cpu
                    && (!woke || waited > SM_GUARD_MIN_NS);
             if (slow) {
                 int64_t b = sm_pool.backoff ? 2 * sm_pool.backoff : SM_BACKOFF_MIN_NS;
@@ -410,16 +424,24 @@ static int sm_parallel_for(ptrdiff_t n, int team, sm_task_fn fn, void *ctx)
             sm_last_lag = sm_pool.lag;
             sm_last_woke = woke;
             sm_last_waited = waited;
+            sm_last_bar = bar;
             __atomic_store_n(&sm_pool.busy, 0, __ATOMIC_RELEASE);
             return team;
         }
         __atomic_store_n(&sm_pool.busy, 0, __ATOMIC_RELEASE);
     }
 #endif
+    (void)bar;
     for (i = 0; i < n; ++i) fn(ctx, i, 0);
     sm_last_used = 1;
     sm_last_joined = 1;
     return 1;
+}
+
+/* A job of independent items (a batch). */
+static int sm_parallel_for(ptrdiff_t n, int team, sm_task_fn fn, void *ctx)
+{
+    return sm_parallel_for_bar(n, team, fn, ctx, sm_guard_bar);
 }
 
 /*
@@ -568,7 +590,7 @@ static int sm_wavefront(ptrdiff_t nI, ptrdiff_t nJ, int reverse, sm_tile_fn fn, 
     w.nI = nI; w.nJ = nJ; w.reverse = reverse; w.fn = fn; w.ctx = ctx; w.done = done;
     w.sleepers = 0;
     w.finished = 0;
-    return sm_parallel_for(nI * nJ, team, sm_wave_item, &w);
+    return sm_parallel_for_bar(nI * nJ, team, sm_wave_item, &w, sm_guard_bar_wave);
 }
 
 #endif /* SMOOTHMAX_POOL_H */

@@ -30,6 +30,9 @@ cdef extern from "pool.h" nogil:
     long long sm_last_lag
     int sm_last_woke
     long long sm_last_waited
+    double sm_last_bar
+    double sm_guard_bar
+    double sm_guard_bar_wave
     int SM_POOL_MAX
     void sm_force_backoff(long long ns)
 
@@ -124,6 +127,19 @@ def _set_spin(long long ns, int yield_after):
     sm_spin_yield = yield_after
 
 
+def _set_guard_bars(double batch, double wave):
+    """Tuning: the co-tenant guard's bars, for a batch job and for a
+    wavefront (a job trips the guard when its wall time exceeds the bar times
+    its threads' CPU time); returns the previous pair."""
+    global sm_guard_bar, sm_guard_bar_wave
+    if not (0 < batch and 0 < wave):
+        raise ValueError(f"the guard's bars must be positive, got {batch!r} and {wave!r}")
+    old = (sm_guard_bar, sm_guard_bar_wave)
+    sm_guard_bar = batch
+    sm_guard_bar_wave = wave
+    return old
+
+
 def _force_backoff(double seconds):
     """Tests: calls run on one thread for ``seconds`` (as after a co-tenant trip); 0 stops it."""
     sm_force_backoff(<long long> (seconds * 1e9))
@@ -134,11 +150,14 @@ def _probe():
     setting and the work), the team it ran with (after the co-tenant guard),
     the threads that ran at least one item, how often the guard tripped, and
     how long worker 1 took to start on it (µs; -1: it did not), whether a
-    worker was asleep when it was posted, and how long the caller waited for
-    the workers after its own items (µs)."""
+    worker was asleep when it was posted, how long the caller waited for
+    the workers after its own items (µs), and the guard's bar it was judged
+    by (``sm_guard_bar`` for a batch, ``sm_guard_bar_wave`` for a wavefront
+    of tiles)."""
     return {"planned": sm_last_planned, "used": sm_last_used, "joined": sm_last_joined,
             "guard_trips": sm_guard_trips, "lag_us": sm_last_lag / 1e3,
-            "woke": bool(sm_last_woke), "waited_us": sm_last_waited / 1e3}
+            "woke": bool(sm_last_woke), "waited_us": sm_last_waited / 1e3,
+            "bar": sm_last_bar}
 
 
 set_setting(env_setting())
