@@ -400,6 +400,27 @@ def test_a_wavefront_is_judged_by_its_own_bar():
                    "False", "1000000000.0", "True", "1e-09"]
 
 
+def test_one_slow_job_does_not_trip_the_guard():
+    """The co-tenant guard backs off on the second slow job among the last 8
+    it judged, not on the first: on a VM with nothing else running, 0.5-1% of
+    two-thread jobs at 2 × 200² came out slow (a virtual CPU held for a few
+    hundred µs), and each trip sent the next 50 ms of calls to one thread.
+    With a bar that no job can meet, every judged job is slow: the first
+    leaves the guard alone, the second trips it."""
+    code = (
+        "import numpy as np, smoothmax as sm; from smoothmax._core import pool\n"
+        "sm.set_num_threads(2); pool._set_guard(False)\n"
+        "batch = np.random.default_rng(1).random((4, 200, 200)); sm.dtw(batch)\n"
+        "pool._set_guard(True); pool._set_guard_bars(1e-9, 1e-9); pool._force_backoff(0)\n"
+        "seen = []\n"
+        "for _ in range(40):\n"
+        "    t0 = pool._probe()['guard_trips']; sm.dtw(batch); p = pool._probe()\n"
+        "    if p['used'] == 2 and p['judged']: seen.append((p['slow'], p['guard_trips'] - t0))\n"
+        "    if len(seen) == 2: break\n"
+        "print(seen)\n")
+    assert _child(code).stdout.strip() == "[(True, 0), (True, 1)]"
+
+
 def test_the_job_that_starts_the_workers_runs_on_them():
     """A worker started by a job joins that job. It used to read the job
     counter when its thread began running, after the job was posted, and

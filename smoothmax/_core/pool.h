@@ -21,9 +21,10 @@
  * - A co-tenant guard: a job whose wall time is more than a bar times the
  *   CPU time its threads spent on it (sm_guard_bar, 0.7, for a batch: threads
  *   gave less than 1.4x, a thread waited for one that another process kept
- *   off its core; sm_guard_bar_wave, 0.87, for a wavefront) makes the
- *   next calls run on the calling thread alone for a while (50 ms, doubling
- *   up to 2 s while it keeps happening), then threads are tried again.
+ *   off its core; sm_guard_bar_wave, 0.87, for a wavefront), twice among
+ *   the last 8 judged jobs, makes the next calls run on the calling thread
+ *   alone for a while (50 ms, doubling up to 2 s while it keeps happening),
+ *   then threads are tried again.
  * - One job at a time: a call made while the pool is busy (another Python
  *   thread) runs on its own thread; nothing nests.
  * - The thread count: smoothmax.set_num_threads(n) (or SMOOTHMAX_NUM_THREADS)
@@ -58,6 +59,15 @@ typedef void (*sm_task_fn)(void *ctx, ptrdiff_t item, int slot);
 #define SM_POOL_MAX 64
 #define SM_TILE_SPIN_NS 20000      /* spin of a thread waiting for a tile's neighbours */
 #define SM_GUARD_MIN_NS 200000     /* a job shorter than this is not judged */
+/* The guard trips on SM_GUARD_STRIKES slow jobs among the last
+   SM_GUARD_WINDOW judged ones, not on one: on the benchmark VM with no other
+   process running, 0.5-1% of two-thread jobs at 2 x 200^2 were slow by the
+   bar (the VM held a virtual CPU for a few hundred us), and each sent the
+   next 50 ms of calls (about 100 of them) to one thread, so that 30-70% of
+   a loop's calls ran there. Another process on a core makes many jobs slow,
+   and two of eight come quickly. */
+#define SM_GUARD_WINDOW 8
+#define SM_GUARD_STRIKES 2
 /* The guard's bars: a job trips it when its wall time is more than this x
    the CPU time its threads spent on it. A batch job (items independent) on a
    free machine gives 1.7-2x on two threads, so below 1.43x (0.7) a thread
@@ -92,6 +102,9 @@ static long long sm_last_lag = -1;   /* ns from posting the last job to worker 1
 static int sm_last_woke = 0;        /* the last job was posted while a worker slept */
 static long long sm_last_waited = 0; /* ns the caller waited for workers after its own items */
 static double sm_last_bar = 0;      /* the guard's bar the last job was judged by */
+static long long sm_last_parts[4];  /* ns: the caller's wall and CPU time on the last job, worker 1's */
+static int sm_last_judged = 0;      /* the guard judged the last job */
+static int sm_last_slow = 0;        /* ... and found it slow */
 
 static int sm_openmp_threads(void)
 {
@@ -209,6 +222,8 @@ static struct {
     char pad2[64];
     sm_slot_stat stat[SM_POOL_MAX];
     int64_t backoff_until, backoff;   /* co-tenant guard (monotonic ns) */
+    unsigned slow_hist;               /* the last SM_GUARD_WINDOW judged jobs, 1 bit each: slow */
+    int judged_since;                 /* judged jobs since the last trip (capped) */
     pid_t pid;                        /* the process the workers belong to */
     int64_t posted, lag;              /* when the job was posted; worker 1's start - posted */
 } sm_pool;
@@ -330,6 +345,8 @@ static void sm_force_backoff(long long ns)
     __atomic_store_n(&sm_pool.backoff_until, ns > 0 ? sm_now(CLOCK_MONOTONIC) + ns : 0,
                      __ATOMIC_RELAXED);
     sm_pool.backoff = 0;
+    sm_pool.slow_hist = 0;
+    sm_pool.judged_since = 0;
 #else
     (void)ns;
 #endif
@@ -408,23 +425,40 @@ static int sm_parallel_for_bar(ptrdiff_t n, int team, sm_task_fn fn, void *ctx, 
                VM with no other process about, the caller ran the items alone,
                and the trip sent the next 50 ms of calls to one thread (the
                first call after every pause of a loop) */
-            slow = !spawned && wall > SM_GUARD_MIN_NS && wall > bar * cpu
-                   && (!woke || waited > SM_GUARD_MIN_NS);
-            if (slow) {
+            const int judged = !spawned && wall > SM_GUARD_MIN_NS
+                               && (!woke || waited > SM_GUARD_MIN_NS);
+            slow = judged && wall > bar * cpu;
+            if (judged) {
+                sm_pool.slow_hist = ((sm_pool.slow_hist << 1) | (unsigned)slow)
+                                    & ((1u << SM_GUARD_WINDOW) - 1);
+                if (sm_pool.judged_since < SM_GUARD_WINDOW) ++sm_pool.judged_since;
+            }
+            if (slow && __builtin_popcount(sm_pool.slow_hist) >= SM_GUARD_STRIKES) {
                 int64_t b = sm_pool.backoff ? 2 * sm_pool.backoff : SM_BACKOFF_MIN_NS;
                 sm_pool.backoff = b > SM_BACKOFF_MAX_NS ? SM_BACKOFF_MAX_NS : b;
                 __atomic_store_n(&sm_pool.backoff_until,
                                  sm_now(CLOCK_MONOTONIC) + sm_pool.backoff, __ATOMIC_RELAXED);
                 ++sm_guard_trips;
-            } else if (joined > 1) {
+                sm_pool.slow_hist = 0;
+                sm_pool.judged_since = 0;
+            } else if (joined > 1 && sm_pool.slow_hist == 0
+                       && sm_pool.judged_since >= SM_GUARD_WINDOW) {
+                /* a window of good jobs since the last trip: the next trip
+                   backs off from 50 ms again */
                 sm_pool.backoff = 0;
             }
+            sm_last_judged = judged;
+            sm_last_slow = slow;
             sm_last_used = team;
             sm_last_joined = joined;
             sm_last_lag = sm_pool.lag;
             sm_last_woke = woke;
             sm_last_waited = waited;
             sm_last_bar = bar;
+            sm_last_parts[0] = sm_pool.stat[0].wall;
+            sm_last_parts[1] = sm_pool.stat[0].cpu;
+            sm_last_parts[2] = sm_pool.stat[1].wall;
+            sm_last_parts[3] = sm_pool.stat[1].cpu;
             __atomic_store_n(&sm_pool.busy, 0, __ATOMIC_RELEASE);
             return team;
         }
@@ -435,6 +469,7 @@ static int sm_parallel_for_bar(ptrdiff_t n, int team, sm_task_fn fn, void *ctx, 
     for (i = 0; i < n; ++i) fn(ctx, i, 0);
     sm_last_used = 1;
     sm_last_joined = 1;
+    sm_last_judged = sm_last_slow = 0;
     return 1;
 }
 

@@ -31,6 +31,9 @@ cdef extern from "pool.h" nogil:
     int sm_last_woke
     long long sm_last_waited
     double sm_last_bar
+    long long sm_last_parts[4]
+    int sm_last_judged
+    int sm_last_slow
     double sm_guard_bar
     double sm_guard_bar_wave
     int SM_POOL_MAX
@@ -153,11 +156,16 @@ def _probe():
     worker was asleep when it was posted, how long the caller waited for
     the workers after its own items (µs), and the guard's bar it was judged
     by (``sm_guard_bar`` for a batch, ``sm_guard_bar_wave`` for a wavefront
-    of tiles)."""
+    of tiles), the wall and CPU time (µs) of the caller's part of it and of
+    worker 1's, whether the guard judged it and found it slow (it trips on
+    the second slow job among the last 8 judged)."""
     return {"planned": sm_last_planned, "used": sm_last_used, "joined": sm_last_joined,
             "guard_trips": sm_guard_trips, "lag_us": sm_last_lag / 1e3,
             "woke": bool(sm_last_woke), "waited_us": sm_last_waited / 1e3,
-            "bar": sm_last_bar}
+            "bar": sm_last_bar,
+            "caller_us": (sm_last_parts[0] / 1e3, sm_last_parts[1] / 1e3),
+            "worker_us": (sm_last_parts[2] / 1e3, sm_last_parts[3] / 1e3),
+            "judged": bool(sm_last_judged), "slow": bool(sm_last_slow)}
 
 
 set_setting(env_setting())
