@@ -28,7 +28,9 @@ processes): ``threads_split.{md,json}``. ``--wave-bar B`` alternates, on the
 one-problem DTW cases (a wavefront of tiles on two threads), one thread, two
 threads, and two threads with the co-tenant guard's wavefront bar set to B
 (``threads_wavebar.{md,json}``; 0.7 is the batch bar, which wavefronts had
-before). Run it on a machine at rest
+before). ``--guard-ab TREE`` times small batches on one and two threads in
+fresh processes alternating between TREE's build and this one
+(``threads_guard_ab.{md,json}``), for a change of the co-tenant guard. Run it on a machine at rest
 (``/work/quiet`` here); the load average at start and end is recorded.
 """
 import argparse
@@ -277,6 +279,75 @@ def _wave_bar(a):
     print("\n".join(lines))
 
 
+GUARD_CASES = [("dtw_hvp", (2, 200, 200), "float64"), ("dtw_hvp", (2, 200, 200), "float32"),
+               ("dtw", (2, 200, 200), "float32"), ("dtw_grad", (2, 200, 200), "float64")]
+
+# one process of --guard-ab: per case, 1 then 2 threads, back-to-back calls for 0.3 s each
+GUARD_CODE = r"""
+import json, sys, time
+import numpy as np
+import smoothmax as sm
+from smoothmax._core import pool
+rng = np.random.default_rng(0)
+out = []
+for fn, shape, dt in json.loads(sys.argv[1]):
+    th = rng.standard_normal(shape).astype(dt); z = rng.standard_normal(shape).astype(dt)
+    f = getattr(sm, fn); args = (th, z) if fn.endswith("hvp") else (th,)
+    r = {}
+    for n in (1, 2):
+        sm.set_num_threads(n); f(*args); t0 = pool._probe()["guard_trips"]; ts = []; on2 = 0
+        t_end = time.perf_counter() + 0.3
+        while time.perf_counter() < t_end:
+            t = time.perf_counter(); f(*args); ts.append(time.perf_counter() - t)
+            on2 += pool._probe()["used"] == 2
+        r[n] = dict(median=float(np.median(ts)), on2=on2 / len(ts),
+                    trips=pool._probe()["guard_trips"] - t0)
+    out.append(dict(case=fn, shape=list(shape), dtype=dt, one=r[1], two=r[2]))
+print(json.dumps(out))
+"""
+
+
+def _guard_ab(a):
+    """``--guard-ab TREE``: the co-tenant guard of another tree against this one's on small
+    batches, fresh processes alternating between the trees (``--rounds`` each)."""
+    import numpy as np
+    from _machine import describe, one_line
+
+    t0 = time.time()
+    trees = {"before": os.path.abspath(a.guard_ab), "after": ROOT}
+    res = {"machine": describe(), "load_start": os.getloadavg(), "trees": trees, "rounds": []}
+    for r in range(a.rounds):
+        for tag in (["before", "after"] if r % 2 == 0 else ["after", "before"]):
+            res["rounds"].append(dict(tree=tag, cases=_run(trees[tag], GUARD_CODE,
+                                                           json.dumps(GUARD_CASES))))
+    res["load_end"] = os.getloadavg()
+    lines = ["# Threads: the co-tenant guard, two trees on small batches", "",
+             f"Machine: {one_line(res['machine'])}; {time.time() - t0:.0f} s; load average "
+             f"{res['load_start'][0]:.2f} → {res['load_end'][0]:.2f}; before: `{trees['before']}`, "
+             f"after: `{trees['after']}`; `python bench/bench_threads.py --guard-ab <before> "
+             f"--rounds {a.rounds}`. Fresh processes, alternating between the trees, "
+             f"{a.rounds} each; in each, for each case, back-to-back calls for 0.3 s on one "
+             "thread, then on two. Per tree: the median over processes of 1t / 2t (each the "
+             "ratio of the median calls), the fraction of two-thread calls whose job ran on "
+             "two threads, and the guard's trips.", "",
+             "| case | dtype | before: 1t / 2t | on 2 | trips | after: 1t / 2t | on 2 | trips |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for i, (fn, shape, dt) in enumerate(GUARD_CASES):
+        cells = []
+        for tag in ("before", "after"):
+            rows = [rd["cases"][i] for rd in res["rounds"] if rd["tree"] == tag]
+            cells += [f"{np.median([x['one']['median'] / x['two']['median'] for x in rows]):.2f}",
+                      f"{np.mean([x['two']['on2'] for x in rows]):.2f}",
+                      str(sum(x["two"]["trips"] for x in rows))]
+        lines.append(f"| {fn} {'×'.join(map(str, shape))} | {dt} | " + " | ".join(cells) + " |")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out + "_guard_ab.json", "w") as f:
+        json.dump(res, f, indent=1)
+    with open(a.out + "_guard_ab.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def _run(tree, code, *args, cotenant=False):
     env = dict(os.environ, PYTHONPATH=tree)
     for k in ("OMP_NUM_THREADS", "SMOOTHMAX_NUM_THREADS"):
@@ -306,7 +377,12 @@ def main(argv=None):
     ap.add_argument("--wave-bar", type=float, default=None,
                     help="instead: the one-problem DTW cases, alternating 1 thread, 2 threads and 2 "
                     "threads with the guard's wavefront bar set to this value: <out>_wavebar.{md,json}")
+    ap.add_argument("--guard-ab", metavar="TREE", default=None,
+                    help="instead: small batches, fresh processes alternating between TREE's "
+                    "build and this one (the co-tenant guard's rules): <out>_guard_ab.{md,json}")
     a = ap.parse_args(argv)
+    if a.guard_ab is not None:
+        return _guard_ab(a)
     if a.wave_bar is not None:
         return _wave_bar(a)
     if a.split:
