@@ -198,20 +198,44 @@ print(json.dumps(out))
 """
 
 
+def _write(base, res, lines):
+    """``base``.json (the measurements) and ``base``.md (the table), printed too."""
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    with open(base + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _alternated(a, cases, settings):
+    """SPLIT_CODE's settings taken in turn on ``cases``, one process free and one with a
+    co-tenant; the machine and the load average around them."""
+    from _machine import describe
+
+    res = {"machine": describe(), "load_start": os.getloadavg(), "t0": time.time(),
+           "rounds": a.rounds, "per_round": 3, "settings": settings}
+    for cond in ("free", "cotenant"):
+        res[cond] = _run(ROOT, SPLIT_CODE, json.dumps(cases), str(a.rounds), "3",
+                         json.dumps(settings), cotenant=cond == "cotenant")
+    res["load_end"] = os.getloadavg()
+    res["seconds"] = time.time() - res.pop("t0")
+    return res
+
+
+def _machine_line(res):
+    from _machine import one_line
+
+    return (f"Machine: {one_line(res['machine'])}; {res['seconds']:.0f} s; load average "
+            f"{res['load_start'][0]:.2f} → {res['load_end'][0]:.2f}; ")
+
+
 def _split(a):
     """``--split``: 1 and 2 threads alternated within one process, free and with a co-tenant."""
-    from _machine import describe, one_line
-
-    t0 = time.time()
-    res = {"machine": describe(), "load_start": os.getloadavg(), "rounds": a.rounds, "per_round": 3}
-    for cond in ("free", "cotenant"):
-        res[cond] = _run(ROOT, SPLIT_CODE, json.dumps(GRID), str(a.rounds), "3",
-                         json.dumps([[1, None], [2, None]]), cotenant=cond == "cotenant")
-    res["load_end"] = os.getloadavg()
+    res = _alternated(a, GRID, [[1, None], [2, None]])
     lines = ["# Threads: one and two alternated within one process", "",
-             f"Machine: {one_line(res['machine'])}; {time.time() - t0:.0f} s; load average "
-             f"{res['load_start'][0]:.2f} → {res['load_end'][0]:.2f}; "
-             f"`python bench/bench_threads.py --split --rounds {a.rounds}`. One process per "
+             _machine_line(res) + f"`python bench/bench_threads.py --split --rounds {a.rounds}`. "
+             "One process per "
              "condition; for each case, `smoothmax.set_num_threads` 1 and 2 in turn, warm-up "
              "calls for 0.1 s (the first two-thread call after one-thread calls wakes a sleeping "
              "worker and may trip the co-tenant guard, whose 50 ms at one thread would cover the "
@@ -226,32 +250,17 @@ def _split(a):
         lines.append(f"| {fr['case']} {shape} | {fr['dtype']} | {fr['ns1']:.2f} | {fr['ns2']:.2f} | "
                      f"{fr['ns1'] / fr['ns2']:.2f} | {co['ns1']:.2f} | {co['ns2']:.2f} | "
                      f"{co['ns2'] / co['ns1']:.2f} | {co['trips2']} |")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out + "_split.json", "w") as f:
-        json.dump(res, f, indent=1)
-    with open(a.out + "_split.md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _write(a.out + "_split", res, lines)
 
 
 def _wave_bar(a):
     """``--wave-bar B``: the one-problem (wavefront) cases of the grid, alternating one
     thread, two threads with the guard's default wavefront bar, and two with bar B."""
-    from _machine import describe, one_line
-
-    t0 = time.time()
     cases = [c for c in GRID if c[2][0] == 1 and c[1].startswith("dtw") and "features" not in c[1]]
-    settings = [[1, None], [2, None], [2, a.wave_bar]]
-    res = {"machine": describe(), "load_start": os.getloadavg(), "rounds": a.rounds, "per_round": 3,
-           "settings": settings}
-    for cond in ("free", "cotenant"):
-        res[cond] = _run(ROOT, SPLIT_CODE, json.dumps(cases), str(a.rounds), "3",
-                         json.dumps(settings), cotenant=cond == "cotenant")
-    res["load_end"] = os.getloadavg()
+    res = _alternated(a, cases, [[1, None], [2, None], [2, a.wave_bar]])
     lines = ["# Threads: the co-tenant guard's bar for a wavefront", "",
-             f"Machine: {one_line(res['machine'])}; {time.time() - t0:.0f} s; load average "
-             f"{res['load_start'][0]:.2f} → {res['load_end'][0]:.2f}; "
-             f"`python bench/bench_threads.py --wave-bar {a.wave_bar} --rounds {a.rounds}`. One "
+             _machine_line(res) + f"`python bench/bench_threads.py --wave-bar {a.wave_bar} "
+             f"--rounds {a.rounds}`. One "
              "process per condition; for each case, in turn: one thread, two threads with the "
              "default bar for a wavefront, two threads with the wavefront judged against "
              f"{a.wave_bar} (a job trips the guard when its wall time exceeds the bar times its "
@@ -271,12 +280,7 @@ def _wave_bar(a):
             lines.append(f"| {r['case']} {shape} | {r['dtype']} | {cond} | "
                          f"{r['ns'][0] * cells * 1e-6:.2f} | {r['ns'][0] / r['ns'][1]:.2f} | "
                          f"{r['ns'][0] / r['ns'][2]:.2f} | {r['trips'][1]} | {r['trips'][2]} |")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out + "_wavebar.json", "w") as f:
-        json.dump(res, f, indent=1)
-    with open(a.out + "_wavebar.md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _write(a.out + "_wavebar", res, lines)
 
 
 GUARD_CASES = [("dtw_hvp", (2, 200, 200), "float64"), ("dtw_hvp", (2, 200, 200), "float32"),
@@ -311,7 +315,7 @@ def _guard_ab(a):
     """``--guard-ab TREE``: the co-tenant guard of another tree against this one's on small
     batches, fresh processes alternating between the trees (``--rounds`` each)."""
     import numpy as np
-    from _machine import describe, one_line
+    from _machine import describe
 
     t0 = time.time()
     trees = {"before": os.path.abspath(a.guard_ab), "after": ROOT}
@@ -321,9 +325,9 @@ def _guard_ab(a):
             res["rounds"].append(dict(tree=tag, cases=_run(trees[tag], GUARD_CODE,
                                                            json.dumps(GUARD_CASES))))
     res["load_end"] = os.getloadavg()
+    res["seconds"] = time.time() - t0
     lines = ["# Threads: the co-tenant guard, two trees on small batches", "",
-             f"Machine: {one_line(res['machine'])}; {time.time() - t0:.0f} s; load average "
-             f"{res['load_start'][0]:.2f} → {res['load_end'][0]:.2f}; before: `{trees['before']}`, "
+             _machine_line(res) + f"before: `{trees['before']}`, "
              f"after: `{trees['after']}`; `python bench/bench_threads.py --guard-ab <before> "
              f"--rounds {a.rounds}`. Fresh processes, alternating between the trees, "
              f"{a.rounds} each; in each, for each case, back-to-back calls for 0.3 s on one "
@@ -340,12 +344,7 @@ def _guard_ab(a):
                       f"{np.mean([x['two']['on2'] for x in rows]):.2f}",
                       str(sum(x["two"]["trips"] for x in rows))]
         lines.append(f"| {fn} {'×'.join(map(str, shape))} | {dt} | " + " | ".join(cells) + " |")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out + "_guard_ab.json", "w") as f:
-        json.dump(res, f, indent=1)
-    with open(a.out + "_guard_ab.md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _write(a.out + "_guard_ab", res, lines)
 
 
 def _run(tree, code, *args, cotenant=False):
