@@ -63,9 +63,9 @@ typedef void (*sm_task_fn)(void *ctx, ptrdiff_t item, int slot);
    SM_GUARD_WINDOW judged ones, not on one: on the benchmark VM with no other
    process running, 0.5-1% of two-thread jobs at 2 x 200^2 were slow by the
    bar (the VM held a virtual CPU for a few hundred us), and each sent the
-   next 50 ms of calls (about 100 of them) to one thread, so that 30-70% of
-   a loop's calls ran there. Another process on a core makes many jobs slow,
-   and two of eight come quickly. */
+   next 50 ms of calls (about 100 of them) to one thread, so that about half
+   of a loop's calls ran there. Another process on a core makes 63-85% of
+   the jobs slow, and two of eight come within a few calls. */
 #define SM_GUARD_WINDOW 8
 #define SM_GUARD_STRIKES 2
 /* The guard's bars: a job trips it when its wall time is more than this x
@@ -74,8 +74,8 @@ typedef void (*sm_task_fn)(void *ctx, ptrdiff_t item, int slot);
    waited for one that was not running. A wavefront's CPU-relative speed-up
    is lower by construction (fill and drain, waits for neighbour tiles):
    1.3-1.75x on the free benchmark VM at 1024^2, so the batch bar tripped on
-   most such calls and sent them to one thread (one dtw_grad call in four ran
-   on two threads). It is judged against what one thread would take instead:
+   many such calls and sent the next ones to one thread (in one probe, 14 of
+   60 dtw_grad calls ran on two threads). It is judged against what one thread would take instead:
    the one-thread plan's larger tiles are up to 20% faster a cell
    (docs/threads.md), so 1/1.15 (0.87) */
 static double sm_guard_bar = 0.7;
