@@ -170,8 +170,7 @@ from smoothmax._core import pool
 cases, rounds, per = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 # settings taken in turn: (threads, the guard's wavefront bar, None: the default)
 settings = json.loads(sys.argv[4])
-bars = pool._set_guard_bars(1.0, 1.0)
-pool._set_guard_bars(*bars)
+bars = pool._set_guard_bars()
 out = []
 for name, fn, shape in cases:
     for dt in ("float64", "float32"):
@@ -192,8 +191,7 @@ for name, fn, shape in cases:
         sm.set_num_threads(None)
         pool._set_guard_bars(*bars)
         ns = [float(np.median(t)) / cells * 1e9 for t in times]
-        out.append(dict(case=name, shape=list(shape), dtype=dt, ns=ns, trips=trips,
-                        ns1=ns[0], ns2=ns[1], trips2=trips[1]))
+        out.append(dict(case=name, shape=list(shape), dtype=dt, ns=ns, trips=trips))
 print(json.dumps(out))
 """
 
@@ -247,9 +245,9 @@ def _split(a):
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for fr, co in zip(res["free"], res["cotenant"]):
         shape = "×".join(str(x) for x in fr["shape"])
-        lines.append(f"| {fr['case']} {shape} | {fr['dtype']} | {fr['ns1']:.2f} | {fr['ns2']:.2f} | "
-                     f"{fr['ns1'] / fr['ns2']:.2f} | {co['ns1']:.2f} | {co['ns2']:.2f} | "
-                     f"{co['ns2'] / co['ns1']:.2f} | {co['trips2']} |")
+        (f1, f2), (c1, c2) = fr["ns"], co["ns"]
+        lines.append(f"| {fr['case']} {shape} | {fr['dtype']} | {f1:.2f} | {f2:.2f} | "
+                     f"{f1 / f2:.2f} | {c1:.2f} | {c2:.2f} | {c2 / c1:.2f} | {co['trips'][1]} |")
     _write(a.out + "_split", res, lines)
 
 

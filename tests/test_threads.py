@@ -374,11 +374,13 @@ def test_probe_tells_a_job_that_woke_a_sleeping_worker():
 def test_a_wavefront_is_judged_by_its_own_bar():
     """The co-tenant guard judges a DTW wavefront (one large problem's tiles
     shared by the threads) against its own bar, lower than a batch's: its
-    fill, drain and waits for neighbour tiles made the batch bar trip on most
+    fill, drain and waits for neighbour tiles made the batch bar trip on many
     two-thread calls at 1024² on a free machine. With one bar that no job can
     meet and the other that no job can miss, only the calls of the first kind
-    trip the guard (a few back-to-back calls each: a job that woke a sleeping
-    worker may go unjudged)."""
+    trip the guard (the guard trips on its second slow judgement). Calls are
+    made until two jobs were judged: a job that woke a sleeping worker goes
+    unjudged unless the caller then waited for it, and a 1024² call's own
+    Python work often outlasts the worker's idle spin."""
     code = (
         "import numpy as np, smoothmax as sm; from smoothmax._core import pool\n"
         "sm.set_num_threads(2); pool._set_guard(False)\n"
@@ -389,15 +391,31 @@ def test_a_wavefront_is_judged_by_its_own_bar():
         "for bars in ((1e9, 1e-9), (1e-9, 1e9)):\n"
         "    pool._set_guard_bars(*bars)\n"
         "    for theta in (wave, batch):\n"
-        "        pool._force_backoff(0); t0 = pool._probe()['guard_trips']; bar = None\n"
-        "        for _ in range(5):\n"
-        "            sm.dtw(theta)\n"
-        "            if pool._probe()['used'] == 2: bar = pool._probe()['bar']\n"
-        "        print(pool._probe()['guard_trips'] > t0, bar)\n")
-    got = _child(code).stdout.split()
+        "        pool._force_backoff(0); t0 = pool._probe()['guard_trips']; judged = []\n"
+        "        for _ in range(60):\n"
+        "            sm.dtw(theta); p = pool._probe()\n"
+        "            if p['used'] == 2 and p['judged']: judged.append(p['bar'])\n"
+        "            if len(judged) == 2: break\n"
+        "        print(pool._probe()['guard_trips'] > t0, judged)\n")
+    got = _child(code).stdout.splitlines()
     # bars (batch, wave) = (never missed, never met): the wavefront trips, the batch does not
-    assert got == ["True", "1e-09", "False", "1000000000.0",
-                   "False", "1000000000.0", "True", "1e-09"]
+    assert got == ["True [1e-09, 1e-09]", "False [1000000000.0, 1000000000.0]",
+                   "False [1000000000.0, 1000000000.0]", "True [1e-09, 1e-09]"]
+
+
+def test_guard_bars_are_checked_and_restored():
+    """The tuning hook refuses a bar that is not a positive number, names it,
+    changes nothing then, and leaves a bar it is not given as it is."""
+    before = pool._set_guard_bars()
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="wave bar"):
+            pool._set_guard_bars(wave=bad)
+        assert pool._set_guard_bars() == before
+    try:
+        assert pool._set_guard_bars(batch=0.5) == before
+        assert pool._set_guard_bars() == (0.5, before[1])
+    finally:
+        pool._set_guard_bars(*before)
 
 
 def test_one_slow_job_does_not_trip_the_guard():

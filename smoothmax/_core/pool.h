@@ -62,7 +62,8 @@ typedef void (*sm_task_fn)(void *ctx, ptrdiff_t item, int slot);
 /* The guard trips on SM_GUARD_STRIKES slow jobs among the last
    SM_GUARD_WINDOW judged ones, not on one: on the benchmark VM with no other
    process running, 0.5-1% of two-thread jobs at 2 x 200^2 were slow by the
-   bar (the VM held a virtual CPU for a few hundred us), and each sent the
+   bar (the caller waited a few hundred us for a worker whose item took its
+   usual CPU time: most likely the VM held that virtual CPU), and each sent the
    next 50 ms of calls (about 100 of them) to one thread, so that about half
    of a loop's calls ran there. Another process on a core makes 63-85% of
    the jobs slow, and two of eight come within a few calls. */

@@ -130,16 +130,20 @@ def _set_spin(long long ns, int yield_after):
     sm_spin_yield = yield_after
 
 
-def _set_guard_bars(double batch, double wave):
+def _set_guard_bars(batch=None, wave=None):
     """Tuning: the co-tenant guard's bars, for a batch job and for a
     wavefront (a job trips the guard when its wall time exceeds the bar times
-    its threads' CPU time); returns the previous pair."""
+    its threads' CPU time; None leaves one as it is); returns the previous
+    pair (with no argument: the current one)."""
     global sm_guard_bar, sm_guard_bar_wave
-    if not (0 < batch and 0 < wave):
-        raise ValueError(f"the guard's bars must be positive, got {batch!r} and {wave!r}")
+    for name, bar in (("batch", batch), ("wave", wave)):
+        if bar is not None and not 0 < bar < float("inf"):
+            raise ValueError(f"the guard's {name} bar must be a positive number, got {bar!r}")
     old = (sm_guard_bar, sm_guard_bar_wave)
-    sm_guard_bar = batch
-    sm_guard_bar_wave = wave
+    if batch is not None:
+        sm_guard_bar = batch
+    if wave is not None:
+        sm_guard_bar_wave = wave
     return old
 
 
