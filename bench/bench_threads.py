@@ -30,7 +30,11 @@ threads, and two threads with the co-tenant guard's wavefront bar set to B
 (``threads_wavebar.{md,json}``; 0.7 is the batch bar, which wavefronts had
 before). ``--guard-ab TREE`` times small batches on one and two threads in
 fresh processes alternating between TREE's build and this one
-(``threads_guard_ab.{md,json}``), for a change of the co-tenant guard. Run it on a machine at rest
+(``threads_guard_ab.{md,json}``), for a change of the co-tenant guard.
+``--ceiling`` measures what two threads could give at best on this machine:
+two processes, each running the same call on one thread at the same time,
+against one process alone, alternated with the pool's own two-thread calls
+(``threads_ceiling.{md,json}``). Run it on a machine at rest
 (``/work/quiet`` here); the load average at start and end is recorded.
 """
 import argparse
@@ -344,6 +348,116 @@ def _guard_ab(a):
         lines.append(f"| {fn} {'×'.join(map(str, shape))} | {dt} | " + " | ".join(cells) + " |")
     _write(a.out + "_guard_ab", res, lines)
 
+# one worker of --ceiling: reads commands (case, dtype, threads, seconds) from stdin, answers
+# each with the call times of back-to-back calls for that long (after 0.1 s of warm-up)
+CEILING_CODE = CASE_CODE + r"""
+import json, sys, time
+made = {}
+print("ready", flush=True)
+for line in sys.stdin:
+    name, fn, shape, dt, n, seconds = json.loads(line)
+    key = (fn, tuple(shape), dt)
+    if key not in made:
+        made.clear()  # one case's arrays at a time
+        made[key] = make(fn, tuple(shape), dt)
+    f, cells = made[key]
+    sm.set_num_threads(n)
+    t_end = time.perf_counter() + 0.1
+    f()
+    while time.perf_counter() < t_end:
+        f()
+    ts = []
+    t_end = time.perf_counter() + seconds
+    while len(ts) < 3 or time.perf_counter() < t_end:
+        t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+    print(json.dumps(dict(median=float(np.median(ts)), calls=len(ts), cells=cells)), flush=True)
+"""
+
+
+class _Worker:
+    """A child process running CEILING_CODE on this tree."""
+
+    def __init__(self):
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        for k in ("OMP_NUM_THREADS", "SMOOTHMAX_NUM_THREADS"):
+            env.pop(k, None)
+        self.p = subprocess.Popen([sys.executable, "-c", CEILING_CODE], env=env, cwd=ROOT,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.p.stdout.readline().strip() != "ready":
+            raise RuntimeError("a --ceiling worker did not start")
+
+    def send(self, *cmd):
+        self.p.stdin.write(json.dumps(cmd) + "\n")
+        self.p.stdin.flush()
+
+    def answer(self):
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError("a --ceiling worker died")
+        return json.loads(line)
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait(timeout=60)
+
+
+def _ceiling(a):
+    """``--ceiling``: per case, in turn: one process alone on one thread (t1), two processes
+    at once on one thread each (tA, tB: the best two threads could do, with nothing shared
+    but the machine), and the first process alone on two threads of the pool (t2)."""
+    import numpy as np
+    from _machine import describe
+
+    t0 = time.time()
+    res = {"machine": describe(), "load_start": os.getloadavg(), "rounds": a.rounds,
+           "seconds_per_setting": a.seconds, "cases": []}
+    wa, wb = _Worker(), _Worker()
+    try:
+        for name, fn, shape in GRID:
+            for dt in ("float64", "float32"):
+                rows = []
+                for _ in range(a.rounds):
+                    wa.send(name, fn, shape, dt, 1, a.seconds)
+                    one = wa.answer()
+                    wa.send(name, fn, shape, dt, 1, a.seconds)
+                    wb.send(name, fn, shape, dt, 1, a.seconds)
+                    pa, pb = wa.answer(), wb.answer()
+                    wa.send(name, fn, shape, dt, 2, a.seconds)
+                    two = wa.answer()
+                    rows.append(dict(t1=one["median"], tA=pa["median"], tB=pb["median"],
+                                     t2=two["median"]))
+                ceil = [r["t1"] / r["tA"] + r["t1"] / r["tB"] for r in rows]
+                got = [r["t1"] / r["t2"] for r in rows]
+                res["cases"].append(dict(case=name, shape=list(shape), dtype=dt, rounds=rows,
+                                         ceiling=float(np.median(ceil)),
+                                         speedup=float(np.median(got)),
+                                         of_ceiling=float(np.median(np.divide(got, ceil)))))
+                print(name, shape, dt, f"ceiling {res['cases'][-1]['ceiling']:.2f}",
+                      f"2 threads {res['cases'][-1]['speedup']:.2f}", file=sys.stderr)
+    finally:
+        wa.close()
+        wb.close()
+    res["load_end"] = os.getloadavg()
+    res["seconds"] = time.time() - t0
+    lines = ["# Threads: the pool's two threads against two processes", "",
+             _machine_line(res) + f"`python bench/bench_threads.py --ceiling --rounds {a.rounds} "
+             f"--seconds {a.seconds}`. Two worker processes of this tree; for each case, "
+             f"{a.rounds} rounds of: the first alone on one thread (t1), both at once on one "
+             "thread each (tA, tB), the first alone on two threads (t2); each setting 0.1 s of "
+             f"warm-up, then back-to-back calls for {a.seconds} s, its median call. The "
+             "ceiling t1/tA + t1/tB is what two threads give when they share nothing but the "
+             "machine: the CPUs' unequal speeds, the caches, memory bandwidth and other "
+             "tenants. Medians over the rounds.", "",
+             "| case | dtype | 1t ms | two processes: ceiling | two threads: 1t / 2t | "
+             "two threads / ceiling |",
+             "|---|---|---:|---:|---:|---:|"]
+    for c in res["cases"]:
+        t1 = float(np.median([r["t1"] for r in c["rounds"]]))
+        lines.append(f"| {c['case']} {'×'.join(map(str, c['shape']))} | {c['dtype']} | "
+                     f"{t1 * 1e3:.2f} | {c['ceiling']:.2f} | {c['speedup']:.2f} | "
+                     f"{c['of_ceiling']:.2f} |")
+    _write(a.out + "_ceiling", res, lines)
+
 
 def _run(tree, code, *args, cotenant=False):
     env = dict(os.environ, PYTHONPATH=tree)
@@ -377,7 +491,14 @@ def main(argv=None):
     ap.add_argument("--guard-ab", metavar="TREE", default=None,
                     help="instead: small batches, fresh processes alternating between TREE's "
                     "build and this one (the co-tenant guard's rules): <out>_guard_ab.{md,json}")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="instead: two processes on one thread each against the pool's two "
+                    "threads, alternated: <out>_ceiling.{md,json}")
+    ap.add_argument("--seconds", type=float, default=0.4,
+                    help="--ceiling: seconds of timed calls per setting")
     a = ap.parse_args(argv)
+    if a.ceiling:
+        return _ceiling(a)
     if a.guard_ab is not None:
         return _guard_ab(a)
     if a.wave_bar is not None:
