@@ -271,7 +271,7 @@ cdef void _batch_item(void* ctx, Py_ssize_t b, int slot) noexcept nogil:
         _batch_one(c, b, slot, <float*> NULL)
 
 
-cdef void _crf_batch(const floating[:, :, ::1] em, const floating[:, :, ::1] Ze,
+cdef bint _crf_batch(const floating[:, :, ::1] em, const floating[:, :, ::1] Ze,
                      const double[:, ::1] At, const double[:, ::1] ZAt,
                      const double[:, ::1] K, const double[::1] c,
                      const double[::1] st, const double[::1] en,
@@ -279,10 +279,11 @@ cdef void _crf_batch(const floating[:, :, ::1] em, const floating[:, :, ::1] Ze,
                      const long long[::1] lengths, const double[::1] weights,
                      floating[::1] value, floating[::1] vdot, floating[:, :, ::1] ge,
                      double[:, ::1] part, int nthreads,
-                     int reg, double gamma, int mode, signed char[::1] failed) noexcept:
+                     int reg, double gamma, int mode) noexcept:
     """Every item of the batch on the pool (docs/threads.md); ``part[slot]``
-    holds the sums of the items that thread ran ``(G (S²), D (S²), gs (S), gen (S))``."""
-    cdef Py_ssize_t B = em.shape[0], T = em.shape[1], S = em.shape[2], b
+    holds the sums of the items that thread ran ``(G (S²), D (S²), gs (S), gen (S))``.
+    Returns False when the workspace could not be allocated (nothing ran)."""
+    cdef Py_ssize_t B = em.shape[0], T = em.shape[1], S = em.shape[2]
     cdef _BatchCtx x
     x.em = &em[0, 0, 0]
     x.Ze = &Ze[0, 0, 0] if mode == MODE_HVP else NULL
@@ -308,10 +309,10 @@ cdef void _crf_batch(const floating[:, :, ::1] em, const floating[:, :, ::1] Ze,
     x.mode = mode
     x.gamma = gamma
     x.f64 = floating is double
+    cdef bint ok
     with nogil:
-        if pool.parallel_for_work(B, nthreads, _batch_item, &x, &x.work, &x.lwork) < 0:
-            for b in range(B):
-                failed[b] = 1
+        ok = pool.parallel_for_work(B, nthreads, _batch_item, &x, &x.work, &x.lwork) >= 0
+    return ok
 
 
 def _threads(B, T, S):
@@ -346,15 +347,15 @@ def _run(emissions, transitions, start, end, lengths, weights, int reg, double g
         ZAt = np.empty((0, 1), dtype=np.float64)
         Zs = Zen = np.empty(0, dtype=np.float64)
     w = np.ones(B) if weights is None else _double(weights, (B,))
-    failed = np.zeros(B, dtype=np.int8)
+    cdef bint ok = True
     if B > 0 and S > 0:
         if dt == np.float64:
-            _crf_batch[double](emissions, Ze, At, ZAt, K, c, st, en, Zs, Zen, lengths, w, value, vdot,
-                               ge, part, nthreads, reg, gamma, mode, failed)
+            ok = _crf_batch[double](emissions, Ze, At, ZAt, K, c, st, en, Zs, Zen, lengths, w, value,
+                                    vdot, ge, part, nthreads, reg, gamma, mode)
         else:
-            _crf_batch[float](emissions, Ze, At, ZAt, K, c, st, en, Zs, Zen, lengths, w, value, vdot,
-                              ge, part, nthreads, reg, gamma, mode, failed)
-    if (failed == 1).any():
+            ok = _crf_batch[float](emissions, Ze, At, ZAt, K, c, st, en, Zs, Zen, lengths, w, value,
+                                   vdot, ge, part, nthreads, reg, gamma, mode)
+    if not ok:
         raise MemoryError("smoothmax._core.crf: could not allocate the workspace")
     tot = part.sum(0)
     gA = tot[S * S:2 * S * S].reshape(S, S).T  # back from transitions.T

@@ -133,14 +133,14 @@ cdef void _batch_item(void* ctx, Py_ssize_t b, int slot) noexcept nogil:
         _batch_one(c, b, slot, <float*> NULL)
 
 
-cdef void _dag_batch(const floating[:, ::1] w, const floating[:, ::1] Z,
+cdef bint _dag_batch(const floating[:, ::1] w, const floating[:, ::1] Z,
                      const long long[::1] indptr, const long long[::1] parents,
                      floating[::1] value, floating[:, ::1] E, floating[:, ::1] Ed,
-                     Py_ssize_t maxdeg, int reg, double gamma, int mode,
-                     signed char[::1] failed) noexcept nogil:
+                     Py_ssize_t maxdeg, int reg, double gamma, int mode) noexcept nogil:
     """The batch on the pool (docs/threads.md): one graph per item, one
-    workspace per thread; one thread below SMALL_WORK nodes and edges."""
-    cdef Py_ssize_t B = w.shape[0], n_edges = w.shape[1], b
+    workspace per thread; one thread below SMALL_WORK nodes and edges.
+    Returns False when the workspace could not be allocated (nothing ran)."""
+    cdef Py_ssize_t B = w.shape[0], n_edges = w.shape[1]
     cdef Py_ssize_t N = indptr.shape[0] - 1
     cdef int team = pool.team(B, <double> B * (N + n_edges), SMALL_WORK)
     cdef _BatchCtx c
@@ -159,9 +159,7 @@ cdef void _dag_batch(const floating[:, ::1] w, const floating[:, ::1] Z,
     c.mode = mode
     c.gamma = gamma
     c.f64 = floating is double
-    if pool.parallel_for_work(B, team, _batch_item, &c, &c.work, &c.lwork) < 0:
-        for b in range(B):
-            failed[b] = 1
+    return pool.parallel_for_work(B, team, _batch_item, &c, &c.work, &c.lwork) >= 0
 
 
 def _run(weights, Z, indptr, parents, int reg, double gamma, int mode, out=None):
@@ -170,7 +168,7 @@ def _run(weights, Z, indptr, parents, int reg, double gamma, int mode, out=None)
     N = indptr.shape[0] - 1
     value, E, Ed = _pass_outputs(out, B, weights.shape, weights.dtype, mode, False, (0, 1))
     Zarr = Z if mode == MODE_HVP else E[:0]
-    failed = np.zeros(B, dtype=np.int8)
+    cdef bint ok = True
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
     parents = np.ascontiguousarray(parents, dtype=np.int64)
     if parents.shape[0] == 0:
@@ -178,12 +176,12 @@ def _run(weights, Z, indptr, parents, int reg, double gamma, int mode, out=None)
     maxdeg = int(np.max(np.diff(indptr))) if N > 0 else 0
     if B > 0 and N > 0:
         if weights.dtype == np.float64:
-            _dag_batch[double](weights, Zarr, indptr, parents, value, E, Ed, maxdeg, reg, gamma,
-                               mode, failed)
+            ok = _dag_batch[double](weights, Zarr, indptr, parents, value, E, Ed, maxdeg, reg,
+                                    gamma, mode)
         else:
-            _dag_batch[float](weights, Zarr, indptr, parents, value, E, Ed, maxdeg, reg, gamma,
-                              mode, failed)
-    if failed.any():
+            ok = _dag_batch[float](weights, Zarr, indptr, parents, value, E, Ed, maxdeg, reg,
+                                   gamma, mode)
+    if not ok:
         raise MemoryError("smoothmax._core.dag: could not allocate the workspace")
     return value, E, Ed
 
