@@ -61,6 +61,7 @@ class Problem:
     lengths: Any = None
     indptr: Any = None
     parents: Any = None
+    engine_checks: bool = False  # the compiled engine checks theta's (and Z's) values (dtw._prepare)
 
     @property
     def reg_code(self):

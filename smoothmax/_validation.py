@@ -143,6 +143,12 @@ def check_direction(Z, theta, xp, backend, values=None):
     return Z
 
 
+def checked_by_engine(x, xp, name, forbid):
+    """In place of :func:`check_values` for an array whose engine checks its
+    values itself (the compiled DTW and Viterbi HVP on NumPy input:
+    ``Problem.engine_checks``)."""
+
+
 def as_int_host(v, name):
     """``v`` (an int, a list, an array of any library) as a host int64 NumPy array."""
     if is_traced(v):

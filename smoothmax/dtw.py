@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 
 from ._array_api import dtype_name, device_kind
+from ._dispatch import engine_for
 from ._problem import FeatureProblem, checks_for, evaluate, make_problem
 from ._typing import Array, DTWLengths, Reg
 from ._validation import (as_array, as_int_host, check_band, check_direction, check_float, check_gamma,
-                          check_lengths, check_rank, check_reg, check_values)
+                          check_lengths, check_rank, check_reg, check_values, checked_by_engine)
 
 __all__ = ["dtw", "dtw_grad", "dtw_hvp", "dtw_path", "dtw_features", "dtw_features_grad", "FEATURE_COSTS"]
 
@@ -40,13 +41,17 @@ _SHARED_DOC = """
 """
 
 
-def _prepare(theta, reg, gamma, lengths, band, host_checks=False):
+def _prepare(theta, reg, gamma, lengths, band, kernel_checks=False, host_checks=False):
     """Validate and describe the problem.
 
     The data checks (values, lengths in range) are the host ones of
     :mod:`smoothmax._validation`, or those of the caller's framework adapter
     when it runs them inside its operators (PyTorch), unless ``host_checks``
-    (callers that work on the host: sampling).
+    (callers that work on the host: sampling). ``kernel_checks=True`` (the
+    four public operators): with NumPy input and the compiled core, the
+    thread that computes an item checks its theta (and Z) first
+    (``smoothmax/_core/dtw.pyx``, ``_bad_values``), so the host's serial
+    pass over theta is skipped.
     """
     theta, xp, backend = as_array(theta, "theta")
     check_float(theta, xp, "theta")
@@ -58,12 +63,19 @@ def _prepare(theta, reg, gamma, lengths, band, host_checks=False):
     gamma = check_gamma(gamma, dtype_name(xp, theta.dtype), reg)
     band = check_band(band, (NA, NB))
     values, check_len = (check_values, check_lengths) if host_checks else checks_for(backend)
-    values(theta, xp, "theta", "-inf")
+    if not _kernel_checks(kernel_checks, backend):
+        values(theta, xp, "theta", "-inf")
     batch_shape = tuple(theta.shape[:-2])
     la, lb = _pair_lengths(lengths, batch_shape, NA, NB, check_len)
     problem = make_problem("dtw", theta, xp, backend, theta.ndim - 2, reg, gamma,
-                           len_a=la, len_b=lb, band=band)
+                           len_a=la, len_b=lb, band=band,
+                           engine_checks=_kernel_checks(kernel_checks, backend))
     return theta, problem
+
+
+def _kernel_checks(asked, backend):
+    """The compiled DTW checks the values of NumPy input itself (``_prepare``)."""
+    return asked and backend == "numpy" and engine_for("numpy", "cpu").name == "compiled"
 
 
 def _pair_lengths(lengths, batch_shape, NA, NB, check_len=check_lengths):
@@ -115,7 +127,7 @@ def dtw(
     >>> float(sm.dtw(theta, reg="hard", lengths=(2, 3)))  # a[:2] against b: 0 + 0 + |2 - 3|
     1.0
     """
-    theta, problem = _prepare(theta, reg, gamma, lengths, band)
+    theta, problem = _prepare(theta, reg, gamma, lengths, band, kernel_checks=True)
     return evaluate(problem, "value", theta)
 
 
@@ -146,7 +158,7 @@ def dtw_grad(
     >>> bool(E[0, 1] > 0.1), float(E[0, 0]), float(E[-1, -1])  # every path starts and ends in the corners
     (True, 1.0, 1.0)
     """
-    theta, problem = _prepare(theta, reg, gamma, lengths, band)
+    theta, problem = _prepare(theta, reg, gamma, lengths, band, kernel_checks=True)
     return evaluate(problem, "grad", theta)
 
 
@@ -175,8 +187,11 @@ def dtw_hvp(
     >>> bool(np.allclose(Edot, fd, atol=1e-6))
     True
     """
-    theta, problem = _prepare(theta, reg, gamma, lengths, band)
-    Z = check_direction(Z, theta, problem.xp, problem.backend, checks_for(problem.backend)[0])
+    theta, problem = _prepare(theta, reg, gamma, lengths, band, kernel_checks=True)
+    values = checks_for(problem.backend)[0]
+    if problem.engine_checks and getattr(Z, "dtype", None) == theta.dtype:
+        values = checked_by_engine  # (a Z cast to theta's dtype is checked after the cast here)
+    Z = check_direction(Z, theta, problem.xp, problem.backend, values)
     return evaluate(problem, "hvp", theta, Z)
 
 
@@ -207,7 +222,7 @@ def dtw_path(theta: Array, *, lengths: DTWLengths = None, band: "int | None" = N
            [0., 1., 0.],
            [0., 0., 1.]])
     """
-    theta, problem = _prepare(theta, "hard", 1.0, lengths, band)
+    theta, problem = _prepare(theta, "hard", 1.0, lengths, band, kernel_checks=True)
     return evaluate(problem, "path", theta)
 
 

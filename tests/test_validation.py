@@ -326,6 +326,72 @@ def test_viterbi_bad_score_in_any_lane(dtype, bad):
                     fn(t)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("where,bad,word", [("theta", np.nan, "NaN"), ("theta", -np.inf, "-inf"),
+                                            ("Z", np.nan, "NaN"), ("Z", np.inf, "inf"),
+                                            ("Z", -np.inf, "inf")],
+                         ids=["theta-nan", "theta-neginf", "Z-nan", "Z-posinf", "Z-neginf"])
+def test_dtw_bad_value_anywhere(dtype, where, bad, word):
+    """The compiled DTW checks NumPy input itself, item by item, on the thread
+    that computes it: a NaN or forbidden infinity anywhere (any item, any
+    position within the vectors of the check, past the lengths, outside the
+    band; a batch split over threads or one problem's tiles shared by them) is
+    the entry point's error, and +inf in theta stays a mask."""
+    rng = np.random.default_rng(5)
+    sm.set_num_threads(2)
+    try:
+        # a batch on one thread (small), with lengths, with a band; a batch
+        # split over two threads; one problem's tiles shared by two threads
+        for shape, kw in [((3, 7, 9), {}),
+                          ((3, 7, 9), {"lengths": (np.array([7, 3, 5]), np.array([9, 4, 2]))}),
+                          ((2, 11, 13), {"band": 1}), ((4, 128, 128), {}), ((1, 600, 600), {})]:
+            theta = rng.random(shape).astype(dtype)
+            Z = rng.standard_normal(shape).astype(dtype)
+            cells = [(b, i, j) for b in range(shape[0]) for i in range(shape[1]) for j in range(shape[2])]
+            for k in rng.choice(len(cells), size=min(len(cells), 8), replace=False):
+                t, z = theta.copy(), Z.copy()
+                (t if where == "theta" else z)[cells[k]] = bad
+                calls = [lambda: sm.dtw_hvp(t, z, **kw)]
+                if where == "theta":
+                    calls += [lambda: sm.dtw(t, **kw), lambda: sm.dtw_grad(t, **kw),
+                              lambda: sm.dtw_path(t, **kw)]
+                for call in calls:
+                    check_raises(ValueError, call, where, word)
+            t = theta.copy()
+            t[:, 0, 0] = np.inf  # a mask, not an error
+            assert np.all(sm.dtw_hvp(t, Z, **kw) == 0)
+    finally:
+        sm.set_num_threads(None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "posinf", "neginf"])
+def test_viterbi_hvp_bad_Z_anywhere(dtype, bad):
+    """The compiled Viterbi HVP checks a NumPy Z itself, item by item, on the
+    thread that computes it: NaN or an infinity anywhere (any item, past the
+    lengths, a batch on one thread or split over two) is the entry point's
+    error about Z."""
+    rng = np.random.default_rng(6)
+    sm.set_num_threads(2)
+    try:
+        for shape, kw in [((3, 5, 4, 4), {}), ((3, 5, 4, 4), {"lengths": np.array([5, 2, 1])}),
+                          ((8, 64, 8, 8), {})]:  # the last: split over two threads
+            theta = rng.normal(size=shape).astype(dtype)
+            Z = rng.normal(size=shape).astype(dtype)
+            for k in rng.choice(Z.size, size=8, replace=False):
+                z = Z.copy()
+                z.flat[k] = bad
+                check_raises(ValueError, lambda: sm.viterbi_hvp(theta, z, **kw), "Z",
+                             "NaN" if np.isnan(bad) else "inf")
+            t = theta.copy()
+            t.flat[0] = np.nan  # theta is reported first, as the host checks do
+            z = Z.copy()
+            z.flat[-1] = bad
+            check_raises(ValueError, lambda: sm.viterbi_hvp(t, z, **kw), "theta", "NaN")
+    finally:
+        sm.set_num_threads(None)
+
+
 # ---------------------------------------------------------------------------
 # on every backend: the same errors, inputs untouched
 

@@ -37,7 +37,7 @@ exactly 0 in q, E, Edot. All arithmetic is in double; theta, Z, E, Edot (and
 the stored q, qdot) use the caller's dtype. The weight workspace comes from
 ``smoothmax._buffers.workspace`` (kept for the next call within its limit).
 """
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport calloc, malloc, free
 from libc.math cimport INFINITY
 
 import numpy as np
@@ -47,7 +47,7 @@ from .._buffers import pass_outputs as _pass_outputs, workspace as _workspace
 from cython cimport floating
 
 from .band cimport _diag_range
-from .operators cimport sm_init_isa, sm_isa_name
+from .operators cimport bad_values, sm_init_isa, sm_isa_name
 
 
 from .dtw_kernels cimport dtw_bwd, dtw_bwd_hvp, dtw_fwd, dtw_fwd_hvp, dtw_q_diag
@@ -720,16 +720,41 @@ ctypedef struct _BatchCtx:
     double gamma
     bint f64
     void* qbase
+    signed char* bad  # per item: failed the value checks; NULL: not checked here
     double* wd      # per slot: lwd doubles, lwi ints, ledge + ... (slot-strided)
     Py_ssize_t* wi
     double* edges
     Py_ssize_t* lohi
 
 
+cdef inline bint _bad_values(const floating* x, Py_ssize_t n, bint any_inf) noexcept nogil:
+    """Whether ``x[:n]`` holds NaN or -inf (any infinity with ``any_inf``): the
+    value checks of ``smoothmax._values.check_values`` for a NumPy input (theta
+    "-inf", Z "inf"), one vectorised pass (``simd.h``, ``BadValues``). Run by
+    the thread about to compute the item, it finds the data in cache for the
+    passes; the host's NumPy reduction (``min`` of theta, ``sum`` of Z) was a
+    serial pass of its own before the parallel job (40 µs each in a loop of
+    2 x 200^2 float32 HVPs on the benchmark VM, 7% of a call on two threads).
+    Entries past the lengths and outside the band are checked too, as the
+    host checks do."""
+    return bad_values(n, x, any_inf) != 0
+
+
+cdef bint _bad_item(_BatchCtx* c, Py_ssize_t b, floating* tag) noexcept nogil:
+    """Item ``b``'s theta (and Z) fail the value checks (``_bad_values``)."""
+    cdef Py_ssize_t cells = c.NA * c.NB
+    return (_bad_values(<const floating*> c.theta + b * cells, cells, False)
+            or (c.mode == MODE_HVP and _bad_values(<const floating*> c.Z + b * cells, cells, True)))
+
+
 cdef void _batch_one(_BatchCtx* c, Py_ssize_t b, int slot, floating* tag) noexcept nogil:
     cdef Py_ssize_t cells = c.NA * c.NB
     cdef double* wd = c.wd + slot * c.lwd
     cdef Py_ssize_t* wi = c.wi + slot * c.lwi
+    if c.bad != NULL and _bad_item(c, b, tag):
+        c.bad[b] = 1
+        (<floating*> c.value)[b] = 0  # the call raises (_reject)
+        return
     (<floating*> c.value)[b] = <floating> _dtw_tiled(
         <const floating*> c.theta + b * cells,
         <const floating*> c.Z + b * cells if c.mode == MODE_HVP else NULL,
@@ -752,15 +777,18 @@ cdef Py_ssize_t _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :,
                            const long long[::1] la, const long long[::1] lb,
                            Py_ssize_t band, int reg, double gamma, int mode,
                            floating[::1] value, floating[:, :, ::1] E,
-                           floating[:, :, ::1] Ed, _Plan p, floating[::1] qwork) noexcept:
+                           floating[:, :, ::1] Ed, _Plan p, floating[::1] qwork,
+                           bint check) noexcept:
     """Batch loop (``_plan``). Threads sharing the batch: ``pool.parallel_for``
     over the problems, each problem's tiles in order on its thread. Threads
     sharing a problem: the problems one after the other, each one's tiles a
-    wavefront over the team. Returns the number of items whose end cell is
-    unreachable (value +inf), or -1 when the workspace could not be allocated
-    (nothing ran). The per-call bookkeeping is C here, not NumPy: a call
-    outside its parallel job cost 130-150 µs at 2 x 200^2 (HVP), a tenth of
-    the call on two threads, and a 2 x 8^2 call 55 µs."""
+    wavefront over the team. ``check``: each item's theta (and Z) first pass
+    the value checks (``_bad_values``). Returns the number of items whose end
+    cell is unreachable (value +inf), -1 when the workspace could not be
+    allocated (nothing ran) or -2 when an item failed the value checks. The
+    per-call bookkeeping is C here, not NumPy: a call outside its parallel job
+    cost 130-150 µs at 2 x 200^2 (HVP), a tenth of the call on two threads,
+    and a 2 x 8^2 call 55 µs."""
     cdef Py_ssize_t B = theta.shape[0], NA = theta.shape[1], NB = theta.shape[2]
     cdef Py_ssize_t b, t
     cdef int nthreads = p.team
@@ -778,17 +806,24 @@ cdef Py_ssize_t _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :,
     c.lwi = _tile_iwork(p.TS)
     c.ledge = pool.slot_len(_edge_work(NA, NB, p.TS, mode))
     c.llohi = 2 * (NA + NB + 3)
+    c.theta = &theta[0, 0, 0]
+    c.Z = &Z[0, 0, 0] if mode == MODE_HVP else NULL
+    c.NA = NA
+    c.NB = NB
+    c.mode = mode
     cdef int nslots = 1 if p.par else nthreads
     with nogil:
         c.wd = <double*> pool.alloc_lines(nthreads * c.lwd * sizeof(double))
         c.wi = <Py_ssize_t*> malloc(nthreads * c.lwi * sizeof(Py_ssize_t))
         c.edges = <double*> pool.alloc_lines(nslots * c.ledge * sizeof(double))
         c.lohi = <Py_ssize_t*> malloc(nslots * c.llohi * sizeof(Py_ssize_t))
+        c.bad = <signed char*> calloc(B, sizeof(signed char)) if check else NULL
         wds = <double**> malloc(nthreads * sizeof(double*))
         wis = <Py_ssize_t**> malloc(nthreads * sizeof(Py_ssize_t*))
         done = <int*> malloc(_ceil_div(NA, p.TS) * _ceil_div(NB, p.TS) * sizeof(int))
         ok = (c.wd != NULL and c.wi != NULL and c.edges != NULL and c.lohi != NULL
-              and wds != NULL and wis != NULL and done != NULL and (qbase != NULL or p.nq == 0))
+              and wds != NULL and wis != NULL and done != NULL and (qbase != NULL or p.nq == 0)
+              and (c.bad != NULL or not check))
         if not ok:
             unreachable = -1
         elif p.par:
@@ -796,6 +831,9 @@ cdef Py_ssize_t _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :,
                 wds[t] = c.wd + t * c.lwd
                 wis[t] = c.wi + t * c.lwi
             for b in range(B):
+                if check and _bad_item(&c, b, <floating*> NULL):
+                    c.bad[b] = 1
+                    break
                 value[b] = <floating> _dtw_tiled(
                     &theta[b, 0, 0], &Z[b, 0, 0] if mode == MODE_HVP else NULL,
                     &E[b, 0, 0] if mode != MODE_VALUE else NULL,
@@ -803,20 +841,15 @@ cdef Py_ssize_t _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :,
                     NB, la[b], lb[b], band, reg, gamma, mode, p.TS, nthreads,
                     c.lohi, c.edges, qbase if p.nq > 0 else NULL, wds, wis, done)
         else:
-            c.theta = &theta[0, 0, 0]
-            c.Z = &Z[0, 0, 0] if mode == MODE_HVP else NULL
             c.E = &E[0, 0, 0] if mode != MODE_VALUE else NULL
             c.Ed = &Ed[0, 0, 0] if mode == MODE_HVP else NULL
             c.value = &value[0]
             c.la = &la[0]
             c.lb = &lb[0]
-            c.NA = NA
-            c.NB = NB
             c.band = band
             c.TS = p.TS
             c.nq = p.nq
             c.reg = reg
-            c.mode = mode
             c.gamma = gamma
             c.f64 = floating is double
             c.qbase = qbase
@@ -828,7 +861,12 @@ cdef Py_ssize_t _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :,
         free(wds)
         free(wis)
         free(done)
-        if ok:
+        if ok and check:
+            for b in range(B):
+                if c.bad[b]:
+                    unreachable = -2
+        free(c.bad)
+        if unreachable == 0:
             for b in range(B):
                 unreachable += not (value[b] < INFINITY)
     return unreachable
@@ -848,8 +886,15 @@ cdef bint _full_lengths(const long long[::1] l, Py_ssize_t n) noexcept nogil:
 # (within the cache limit, with the result blocks) for the next call.
 
 
-def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode, out=None):
-    """The passes of ``mode`` over the batch; ``out``: see ``smoothmax._buffers.pass_outputs``."""
+def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode, out=None,
+         bint check=False):
+    """The passes of ``mode`` over the batch; ``out``: see ``smoothmax._buffers.pass_outputs``.
+
+    ``check``: theta (and Z) are checked for NaN and forbidden infinities here,
+    past the lengths too (``_bad_values``), with the errors of
+    ``smoothmax._values.check_values``; without it (the engine contract)
+    entries past the lengths are never read and may be anything.
+    """
     B, NA, NB = theta.shape
     cdef const long long[::1] la_v = la
     cdef const long long[::1] lb_v = lb
@@ -868,13 +913,15 @@ def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode, out
         qwork = _workspace(_qwork_len(p), theta.dtype)
         if theta.dtype == np.float64:
             unreachable = _dtw_batch[double](theta, Zarr, la_v, lb_v, band, reg, gamma, mode,
-                                             value, E, Ed, p, qwork)
+                                             value, E, Ed, p, qwork, check)
         else:
             unreachable = _dtw_batch[float](theta, Zarr, la_v, lb_v, band, reg, gamma, mode,
-                                            value, E, Ed, p, qwork)
+                                            value, E, Ed, p, qwork, check)
         del qwork  # free for the next call (smoothmax._buffers)
-    if unreachable < 0:
+    if unreachable == -1:
         raise MemoryError("smoothmax._core.dtw: could not allocate the workspace")
+    if unreachable == -2:
+        _reject(theta, Z if mode == MODE_HVP else None)
     if written and mode != MODE_VALUE and unreachable > 0:
         unreached = ~(value < np.inf)
         E[unreached] = 0
@@ -883,30 +930,45 @@ def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode, out
     return value, E, Ed
 
 
-def dtw_value(theta, la, lb, Py_ssize_t band, int reg, double gamma, out=None):
+def _reject(theta, Z):
+    """Raise the error of ``smoothmax._values.check_values`` for the input the
+    value checks of ``_dtw_batch`` found bad (theta first, as the entry points do)."""
+    from .._values import check_values
+
+    check_values(theta, np, "theta", "-inf")
+    if Z is not None:
+        check_values(Z, np, "Z", "inf")
+    raise AssertionError("smoothmax._core.dtw: the value checks disagree")
+
+
+def dtw_value(theta, la, lb, Py_ssize_t band, int reg, double gamma, out=None,
+              bint check=False):
     """DTW_Ω per batch item: ``theta (B, NA, NB)``, ``la, lb (B,)`` int64.
 
     ``out``, here and in ``dtw_grad``/``dtw_hvp``: optional ``(value, E, Edot)``
-    to write into (``smoothmax._buffers.pass_outputs``)."""
-    return _run(theta, None, la, lb, band, reg, gamma, MODE_VALUE, out=out)[0]
+    to write into (``smoothmax._buffers.pass_outputs``); ``check``, here and in
+    the others: check the values of theta (and Z) first (``_run``)."""
+    return _run(theta, None, la, lb, band, reg, gamma, MODE_VALUE, out=out, check=check)[0]
 
 
-def dtw_grad(theta, la, lb, Py_ssize_t band, int reg, double gamma, out=None):
+def dtw_grad(theta, la, lb, Py_ssize_t band, int reg, double gamma, out=None,
+             bint check=False):
     """``(value (B,), E (B, NA, NB))``, E = ∇DTW_Ω (the expected alignment)."""
-    value, E, _ = _run(theta, None, la, lb, band, reg, gamma, MODE_GRAD, out=out)
+    value, E, _ = _run(theta, None, la, lb, band, reg, gamma, MODE_GRAD, out=out, check=check)
     return value, E
 
 
-def dtw_hvp(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, out=None):
+def dtw_hvp(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, out=None,
+            bint check=False):
     """``(value, E, Edot)`` with Edot = ∇²DTW_Ω(theta)·Z (docs/spec.md §2)."""
-    return _run(theta, Z, la, lb, band, reg, gamma, MODE_HVP, out=out)
+    return _run(theta, Z, la, lb, band, reg, gamma, MODE_HVP, out=out, check=check)
 
 
-def dtw_path(theta, la, lb, Py_ssize_t band):
+def dtw_path(theta, la, lb, Py_ssize_t band, bint check=False):
     """``(cost (B,), Y (B, NA, NB))``: hard DTW, Y the 0/1 optimal alignment.
 
     The hard operator's gradient is the one-hot first argmin (up, left,
     diagonal), so Y is the gradient of hard DTW and cost its value.
     """
-    value, Y, _ = _run(theta, None, la, lb, band, 2, 1.0, MODE_GRAD)
+    value, Y, _ = _run(theta, None, la, lb, band, 2, 1.0, MODE_GRAD, check=check)
     return value, Y

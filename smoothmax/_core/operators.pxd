@@ -31,6 +31,12 @@ cdef extern from "simd.h" nogil:
                                                   Py_ssize_t n, int reg, double gamma)
 
 
+cdef extern from "simd.h" namespace "smx::cpu" nogil:
+    # Whether x[:n] holds NaN or -inf (any infinity with any_inf): the value
+    # checks of smoothmax._values.check_values, vectorised (simd.h, BadValues)
+    int bad_values[T](Py_ssize_t n, const T* x, int any_inf)
+
+
 cdef enum:
     REG_NEGENTROPY = 0
     REG_L2 = 1

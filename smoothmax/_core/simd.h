@@ -38,6 +38,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <cmath>
 
 /* vectors of up to 64 bytes (vec<T, W> below) in functions that are always inlined: no ABI */
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -870,6 +871,28 @@ inline int vec_bytes() { return SMX_VEC_BYTES; }
 template <template <int> class K, class... A> inline auto dispatch_w(A... a)
 { return K<SMX_VEC_BYTES>::run(a...); }
 #endif
+
+/* Whether x[:n] holds NaN or -inf (any infinity with any_inf): the value
+ * checks of smoothmax._values.check_values on a NumPy input, run by the
+ * compiled DTW (dtw.pyx, _bad_values). Compares OR-ed into an integer, which
+ * the compiler vectorises for AVX2 and AVX-512; for doubles not for the
+ * baseline x86-64 (GCC 12 keeps a scalar loop there), hence the dispatch. */
+struct BadValues {
+    template <typename T>
+    static int run(ptrdiff_t n, const T *SMX_R x, int any_inf)
+    {
+        int bad = 0;
+        if (any_inf) {
+            for (ptrdiff_t k = 0; k < n; ++k) bad |= !(std::fabs(x[k]) < (T)SM_INF);
+        } else {
+            for (ptrdiff_t k = 0; k < n; ++k) bad |= !(x[k] > -(T)SM_INF);
+        }
+        return bad;
+    }
+};
+
+template <typename T>
+inline int bad_values(ptrdiff_t n, const T *x, int any_inf) { return dispatch<BadValues>(n, x, any_inf); }
 
 /* The entry points the Cython modules declare (dtw_kernels.pxd, operators.pxd,
  * viterbi.pyx): T is deduced from the caller's pointers. */

@@ -25,7 +25,7 @@ from .._buffers import pass_outputs as _pass_outputs
 
 from cython cimport floating
 
-from .operators cimport max_omega, max_omega_hvp, sm_init_isa, REG_NEGENTROPY
+from .operators cimport bad_values, max_omega, max_omega_hvp, sm_init_isa, REG_NEGENTROPY
 
 
 from . cimport pool
@@ -132,6 +132,7 @@ ctypedef struct _BatchCtx:
     int reg, mode
     double gamma
     bint f64
+    bint check_z     # the HVP's Z is checked here first (NaN, +-inf)
 
 
 cdef void _batch_one(_BatchCtx* c, Py_ssize_t b, int slot, floating* tag) noexcept nogil:
@@ -142,6 +143,10 @@ cdef void _batch_one(_BatchCtx* c, Py_ssize_t b, int slot, floating* tag) noexce
     cdef floating* ep = <floating*> c.E + b * blk if c.mode != MODE_VALUE else NULL
     cdef floating* edp = <floating*> c.Ed + b * blk if c.mode == MODE_HVP else NULL
     cdef const floating* tail
+    if c.check_z and bad_values(blk, zp, 1):
+        c.failed[b] = 3
+        (<floating*> c.value)[b] = 0  # the call raises (_reject)
+        return
     (<floating*> c.value)[b] = <floating> _viterbi_one(
         th, zp, ep, edp, L, S, c.reg, c.gamma, c.mode, c.work + slot * c.lwork, &nbad)
     tail = th + L * S * S  # steps past the length: checked, not used
@@ -170,11 +175,14 @@ cdef int _viterbi_batch(const floating[:, :, :, ::1] theta,
                         const long long[::1] lengths,
                         floating[::1] value,
                         floating[:, :, :, ::1] E, floating[:, :, :, ::1] Ed,
-                        int reg, double gamma, int mode) noexcept:
+                        int reg, double gamma, int mode, bint check_z) noexcept:
     """The batch on the pool (docs/threads.md): one problem per item, one
-    workspace per thread; one thread below SMALL_WORK edges. Returns 0, 1
-    when the workspace could not be allocated (nothing ran) or 2 when the
-    kernels read NaN or +inf in theta. The items' flags are C memory reduced
+    workspace per thread; one thread below SMALL_WORK edges. ``check_z``: the
+    HVP's Z is checked first, item by item (NaN, ±inf; ``bad_values``), on
+    the thread that computes it (the host's ``sum`` of Z was a serial pass
+    before the job). Returns 0, 1 when the workspace could not be allocated
+    (nothing ran), 2 when the kernels read NaN or +inf in theta, 3 when Z
+    failed its check. The items' flags are C memory reduced
     here, not a NumPy array (a call's NumPy bookkeeping costs tens of µs on
     the benchmark VM, a few per cent of a 32 x 128 x 16^2 gradient)."""
     cdef Py_ssize_t B = theta.shape[0], T = theta.shape[1], S = theta.shape[2], b
@@ -194,6 +202,7 @@ cdef int _viterbi_batch(const floating[:, :, :, ::1] theta,
     c.mode = mode
     c.gamma = gamma
     c.f64 = floating is double
+    c.check_z = check_z and mode == MODE_HVP
     with nogil:
         c.failed = <signed char*> calloc(B, sizeof(signed char))
         if c.failed == NULL or pool.parallel_for_work(B, team, _batch_item, &c, &c.work,
@@ -201,14 +210,18 @@ cdef int _viterbi_batch(const floating[:, :, :, ::1] theta,
             status = 1
         else:
             for b in range(B):
-                if c.failed[b]:
-                    status = 2
+                if c.failed[b] > status:
+                    status = c.failed[b]
         free(c.failed)
     return status
 
 
-def _run(theta, Z, lengths, int reg, double gamma, int mode, out=None):
-    """The passes of ``mode`` over the batch; ``out``: see ``smoothmax._buffers.pass_outputs``."""
+def _run(theta, Z, lengths, int reg, double gamma, int mode, out=None, bint check=False):
+    """The passes of ``mode`` over the batch; ``out``: see ``smoothmax._buffers.pass_outputs``.
+
+    theta is always checked (NaN, +inf) on the kernels' read of it; ``check``:
+    the HVP's Z too (NaN, ±inf), past the lengths as well.
+    """
     B = theta.shape[0]
     cdef int status = 0
     # every entry is written by the kernels (zero past each length)
@@ -216,24 +229,27 @@ def _run(theta, Z, lengths, int reg, double gamma, int mode, out=None):
     Zarr = Z if mode == MODE_HVP else E[:0]
     if B > 0 and theta.shape[1] > 0 and theta.shape[2] > 0:
         if theta.dtype == np.float64:
-            status = _viterbi_batch[double](theta, Zarr, lengths, value, E, Ed, reg, gamma, mode)
+            status = _viterbi_batch[double](theta, Zarr, lengths, value, E, Ed, reg, gamma, mode,
+                                            check)
         else:
-            status = _viterbi_batch[float](theta, Zarr, lengths, value, E, Ed, reg, gamma, mode)
+            status = _viterbi_batch[float](theta, Zarr, lengths, value, E, Ed, reg, gamma, mode,
+                                           check)
     if status == 1:
         raise MemoryError("smoothmax._core.viterbi: could not allocate the workspace")
-    if status == 2:
-        _reject(theta)
+    if status >= 2:
+        _reject(theta, Z if status == 3 else None)
     return value, E, Ed
 
 
-def _reject(theta):
-    """Raise the validation error for scores the kernels found NaN or +inf (the
-    messages of ``smoothmax._validation.check_values``; engines import nothing above them)."""
-    if np.isnan(theta).any():
-        raise ValueError("theta must not contain NaN")
-    if np.isposinf(theta).any():
-        raise ValueError("theta must not contain +inf (scores are maximised; use -inf to forbid an entry)")
-    raise ValueError("theta must not contain NaN or +inf")
+def _reject(theta, Z):
+    """Raise the error of ``smoothmax._values.check_values`` for the input the
+    kernels found bad: theta's scores (NaN, +inf) or the HVP's Z (NaN, ±inf)."""
+    from .._values import check_values
+
+    check_values(theta, np, "theta", "+inf")
+    if Z is not None:
+        check_values(Z, np, "Z", "inf")
+    raise AssertionError("smoothmax._core.viterbi: the value checks disagree")
 
 
 def viterbi_value(theta, lengths, int reg, double gamma, out=None):
@@ -247,9 +263,10 @@ def viterbi_grad(theta, lengths, int reg, double gamma, out=None):
     return value, E
 
 
-def viterbi_hvp(theta, Z, lengths, int reg, double gamma, out=None):
-    """``(value, E, Edot)`` with Edot = ∇²Vit_Ω(theta)·Z (docs/spec.md §2)."""
-    return _run(theta, Z, lengths, reg, gamma, MODE_HVP, out=out)
+def viterbi_hvp(theta, Z, lengths, int reg, double gamma, out=None, bint check=False):
+    """``(value, E, Edot)`` with Edot = ∇²Vit_Ω(theta)·Z (docs/spec.md §2); ``check``:
+    Z's values are checked here (``_run``)."""
+    return _run(theta, Z, lengths, reg, gamma, MODE_HVP, out=out, check=check)
 
 
 ctypedef struct _DecodeCtx:
@@ -359,5 +376,5 @@ def viterbi_decode(theta, lengths):
         if (tags[:, 0] == -2).any():
             raise MemoryError("smoothmax._core.viterbi: could not allocate the workspace")
         if bad.any():
-            _reject(theta)
+            _reject(theta, None)
     return score, tags
