@@ -155,8 +155,8 @@ def run(problem, op, theta, Z=None):
     args.extend(eng.to_engine_int(a) if isinstance(a, np.ndarray) else a for a in problem.engine_args)
     if op not in ("decode", "path"):
         args.extend([problem.reg_code, problem.gamma])
-    # engine_checks: the compiled DTW checks NumPy input's values itself, on the thread
-    # that computes each item (smoothmax/_core/dtw.pyx, _bad_values)
+    # engine_checks: the compiled DTW (theta, Z) and Viterbi HVP (Z) check NumPy input's
+    # values themselves, on the thread that computes each item (docs/engines.md)
     out = fn(*args, check=True) if problem.engine_checks else fn(*args)
     if not isinstance(out, tuple):
         out = (out,)

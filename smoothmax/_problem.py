@@ -61,7 +61,7 @@ class Problem:
     lengths: Any = None
     indptr: Any = None
     parents: Any = None
-    engine_checks: bool = False  # the compiled engine checks theta's (and Z's) values (dtw._prepare)
+    engine_checks: bool = False  # the compiled engine checks the values itself (_dispatch.run)
 
     @property
     def reg_code(self):

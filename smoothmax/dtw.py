@@ -63,13 +63,13 @@ def _prepare(theta, reg, gamma, lengths, band, kernel_checks=False, host_checks=
     gamma = check_gamma(gamma, dtype_name(xp, theta.dtype), reg)
     band = check_band(band, (NA, NB))
     values, check_len = (check_values, check_lengths) if host_checks else checks_for(backend)
-    if not _kernel_checks(kernel_checks, backend):
+    engine_checks = _kernel_checks(kernel_checks, backend)
+    if not engine_checks:
         values(theta, xp, "theta", "-inf")
     batch_shape = tuple(theta.shape[:-2])
     la, lb = _pair_lengths(lengths, batch_shape, NA, NB, check_len)
     problem = make_problem("dtw", theta, xp, backend, theta.ndim - 2, reg, gamma,
-                           len_a=la, len_b=lb, band=band,
-                           engine_checks=_kernel_checks(kernel_checks, backend))
+                           len_a=la, len_b=lb, band=band, engine_checks=engine_checks)
     return theta, problem
 
 
