@@ -220,9 +220,14 @@ def _alternated(a, cases, settings):
     for cond in ("free", "cotenant"):
         res[cond] = _run(ROOT, SPLIT_CODE, json.dumps(cases), str(a.rounds), "3",
                          json.dumps(settings), cotenant=cond == "cotenant")
-    res["load_end"] = os.getloadavg()
-    res["seconds"] = time.time() - res.pop("t0")
+    _ended(res, res.pop("t0"))
     return res
+
+
+def _ended(res, t0):
+    """Stamp a run's end: the load average and the seconds since ``t0``."""
+    res["load_end"] = os.getloadavg()
+    res["seconds"] = time.time() - t0
 
 
 def _machine_line(res):
@@ -326,8 +331,7 @@ def _guard_ab(a):
         for tag in (["before", "after"] if r % 2 == 0 else ["after", "before"]):
             res["rounds"].append(dict(tree=tag, cases=_run(trees[tag], GUARD_CODE,
                                                            json.dumps(GUARD_CASES))))
-    res["load_end"] = os.getloadavg()
-    res["seconds"] = time.time() - t0
+    _ended(res, t0)
     lines = ["# Threads: the co-tenant guard, two trees on small batches", "",
              _machine_line(res) + f"before: `{trees['before']}`, "
              f"after: `{trees['after']}`; `python bench/bench_threads.py --guard-ab <before> "
@@ -437,8 +441,7 @@ def _ceiling(a):
     finally:
         wa.close()
         wb.close()
-    res["load_end"] = os.getloadavg()
-    res["seconds"] = time.time() - t0
+    _ended(res, t0)
     lines = ["# Threads: the pool's two threads against two processes", "",
              _machine_line(res) + f"`python bench/bench_threads.py --ceiling --rounds {a.rounds} "
              f"--seconds {a.seconds}`. Two worker processes of this tree; for each case, "
