@@ -82,6 +82,16 @@ def compiled_available():
     return _compiled_module("dtw") is not None and _compiled_module("viterbi") is not None
 
 
+def engine_checks_values(backend):
+    """Whether the engine of ``backend`` checks the values of its input itself
+    (NaN, forbidden infinities): the compiled core on NumPy input, whose
+    Viterbi kernels check theta as they read it and whose DTW (theta, Z) and
+    Viterbi HVP (Z) check each item on the thread that computes it when the
+    call asks (``Problem.engine_checks``, passed on as ``check=True``). The
+    entry points then skip their host pass over the data."""
+    return backend == "numpy" and engine_for("numpy", "cpu").name == "compiled"
+
+
 def _numpy_in(x):
     return np.ascontiguousarray(to_host(x))
 

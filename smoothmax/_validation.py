@@ -143,6 +143,13 @@ def check_direction(Z, theta, xp, backend, values=None):
     return Z
 
 
+def same_dtype(Z, theta):
+    """``Z`` has theta's dtype: its engine may check it (``checked_by_engine``).
+    A Z of another dtype is checked here before its cast, so that a NaN is
+    reported as one, not as an overflow of the cast (``check_direction``)."""
+    return getattr(Z, "dtype", None) == theta.dtype
+
+
 def checked_by_engine(x, xp, name, forbid):
     """In place of :func:`check_values` for an array whose engine checks its
     values itself (the compiled DTW and Viterbi HVP on NumPy input:

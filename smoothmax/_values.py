@@ -15,6 +15,16 @@ def is_traced(x):
     return type(x).__module__.startswith("jax") and "Tracer" in type(x).__name__
 
 
+def raise_found(theta, forbid, Z=None):
+    """Raise the :func:`check_values` error for NumPy input a compiled engine
+    found bad while computing: ``theta`` (``forbid`` its forbidden infinity)
+    first, as the entry points check it, then the HVP's direction ``Z``."""
+    check_values(theta, np, "theta", forbid)
+    if Z is not None:
+        check_values(Z, np, "Z", "inf")
+    raise AssertionError("the engine's value checks and check_values disagree")
+
+
 def check_values(x, xp, name, forbid):
     """Reject NaN, and ``+inf`` or ``-inf`` as ``forbid`` says (``"+inf"``, ``"-inf"``, ``"inf"``).
 

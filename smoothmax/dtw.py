@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 
 from ._array_api import dtype_name, device_kind
-from ._dispatch import engine_for
+from ._dispatch import engine_checks_values
 from ._problem import FeatureProblem, checks_for, evaluate, make_problem
 from ._typing import Array, DTWLengths, Reg
 from ._validation import (as_array, as_int_host, check_band, check_direction, check_float, check_gamma,
-                          check_lengths, check_rank, check_reg, check_values, checked_by_engine)
+                          check_lengths, check_rank, check_reg, check_values, checked_by_engine, same_dtype)
 
 __all__ = ["dtw", "dtw_grad", "dtw_hvp", "dtw_path", "dtw_features", "dtw_features_grad", "FEATURE_COSTS"]
 
@@ -50,7 +50,7 @@ def _prepare(theta, reg, gamma, lengths, band, kernel_checks=False, host_checks=
     (callers that work on the host: sampling). ``kernel_checks=True`` (the
     four public operators): with NumPy input and the compiled core, the
     thread that computes an item checks its theta (and Z) first
-    (``smoothmax/_core/dtw.pyx``, ``_bad_values``), so the host's serial
+    (``smoothmax/_core/dtw.pyx``, ``_bad_item``), so the host's serial
     pass over theta is skipped.
     """
     theta, xp, backend = as_array(theta, "theta")
@@ -63,7 +63,7 @@ def _prepare(theta, reg, gamma, lengths, band, kernel_checks=False, host_checks=
     gamma = check_gamma(gamma, dtype_name(xp, theta.dtype), reg)
     band = check_band(band, (NA, NB))
     values, check_len = (check_values, check_lengths) if host_checks else checks_for(backend)
-    engine_checks = _kernel_checks(kernel_checks, backend)
+    engine_checks = kernel_checks and engine_checks_values(backend)
     if not engine_checks:
         values(theta, xp, "theta", "-inf")
     batch_shape = tuple(theta.shape[:-2])
@@ -71,11 +71,6 @@ def _prepare(theta, reg, gamma, lengths, band, kernel_checks=False, host_checks=
     problem = make_problem("dtw", theta, xp, backend, theta.ndim - 2, reg, gamma,
                            len_a=la, len_b=lb, band=band, engine_checks=engine_checks)
     return theta, problem
-
-
-def _kernel_checks(asked, backend):
-    """The compiled DTW checks the values of NumPy input itself (``_prepare``)."""
-    return asked and backend == "numpy" and engine_for("numpy", "cpu").name == "compiled"
 
 
 def _pair_lengths(lengths, batch_shape, NA, NB, check_len=check_lengths):
@@ -189,8 +184,8 @@ def dtw_hvp(
     """
     theta, problem = _prepare(theta, reg, gamma, lengths, band, kernel_checks=True)
     values = checks_for(problem.backend)[0]
-    if problem.engine_checks and getattr(Z, "dtype", None) == theta.dtype:
-        values = checked_by_engine  # (a Z cast to theta's dtype is checked after the cast here)
+    if problem.engine_checks and same_dtype(Z, theta):
+        values = checked_by_engine
     Z = check_direction(Z, theta, problem.xp, problem.backend, values)
     return evaluate(problem, "hvp", theta, Z)
 

@@ -7,12 +7,12 @@
 the CRF log-partition and ``E = ∇Vit_Ω`` holds the pairwise marginals
 ``E[t, i, j] = p(y_t = i, y_{t-1} = j)``.
 """
-from ._dispatch import compiled_available, engine_for
+from ._dispatch import engine_checks_values
 from ._array_api import dtype_name
 from ._problem import checks_for, evaluate, make_problem
 from ._typing import Array, Lengths, Reg
 from ._validation import (as_array, check_direction, check_float, check_gamma, check_lengths,
-                          check_rank, check_reg, check_values, checked_by_engine)
+                          check_rank, check_reg, check_values, checked_by_engine, same_dtype)
 
 __all__ = ["viterbi", "viterbi_grad", "viterbi_hvp", "viterbi_decode"]
 
@@ -49,7 +49,7 @@ def _prepare(theta, reg, gamma, lengths, kernel_checks=False, host_checks=False)
     reg = check_reg(reg)
     gamma = check_gamma(gamma, dtype_name(xp, theta.dtype), reg)
     values, check_len = (check_values, check_lengths) if host_checks else checks_for(backend)
-    if not (kernel_checks and backend == "numpy" and compiled_available()):
+    if not (kernel_checks and engine_checks_values(backend)):
         values(theta, xp, "theta", "+inf")
     L = check_len(lengths, tuple(theta.shape[:-3]), T, "lengths")
     problem = make_problem("viterbi", theta, xp, backend, theta.ndim - 3, reg, gamma, lengths=L)
@@ -137,8 +137,7 @@ def viterbi_hvp(
     """
     theta, problem = _prepare(theta, reg, gamma, lengths, kernel_checks=True)
     values = checks_for(problem.backend)[0]
-    if (problem.backend == "numpy" and getattr(Z, "dtype", None) == theta.dtype
-            and engine_for("numpy", "cpu").name == "compiled"):
+    if engine_checks_values(problem.backend) and same_dtype(Z, theta):
         # the compiled HVP checks Z on the thread that computes each item
         problem.engine_checks = True
         values = checked_by_engine

@@ -309,6 +309,22 @@ def test_Z_of_other_float_dtype_is_cast():
     np.testing.assert_allclose(out, sm.dtw_hvp(t, Z.astype(np.float64), reg="l2"), rtol=1e-12)
 
 
+@pytest.mark.parametrize("fn,theta", [(sm.dtw_hvp, _dtw_theta), (sm.viterbi_hvp, _vit_theta)],
+                         ids=["dtw_hvp", "viterbi_hvp"])
+def test_Z_of_other_dtype_bad_values_named(fn, theta):
+    """A Z of another dtype than theta is checked before its cast (the engines
+    check only a Z of theta's dtype): a NaN is reported as a NaN, an entry
+    beyond float32 as an overflow of the cast."""
+    t = theta().astype(np.float32)
+    Z = np.zeros(t.shape)
+    Z.flat[3] = np.nan
+    check_raises(ValueError, lambda: fn(t, Z), "Z", "NaN")
+    Z.flat[3] = 1e300
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        check_raises(ValueError, lambda: fn(t, Z), "Z", "overflow")
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
 def test_viterbi_bad_score_in_any_lane(dtype, bad):

@@ -43,6 +43,7 @@ from libc.math cimport INFINITY
 import numpy as np
 
 from .._buffers import pass_outputs as _pass_outputs, workspace as _workspace
+from .._values import raise_found as _raise_found
 
 from cython cimport floating
 
@@ -727,24 +728,20 @@ ctypedef struct _BatchCtx:
     Py_ssize_t* lohi
 
 
-cdef inline bint _bad_values(const floating* x, Py_ssize_t n, bint any_inf) noexcept nogil:
-    """Whether ``x[:n]`` holds NaN or -inf (any infinity with ``any_inf``): the
-    value checks of ``smoothmax._values.check_values`` for a NumPy input (theta
-    "-inf", Z "inf"), one vectorised pass (``simd.h``, ``BadValues``). Run by
+cdef bint _bad_item(_BatchCtx* c, Py_ssize_t b, floating* tag) noexcept nogil:
+    """Item ``b``'s theta holds NaN or -inf, or its Z (HVP) NaN or an
+    infinity: the value checks of ``smoothmax._values.check_values`` for a
+    NumPy input, one vectorised pass each (``simd.h``, ``BadValues``). Run by
     the thread about to compute the item, it finds the data in cache for the
     passes; the host's NumPy reduction (``min`` of theta, ``sum`` of Z) was a
     serial pass of its own before the parallel job (40 µs each in a loop of
     2 x 200^2 float32 HVPs on the benchmark VM, 7% of a call on two threads).
     Entries past the lengths and outside the band are checked too, as the
     host checks do."""
-    return bad_values(n, x, any_inf) != 0
-
-
-cdef bint _bad_item(_BatchCtx* c, Py_ssize_t b, floating* tag) noexcept nogil:
-    """Item ``b``'s theta (and Z) fail the value checks (``_bad_values``)."""
     cdef Py_ssize_t cells = c.NA * c.NB
-    return (_bad_values(<const floating*> c.theta + b * cells, cells, False)
-            or (c.mode == MODE_HVP and _bad_values(<const floating*> c.Z + b * cells, cells, True)))
+    return (bad_values(cells, <const floating*> c.theta + b * cells, 0) != 0
+            or (c.mode == MODE_HVP
+                and bad_values(cells, <const floating*> c.Z + b * cells, 1) != 0))
 
 
 cdef void _batch_one(_BatchCtx* c, Py_ssize_t b, int slot, floating* tag) noexcept nogil:
@@ -753,7 +750,7 @@ cdef void _batch_one(_BatchCtx* c, Py_ssize_t b, int slot, floating* tag) noexce
     cdef Py_ssize_t* wi = c.wi + slot * c.lwi
     if c.bad != NULL and _bad_item(c, b, tag):
         c.bad[b] = 1
-        (<floating*> c.value)[b] = 0  # the call raises (_reject)
+        (<floating*> c.value)[b] = 0  # the call raises (_raise_found)
         return
     (<floating*> c.value)[b] = <floating> _dtw_tiled(
         <const floating*> c.theta + b * cells,
@@ -783,7 +780,7 @@ cdef Py_ssize_t _dtw_batch(const floating[:, :, ::1] theta, const floating[:, :,
     over the problems, each problem's tiles in order on its thread. Threads
     sharing a problem: the problems one after the other, each one's tiles a
     wavefront over the team. ``check``: each item's theta (and Z) first pass
-    the value checks (``_bad_values``). Returns the number of items whose end
+    the value checks (``_bad_item``). Returns the number of items whose end
     cell is unreachable (value +inf), -1 when the workspace could not be
     allocated (nothing ran) or -2 when an item failed the value checks. The
     per-call bookkeeping is C here, not NumPy: a call outside its parallel job
@@ -891,7 +888,7 @@ def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode, out
     """The passes of ``mode`` over the batch; ``out``: see ``smoothmax._buffers.pass_outputs``.
 
     ``check``: theta (and Z) are checked for NaN and forbidden infinities here,
-    past the lengths too (``_bad_values``), with the errors of
+    past the lengths too (``_bad_item``), with the errors of
     ``smoothmax._values.check_values``; without it (the engine contract)
     entries past the lengths are never read and may be anything.
     """
@@ -921,24 +918,13 @@ def _run(theta, Z, la, lb, Py_ssize_t band, int reg, double gamma, int mode, out
     if unreachable == -1:
         raise MemoryError("smoothmax._core.dtw: could not allocate the workspace")
     if unreachable == -2:
-        _reject(theta, Z if mode == MODE_HVP else None)
+        _raise_found(theta, "-inf", Z if mode == MODE_HVP else None)
     if written and mode != MODE_VALUE and unreachable > 0:
         unreached = ~(value < np.inf)
         E[unreached] = 0
         if mode == MODE_HVP:
             Ed[unreached] = 0
     return value, E, Ed
-
-
-def _reject(theta, Z):
-    """Raise the error of ``smoothmax._values.check_values`` for the input the
-    value checks of ``_dtw_batch`` found bad (theta first, as the entry points do)."""
-    from .._values import check_values
-
-    check_values(theta, np, "theta", "-inf")
-    if Z is not None:
-        check_values(Z, np, "Z", "inf")
-    raise AssertionError("smoothmax._core.dtw: the value checks disagree")
 
 
 def dtw_value(theta, la, lb, Py_ssize_t band, int reg, double gamma, out=None,

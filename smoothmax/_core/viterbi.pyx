@@ -22,6 +22,7 @@ from libc.math cimport INFINITY
 import numpy as np
 
 from .._buffers import pass_outputs as _pass_outputs
+from .._values import raise_found as _raise_found
 
 from cython cimport floating
 
@@ -145,7 +146,7 @@ cdef void _batch_one(_BatchCtx* c, Py_ssize_t b, int slot, floating* tag) noexce
     cdef const floating* tail
     if c.check_z and bad_values(blk, zp, 1):
         c.failed[b] = 3
-        (<floating*> c.value)[b] = 0  # the call raises (_reject)
+        (<floating*> c.value)[b] = 0  # the call raises (_raise_found)
         return
     (<floating*> c.value)[b] = <floating> _viterbi_one(
         th, zp, ep, edp, L, S, c.reg, c.gamma, c.mode, c.work + slot * c.lwork, &nbad)
@@ -237,19 +238,8 @@ def _run(theta, Z, lengths, int reg, double gamma, int mode, out=None, bint chec
     if status == 1:
         raise MemoryError("smoothmax._core.viterbi: could not allocate the workspace")
     if status >= 2:
-        _reject(theta, Z if status == 3 else None)
+        _raise_found(theta, "+inf", Z if status == 3 else None)
     return value, E, Ed
-
-
-def _reject(theta, Z):
-    """Raise the error of ``smoothmax._values.check_values`` for the input the
-    kernels found bad: theta's scores (NaN, +inf) or the HVP's Z (NaN, ±inf)."""
-    from .._values import check_values
-
-    check_values(theta, np, "theta", "+inf")
-    if Z is not None:
-        check_values(Z, np, "Z", "inf")
-    raise AssertionError("smoothmax._core.viterbi: the value checks disagree")
 
 
 def viterbi_value(theta, lengths, int reg, double gamma, out=None):
@@ -376,5 +366,5 @@ def viterbi_decode(theta, lengths):
         if (tags[:, 0] == -2).any():
             raise MemoryError("smoothmax._core.viterbi: could not allocate the workspace")
         if bad.any():
-            _reject(theta, None)
+            _raise_found(theta, "+inf")
     return score, tags
