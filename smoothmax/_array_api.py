@@ -39,6 +39,8 @@ def namespace_of(x):
     ``backend`` is one of ``"numpy"``, ``"torch"``, ``"jax"``, ``"cupy"`` or
     ``"generic"`` (any other array-API library, e.g. array_api_strict).
     """
+    if type(x) is np.ndarray and _NUMPY_IS_XP:  # the common case first: a call's fixed cost
+        return np, "numpy"
     for cls, xp, backend in _REGISTERED:
         if isinstance(x, cls):
             return xp, backend
@@ -82,7 +84,14 @@ def is_float_dtype(xp, dtype):
     return dtype == xp.float32 or dtype == xp.float64
 
 
+_NUMPY_FLOAT_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
+
+
 def dtype_name(xp, dtype):
+    if isinstance(dtype, np.dtype):
+        name = _NUMPY_FLOAT_NAMES.get(dtype)  # a dict lookup: comparing with xp.float32 converts it
+        if name is not None:
+            return name
     if dtype == xp.float32:
         return "float32"
     if dtype == xp.float64:

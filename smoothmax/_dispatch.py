@@ -93,10 +93,17 @@ def engine_checks_values(backend):
 
 
 def _numpy_in(x):
+    if type(x) is np.ndarray and x.flags.c_contiguous:  # a call's fixed cost: no conversion to make
+        return x
     return np.ascontiguousarray(to_host(x))
 
 
+_INT64 = np.dtype(np.int64)  # (a dtype: comparing with np.int64 converts it, each call)
+
+
 def _int_host(a):
+    if type(a) is np.ndarray and a.dtype == _INT64 and a.flags.c_contiguous:  # as above
+        return a
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
@@ -162,9 +169,11 @@ def run(problem, op, theta, Z=None):
     args = [eng.to_engine(theta)]
     if op == "hvp":
         args.append(eng.to_engine(Z))
-    args.extend(eng.to_engine_int(a) if isinstance(a, np.ndarray) else a for a in problem.engine_args)
+    for a in problem.engine_args:
+        args.append(eng.to_engine_int(a) if isinstance(a, np.ndarray) else a)
     if op not in ("decode", "path"):
-        args.extend([problem.reg_code, problem.gamma])
+        args.append(problem.reg_code)
+        args.append(problem.gamma)
     # engine_checks: the compiled DTW (theta, Z) and Viterbi HVP (Z) check NumPy input's
     # values themselves, on the thread that computes each item (docs/engines.md)
     out = fn(*args, check=True) if problem.engine_checks else fn(*args)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 from operator import attrgetter
 from typing import Any
 
+import numpy as np
+
 from . import _dispatch
 from ._array_api import device_kind
 from .operators import REG_CODES
@@ -74,8 +76,6 @@ class Problem:
 
     def repeat_batch(self, reps, **changes):
         """This problem with its batch repeated ``reps`` times (per-item fields tiled)."""
-        import numpy as np
-
         B = self.flat_shape[0]
         tiled: dict = {f: np.tile(getattr(self, f), reps) for f in PER_ITEM_FIELDS[self.struct]}
         return replace(self, batch_shape=(reps * B,), flat_shape=(reps * B,) + tuple(self.flat_shape[1:]),
@@ -108,11 +108,13 @@ _LOADERS: dict = {}
 def register_adapter(backend, adapter):
     """Route the arrays of ``backend`` (e.g. ``"torch"``) through ``adapter`` (see the module doc)."""
     _ADAPTERS[backend] = adapter
+    _CHECKS.clear()
 
 
 def register_adapter_loader(backend, loader):
     """``loader()`` is called the first time an array of ``backend`` arrives; it must register."""
     _LOADERS[backend] = loader
+    _CHECKS.clear()
 
 
 def adapter_for(backend):
@@ -124,13 +126,22 @@ def adapter_for(backend):
     return adapter
 
 
+_CHECKS: dict = {}  # backend -> checks_for(backend), once its adapter (if any) is loaded
+
+
 def checks_for(backend):
     """``(check_values, check_lengths)`` for arrays of ``backend``: the adapter's or the host ones."""
+    found = _CHECKS.get(backend)
+    if found is not None:
+        return found
     from . import _validation
 
     adapter = adapter_for(backend)
-    return (getattr(adapter, "check_values", _validation.check_values),
-            getattr(adapter, "check_lengths", _validation.check_lengths))
+    found = (getattr(adapter, "check_values", _validation.check_values),
+             getattr(adapter, "check_lengths", _validation.check_lengths))
+    if backend not in _LOADERS:  # resolved: no adapter still to load for it
+        _CHECKS[backend] = found
+    return found
 
 
 def evaluate(problem, op, theta, Z=None):
@@ -139,9 +150,8 @@ def evaluate(problem, op, theta, Z=None):
     value -> value (batch_shape); grad -> (value, E); hvp -> Edot;
     decode -> (score, path) with ``path`` per the structure.
     """
-    xp = problem.xp
-    flat = xp.reshape(theta, problem.flat_shape)
-    flatZ = None if Z is None else xp.reshape(Z, problem.flat_shape)
+    flat = _reshape(problem.xp, theta, problem.flat_shape)
+    flatZ = None if Z is None else _reshape(problem.xp, Z, problem.flat_shape)
     adapter = adapter_for(problem.backend)
     if adapter is not None:
         out = adapter.apply(problem, op, flat, flatZ)
@@ -154,18 +164,23 @@ def evaluate(problem, op, theta, Z=None):
     return _unflatten(problem, op, out, theta.shape)
 
 
+def _reshape(xp, x, shape):
+    # NumPy's method: xp.reshape (numpy.reshape) is a Python wrapper around it, a call's fixed cost
+    return x.reshape(shape) if type(x) is np.ndarray else xp.reshape(x, shape)
+
+
 def _unflatten(problem, op, out, theta_shape):
     xp = problem.xp
     bs = problem.batch_shape
     if op == "value":
-        return xp.reshape(out, bs)
+        return _reshape(xp, out, bs)
     if op == "hvp":
-        return xp.reshape(out, theta_shape)
+        return _reshape(xp, out, theta_shape)
     if op == "grad":
         value, E = out
-        return xp.reshape(value, bs), xp.reshape(E, theta_shape)
+        return _reshape(xp, value, bs), _reshape(xp, E, theta_shape)
     score, path = out
-    return xp.reshape(score, bs), xp.reshape(path, bs + tuple(path.shape[1:]))
+    return _reshape(xp, score, bs), _reshape(xp, path, bs + tuple(path.shape[1:]))
 
 
 @dataclass(frozen=True, eq=False)

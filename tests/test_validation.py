@@ -488,3 +488,31 @@ def test_a_layout_attribute_of_another_library_is_not_a_torch_layout():
     theta = np.random.default_rng(0).random((1, 3, 4))
     assert sm.dtw(theta.view(_WithLayout)) == pytest.approx(sm.dtw(theta))
 
+
+
+def test_checks_follow_adapters_registered_later(monkeypatch):
+    """The entry points look up a backend's checks once (``_problem.checks_for``
+    keeps them: a call's fixed cost); an adapter, or an adapter's loader,
+    registered after a first call of that backend must still replace the host
+    checks."""
+    from smoothmax import _problem, _validation
+
+    monkeypatch.setattr(_problem, "_ADAPTERS", dict(_problem._ADAPTERS))
+    monkeypatch.setattr(_problem, "_LOADERS", dict(_problem._LOADERS))
+    monkeypatch.setattr(_problem, "_CHECKS", {})
+    host = (_validation.check_values, _validation.check_lengths)
+
+    def own_values(x, xp, name, forbid):
+        raise AssertionError("not called here")
+
+    class Adapter:
+        check_values = staticmethod(own_values)
+
+    assert _problem.checks_for("later") == host
+    assert _problem.checks_for("later") == host  # kept
+    _problem.register_adapter("later", Adapter())
+    assert _problem.checks_for("later") == (own_values, _validation.check_lengths)
+
+    assert _problem.checks_for("loaded") == host
+    _problem.register_adapter_loader("loaded", lambda: _problem.register_adapter("loaded", Adapter()))
+    assert _problem.checks_for("loaded")[0] is own_values
