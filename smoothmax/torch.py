@@ -109,17 +109,22 @@ def _host_field(struct, field, value, theta):
 
 
 def _run(struct, op, theta, Z, fields, reg, gamma):
-    if not (struct == "viterbi" and theta.device.type == "cpu" and _dispatch.compiled_available()):
-        # (the compiled Viterbi kernels reject NaN/+inf scores on their one read of theta)
+    # The compiled core checks host arrays itself, as for NumPy input (docs/engines.md,
+    # "Conventions"): the Viterbi kernels theta on their one read; the DTW theta and Z,
+    # and the Viterbi HVP Z, item by item on the thread that computes the item, when the
+    # call asks (engine_checks). A serial host pass over the data stays for the rest.
+    compiled = theta.device.type == "cpu" and _dispatch.engine_for("torch", "cpu").name == "compiled"
+    engine_checks = compiled and (struct == "dtw" or (struct == "viterbi" and op == "hvp"))
+    if not (compiled and struct in ("dtw", "viterbi")):
         _validation.check_values(theta.detach().cpu().numpy() if theta.device.type == "cpu" else theta,
                                  np if theta.device.type == "cpu" else _xp, "theta", _FORBID[struct])
-    if Z is not None:
+    if Z is not None and not (engine_checks and Z.dtype == theta.dtype):
         _validation.check_values(Z.detach().cpu().numpy() if Z.device.type == "cpu" else Z,
                                  np if Z.device.type == "cpu" else _xp, "Z", "inf")
     named = {f: _host_field(struct, f, v, theta) for f, v in zip(STRUCT_FIELDS[struct], fields)}
     shape = tuple(theta.shape)
     problem = Problem(struct, _xp, "torch", "cuda" if theta.device.type == "cuda" else "cpu", shape[:1],
-                      shape, reg, gamma, **named)
+                      shape, reg, gamma, **named, engine_checks=engine_checks)
     return _dispatch.run(problem, op, theta.detach(), None if Z is None else Z.detach())
 
 

@@ -342,17 +342,28 @@ def test_viterbi_bad_score_in_any_lane(dtype, bad):
                     fn(t)
 
 
+def _lib_converter(lib):
+    """NumPy arrays as they are, or as torch CPU tensors sharing their memory."""
+    if lib == "numpy":
+        return lambda a: a
+    torch = pytest.importorskip("torch")  # (in the test extras: the suite runs it)
+    return torch.from_numpy
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("where,bad,word", [("theta", np.nan, "NaN"), ("theta", -np.inf, "-inf"),
                                             ("Z", np.nan, "NaN"), ("Z", np.inf, "inf"),
                                             ("Z", -np.inf, "inf")],
                          ids=["theta-nan", "theta-neginf", "Z-nan", "Z-posinf", "Z-neginf"])
-def test_dtw_bad_value_anywhere(dtype, where, bad, word):
-    """The compiled DTW checks NumPy input itself, item by item, on the thread
-    that computes it: a NaN or forbidden infinity anywhere (any item, any
-    position within the vectors of the check, past the lengths, outside the
-    band; a batch split over threads or one problem's tiles shared by them) is
-    the entry point's error, and +inf in theta stays a mask."""
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_dtw_bad_value_anywhere(dtype, where, bad, word, lib):
+    """The compiled DTW checks NumPy input and torch CPU tensors itself, item by
+    item, on the thread that computes it: a NaN or forbidden infinity anywhere
+    (any item, any position within the vectors of the check, past the
+    lengths, outside the band; a batch split over threads or one problem's
+    tiles shared by them) is the entry point's error, and +inf in theta stays
+    a mask."""
+    conv = _lib_converter(lib)
     rng = np.random.default_rng(5)
     sm.set_num_threads(2)
     try:
@@ -367,6 +378,7 @@ def test_dtw_bad_value_anywhere(dtype, where, bad, word):
             for k in rng.choice(len(cells), size=min(len(cells), 8), replace=False):
                 t, z = theta.copy(), Z.copy()
                 (t if where == "theta" else z)[cells[k]] = bad
+                t, z = conv(t), conv(z)
                 calls = [lambda: sm.dtw_hvp(t, z, **kw)]
                 if where == "theta":
                     calls += [lambda: sm.dtw(t, **kw), lambda: sm.dtw_grad(t, **kw),
@@ -375,18 +387,20 @@ def test_dtw_bad_value_anywhere(dtype, where, bad, word):
                     check_raises(ValueError, call, where, word)
             t = theta.copy()
             t[:, 0, 0] = np.inf  # a mask, not an error
-            assert np.all(sm.dtw_hvp(t, Z, **kw) == 0)
+            assert np.all(np.asarray(sm.dtw_hvp(conv(t), conv(Z), **kw)) == 0)
     finally:
         sm.set_num_threads(None)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "posinf", "neginf"])
-def test_viterbi_hvp_bad_Z_anywhere(dtype, bad):
-    """The compiled Viterbi HVP checks a NumPy Z itself, item by item, on the
-    thread that computes it: NaN or an infinity anywhere (any item, past the
-    lengths, a batch on one thread or split over two) is the entry point's
-    error about Z."""
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_viterbi_hvp_bad_Z_anywhere(dtype, bad, lib):
+    """The compiled Viterbi HVP checks a NumPy Z (or a torch CPU tensor) itself,
+    item by item, on the thread that computes it: NaN or an infinity anywhere
+    (any item, past the lengths, a batch on one thread or split over two) is
+    the entry point's error about Z."""
+    conv = _lib_converter(lib)
     rng = np.random.default_rng(6)
     sm.set_num_threads(2)
     try:
@@ -397,13 +411,13 @@ def test_viterbi_hvp_bad_Z_anywhere(dtype, bad):
             for k in rng.choice(Z.size, size=8, replace=False):
                 z = Z.copy()
                 z.flat[k] = bad
-                check_raises(ValueError, lambda: sm.viterbi_hvp(theta, z, **kw), "Z",
+                check_raises(ValueError, lambda: sm.viterbi_hvp(conv(theta), conv(z), **kw), "Z",
                              "NaN" if np.isnan(bad) else "inf")
             t = theta.copy()
             t.flat[0] = np.nan  # theta is reported first, as the host checks do
             z = Z.copy()
             z.flat[-1] = bad
-            check_raises(ValueError, lambda: sm.viterbi_hvp(t, z, **kw), "theta", "NaN")
+            check_raises(ValueError, lambda: sm.viterbi_hvp(conv(t), conv(z), **kw), "theta", "NaN")
     finally:
         sm.set_num_threads(None)
 
