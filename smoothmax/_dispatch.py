@@ -82,13 +82,22 @@ def compiled_available():
     return _compiled_module("dtw") is not None and _compiled_module("viterbi") is not None
 
 
+# The compiled passes that check their input's values themselves (NaN, forbidden
+# infinities) when a call asks (Problem.engine_checks, passed on as check=True): theta,
+# and Z for an HVP, item by item on the thread that computes the item. The compiled
+# Viterbi passes also check theta on their one read, always.
+ENGINE_CHECKED = frozenset({("dtw", "value"), ("dtw", "grad"), ("dtw", "hvp"), ("dtw", "path"),
+                            ("viterbi", "hvp")})
+
+
 def engine_checks_values(backend):
     """Whether the engine of ``backend`` checks the values of its input itself
-    (NaN, forbidden infinities): the compiled core on NumPy input, whose
-    Viterbi kernels check theta as they read it and whose DTW (theta, Z) and
-    Viterbi HVP (Z) check each item on the thread that computes it when the
-    call asks (``Problem.engine_checks``, passed on as ``check=True``). The
-    entry points then skip their host pass over the data."""
+    (NaN, forbidden infinities): the compiled core on NumPy input, for the
+    passes of ``ENGINE_CHECKED`` and the Viterbi's theta. The entry points
+    then skip their host pass over the data. (The torch operators ask the
+    same of CPU tensors inside their custom ops, ``smoothmax/torch.py``
+    ``_run``: the entry points run under ``torch.compile``'s tracer, which
+    does not step into ``engine_for``'s cache.)"""
     return backend == "numpy" and engine_for("numpy", "cpu").name == "compiled"
 
 

@@ -110,12 +110,10 @@ def _host_field(struct, field, value, theta):
 
 def _run(struct, op, theta, Z, fields, reg, gamma):
     # The compiled core checks host arrays itself, as for NumPy input (docs/engines.md,
-    # "Conventions"): the Viterbi kernels theta on their one read; the DTW theta and Z,
-    # and the Viterbi HVP Z, item by item on the thread that computes the item, when the
-    # call asks (engine_checks). A serial host pass over the data stays for the rest.
+    # "Conventions"; _dispatch.ENGINE_CHECKED). A serial host pass stays for the rest.
     compiled = theta.device.type == "cpu" and _dispatch.engine_for("torch", "cpu").name == "compiled"
-    engine_checks = compiled and (struct == "dtw" or (struct == "viterbi" and op == "hvp"))
-    if not (compiled and struct in ("dtw", "viterbi")):
+    engine_checks = compiled and (struct, op) in _dispatch.ENGINE_CHECKED
+    if not (engine_checks or (compiled and struct == "viterbi")):
         _validation.check_values(theta.detach().cpu().numpy() if theta.device.type == "cpu" else theta,
                                  np if theta.device.type == "cpu" else _xp, "theta", _FORBID[struct])
     if Z is not None and not (engine_checks and Z.dtype == theta.dtype):

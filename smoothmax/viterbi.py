@@ -138,7 +138,7 @@ def viterbi_hvp(
     theta, problem = _prepare(theta, reg, gamma, lengths, kernel_checks=True)
     values = checks_for(problem.backend)[0]
     if engine_checks_values(problem.backend) and same_dtype(Z, theta):
-        # the compiled HVP checks Z on the thread that computes each item
+        # the compiled HVP checks Z on the thread that computes each item (_dispatch.ENGINE_CHECKED)
         problem.engine_checks = True
         values = checked_by_engine
     Z = check_direction(Z, theta, problem.xp, problem.backend, values)
