@@ -34,8 +34,15 @@ fresh processes alternating between TREE's build and this one
 ``--ceiling`` measures what two threads could give at best on this machine:
 two processes, each running the same call on one thread at the same time,
 against one process alone, alternated with the pool's own two-thread calls
-(``threads_ceiling.{md,json}``). Run it on a machine at rest
-(``/work/quiet`` here); the load average at start and end is recorded.
+(``threads_ceiling.{md,json}``). ``--blas`` times the calls of a user
+whose loop also calls NumPy's BLAS (a 256 x 64 by 64 x 256 product before
+each call, as a cost matrix would be made): one and two threads alternated,
+with that product before each call and without it, in a process with
+NumPy's OpenBLAS as it comes, one with ``OPENBLAS_NUM_THREADS=1`` (what
+``threadpool_limits(1, "blas")`` around the loop does) and one with
+``OPENBLAS_THREAD_TIMEOUT=4`` (OpenBLAS's idle threads sleep at once instead
+of spinning for about 0.1 s; ``threads_blas.{md,json}``). Run it on a machine at rest (``/work/quiet``
+here); the load average at start and end is recorded.
 """
 import argparse
 import contextlib
@@ -196,6 +203,45 @@ for name, fn, shape in cases:
         pool._set_guard_bars(*bars)
         ns = [float(np.median(t)) / cells * 1e9 for t in times]
         out.append(dict(case=name, shape=list(shape), dtype=dt, ns=ns, trips=trips))
+print(json.dumps(out))
+"""
+
+
+# --blas: the user's BLAS call before each call, in the settings of BLAS_SETTINGS
+BLAS_CASES = [c for c in GRID if c[2] in ((1, 1024, 1024), (2, 200, 200), (32, 256, 256),
+                                          (32, 128, 16, 16))]
+BLAS_SETTINGS = [[n, pre] for pre in ("none", "blas") for n in (1, 2)]
+BLAS_PROCESSES = {"default": {}, "blas1": {"OPENBLAS_NUM_THREADS": "1"},
+                  "timeout4": {"OPENBLAS_THREAD_TIMEOUT": "4"}}
+BLAS_CODE = CASE_CODE + r"""
+import json, sys, time
+from smoothmax._core import pool
+cases, rounds, per = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+settings = json.loads(sys.argv[4])
+X, Y = rng.random((256, 64)), rng.random((64, 256))
+
+def user_blas(pre):
+    return X @ Y if pre == "blas" else None  # NumPy's BLAS
+
+out = []
+for name, fn, shape in cases:
+    for dt in ("float64", "float32"):
+        f, cells = make(fn, shape, dt)
+        times, trips = [[] for _ in settings], [0 for _ in settings]
+        for _ in range(rounds):
+            for k, (n, pre) in enumerate(settings):
+                sm.set_num_threads(n)
+                t_end = time.perf_counter() + 0.1
+                while time.perf_counter() < t_end:
+                    user_blas(pre); f()
+                t0 = pool._probe()["guard_trips"]
+                for _ in range(per):
+                    user_blas(pre)
+                    t = time.perf_counter(); f(); times[k].append(time.perf_counter() - t)
+                trips[k] += pool._probe()["guard_trips"] - t0
+        sm.set_num_threads(None)
+        out.append(dict(case=name, shape=list(shape), dtype=dt,
+                        ms=[float(np.median(t)) * 1e3 for t in times], trips=trips))
 print(json.dumps(out))
 """
 
@@ -462,10 +508,47 @@ def _ceiling(a):
     _write(a.out + "_ceiling", res, lines)
 
 
-def _run(tree, code, *args, cotenant=False):
-    env = dict(os.environ, PYTHONPATH=tree)
-    for k in ("OMP_NUM_THREADS", "SMOOTHMAX_NUM_THREADS"):
+def _blas(a):
+    """``--blas``: BLAS_CODE in one process for each environment of BLAS_PROCESSES."""
+    from _machine import describe
+
+    t0 = time.time()
+    res = {"machine": describe(), "load_start": os.getloadavg(), "rounds": a.rounds, "per_round": 3,
+           "settings": BLAS_SETTINGS, "processes": BLAS_PROCESSES}
+    args = (json.dumps(BLAS_CASES), str(a.rounds), "3", json.dumps(BLAS_SETTINGS))
+    for name, env in BLAS_PROCESSES.items():
+        res[name] = _run(ROOT, BLAS_CODE, *args, env=env)
+    _ended(res, t0)
+    lines = ["# Threads beside NumPy's BLAS", "",
+             _machine_line(res) + f"`python bench/bench_threads.py --blas --rounds {a.rounds}`. "
+             "A user's loop: a NumPy product of 256×64 by 64×256 before each call, as a cost "
+             "matrix would be made, then the call; only the call is timed. In one process, "
+             "`smoothmax.set_num_threads` 1 and 2, with and without the product, taken in turn "
+             f"(0.1 s of warm-up, then 3 timed calls, {a.rounds} rounds; the median call, ms). "
+             "One process with NumPy's OpenBLAS as it comes (two threads here), one with "
+             "`OPENBLAS_NUM_THREADS=1` (as `threadpoolctl.threadpool_limits(1, \"blas\")` "
+             "around the loop), one with `OPENBLAS_THREAD_TIMEOUT=4` (OpenBLAS's idle threads "
+             "sleep at once instead of spinning for about 2^28 cycles). Speed-up = 1t / 2t; "
+             "trips: the co-tenant guard's, over the timed two-thread calls.", "",
+             "| case | dtype | no product: 1t ms | speed-up | product: 1t ms | speed-up | trips | "
+             "product, `OPENBLAS_NUM_THREADS=1`: speed-up | trips | product, "
+             "`OPENBLAS_THREAD_TIMEOUT=4`: speed-up | trips |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for d, o, t in zip(res["default"], res["blas1"], res["timeout4"]):
+        (n1, n2, b1, b2) = d["ms"]
+        lines.append(f"| {d['case']} {'×'.join(map(str, d['shape']))} | {d['dtype']} | "
+                     f"{n1:.2f} | {n1 / n2:.2f} | {b1:.2f} | {b1 / b2:.2f} | {d['trips'][3]} | "
+                     f"{o['ms'][2] / o['ms'][3]:.2f} | {o['trips'][3]} | "
+                     f"{t['ms'][2] / t['ms'][3]:.2f} | {t['trips'][3]} |")
+    _write(a.out + "_blas", res, lines)
+
+
+def _run(tree, code, *args, cotenant=False, env=None):
+    extra, env = env or {}, dict(os.environ, PYTHONPATH=tree)
+    for k in ("OMP_NUM_THREADS", "SMOOTHMAX_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT",
+              "OPENBLAS_NUM_THREADS"):
         env.pop(k, None)
+    env.update(extra)
     with BusyCore() if cotenant else contextlib.nullcontext():
         res = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=tree,
                              capture_output=True, text=True, timeout=900)
@@ -497,9 +580,14 @@ def main(argv=None):
     ap.add_argument("--ceiling", action="store_true",
                     help="instead: two processes on one thread each against the pool's two "
                     "threads, alternated: <out>_ceiling.{md,json}")
+    ap.add_argument("--blas", action="store_true",
+                    help="instead: calls after a NumPy BLAS product, one and two threads "
+                    "alternated: <out>_blas.{md,json}")
     ap.add_argument("--seconds", type=float, default=0.4,
                     help="--ceiling: seconds of timed calls per setting")
     a = ap.parse_args(argv)
+    if a.blas:
+        return _blas(a)
     if a.ceiling:
         return _ceiling(a)
     if a.guard_ab is not None:
