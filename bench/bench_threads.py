@@ -179,72 +179,45 @@ SPLIT_CODE = CASE_CODE + r"""
 import json, sys, time
 from smoothmax._core import pool
 cases, rounds, per = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-# settings taken in turn: (threads, the guard's wavefront bar, None: the default)
+# settings taken in turn: (threads, the guard's wavefront bar, None: the default[, the
+# user's work before each call: "blas", a NumPy product as a cost matrix would be made])
 settings = json.loads(sys.argv[4])
 bars = pool._set_guard_bars()
+X, Y = rng.random((256, 64)), rng.random((64, 256))
+before_call = {None: lambda: None, "blas": lambda: X @ Y}
 out = []
 for name, fn, shape in cases:
     for dt in ("float64", "float32"):
         f, cells = make(fn, shape, dt)
         times, trips = [[] for _ in settings], [0 for _ in settings]
         for _ in range(rounds):
-            for k, (n, wave_bar) in enumerate(settings):
+            for k, (n, wave_bar, *pre) in enumerate(settings):
+                user = before_call[pre[0] if pre else None]
                 sm.set_num_threads(n)
                 pool._set_guard_bars(bars[0], bars[1] if wave_bar is None else wave_bar)
                 t_end = time.perf_counter() + 0.1
-                f()
+                user(); f()
                 while time.perf_counter() < t_end:  # past a backoff the switch may have caused
-                    f()
+                    user(); f()
                 t0 = pool._probe()["guard_trips"]
                 for _ in range(per):
+                    user()
                     t = time.perf_counter(); f(); times[k].append(time.perf_counter() - t)
                 trips[k] += pool._probe()["guard_trips"] - t0
         sm.set_num_threads(None)
         pool._set_guard_bars(*bars)
         ns = [float(np.median(t)) / cells * 1e9 for t in times]
-        out.append(dict(case=name, shape=list(shape), dtype=dt, ns=ns, trips=trips))
+        out.append(dict(case=name, shape=list(shape), dtype=dt, ns=ns, trips=trips, cells=cells))
 print(json.dumps(out))
 """
 
 
-# --blas: the user's BLAS call before each call, in the settings of BLAS_SETTINGS
+# --blas: SPLIT_CODE with the user's BLAS call before each call in some settings
 BLAS_CASES = [c for c in GRID if c[2] in ((1, 1024, 1024), (2, 200, 200), (32, 256, 256),
                                           (32, 128, 16, 16))]
-BLAS_SETTINGS = [[n, pre] for pre in ("none", "blas") for n in (1, 2)]
+BLAS_SETTINGS = [[n, None, pre] for pre in (None, "blas") for n in (1, 2)]  # SPLIT_CODE's
 BLAS_PROCESSES = {"default": {}, "blas1": {"OPENBLAS_NUM_THREADS": "1"},
                   "timeout4": {"OPENBLAS_THREAD_TIMEOUT": "4"}}
-BLAS_CODE = CASE_CODE + r"""
-import json, sys, time
-from smoothmax._core import pool
-cases, rounds, per = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-settings = json.loads(sys.argv[4])
-X, Y = rng.random((256, 64)), rng.random((64, 256))
-
-def user_blas(pre):
-    return X @ Y if pre == "blas" else None  # NumPy's BLAS
-
-out = []
-for name, fn, shape in cases:
-    for dt in ("float64", "float32"):
-        f, cells = make(fn, shape, dt)
-        times, trips = [[] for _ in settings], [0 for _ in settings]
-        for _ in range(rounds):
-            for k, (n, pre) in enumerate(settings):
-                sm.set_num_threads(n)
-                t_end = time.perf_counter() + 0.1
-                while time.perf_counter() < t_end:
-                    user_blas(pre); f()
-                t0 = pool._probe()["guard_trips"]
-                for _ in range(per):
-                    user_blas(pre)
-                    t = time.perf_counter(); f(); times[k].append(time.perf_counter() - t)
-                trips[k] += pool._probe()["guard_trips"] - t0
-        sm.set_num_threads(None)
-        out.append(dict(case=name, shape=list(shape), dtype=dt,
-                        ms=[float(np.median(t)) * 1e3 for t in times], trips=trips))
-print(json.dumps(out))
-"""
-
 
 def _write(base, res, lines):
     """``base``.json (the measurements) and ``base``.md (the table), printed too."""
@@ -509,7 +482,8 @@ def _ceiling(a):
 
 
 def _blas(a):
-    """``--blas``: BLAS_CODE in one process for each environment of BLAS_PROCESSES."""
+    """``--blas``: SPLIT_CODE with BLAS_SETTINGS in one process for each environment of
+    BLAS_PROCESSES."""
     from _machine import describe
 
     t0 = time.time()
@@ -517,7 +491,7 @@ def _blas(a):
            "settings": BLAS_SETTINGS, "processes": BLAS_PROCESSES}
     args = (json.dumps(BLAS_CASES), str(a.rounds), "3", json.dumps(BLAS_SETTINGS))
     for name, env in BLAS_PROCESSES.items():
-        res[name] = _run(ROOT, BLAS_CODE, *args, env=env)
+        res[name] = _run(ROOT, SPLIT_CODE, *args, env=env)
     _ended(res, t0)
     lines = ["# Threads beside NumPy's BLAS", "",
              _machine_line(res) + f"`python bench/bench_threads.py --blas --rounds {a.rounds}`. "
@@ -535,11 +509,11 @@ def _blas(a):
              "`OPENBLAS_THREAD_TIMEOUT=4`: speed-up | trips |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for d, o, t in zip(res["default"], res["blas1"], res["timeout4"]):
-        (n1, n2, b1, b2) = d["ms"]
+        (n1, n2, b1, b2), ms = d["ns"], d["cells"] * 1e-6  # ns per cell -> ms a call
         lines.append(f"| {d['case']} {'×'.join(map(str, d['shape']))} | {d['dtype']} | "
-                     f"{n1:.2f} | {n1 / n2:.2f} | {b1:.2f} | {b1 / b2:.2f} | {d['trips'][3]} | "
-                     f"{o['ms'][2] / o['ms'][3]:.2f} | {o['trips'][3]} | "
-                     f"{t['ms'][2] / t['ms'][3]:.2f} | {t['trips'][3]} |")
+                     f"{n1 * ms:.2f} | {n1 / n2:.2f} | {b1 * ms:.2f} | {b1 / b2:.2f} | "
+                     f"{d['trips'][3]} | {o['ns'][2] / o['ns'][3]:.2f} | {o['trips'][3]} | "
+                     f"{t['ns'][2] / t['ns'][3]:.2f} | {t['trips'][3]} |")
     _write(a.out + "_blas", res, lines)
 
 
