@@ -90,6 +90,21 @@ ENGINE_CHECKED = frozenset({("dtw", "value"), ("dtw", "grad"), ("dtw", "hvp"), (
                             ("viterbi", "hvp")})
 
 
+def engine_checked(struct, op, compiled):
+    """The operands (``"theta"``, ``"Z"``) whose values the compiled pass
+    ``(struct, op)`` checks itself: those of an ``ENGINE_CHECKED`` pass, once
+    the call sets ``Problem.engine_checks`` (exactly when the pass is in that
+    table), and the Viterbi's theta always. None when ``compiled`` is false
+    (another engine runs the call). The one rule the NumPy entry points
+    (``dtw._prepare``, ``viterbi._prepare``) and the torch operators
+    (``torch._run``) follow to skip their host pass."""
+    if not compiled:
+        return frozenset()
+    asked = (struct, op) in ENGINE_CHECKED
+    return frozenset((("theta",) if asked or struct == "viterbi" else ())
+                     + (("Z",) if asked and op == "hvp" else ()))
+
+
 def engine_checks_values(backend):
     """Whether the engine of ``backend`` checks the values of its input itself
     (NaN, forbidden infinities): the compiled core on NumPy input, for the

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ._array_api import dtype_name, device_kind
-from ._dispatch import engine_checks_values
+from ._dispatch import ENGINE_CHECKED, engine_checked, engine_checks_values
 from ._problem import FeatureProblem, checks_for, evaluate, make_problem
 from ._typing import Array, DTWLengths, Reg
 from ._validation import (as_array, as_int_host, check_band, check_direction, check_float, check_gamma,
@@ -41,17 +41,17 @@ _SHARED_DOC = """
 """
 
 
-def _prepare(theta, reg, gamma, lengths, band, kernel_checks=False, host_checks=False):
+def _prepare(theta, reg, gamma, lengths, band, op=None, host_checks=False):
     """Validate and describe the problem.
 
     The data checks (values, lengths in range) are the host ones of
     :mod:`smoothmax._validation`, or those of the caller's framework adapter
     when it runs them inside its operators (PyTorch), unless ``host_checks``
-    (callers that work on the host: sampling). ``kernel_checks=True`` (the
-    four public operators): with NumPy input and the compiled core, the
-    thread that computes an item checks its theta (and Z) first
-    (``smoothmax/_core/dtw.pyx``, ``_bad_item``), so the host's serial
-    pass over theta is skipped.
+    (callers that work on the host: sampling). ``op`` (the four public
+    operators: the pass the call runs): with NumPy input and the compiled
+    core, the thread that computes an item checks its theta (and Z) first
+    (``smoothmax/_core/dtw.pyx``, ``_bad_item``; ``_dispatch.engine_checked``),
+    so the host's serial pass over theta is skipped.
     """
     theta, xp, backend = as_array(theta, "theta")
     check_float(theta, xp, "theta")
@@ -63,8 +63,9 @@ def _prepare(theta, reg, gamma, lengths, band, kernel_checks=False, host_checks=
     gamma = check_gamma(gamma, dtype_name(xp, theta.dtype), reg)
     band = check_band(band, (NA, NB))
     values, check_len = (check_values, check_lengths) if host_checks else checks_for(backend)
-    engine_checks = kernel_checks and engine_checks_values(backend)
-    if not engine_checks:
+    checked = engine_checked("dtw", op, op is not None and engine_checks_values(backend))
+    engine_checks = ("dtw", op) in ENGINE_CHECKED and bool(checked)
+    if "theta" not in checked:
         values(theta, xp, "theta", "-inf")
     batch_shape = tuple(theta.shape[:-2])
     la, lb = _pair_lengths(lengths, batch_shape, NA, NB, check_len)
@@ -122,7 +123,7 @@ def dtw(
     >>> float(sm.dtw(theta, reg="hard", lengths=(2, 3)))  # a[:2] against b: 0 + 0 + |2 - 3|
     1.0
     """
-    theta, problem = _prepare(theta, reg, gamma, lengths, band, kernel_checks=True)
+    theta, problem = _prepare(theta, reg, gamma, lengths, band, op="value")
     return evaluate(problem, "value", theta)
 
 
@@ -153,7 +154,7 @@ def dtw_grad(
     >>> bool(E[0, 1] > 0.1), float(E[0, 0]), float(E[-1, -1])  # every path starts and ends in the corners
     (True, 1.0, 1.0)
     """
-    theta, problem = _prepare(theta, reg, gamma, lengths, band, kernel_checks=True)
+    theta, problem = _prepare(theta, reg, gamma, lengths, band, op="grad")
     return evaluate(problem, "grad", theta)
 
 
@@ -182,7 +183,7 @@ def dtw_hvp(
     >>> bool(np.allclose(Edot, fd, atol=1e-6))
     True
     """
-    theta, problem = _prepare(theta, reg, gamma, lengths, band, kernel_checks=True)
+    theta, problem = _prepare(theta, reg, gamma, lengths, band, op="hvp")
     values = checks_for(problem.backend)[0]
     if problem.engine_checks and same_dtype(Z, theta):
         values = checked_by_engine
@@ -217,7 +218,7 @@ def dtw_path(theta: Array, *, lengths: DTWLengths = None, band: "int | None" = N
            [0., 1., 0.],
            [0., 0., 1.]])
     """
-    theta, problem = _prepare(theta, "hard", 1.0, lengths, band, kernel_checks=True)
+    theta, problem = _prepare(theta, "hard", 1.0, lengths, band, op="path")
     return evaluate(problem, "path", theta)
 
 

@@ -112,11 +112,12 @@ def _run(struct, op, theta, Z, fields, reg, gamma):
     # The compiled core checks host arrays itself, as for NumPy input (docs/engines.md,
     # "Conventions"; _dispatch.ENGINE_CHECKED). A serial host pass stays for the rest.
     compiled = theta.device.type == "cpu" and _dispatch.engine_for("torch", "cpu").name == "compiled"
-    engine_checks = compiled and (struct, op) in _dispatch.ENGINE_CHECKED
-    if not (engine_checks or (compiled and struct == "viterbi")):
+    checked = _dispatch.engine_checked(struct, op, compiled)
+    engine_checks = (struct, op) in _dispatch.ENGINE_CHECKED and bool(checked)
+    if "theta" not in checked:
         _validation.check_values(theta.detach().cpu().numpy() if theta.device.type == "cpu" else theta,
                                  np if theta.device.type == "cpu" else _xp, "theta", _FORBID[struct])
-    if Z is not None and not (engine_checks and Z.dtype == theta.dtype):
+    if Z is not None and not ("Z" in checked and Z.dtype == theta.dtype):
         _validation.check_values(Z.detach().cpu().numpy() if Z.device.type == "cpu" else Z,
                                  np if Z.device.type == "cpu" else _xp, "Z", "inf")
     named = {f: _host_field(struct, f, v, theta) for f, v in zip(STRUCT_FIELDS[struct], fields)}

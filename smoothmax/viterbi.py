@@ -7,7 +7,7 @@
 the CRF log-partition and ``E = ∇Vit_Ω`` holds the pairwise marginals
 ``E[t, i, j] = p(y_t = i, y_{t-1} = j)``.
 """
-from ._dispatch import engine_checks_values
+from ._dispatch import ENGINE_CHECKED, engine_checked, engine_checks_values
 from ._array_api import dtype_name
 from ._problem import checks_for, evaluate, make_problem
 from ._typing import Array, Lengths, Reg
@@ -31,14 +31,15 @@ _SHARED_DOC = """
 """
 
 
-def _prepare(theta, reg, gamma, lengths, kernel_checks=False, host_checks=False):
+def _prepare(theta, reg, gamma, lengths, op=None, host_checks=False):
     """Validate and describe the problem.
 
-    ``kernel_checks=True`` (the four public operators): with NumPy input and
-    the compiled core, the kernels reject NaN / +inf scores on their one read
-    of theta, so the separate pass over theta is skipped. The data checks are
-    those of the caller's framework adapter when it runs them inside its
-    operators (PyTorch), unless ``host_checks`` (callers working on the host).
+    ``op`` (the four public operators: the pass the call runs): with NumPy
+    input and the compiled core, the kernels reject NaN / +inf scores on
+    their one read of theta, and the HVP checks Z (``_dispatch.engine_checked``),
+    so the host's pass over them is skipped. The data checks are those of
+    the caller's framework adapter when it runs them inside its operators
+    (PyTorch), unless ``host_checks`` (callers working on the host).
     """
     theta, xp, backend = as_array(theta, "theta")
     check_float(theta, xp, "theta")
@@ -49,10 +50,12 @@ def _prepare(theta, reg, gamma, lengths, kernel_checks=False, host_checks=False)
     reg = check_reg(reg)
     gamma = check_gamma(gamma, dtype_name(xp, theta.dtype), reg)
     values, check_len = (check_values, check_lengths) if host_checks else checks_for(backend)
-    if not (kernel_checks and engine_checks_values(backend)):
+    checked = engine_checked("viterbi", op, op is not None and engine_checks_values(backend))
+    if "theta" not in checked:
         values(theta, xp, "theta", "+inf")
     L = check_len(lengths, tuple(theta.shape[:-3]), T, "lengths")
-    problem = make_problem("viterbi", theta, xp, backend, theta.ndim - 3, reg, gamma, lengths=L)
+    problem = make_problem("viterbi", theta, xp, backend, theta.ndim - 3, reg, gamma, lengths=L,
+                           engine_checks=("viterbi", op) in ENGINE_CHECKED and bool(checked))
     return theta, problem
 
 
@@ -80,7 +83,7 @@ def viterbi(
     >>> sm.viterbi(np.stack([theta, theta]), lengths=np.array([3, 1])).shape  # a batch
     (2,)
     """
-    theta, problem = _prepare(theta, reg, gamma, lengths, kernel_checks=True)
+    theta, problem = _prepare(theta, reg, gamma, lengths, op="value")
     return evaluate(problem, "value", theta)
 
 
@@ -108,7 +111,7 @@ def viterbi_grad(
     >>> E[1].sum(axis=(1, 2))  # the second sequence ends after one step
     array([1., 0., 0.])
     """
-    theta, problem = _prepare(theta, reg, gamma, lengths, kernel_checks=True)
+    theta, problem = _prepare(theta, reg, gamma, lengths, op="grad")
     return evaluate(problem, "grad", theta)
 
 
@@ -135,12 +138,10 @@ def viterbi_hvp(
     >>> bool(np.allclose(sm.viterbi_hvp(theta, Z), fd, atol=1e-6))
     True
     """
-    theta, problem = _prepare(theta, reg, gamma, lengths, kernel_checks=True)
+    theta, problem = _prepare(theta, reg, gamma, lengths, op="hvp")
     values = checks_for(problem.backend)[0]
-    if engine_checks_values(problem.backend) and same_dtype(Z, theta):
-        # the compiled HVP checks Z on the thread that computes each item (_dispatch.ENGINE_CHECKED)
-        problem.engine_checks = True
-        values = checked_by_engine
+    if problem.engine_checks and same_dtype(Z, theta):
+        values = checked_by_engine  # the compiled HVP checks Z on the thread of each item
     Z = check_direction(Z, theta, problem.xp, problem.backend, values)
     return evaluate(problem, "hvp", theta, Z)
 
@@ -171,7 +172,7 @@ def viterbi_decode(theta: Array, *, lengths: Lengths = None) -> "tuple[Array, Ar
     array([[ 2,  2,  2,  2],
            [ 2,  2, -1, -1]])
     """
-    theta, problem = _prepare(theta, "hard", 1.0, lengths, kernel_checks=True)
+    theta, problem = _prepare(theta, "hard", 1.0, lengths, op="decode")
     return evaluate(problem, "decode", theta)
 
 
