@@ -12,6 +12,7 @@ backend fixtures of the tests. Nothing here imports a framework adapter.
 """
 import functools
 import importlib
+from typing import NamedTuple
 
 import numpy as np
 
@@ -90,19 +91,26 @@ ENGINE_CHECKED = frozenset({("dtw", "value"), ("dtw", "grad"), ("dtw", "hvp"), (
                             ("viterbi", "hvp")})
 
 
+class EngineChecks(NamedTuple):
+    """What a compiled pass checks itself (``engine_checked``): ``theta`` and
+    ``Z``, whether it checks that operand's values (NaN, forbidden
+    infinities); ``asked``, whether the call must ask for it
+    (``Problem.engine_checks``, the passes of ``ENGINE_CHECKED``)."""
+    theta: bool
+    Z: bool
+    asked: bool
+
+
 def engine_checked(struct, op, compiled):
-    """The operands (``"theta"``, ``"Z"``) whose values the compiled pass
-    ``(struct, op)`` checks itself: those of an ``ENGINE_CHECKED`` pass, once
-    the call sets ``Problem.engine_checks`` (exactly when the pass is in that
-    table), and the Viterbi's theta always. None when ``compiled`` is false
-    (another engine runs the call). The one rule the NumPy entry points
-    (``dtw._prepare``, ``viterbi._prepare``) and the torch operators
-    (``torch._run``) follow to skip their host pass."""
-    if not compiled:
-        return frozenset()
-    asked = (struct, op) in ENGINE_CHECKED
-    return frozenset((("theta",) if asked or struct == "viterbi" else ())
-                     + (("Z",) if asked and op == "hvp" else ()))
+    """What the compiled pass ``(struct, op)`` checks itself: theta (and an
+    HVP's Z) for an ``ENGINE_CHECKED`` pass, which the call asks for, and the
+    Viterbi's theta always; nothing when ``compiled`` is false (another engine
+    runs the call). The one rule the NumPy entry points (``dtw._prepare``,
+    ``viterbi._prepare``) and the torch operators (``torch._run``) follow to
+    skip their host pass and to set ``Problem.engine_checks``."""
+    asked = compiled and (struct, op) in ENGINE_CHECKED
+    return EngineChecks(theta=asked or (compiled and struct == "viterbi"),
+                        Z=asked and op == "hvp", asked=asked)
 
 
 def engine_checks_values(backend):

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ._array_api import dtype_name, device_kind
-from ._dispatch import ENGINE_CHECKED, engine_checked, engine_checks_values
+from ._dispatch import engine_checked, engine_checks_values
 from ._problem import FeatureProblem, checks_for, evaluate, make_problem
 from ._typing import Array, DTWLengths, Reg
 from ._validation import (as_array, as_int_host, check_band, check_direction, check_float, check_gamma,
@@ -64,13 +64,12 @@ def _prepare(theta, reg, gamma, lengths, band, op=None, host_checks=False):
     band = check_band(band, (NA, NB))
     values, check_len = (check_values, check_lengths) if host_checks else checks_for(backend)
     checked = engine_checked("dtw", op, op is not None and engine_checks_values(backend))
-    engine_checks = ("dtw", op) in ENGINE_CHECKED and bool(checked)
-    if "theta" not in checked:
+    if not checked.theta:
         values(theta, xp, "theta", "-inf")
     batch_shape = tuple(theta.shape[:-2])
     la, lb = _pair_lengths(lengths, batch_shape, NA, NB, check_len)
     problem = make_problem("dtw", theta, xp, backend, theta.ndim - 2, reg, gamma,
-                           len_a=la, len_b=lb, band=band, engine_checks=engine_checks)
+                           len_a=la, len_b=lb, band=band, engine_checks=checked.asked)
     return theta, problem
 
 

@@ -113,17 +113,16 @@ def _run(struct, op, theta, Z, fields, reg, gamma):
     # "Conventions"; _dispatch.ENGINE_CHECKED). A serial host pass stays for the rest.
     compiled = theta.device.type == "cpu" and _dispatch.engine_for("torch", "cpu").name == "compiled"
     checked = _dispatch.engine_checked(struct, op, compiled)
-    engine_checks = (struct, op) in _dispatch.ENGINE_CHECKED and bool(checked)
-    if "theta" not in checked:
+    if not checked.theta:
         _validation.check_values(theta.detach().cpu().numpy() if theta.device.type == "cpu" else theta,
                                  np if theta.device.type == "cpu" else _xp, "theta", _FORBID[struct])
-    if Z is not None and not ("Z" in checked and Z.dtype == theta.dtype):
+    if Z is not None and not (checked.Z and Z.dtype == theta.dtype):
         _validation.check_values(Z.detach().cpu().numpy() if Z.device.type == "cpu" else Z,
                                  np if Z.device.type == "cpu" else _xp, "Z", "inf")
     named = {f: _host_field(struct, f, v, theta) for f, v in zip(STRUCT_FIELDS[struct], fields)}
     shape = tuple(theta.shape)
     problem = Problem(struct, _xp, "torch", "cuda" if theta.device.type == "cuda" else "cpu", shape[:1],
-                      shape, reg, gamma, **named, engine_checks=engine_checks)
+                      shape, reg, gamma, **named, engine_checks=checked.asked)
     return _dispatch.run(problem, op, theta.detach(), None if Z is None else Z.detach())
 
 

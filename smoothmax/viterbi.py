@@ -7,7 +7,7 @@
 the CRF log-partition and ``E = ∇Vit_Ω`` holds the pairwise marginals
 ``E[t, i, j] = p(y_t = i, y_{t-1} = j)``.
 """
-from ._dispatch import ENGINE_CHECKED, engine_checked, engine_checks_values
+from ._dispatch import engine_checked, engine_checks_values
 from ._array_api import dtype_name
 from ._problem import checks_for, evaluate, make_problem
 from ._typing import Array, Lengths, Reg
@@ -51,11 +51,11 @@ def _prepare(theta, reg, gamma, lengths, op=None, host_checks=False):
     gamma = check_gamma(gamma, dtype_name(xp, theta.dtype), reg)
     values, check_len = (check_values, check_lengths) if host_checks else checks_for(backend)
     checked = engine_checked("viterbi", op, op is not None and engine_checks_values(backend))
-    if "theta" not in checked:
+    if not checked.theta:
         values(theta, xp, "theta", "+inf")
     L = check_len(lengths, tuple(theta.shape[:-3]), T, "lengths")
     problem = make_problem("viterbi", theta, xp, backend, theta.ndim - 3, reg, gamma, lengths=L,
-                           engine_checks=("viterbi", op) in ENGINE_CHECKED and bool(checked))
+                           engine_checks=checked.asked)
     return theta, problem
 
 

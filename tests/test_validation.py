@@ -426,17 +426,20 @@ def test_viterbi_hvp_bad_Z_anywhere(dtype, bad, lib):
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
 def test_passes_the_engine_does_not_check_keep_a_host_check(bad, word, lib):
     """The DAG's compiled passes do not check their weights: the entry points
-    and the torch operators must (``_dispatch.engine_checked`` names no
+    and the torch operators must (``_dispatch.engine_checked`` claims no
     operand of theirs). A NaN or a +inf weight, in any item, is an error of
-    the value, the gradient and the HVP."""
+    the value, the gradient and the HVP, and so is one in the HVP's direction."""
     conv = _lib_converter(lib)
     g, _ = sm.DAG.for_dtw(6, 5)
     rng = np.random.default_rng(7)
     for b in range(3):
         W = rng.random((3, g.n_edges))
         W[b, rng.integers(g.n_edges)] = bad
-        W, U = conv(W), conv(np.ones((3, g.n_edges)))
-        for call in (lambda: sm.dag(W, g), lambda: sm.dag_grad(W, g), lambda: sm.dag_hvp(W, U, g)):
+        U = np.ones((3, g.n_edges))
+        U[b, rng.integers(g.n_edges)] = bad
+        W, W_ok, U, U_ok = conv(W), conv(np.ones((3, g.n_edges))), conv(U), conv(np.ones((3, g.n_edges)))
+        for call in (lambda: sm.dag(W, g), lambda: sm.dag_grad(W, g), lambda: sm.dag_hvp(W, U_ok, g),
+                     lambda: sm.dag_hvp(W_ok, U, g)):
             check_raises(ValueError, call, word)
 
 
